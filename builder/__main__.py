@@ -1,0 +1,7 @@
+"""`python -m builder` is the `build` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

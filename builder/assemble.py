@@ -1,0 +1,52 @@
+"""Config + registry -> `nn.Module`, and its export to a Relax IRModule."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import tvm
+from tvm.relax.frontend import nn
+
+from . import blocks as _blocks  # noqa: F401  (registers the built-in blocks)
+from .config import BlocksConfig, CLIPVisionConfig
+from .registry import create
+
+INPUT_NAME = "pixel_values"
+ENTRY = "forward"
+
+
+def assemble(config: CLIPVisionConfig, blocks: BlocksConfig) -> nn.Module:
+    """The tower the preset describes, built from the block types it names."""
+    return create(blocks.model, "model", config, blocks)
+
+
+def parameter_shapes(config: CLIPVisionConfig, blocks: BlocksConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every parameter of the module (no memory is allocated)."""
+    return {
+        name: tuple(int(d) for d in p.shape)
+        for name, p in assemble(config, blocks).named_parameters()
+    }
+
+
+def full_tower(config: CLIPVisionConfig) -> CLIPVisionConfig:
+    """The same tower with every layer and post-LayerNorm: the names a checkpoint may hold."""
+    return dataclasses.replace(config, feature_layer=-1, post_layernorm=True)
+
+
+def input_shape(config: CLIPVisionConfig) -> list[int | str]:
+    return ["batch", config.num_channels, config.image_size, config.image_size]
+
+
+def output_shape(config: CLIPVisionConfig) -> list[int | str]:
+    return ["batch", config.output_tokens, config.output_dim]
+
+
+def export(
+    config: CLIPVisionConfig, blocks: BlocksConfig
+) -> tuple[tvm.IRModule, list[tuple[str, tuple[int, ...]]]]:
+    """Relax IRModule with `forward(pixel_values, *params)` (batch is symbolic) and the
+    parameters' names and shapes in argument order."""
+    module = assemble(config, blocks)
+    spec = {ENTRY: {INPUT_NAME: nn.spec.Tensor(input_shape(config), "float32")}}
+    mod, params = module.export_tvm(spec=spec)
+    return mod, [(name, tuple(int(d) for d in p.shape)) for name, p in params]

@@ -1,0 +1,161 @@
+"""CLIP's vision tower as registered blocks, after MLC LLM's `clip_vision.py`.
+
+Attribute names follow HF transformers' `CLIPVisionModel`, so a parameter's name is its
+checkpoint key without the checkpoint's prefix. Blocks take `(config, blocks)` and build their
+children through the registry from the slot names in `blocks`, never from a fixed class.
+"""
+
+from __future__ import annotations
+
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import Tensor, op
+
+from ..config import BlocksConfig, CLIPVisionConfig
+from ..registry import create, register
+
+
+def make_norm(config: CLIPVisionConfig, blocks: BlocksConfig) -> nn.Module:
+    return create(blocks.norm, "norm", config.hidden_size, config.layer_norm_eps)
+
+
+@register("clip_embeddings", kind="embeddings")
+class CLIPVisionEmbeddings(nn.Module):
+    """Conv patch embedding (no bias), a learnt CLS token, learnt position embeddings."""
+
+    def __init__(self, config: CLIPVisionConfig, blocks: BlocksConfig):
+        self.embed_dim = config.hidden_size
+        self.num_positions = config.num_positions
+        self.class_embedding = nn.Parameter((config.hidden_size,))
+        self.patch_embedding = nn.Conv2D(
+            config.num_channels,
+            config.hidden_size,
+            kernel_size=config.patch_size,
+            stride=config.patch_size,
+            bias=False,
+        )
+        self.position_embedding = nn.Embedding(config.num_positions, config.hidden_size)
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        b, d = pixel_values.shape[0], self.embed_dim
+        patches = self.patch_embedding(pixel_values)  # (B, D, grid, grid)
+        patches = op.reshape(patches, (b, d, -1))  # (B, D, P)
+        patches = op.permute_dims(patches, (0, 2, 1))  # (B, P, D)
+        cls = op.broadcast_to(op.reshape(self.class_embedding, (1, 1, d)), (b, 1, d))
+        tokens = op.concat([cls, patches], dim=1)  # (B, P + 1, D)
+        positions = op.reshape(self.position_embedding.weight, (1, self.num_positions, d))
+        return tokens + positions
+
+
+@register("clip_attention", kind="attention")
+class CLIPAttention(nn.Module):
+    """Full bidirectional multi-head attention with separate q/k/v/out projections."""
+
+    def __init__(self, config: CLIPVisionConfig, blocks: BlocksConfig):
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        d = config.hidden_size
+        self.q_proj = nn.Linear(d, d)
+        self.k_proj = nn.Linear(d, d)
+        self.v_proj = nn.Linear(d, d)
+        self.out_proj = nn.Linear(d, d)
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        b, s, d = hidden_states.shape
+        h, hd = self.num_heads, self.head_dim
+        q = op.reshape(self.q_proj(hidden_states), (b, s, h, hd))  # (B, S, H, hd)
+        k = op.reshape(self.k_proj(hidden_states), (b, s, h, hd))
+        v = op.reshape(self.v_proj(hidden_states), (b, s, h, hd))
+        out = op.scaled_dot_product_attention(q, k, v)  # (B, S, H, hd); scale 1/sqrt(hd)
+        return self.out_proj(op.reshape(out, (b, s, d)))  # (B, S, D)
+
+
+@register("clip_mlp", kind="mlp")
+class CLIPMLP(nn.Module):
+    """fc1 -> the configured activation -> fc2."""
+
+    def __init__(self, config: CLIPVisionConfig, blocks: BlocksConfig):
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.activation_fn = create(config.hidden_act, "activation")
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        return self.fc2(self.activation_fn(self.fc1(hidden_states)))
+
+
+@register("clip_encoder_layer", kind="encoder_layer")
+class CLIPEncoderLayer(nn.Module):
+    """Pre-norm transformer layer: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, config: CLIPVisionConfig, blocks: BlocksConfig):
+        self.layer_norm1 = make_norm(config, blocks)
+        self.self_attn = create(blocks.attention, "attention", config, blocks)
+        self.layer_norm2 = make_norm(config, blocks)
+        self.mlp = create(blocks.mlp, "mlp", config, blocks)
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        hidden_states = hidden_states + self.self_attn(self.layer_norm1(hidden_states))
+        return hidden_states + self.mlp(self.layer_norm2(hidden_states))
+
+
+@register("clip_encoder", kind="encoder")
+class CLIPEncoder(nn.Module):
+    """The layer stack. Returns every hidden state, the input first, as HF's hidden_states.
+
+    Only `config.num_layers_computed` layers are built: none after the deepest selected
+    feature layer, so their weights are neither loaded nor run.
+    """
+
+    def __init__(self, config: CLIPVisionConfig, blocks: BlocksConfig):
+        self.layers = nn.ModuleList(
+            [
+                create(blocks.encoder_layer, "encoder_layer", config, blocks)
+                for _ in range(config.num_layers_computed)
+            ]
+        )
+
+    def forward(self, inputs_embeds: Tensor) -> list[Tensor]:
+        states = [inputs_embeds]
+        for layer in self.layers:
+            states.append(layer(states[-1]))
+        return states
+
+
+@register("clip_vision_transformer", kind="transformer")
+class CLIPVisionTransformer(nn.Module):
+    """Embeddings -> pre-LayerNorm -> encoder; post-LayerNorm on the final state if asked."""
+
+    def __init__(self, config: CLIPVisionConfig, blocks: BlocksConfig):
+        self.embeddings = create(blocks.embeddings, "embeddings", config, blocks)
+        # HF's misspelling, kept on purpose: parameter names equal checkpoint keys.
+        self.pre_layrnorm = make_norm(config, blocks)
+        self.encoder = create(blocks.encoder, "encoder", config, blocks)
+        # Built only when used (the preset check allows it only with the final state
+        # selected), so an unused norm is neither loaded nor exported.
+        self.post_layernorm = make_norm(config, blocks) if config.post_layernorm else None
+
+    def forward(self, pixel_values: Tensor) -> list[Tensor]:
+        states = self.encoder(self.pre_layrnorm(self.embeddings(pixel_values)))
+        if self.post_layernorm is not None:
+            states[-1] = self.post_layernorm(states[-1])
+        return states
+
+
+@register("clip_vision_model", kind="model")
+class CLIPVisionModel(nn.Module):
+    """The top module: selects the feature layer(s) and the tokens a language model gets."""
+
+    # The features feed a language model's projector: keep them at full precision.
+    no_quantization: bool = True
+
+    def __init__(self, config: CLIPVisionConfig, blocks: BlocksConfig):
+        self.feature_layers = config.feature_layers
+        self.drop_cls = config.feature_select_strategy == "default"
+        self.vision_model = create(blocks.transformer, "transformer", config, blocks)
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        states = self.vision_model(pixel_values)
+        picked = [states[i] for i in self.feature_layers]
+        features = picked[0] if len(picked) == 1 else op.concat(picked, dim=-1)  # (B, T, D * n)
+        if self.drop_cls:
+            features = op.split(features, [1], axis=1)[1]  # (B, T - 1, D * n)
+        return features

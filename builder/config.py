@@ -1,0 +1,168 @@
+"""The config dataclasses: the one home of every default.
+
+A preset file holds only what differs from these defaults. The JSON Schema in
+`schemas/preset.schema.json` describes the same fields; `tests/test_schema.py` fails when the
+two drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class CLIPVisionConfig:
+    """Hyper-parameters of a CLIP-family vision tower.
+
+    The first fields are MLC LLM's `CLIPVisionConfig`; the defaults are HF transformers'
+    `CLIPVisionConfig` (ViT-B/32 at 224 px). `layer_norm_eps` defaults to HF's 1e-5, not
+    MLC's 1e-6, which mismatches real CLIP checkpoints.
+    """
+
+    hidden_size: int = 768
+    image_size: int = 224
+    intermediate_size: int = 3072
+    num_attention_heads: int = 12
+    num_hidden_layers: int = 12
+    patch_size: int = 32
+    projection_dim: int = 512
+    vocab_size: int = 49408
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "quick_gelu"
+    # Index into the tuple of all hidden states (embeddings output first, so it has
+    # num_hidden_layers + 1 entries), as HF's `hidden_states[i]`; a list concatenates the
+    # selected states on the last axis (HF LLaVA's `vision_feature_layer`).
+    feature_layer: int | list[int] = -2
+    # "full" keeps the CLS token, "default" drops it (HF LLaVA's names).
+    feature_select_strategy: str = "full"
+    # Apply post_layernorm to the final hidden state. Only valid when the final state is the
+    # one selected. HF's CLIP leaves it off `last_hidden_state` (it normalizes the pooled CLS
+    # token only); SigLIP applies it.
+    post_layernorm: bool = False
+    # Keys of an imported HF config that this builder does not use, kept for reference and
+    # never read by a block. Presets cannot set it (the schema has no such field).
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def grid_size(self) -> int:
+        # A strided conv floors: 384 px at patch 14 gives 27 x 27 patches.
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def num_positions(self) -> int:
+        return self.num_patches + 1
+
+    @property
+    def feature_layers(self) -> list[int]:
+        """The selected hidden-state indices, made non-negative."""
+        layers = (
+            self.feature_layer if isinstance(self.feature_layer, list) else [self.feature_layer]
+        )
+        total = self.num_hidden_layers + 1
+        return [i % total for i in layers]
+
+    @property
+    def num_layers_computed(self) -> int:
+        """Encoder layers that run: none after the deepest selected state."""
+        return max(self.feature_layers)
+
+    @property
+    def selects_final_state(self) -> bool:
+        return self.num_layers_computed == self.num_hidden_layers
+
+    @property
+    def output_tokens(self) -> int:
+        return self.num_positions - (1 if self.feature_select_strategy == "default" else 0)
+
+    @property
+    def output_dim(self) -> int:
+        return self.hidden_size * len(self.feature_layers)
+
+
+@dataclass
+class BlocksConfig:
+    """Which registered block type fills each slot of the tower (see `build list`)."""
+
+    embeddings: str = "clip_embeddings"
+    norm: str = "layer_norm"
+    attention: str = "clip_attention"
+    mlp: str = "clip_mlp"
+    encoder_layer: str = "clip_encoder_layer"
+    encoder: str = "clip_encoder"
+    transformer: str = "clip_vision_transformer"
+    model: str = "clip_vision_model"
+
+
+@dataclass
+class WeightsConfig:
+    """Where the parameters come from: a seeded random init, or an HF checkpoint at `path`."""
+
+    seed: int = 0
+    path: str | None = None
+
+    @property
+    def is_random(self) -> bool:
+        return self.path is None
+
+
+@dataclass
+class TargetConfig:
+    """One compile target: `name` is the artifact folder, the rest are TVM target options."""
+
+    name: str = "llvm"
+    kind: str = "llvm"
+    # "host" is resolved at build time to the CPU LLVM detects, and recorded in the manifest.
+    mcpu: str = "host"
+    mtriple: str | None = None
+    mattr: list[str] = field(default_factory=list)
+    # Threads the compiled code is tuned for; the runtime thread count is set when loading.
+    num_cores: int | None = None
+
+
+@dataclass
+class Preset:
+    """A resolved, validated preset: what one `build` turns into artifacts."""
+
+    name: str
+    description: str = ""
+    model: CLIPVisionConfig = field(default_factory=CLIPVisionConfig)
+    blocks: BlocksConfig = field(default_factory=BlocksConfig)
+    weights: WeightsConfig = field(default_factory=WeightsConfig)
+    targets: list[TargetConfig] = field(default_factory=lambda: [TargetConfig()])
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["model"].pop("kwargs")
+        return data
+
+
+# A target written as a bare name in a preset (`targets: [llvm]`) expands to this entry.
+KNOWN_TARGETS: dict[str, dict[str, Any]] = {
+    "llvm": {"name": "llvm", "kind": "llvm", "mcpu": "host"},
+}
+
+
+def preset_from_dict(data: dict[str, Any]) -> Preset:
+    """Turn a schema-valid preset dict (defaults not yet filled) into a `Preset`."""
+    targets = []
+    for entry in data.get("targets", ["llvm"]):
+        targets.append(TargetConfig(**(KNOWN_TARGETS[entry] if isinstance(entry, str) else entry)))
+    return Preset(
+        name=data["name"],
+        description=data.get("description", ""),
+        model=CLIPVisionConfig(**data.get("model", {})),
+        blocks=BlocksConfig(**data.get("blocks", {})),
+        weights=WeightsConfig(**data.get("weights", {})),
+        targets=targets,
+    )

@@ -1,0 +1,104 @@
+"""Reference pages generated from the schema and the CLI: `python -m builder.docgen` rewrites
+them, and `tests/test_docs.py` fails when the committed pages are stale."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import resources
+
+PAGES = {
+    "docs/reference/preset-fields.md": "preset_fields",
+    "docs/reference/cli.md": "cli",
+}
+
+
+def _type(prop: dict[str, Any]) -> str:
+    if "enum" in prop:
+        return " \\| ".join(f"`{v}`" for v in prop["enum"])
+    if "oneOf" in prop:
+        return " or ".join(_type(p) for p in prop["oneOf"])
+    t = prop.get("type", "")
+    t = " or ".join(t) if isinstance(t, list) else t
+    if t == "array" and "items" in prop:
+        return f"list of {_type(prop['items'])}"
+    bounds = [f"{k} {prop[k]}" for k in ("minimum", "exclusiveMinimum", "maximum") if k in prop]
+    return t + (f" ({', '.join(bounds)})" if bounds else "")
+
+
+def _rows(props: dict[str, Any], prefix: str) -> list[str]:
+    rows = []
+    for name, prop in props.items():
+        default = f"`{json.dumps(prop['default'])}`" if "default" in prop else "(see meaning)"
+        rows.append(
+            f"| `{prefix}{name}` | {_type(prop)} | {default} | {prop.get('description', '')} |"
+        )
+    return rows
+
+
+def preset_fields() -> str:
+    schema = json.loads(resources.schema_path().read_text())
+    out = [
+        "# Preset fields",
+        "",
+        "Generated from `schemas/preset.schema.json` by `python -m builder.docgen`; do not edit.",
+        "Block and activation choices list the built-in blocks; plugins add to them.",
+        "",
+    ]
+    props = schema["properties"]
+    top = {k: v for k, v in props.items() if v.get("type") != "object"}
+    out += ["## Top level", "", "| field | type | default | meaning |", "|---|---|---|---|"]
+    out += _rows(top, "")
+    for section in ("model", "blocks", "weights"):
+        out += ["", f"## {section}", "", props[section]["description"], ""]
+        out += ["| field | type | default | meaning |", "|---|---|---|---|"]
+        out += _rows(props[section]["properties"], f"{section}.")
+    target = next(b for b in props["targets"]["items"]["oneOf"] if b["type"] == "object")
+    out += ["", "## targets", "", props["targets"]["description"], ""]
+    out += [
+        "A bare name expands to its entry: `llvm` is `{name: llvm, kind: llvm, mcpu: host}`.",
+        "",
+    ]
+    out += ["| field | type | default | meaning |", "|---|---|---|---|"]
+    out += _rows(target["properties"], "targets[].")
+    return "\n".join(out) + "\n"
+
+
+def cli() -> str:
+    from .cli import COMMANDS, _parser
+
+    os.environ["COLUMNS"] = "100"  # argparse wraps to the terminal: fix the width
+    out = [
+        "# CLI reference",
+        "",
+        "Generated from `build --help` by `python -m builder.docgen`.",
+        "",
+    ]
+    for args in [["--help"]] + [[c, "--help"] for c in COMMANDS]:
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf), contextlib.suppress(SystemExit):
+            _parser().parse_args(args)
+        out += [f"## build {' '.join(args)}", "", "```", buf.getvalue().rstrip(), "```", ""]
+    return "\n".join(out)
+
+
+def render(page: str) -> str:
+    return globals()[PAGES[page]]()
+
+
+def main(root: Path) -> None:
+    for page in PAGES:
+        path = root / page
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(render(page))
+        print(path)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path.cwd())

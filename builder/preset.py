@@ -1,0 +1,376 @@
+"""Preset file -> raw dict (with YAML line numbers) -> overrides merged -> schema and semantic
+checks -> `Preset`.
+
+Every problem of a file is collected and reported at once, one line each, sorted by line:
+`FILE:LINE: model.hidden_act: 'qgelu' is not one of ['gelu', 'gelu_tanh', 'quick_gelu']`.
+A problem caused by a command-line override names the override instead of a line.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+from jsonschema.exceptions import ValidationError, best_match
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from . import blocks as _blocks  # noqa: F401  (registers the built-in blocks)
+from . import registry, resources
+from .config import Preset, preset_from_dict
+from .errors import InputError
+
+MAX_PRESET_BYTES = 1 << 20
+# Bounds the walk over YAML nodes, so anchors and aliases cannot expand exponentially.
+MAX_YAML_NODES = 20_000
+
+Path_ = tuple[str | int, ...]
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-6` as a float, as YAML 1.2 and JSON do."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+@dataclass
+class Override:
+    """One `KEY=VALUE` from the command line, in OmegaConf dotlist grammar."""
+
+    text: str
+    path: Path_
+    value: Any
+
+
+@dataclass
+class RawPreset:
+    """A preset as read, before it becomes a `Preset`: the merged dict and where each part
+    came from, so that errors can point at a line or at an override."""
+
+    file: str
+    data: dict[str, Any]
+    lines: dict[Path_, int] = field(default_factory=dict)
+    overrides: list[Override] = field(default_factory=list)
+
+
+def format_path(path: Iterable[str | int]) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+# --- reading -------------------------------------------------------------------------------
+
+
+def find_preset(arg: str) -> Path:
+    """A preset argument is a path, or the name of a shipped preset (`llava-clip`)."""
+    path = Path(arg)
+    if path.is_file():
+        return path
+    shipped = resources.presets_dir() / f"{arg}.yaml"
+    if "/" not in arg and not path.suffix and shipped.is_file():
+        return shipped
+    if path.exists():
+        raise InputError(f"{arg}: not a file")
+    known = sorted(p.stem for p in resources.presets_dir().glob("*.yaml"))
+    hint = registry.close_matches(arg, known)
+    raise InputError(f"{arg}: no such file or shipped preset{hint}; shipped presets: {known}")
+
+
+def _line_map(node: yaml.Node, file: str) -> dict[Path_, int]:
+    lines: dict[Path_, int] = {}
+    count = 0
+    errors: list[str] = []
+
+    def walk(n: yaml.Node, path: Path_) -> None:
+        nonlocal count
+        count += 1
+        if count > MAX_YAML_NODES:
+            raise InputError(
+                f"{file}:{n.start_mark.line + 1}: more than {MAX_YAML_NODES} YAML nodes "
+                "(aliases expanding?); a preset is a few dozen lines"
+            )
+        lines.setdefault(path, n.start_mark.line + 1)
+        if isinstance(n, yaml.MappingNode):
+            seen: set[Any] = set()
+            for key, value in n.value:
+                k = key.value
+                if k in seen:
+                    errors.append(
+                        f"{file}:{key.start_mark.line + 1}: {format_path(path + (k,))}: "
+                        "duplicate key"
+                    )
+                seen.add(k)
+                lines[path + (k,)] = key.start_mark.line + 1
+                walk(value, path + (k,))
+        elif isinstance(n, yaml.SequenceNode):
+            for i, item in enumerate(n.value):
+                walk(item, path + (i,))
+
+    walk(node, ())
+    if errors:
+        raise InputError(errors)
+    return lines
+
+
+def read_preset(path: Path) -> RawPreset:
+    """Read a preset file into a dict, keeping the line of every key."""
+    file = str(path)
+    try:
+        blob = path.read_bytes()
+    except OSError as e:
+        raise InputError(f"{file}: cannot read: {e.strerror}") from e
+    if len(blob) > MAX_PRESET_BYTES:
+        raise InputError(f"{file}: {len(blob)} bytes; a preset is at most {MAX_PRESET_BYTES}")
+    try:
+        text = blob.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{file}: not UTF-8 text (bad byte at offset {e.start})") from e
+    if "\x00" in text:
+        raise InputError(f"{file}: binary data (a NUL byte); a preset is YAML text")
+    try:
+        node = yaml.compose(text, Loader=_Loader)
+        if node is None:
+            raise InputError(f"{file}:1: empty preset; expected a mapping such as 'model: {{...}}'")
+        lines = _line_map(node, file)
+        data = yaml.load(text, Loader=_Loader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = mark.line + 1 if mark else 1
+        problem = " ".join(str(x) for x in (e.context, e.problem) if x)
+        raise InputError(f"{file}:{line}: invalid YAML: {problem}") from e
+    except yaml.YAMLError as e:
+        raise InputError(f"{file}: invalid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise InputError(
+            f"{file}:1: (top level): expected a mapping of fields, got {type(data).__name__}"
+        )
+    return RawPreset(file, data, lines)
+
+
+# --- overrides -----------------------------------------------------------------------------
+
+
+def parse_override(text: str) -> Override:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise InputError(f"override {text!r}: expected KEY=VALUE, e.g. model.image_size=224")
+    parts: list[str | int] = []
+    for part in key.split("."):
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*|\d+", part):
+            raise InputError(
+                f"override {text!r}: {key!r} is not a dotted key like model.image_size"
+            )
+        parts.append(int(part) if part.isdigit() else part)
+    try:
+        parsed = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={value}"]), resolve=False)["v"]
+    except OmegaConfBaseException as e:
+        raise InputError(f"override {text!r}: cannot parse the value: {e}") from e
+    return Override(text, tuple(parts), parsed)
+
+
+def apply_overrides(raw: RawPreset, overrides: Sequence[str]) -> RawPreset:
+    """Merge `KEY=VALUE` overrides into the raw preset (a list value replaces the list)."""
+    out = RawPreset(raw.file, copy.deepcopy(raw.data), raw.lines, list(raw.overrides))
+    errors = []
+    for text in overrides:
+        try:
+            ov = parse_override(text)
+        except InputError as e:
+            errors.extend(e.lines)
+            continue
+        node: Any = out.data
+        for i, part in enumerate(ov.path[:-1]):
+            nxt = ov.path[i + 1]
+            if isinstance(node, dict):
+                if not isinstance(node.get(part), (dict, list)):
+                    node[part] = {}
+                node = node[part]
+            elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+                node = node[part]
+                if isinstance(nxt, str) and isinstance(node, str):
+                    errors.append(
+                        f"override {text!r}: {format_path(ov.path[: i + 1])} is {node!r}, "
+                        "not a map; replace the whole entry instead"
+                    )
+                    break
+            else:
+                errors.append(f"override {text!r}: {format_path(ov.path[: i + 1])}: no such entry")
+                break
+        else:
+            last = ov.path[-1]
+            if isinstance(node, list):
+                if not isinstance(last, int) or last >= len(node):
+                    errors.append(f"override {text!r}: {format_path(ov.path)}: no such entry")
+                    continue
+            elif not isinstance(node, dict):
+                errors.append(f"override {text!r}: {format_path(ov.path[:-1])} is not a map")
+                continue
+            node[last] = ov.value
+            out.overrides.append(ov)
+    if errors:
+        raise InputError(errors)
+    return out
+
+
+# --- validation ----------------------------------------------------------------------------
+
+
+def schema() -> dict[str, Any]:
+    """The preset schema, with block and activation choices taken from the live registry
+    (so that plugin blocks are accepted)."""
+    data = json.loads(resources.schema_path().read_text())
+    model = data["properties"]["model"]["properties"]
+    model["hidden_act"]["enum"] = registry.names("activation")
+    for slot, prop in data["properties"]["blocks"]["properties"].items():
+        prop["enum"] = registry.names(slot)
+    return data
+
+
+def _schema_errors(data: dict[str, Any]) -> list[tuple[Path_, str]]:
+    validator = jsonschema.Draft202012Validator(schema())
+    found: list[tuple[Path_, str]] = []
+    for err in validator.iter_errors(data):
+        found.extend(_describe(err))
+    return found
+
+
+def _describe(err: ValidationError) -> list[tuple[Path_, str]]:
+    path: Path_ = tuple(err.absolute_path)
+    if err.validator in ("oneOf", "anyOf") and err.context:
+        # Explain the branches of the instance's own type ("'cuda' is not one of ['llvm']"
+        # rather than "'cuda' is not of type 'object'"), with every error they hold.
+        wrong_type = {e.schema_path[0] for e in err.context if list(e.schema_path)[1:] == ["type"]}
+        fitting = [e for e in err.context if e.schema_path[0] not in wrong_type]
+        if fitting:
+            return [found for e in fitting for found in _describe(e)]
+        return _describe(best_match(err.context))
+    if err.validator == "additionalProperties":
+        allowed = sorted(err.schema.get("properties", {}))
+        out = []
+        for key in sorted(set(err.instance) - set(allowed), key=str):
+            near = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
+            hint = f", did you mean {format_path(path + (near[0],))!r}?" if near else ""
+            out.append((path + (key,), f"unknown key{hint or f'; allowed: {allowed}'}"))
+        return out
+    if err.validator == "enum":
+        hint = registry.close_matches(str(err.instance), [str(x) for x in err.validator_value])
+        return [(path, f"{err.instance!r} is not one of {err.validator_value}{hint}")]
+    return [(path, err.message)]
+
+
+def _semantic_errors(data: dict[str, Any]) -> list[tuple[Path_, str]]:
+    """Checks the schema cannot express; run on schema-valid data only."""
+    preset = preset_from_dict(data)
+    m = preset.model
+    found: list[tuple[Path_, str]] = []
+    if m.hidden_size % m.num_attention_heads:
+        found.append(
+            (
+                ("model", "hidden_size"),
+                f"{m.hidden_size} is not divisible by model.num_attention_heads "
+                f"({m.num_attention_heads})",
+            )
+        )
+    if m.patch_size > m.image_size:
+        found.append(
+            (
+                ("model", "patch_size"),
+                f"{m.patch_size} is larger than model.image_size ({m.image_size})",
+            )
+        )
+    total = m.num_hidden_layers + 1
+    layers = m.feature_layer if isinstance(m.feature_layer, list) else [m.feature_layer]
+    for i, layer in enumerate(layers):
+        if not -total <= layer < total:
+            where: Path_ = ("model", "feature_layer") + (
+                (i,) if isinstance(m.feature_layer, list) else ()
+            )
+            found.append(
+                (
+                    where,
+                    f"{layer} is out of range: there are {total} hidden states "
+                    f"(num_hidden_layers {m.num_hidden_layers} + embeddings), so "
+                    f"-{total} <= feature_layer <= {total - 1}",
+                )
+            )
+    if not found and m.post_layernorm and not m.selects_final_state:
+        found.append(
+            (
+                ("model", "post_layernorm"),
+                f"post_layernorm applies to the final hidden state only, but feature_layer "
+                f"{m.feature_layer} stops at layer {m.num_layers_computed} of "
+                f"{m.num_hidden_layers}; set post_layernorm: false or select the last layer",
+            )
+        )
+    seen: dict[str, int] = {}
+    for i, target in enumerate(preset.targets):
+        if target.name in seen:
+            found.append(
+                (
+                    ("targets", i),
+                    f"target name {target.name!r} repeats targets[{seen[target.name]}]",
+                )
+            )
+        seen.setdefault(target.name, i)
+    return found
+
+
+def _locate(raw: RawPreset, path: Path_, message: str) -> tuple[int, str]:
+    """(sort key, line): an override that set `path` or a parent of it, else the file line."""
+    for ov in reversed(raw.overrides):
+        if path[: len(ov.path)] == ov.path:
+            if message.startswith("unknown key") and path == ov.path:
+                return (0, f"override {ov.text!r}: {message}")
+            return (0, f"override {ov.text!r}: {format_path(path)}: {message}")
+    probe = path
+    while probe not in raw.lines and probe:
+        probe = probe[:-1]
+    line = raw.lines.get(probe, 1)
+    return (line, f"{raw.file}:{line}: {format_path(path)}: {message}")
+
+
+def validate(raw: RawPreset) -> Preset:
+    """Schema checks, then semantic checks; every problem at once as an `InputError`."""
+    data = copy.deepcopy(raw.data)
+    data.setdefault("name", Path(raw.file).stem)
+    found = _schema_errors(data)
+    if not found:
+        found = _semantic_errors(data)
+    if found:
+        located = sorted({_locate(raw, p, msg) for p, msg in found})
+        raise InputError([line for _, line in located])
+    preset = preset_from_dict(data)
+    _resolve_weights_path(raw, preset)
+    return preset
+
+
+def _resolve_weights_path(raw: RawPreset, preset: Preset) -> None:
+    # A relative path in a preset file is relative to that file; on the command line, to the
+    # working directory.
+    path = preset.weights.path
+    if path is None or Path(path).is_absolute():
+        return
+    if any(("weights", "path")[: len(ov.path)] == ov.path for ov in raw.overrides):
+        return
+    preset.weights.path = str(Path(raw.file).parent / path)
+
+
+def load_preset(arg: str | Path, overrides: Sequence[str] = ()) -> Preset:
+    """Read, merge overrides, validate: the one entry point from a file to a `Preset`."""
+    raw = read_preset(find_preset(str(arg)))
+    return validate(apply_overrides(raw, overrides))

@@ -1,0 +1,94 @@
+"""Load an artifact folder and run it: float32 NCHW numpy in, features out.
+
+Needs only tvm and numpy (and safetensors to read the parameters): no torch.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import artifact
+
+THREADS_ENV = "TVM_NUM_THREADS"
+
+
+def _default_threads() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def set_threads(threads: int | None) -> int:
+    """Size TVM's CPU thread pool. TVM reads TVM_NUM_THREADS when the pool starts; without
+    it, TVM uses half the hardware threads (one on a 2-core machine). An explicit `threads`
+    wins; else an existing TVM_NUM_THREADS; else every core this process may use."""
+    if threads is not None:
+        os.environ[THREADS_ENV] = str(threads)
+    else:
+        os.environ.setdefault(THREADS_ENV, str(_default_threads()))
+    return int(os.environ[THREADS_ENV])
+
+
+class Encoder:
+    """A loaded artifact. Call it with pixel values of shape (batch, C, H, W), float32."""
+
+    def __init__(self, folder: str | Path, threads: int | None = None):
+        self.folder = Path(folder)
+        self.manifest: dict[str, Any] = artifact.read_manifest(self.folder)
+        self.threads = set_threads(threads)
+        import tvm  # after set_threads: the pool reads the variable when it starts
+        from tvm import relax
+
+        target = self.manifest["target"]
+        if target["kind"] != "llvm":
+            raise ValueError(f"{self.folder}: a {target['kind']} artifact; this runtime runs llvm")
+        self.device = tvm.cpu()
+        lib = tvm.runtime.load_module(str(self.folder / self.manifest["library"]))
+        self._vm = relax.VirtualMachine(lib, self.device)
+        self._fn = self._vm[self.manifest["entry"]]
+        order = self.manifest["params"]["order"]
+        self._params = [
+            tvm.runtime.tensor(a, self.device) for a in artifact.load_params(self.folder, order)
+        ]
+        spec = self.manifest["inputs"][0]
+        self.input_shape: list[int | str] = spec["shape"]
+        self.output_shape: list[int | str] = self.manifest["outputs"][0]["shape"]
+
+    def check_input(self, pixel_values: Any) -> np.ndarray:
+        if not isinstance(pixel_values, np.ndarray):
+            raise ValueError(
+                f"pixel_values must be a numpy array, got {type(pixel_values).__name__}"
+            )
+        want = tuple(self.input_shape[1:])
+        if pixel_values.ndim != 4 or pixel_values.shape[1:] != want or pixel_values.shape[0] < 1:
+            raise ValueError(
+                f"pixel_values must have shape (batch, {', '.join(map(str, want))}), "
+                f"got {pixel_values.shape}"
+            )
+        if pixel_values.dtype != np.float32:
+            raise ValueError(
+                f"pixel_values must be float32, got {pixel_values.dtype}; "
+                "use pixel_values.astype(np.float32)"
+            )
+        return np.ascontiguousarray(pixel_values)
+
+    def __call__(self, pixel_values: np.ndarray) -> np.ndarray:
+        import tvm
+
+        x = tvm.runtime.tensor(self.check_input(pixel_values), self.device)
+        return self._fn(x, *self._params).numpy()
+
+    def __repr__(self) -> str:
+        return (
+            f"Encoder({str(self.folder)!r}, input {self.input_shape}, "
+            f"output {self.output_shape}, threads {self.threads})"
+        )
+
+
+def load(folder: str | Path, threads: int | None = None) -> Encoder:
+    """Load an artifact folder written by `build` (e.g. `artifacts/llava-clip/llvm`)."""
+    return Encoder(folder, threads)

@@ -1,0 +1,30 @@
+"""Parameters for an assembled tower: a seeded random init or an HF checkpoint."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..assemble import full_tower, parameter_shapes
+from ..config import Preset
+from .hf import check_config, read_tower
+from .random_init import random_weights
+
+
+def load_weights(
+    preset: Preset, shapes: dict[str, tuple[int, ...]]
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Arrays for every parameter in `shapes` (float32), and a record of their source for
+    the manifest."""
+    source = preset.weights
+    if source.is_random:
+        info = {
+            "kind": "random",
+            "seed": source.seed,
+            "note": "random weights, not a trained model",
+        }
+        return random_weights(shapes, source.seed), info
+    check_config(source.path, preset.model)
+    known = parameter_shapes(full_tower(preset.model), preset.blocks)
+    return read_tower(source.path, shapes, known)

@@ -1,0 +1,86 @@
+"""A small safetensors reader that returns float32 numpy arrays, bfloat16 included (which
+`safetensors.numpy` cannot read), and names the file and tensor when a file is damaged."""
+
+from __future__ import annotations
+
+import json
+import mmap
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+
+_FLOAT_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "BF16": np.uint16}
+MAX_HEADER = 100 << 20
+
+
+class SafetensorsFile:
+    """The header of one file, read eagerly; tensors are read from a memory map on demand."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            with path.open("rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise InputError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+                (size,) = struct.unpack("<Q", head)
+                if size > MAX_HEADER:
+                    raise InputError(f"{path}: not a safetensors file (header of {size} bytes)")
+                header = f.read(size)
+        except OSError as e:
+            raise InputError(f"{path}: cannot read: {e.strerror}") from e
+        try:
+            meta = json.loads(header)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputError(f"{path}: not a safetensors file (its header is not JSON)") from e
+        if not isinstance(meta, dict):
+            raise InputError(f"{path}: not a safetensors file (its header is not a JSON object)")
+        meta.pop("__metadata__", None)
+        self.data_start = 8 + size
+        self.file_size = path.stat().st_size
+        self.entries: dict[str, dict] = meta
+        for name, entry in meta.items():
+            begin, end = entry.get("data_offsets", (0, -1))
+            if not 0 <= begin <= end or self.data_start + end > self.file_size:
+                raise InputError(
+                    f"{path}: tensor {name!r} lies past the end of the file "
+                    f"({self.file_size} bytes): the file is truncated"
+                )
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.entries[name]["shape"])
+
+    def read(self, name: str) -> np.ndarray:
+        entry = self.entries[name]
+        dtype = entry["dtype"]
+        if dtype not in _FLOAT_DTYPES:
+            raise InputError(
+                f"{self.path}: tensor {name!r} has dtype {dtype}; expected one of "
+                f"{sorted(_FLOAT_DTYPES)}"
+            )
+        begin, end = entry["data_offsets"]
+        shape = tuple(entry["shape"])
+        with self.path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            raw = np.frombuffer(
+                m,
+                _FLOAT_DTYPES[dtype],
+                (end - begin) // np.dtype(_FLOAT_DTYPES[dtype]).itemsize,
+                self.data_start + begin,
+            )
+            if raw.size != int(np.prod(shape)):
+                raise InputError(
+                    f"{self.path}: tensor {name!r} holds {raw.size} values, its shape "
+                    f"{list(shape)} needs {int(np.prod(shape))}"
+                )
+            if dtype == "BF16":
+                out = (raw.astype(np.uint32) << 16).view(np.float32)
+            else:
+                out = raw.astype(np.float32)
+            del raw  # release the buffer before the map closes
+        return out.reshape(shape)

@@ -1,0 +1,119 @@
+"""Shared fixtures: tiny HF checkpoints made in the test (never downloaded), and builds."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from builder.build import build
+from builder.preset import load_preset
+from builder.runtime import load
+
+# Tests compare numbers; keep TVM and torch on the same thread count.
+os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+
+REPO = Path(__file__).resolve().parent.parent
+PRESETS = sorted((REPO / "presets").glob("*.yaml"))
+
+TINY = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_attention_heads": 4,
+    "num_hidden_layers": 3,
+    "image_size": 30,  # not a multiple of the patch: the conv floors to 3 x 3
+    "patch_size": 8,
+}
+
+
+def tiny_overrides(**extra: Any) -> list[str]:
+    fields = {**TINY, **extra}
+    return [f"model.{k}={v}" for k, v in fields.items()]
+
+
+def randomize(model: Any, seed: int = 0) -> Any:
+    """Give every parameter random values, norms and biases included, so that a swapped
+    weight and bias, or a missing norm, shows up in the numbers (HF's init leaves norms at
+    1 and biases at 0)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen) * 0.1
+            p.copy_(1.0 + noise if "norm" in name and name.endswith("weight") else noise)
+    return model.eval()
+
+
+def hf_vision_config(**fields: Any) -> Any:
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(**{**TINY, **fields})
+
+
+def save_vision_model(folder: Path, seed: int = 0, **fields: Any) -> Any:
+    """An HF CLIPVisionModel with random weights, saved with save_pretrained."""
+    from transformers import CLIPVisionModel
+
+    model = randomize(CLIPVisionModel(hf_vision_config(**fields)), seed)
+    model.save_pretrained(folder)
+    return model
+
+
+def hf_hidden_states(model: Any, pixels: np.ndarray) -> list[np.ndarray]:
+    import torch
+
+    with torch.inference_mode():
+        out = model(torch.from_numpy(pixels), output_hidden_states=True)
+    return [h.numpy() for h in out.hidden_states]
+
+
+def pixels(batch: int, size: int, seed: int = 1, channels: int = 3) -> np.ndarray:
+    return (
+        np.random.default_rng(seed)
+        .standard_normal((batch, channels, size, size))
+        .astype(np.float32)
+    )
+
+
+def assert_close(ours: np.ndarray, ref: np.ndarray, rel: float = 1e-4) -> float:
+    """Max abs error under rel * max|ref|; returns the relative error."""
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    err = float(np.max(np.abs(ours - ref)))
+    scale = float(np.max(np.abs(ref)))
+    assert err <= rel * scale, f"max abs error {err:.3g} > {rel} * max|ref| {scale:.3g}"
+    return err / scale
+
+
+def build_and_load(preset: str | Path, overrides: list[str], out: Path) -> Any:
+    resolved = load_preset(preset, overrides)
+    (built,) = build(resolved, out)
+    return load(built.path)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    folder = tmp_path_factory.mktemp("hf-tiny")
+    return folder, save_vision_model(folder)
+
+
+def expected_features(hf_model: Any, config: Any, pixels_: np.ndarray) -> np.ndarray:
+    """What the preset's feature selection means, computed from HF's own outputs:
+    hidden_states[i] for each selected i (post_layernorm on the final one if asked),
+    concatenated on the last axis, CLS dropped for the 'default' strategy."""
+    import torch
+
+    states = hf_hidden_states(hf_model, pixels_)
+    picked = []
+    for i in config.feature_layers:
+        state = states[i]
+        if config.post_layernorm and i == config.num_hidden_layers:
+            with torch.inference_mode():
+                norm = getattr(hf_model, "vision_model", hf_model).post_layernorm
+                state = norm(torch.from_numpy(state)).numpy()
+        picked.append(state)
+    out = np.concatenate(picked, axis=-1)
+    return out[:, 1:] if config.feature_select_strategy == "default" else out

@@ -1,0 +1,88 @@
+"""Numbers against HF transformers' CLIPVisionModel (CPU torch) with the same weights, saved
+by save_pretrained and read back through our loader. fp32: max abs error < 1e-4 * max|ref|."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from builder.preset import load_preset
+
+from .conftest import (
+    PRESETS,
+    assert_close,
+    build_and_load,
+    expected_features,
+    pixels,
+    save_vision_model,
+    tiny_overrides,
+)
+
+pytestmark = pytest.mark.parity
+
+SELECTIONS = [
+    ["model.feature_layer=-2"],
+    ["model.feature_layer=-1"],
+    ["model.feature_layer=-1", "model.post_layernorm=true"],
+    ["model.feature_layer=0"],
+    ["model.feature_layer=1"],
+    ["model.feature_layer=[-2,-3]"],
+    ["model.feature_layer=[3,1]", "model.post_layernorm=true"],
+    ["model.feature_layer=-2", "model.feature_select_strategy=default"],
+]
+
+
+@pytest.mark.parametrize("selection", SELECTIONS, ids=lambda s: ",".join(s))
+def test_tiny_feature_selection(selection, tiny_checkpoint, tmp_path):
+    folder, hf_model = tiny_checkpoint
+    overrides = tiny_overrides() + [f"weights.path={folder}"] + selection
+    preset = load_preset("clip-vit-b-32", overrides)
+    enc = build_and_load("clip-vit-b-32", overrides, tmp_path)
+    for batch in (1, 3):
+        x = pixels(batch, preset.model.image_size, seed=batch)
+        assert_close(enc(x), expected_features(hf_model, preset.model, x))
+
+
+@pytest.mark.parametrize("act", ["quick_gelu", "gelu", "gelu_tanh"])
+def test_tiny_activations(act, tmp_path):
+    hf_act = {"gelu_tanh": "gelu_pytorch_tanh"}.get(act, act)
+    hf_model = save_vision_model(tmp_path / "ckpt", hidden_act=hf_act, layer_norm_eps=1e-6)
+    overrides = tiny_overrides(hidden_act=act, layer_norm_eps=1e-6)
+    overrides += [f"weights.path={tmp_path / 'ckpt'}", "model.feature_layer=-1"]
+    preset = load_preset("clip-vit-b-32", overrides)
+    enc = build_and_load("clip-vit-b-32", overrides, tmp_path / "out")
+    x = pixels(2, preset.model.image_size)
+    assert_close(enc(x), expected_features(hf_model, preset.model, x))
+
+
+def _preset_model_fields(path: Path) -> dict:
+    return yaml.safe_load(path.read_text()).get("model", {})
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
+def test_preset_real_widths(path, tmp_path):
+    """Each shipped preset at its real widths and image size, with 2 layers instead of all
+    (CI time), its own feature selection, through the CPU pipeline as shipped."""
+    preset = load_preset(path, ["model.num_hidden_layers=2"])
+    m = preset.model
+    hf_fields = {
+        f: getattr(m, f)
+        for f in (
+            "hidden_size",
+            "intermediate_size",
+            "num_attention_heads",
+            "num_hidden_layers",
+            "image_size",
+            "patch_size",
+            "layer_norm_eps",
+            "hidden_act",
+            "projection_dim",
+        )
+    }
+    hf_model = save_vision_model(tmp_path / "ckpt", seed=3, **hf_fields)
+    overrides = ["model.num_hidden_layers=2", f"weights.path={tmp_path / 'ckpt'}"]
+    enc = build_and_load(path, overrides, tmp_path / "out")
+    x = pixels(1, m.image_size)
+    assert_close(enc(x), expected_features(hf_model, m, x))

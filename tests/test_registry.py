@@ -1,0 +1,107 @@
+"""The block registry, and every registered block exported on its own (ir tier)."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import pytest
+from tvm.relax.frontend import nn
+
+from builder import registry
+from builder.assemble import export, full_tower, parameter_shapes
+from builder.config import BlocksConfig, CLIPVisionConfig
+from builder.errors import BuilderError
+
+from .conftest import TINY
+
+CONFIG = CLIPVisionConfig(**TINY)
+
+
+@pytest.mark.unit
+def test_duplicate_name_names_both_places():
+    with pytest.raises(BuilderError) as e:
+
+        @registry.register("clip_mlp", kind="mlp")
+        class Other(nn.Module):
+            pass
+
+    msg = str(e.value)
+    assert "block type 'clip_mlp' is registered twice" in msg
+    assert "builder.blocks.clip:" in msg and "tests.test_registry:" in msg
+    assert registry.get("clip_mlp", "mlp").where.startswith("builder.blocks.clip:")
+
+
+@pytest.mark.unit
+def test_unknown_name_lists_close_matches_and_all():
+    with pytest.raises(BuilderError) as e:
+        registry.get("clip_mpl", "mlp")
+    assert (
+        str(e.value)
+        == "unknown mlp block 'clip_mpl', did you mean 'clip_mlp'?; registered: ['clip_mlp']"
+    )
+
+
+@pytest.mark.unit
+def test_wrong_slot_is_an_error():
+    with pytest.raises(BuilderError, match="'clip_mlp' is a mlp block, not a attention block"):
+        registry.get("clip_mlp", "attention")
+
+
+@pytest.mark.unit
+def test_every_slot_has_a_default_block():
+    for f in dataclasses.fields(BlocksConfig):
+        assert registry.get(f.default, f.name).kind == f.name
+
+
+def _instantiate(block: registry.BlockType) -> nn.Module:
+    if block.kind == "activation":
+        return block.factory()
+    if block.kind == "norm":
+        return block.factory(CONFIG.hidden_size, CONFIG.layer_norm_eps)
+    return block.factory(CONFIG, BlocksConfig())
+
+
+def _input_spec(block: registry.BlockType) -> nn.spec.Tensor:
+    if block.kind in ("embeddings", "model", "transformer"):
+        return nn.spec.Tensor(["batch", 3, CONFIG.image_size, CONFIG.image_size], "float32")
+    width = CONFIG.intermediate_size if block.kind == "activation" else CONFIG.hidden_size
+    return nn.spec.Tensor(["batch", CONFIG.num_positions, width], "float32")
+
+
+@pytest.mark.ir
+@pytest.mark.parametrize("block", registry.all_blocks(), ids=lambda b: b.name)
+def test_each_block_exports(block):
+    """Every registered block builds and exports to Relax with a symbolic batch."""
+    module = _instantiate(block)
+    arg = next(iter(inspect.signature(module.forward).parameters))
+    mod, params = module.export_tvm(spec={"forward": {arg: _input_spec(block)}})
+    assert "forward" in [gv.name_hint for gv in mod.get_global_vars()]
+    for name, p in params:
+        assert all(int(d) > 0 for d in p.shape), name
+
+
+@pytest.mark.ir
+def test_exported_names_and_shapes_are_hf_keys():
+    mod, params = export(CONFIG, BlocksConfig())
+    names = dict(params)
+    d, mlp, c, p = CONFIG.hidden_size, CONFIG.intermediate_size, 3, CONFIG.patch_size
+    assert names["vision_model.embeddings.patch_embedding.weight"] == (d, c, p, p)
+    assert names["vision_model.embeddings.class_embedding"] == (d,)
+    assert names["vision_model.embeddings.position_embedding.weight"] == (10, d)
+    assert names["vision_model.pre_layrnorm.weight"] == (d,)
+    assert names["vision_model.encoder.layers.0.mlp.fc1.weight"] == (mlp, d)
+    assert names["vision_model.encoder.layers.0.self_attn.out_proj.bias"] == (d,)
+    # feature_layer -2 of 3 layers: layer index 2 and post_layernorm are not built.
+    assert not [n for n in names if ".layers.2." in n or "post_layernorm" in n]
+    assert len(names) == 5 + 16 * CONFIG.num_layers_computed
+    fn = mod["forward"]
+    assert fn.params[0].name == "pixel_values"
+    assert len(fn.params) == 1 + len(params)
+
+
+@pytest.mark.ir
+def test_full_tower_names_cover_every_layer():
+    full = parameter_shapes(full_tower(CONFIG), BlocksConfig())
+    assert "vision_model.post_layernorm.weight" in full
+    assert any(".layers.2." in n for n in full)

@@ -1,0 +1,124 @@
+"""The JSON Schema, the config dataclasses and the registry describe the same fields."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from builder import registry, resources
+from builder.config import (
+    BlocksConfig,
+    CLIPVisionConfig,
+    Preset,
+    TargetConfig,
+    WeightsConfig,
+)
+from builder.preset import load_preset
+
+from .conftest import PRESETS
+
+pytestmark = pytest.mark.unit
+
+SCHEMA = json.loads(resources.schema_path().read_text())
+PROPS = SCHEMA["properties"]
+TARGET_MAP = next(b for b in PROPS["targets"]["items"]["oneOf"] if b["type"] == "object")
+# Fields of the dataclasses that a preset cannot set, with the reason.
+NOT_IN_SCHEMA = {"kwargs"}  # extra keys of an imported HF config, never read by a block
+
+
+def _defaults(cls) -> dict:
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.name in NOT_IN_SCHEMA:
+            continue
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+@pytest.mark.parametrize(
+    "cls, schema",
+    [
+        (CLIPVisionConfig, PROPS["model"]),
+        (BlocksConfig, PROPS["blocks"]),
+        (WeightsConfig, PROPS["weights"]),
+        (TargetConfig, TARGET_MAP),
+    ],
+    ids=lambda x: getattr(x, "__name__", ""),
+)
+def test_schema_matches_dataclass(cls, schema):
+    fields = {f.name for f in dataclasses.fields(cls)} - NOT_IN_SCHEMA
+    assert set(schema["properties"]) == fields
+    defaults = {k: v["default"] for k, v in schema["properties"].items() if "default" in v}
+    required = set(schema.get("required", []))
+    assert defaults == {k: v for k, v in _defaults(cls).items() if k not in required}
+
+
+def test_top_level_fields_match_preset():
+    assert set(PROPS) == {f.name for f in dataclasses.fields(Preset)}
+
+
+def schema_nodes(node=SCHEMA, path="$"):
+    """Every dict in the schema, with its JSON path."""
+    if isinstance(node, dict):
+        yield path, node
+        for k, v in node.items():
+            yield from schema_nodes(v, f"{path}.{k}")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from schema_nodes(v, f"{path}[{i}]")
+
+
+def test_additional_properties_false_everywhere():
+    for path, node in schema_nodes():
+        if node.get("type") == "object":
+            assert node.get("additionalProperties") is False, path
+
+
+def test_numbers_are_bounded_and_strings_enumerated_or_patterned():
+    for path, node in schema_nodes():
+        types = node.get("type")
+        types = types if isinstance(types, list) else [types]
+        if "integer" in types or "number" in types:
+            assert "maximum" in node and ("minimum" in node or "exclusiveMinimum" in node), path
+        if "string" in types:
+            assert {"enum", "pattern", "maxLength"} & set(node), path
+
+
+def test_schema_choices_are_the_builtin_registry():
+    assert PROPS["model"]["properties"]["hidden_act"]["enum"] == registry.names("activation")
+    for slot, prop in PROPS["blocks"]["properties"].items():
+        assert prop["enum"] == registry.names(slot), slot
+        assert prop["default"] in registry.names(slot)
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
+def test_shipped_presets_validate(path):
+    preset = load_preset(path)
+    assert preset.name == path.stem
+    assert preset.model.hidden_size % preset.model.num_attention_heads == 0
+
+
+def test_llava_clip_is_llava_15_tower():
+    m = load_preset("llava-clip").model
+    assert (m.hidden_size, m.intermediate_size, m.num_attention_heads) == (1024, 4096, 16)
+    assert (m.num_hidden_layers, m.patch_size, m.image_size) == (24, 14, 336)
+    assert m.layer_norm_eps == 1e-5 and m.hidden_act == "quick_gelu"
+    assert m.feature_layers == [23] and m.num_layers_computed == 23
+    assert m.output_tokens == 576 and m.output_dim == 1024
+
+
+def test_presets_are_sparse():
+    """A shipped preset holds no model field at its default value."""
+    import yaml
+
+    defaults = _defaults(CLIPVisionConfig)
+    for path in PRESETS:
+        model = yaml.safe_load(path.read_text()).get("model", {}) or {}
+        # feature_layer is what a LLaVA tower is about: llava-clip states it on purpose.
+        same = [k for k, v in model.items() if defaults.get(k) == v and k != "feature_layer"]
+        assert not same, f"{path.name}: {same} repeat the defaults"

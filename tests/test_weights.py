@@ -1,0 +1,236 @@
+"""Checkpoint reading: every key prefix real files carry, shards, dtypes, and the errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from builder.assemble import parameter_shapes
+from builder.errors import InputError
+from builder.preset import load_preset
+from builder.weights import load_weights
+
+from .conftest import (
+    TINY,
+    assert_close,
+    build_and_load,
+    expected_features,
+    hf_vision_config,
+    pixels,
+    randomize,
+    tiny_overrides,
+)
+
+pytestmark = pytest.mark.unit
+
+# transformers 4 hub files (CLIPVisionModel/CLIPModel, LLaVA, LLaVA under `model.`) and
+# transformers 5 save_pretrained (CLIPVisionModel, CLIPModel, LLaVA).
+PREFIXES = [
+    "vision_model.",
+    "vision_tower.vision_model.",
+    "model.vision_tower.vision_model.",
+    "",
+    "vision_tower.",
+]
+
+
+def tiny_preset(folder: Path, *extra: str):
+    return load_preset("clip-vit-b-32", tiny_overrides() + [f"weights.path={folder}", *extra])
+
+
+def needed(preset) -> dict:
+    return parameter_shapes(preset.model, preset.blocks)
+
+
+def reference_state(tiny_checkpoint) -> dict[str, np.ndarray]:
+    _, model = tiny_checkpoint
+    return {k: v.numpy() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("prefix", PREFIXES, ids=lambda p: p or "none")
+def test_every_prefix_fills_every_parameter_once(prefix, tiny_checkpoint, tmp_path):
+    folder, _ = tiny_checkpoint
+    state = load_file(folder / "model.safetensors")
+    extra = {}
+    if prefix:  # the keys beside a tower: CLIPModel's text side, LLaVA's projector
+        extra = {
+            "text_model.embeddings.token_embedding.weight": torch.zeros(4, 4),
+            "multi_modal_projector.linear_1.weight": torch.zeros(4, 4),
+            "logit_scale": torch.zeros(()),
+        }
+    save_file({prefix + k: v for k, v in state.items()} | extra, tmp_path / "model.safetensors")
+    preset = tiny_preset(tmp_path)
+    arrays, info = load_weights(preset, needed(preset))
+    ref = reference_state(tiny_checkpoint)
+    assert set(arrays) == set(needed(preset))
+    for name, value in arrays.items():
+        np.testing.assert_array_equal(value, ref[name.removeprefix("vision_model.")])
+    assert info["prefix"] == prefix
+    # layer 2 (after feature layer -2) and post_layernorm are skipped, not loaded.
+    assert info["skipped_keys"] == 16 + 2
+    assert info["ignored_non_vision_keys"] == len(extra)
+
+
+def test_sharded_checkpoint_and_single_file(tmp_path):
+    from transformers import CLIPVisionModel
+
+    model = randomize(CLIPVisionModel(hf_vision_config()))
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    preset = tiny_preset(tmp_path / "sharded")
+    arrays, info = load_weights(preset, needed(preset))
+    assert len(info["files"]) > 1
+    state = model.state_dict()
+    for name, value in arrays.items():
+        np.testing.assert_array_equal(value, state[name.removeprefix("vision_model.")].numpy())
+    # One .safetensors file given directly (no config.json beside it is fine).
+    single = tmp_path / "one" / "weights.safetensors"
+    single.parent.mkdir()
+    save_file(dict(state), single)
+    arrays2, _ = load_weights(tiny_preset(single), needed(preset))
+    assert all(np.array_equal(arrays[k], arrays2[k]) for k in arrays)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_checkpoints_are_widened(dtype, tiny_checkpoint, tmp_path):
+    folder, _ = tiny_checkpoint
+    state = load_file(folder / "model.safetensors")
+    save_file({k: v.to(dtype) for k, v in state.items()}, tmp_path / "model.safetensors")
+    preset = tiny_preset(tmp_path)
+    arrays, _ = load_weights(preset, needed(preset))
+    for name, value in arrays.items():
+        want = state[name.removeprefix("vision_model.")].to(dtype).float().numpy()
+        assert value.dtype == np.float32
+        np.testing.assert_array_equal(value, want)
+
+
+def _errors(preset) -> list[str]:
+    with pytest.raises(InputError) as e:
+        load_weights(preset, needed(preset))
+    return e.value.lines
+
+
+def test_missing_unexpected_and_misshapen_keys(tiny_checkpoint, tmp_path):
+    folder, _ = tiny_checkpoint
+    state = load_file(folder / "model.safetensors")
+    del state["encoder.layers.0.mlp.fc1.bias"]
+    state["encoder.layers.0.mlp.fc3.weight"] = torch.zeros(2, 2)
+    state["pre_layrnorm.weight"] = torch.zeros(7)
+    save_file(state, tmp_path / "model.safetensors")
+    lines = _errors(tiny_preset(tmp_path))
+    f = tmp_path / "model.safetensors"
+    assert lines == [
+        f"{f}: unexpected vision key 'encoder.layers.0.mlp.fc3.weight'",
+        f"{f}: 'pre_layrnorm.weight' has shape [7], the preset needs [32]",
+        f"{tmp_path}: missing key 'encoder.layers.0.mlp.fc1.bias'",
+    ]
+
+
+def test_config_json_must_agree_with_the_preset(tiny_checkpoint):
+    folder, _ = tiny_checkpoint
+    lines = _errors(tiny_preset(folder, "model.image_size=64", "model.layer_norm_eps=1e-6"))
+    assert lines == [
+        f"{folder / 'config.json'}: image_size is 30 but the preset has model.image_size 64; "
+        "change the preset (or override model.image_size=30) to match the checkpoint",
+        f"{folder / 'config.json'}: layer_norm_eps is 1e-05 but the preset has "
+        "model.layer_norm_eps 1e-06; change the preset (or override "
+        "model.layer_norm_eps=1e-05) to match the checkpoint",
+    ]
+
+
+def test_llava_config_fields_are_checked(tiny_checkpoint, tmp_path):
+    folder, _ = tiny_checkpoint
+    (tmp_path / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    vision = json.loads((folder / "config.json").read_text())
+    config = {"vision_config": vision, "vision_feature_layer": -1, "model_type": "llava"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (line,) = _errors(tiny_preset(tmp_path))
+    assert "vision_feature_layer is -1 but the preset has model.feature_layer -2" in line
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda d: (d / "junk.txt").write_text("x"), "no .safetensors files"),
+        (lambda d: (d / "pytorch_model.bin").write_bytes(b"x"), "only safetensors is read"),
+        (lambda d: (d / "model.safetensors").write_bytes(b"\x01"), "shorter than 8 bytes"),
+        (
+            lambda d: (d / "model.safetensors").write_bytes(b"\x05" + b"\0" * 7 + b"notjs"),
+            "its header is not JSON",
+        ),
+    ],
+    ids=["empty-folder", "bin-only", "tiny-file", "bad-header"],
+)
+def test_junk_folders(tmp_path, make, message):
+    make(tmp_path)
+    (line,) = _errors(tiny_preset(tmp_path))
+    assert message in line and str(tmp_path) in line
+
+
+def test_truncated_and_wrong_dtype(tiny_checkpoint, tmp_path):
+    folder, _ = tiny_checkpoint
+    blob = (folder / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(blob[: len(blob) // 2])
+    (line, *_) = _errors(tiny_preset(tmp_path))
+    assert "the file is truncated" in line
+    state = load_file(folder / "model.safetensors")
+    state["pre_layrnorm.weight"] = state["pre_layrnorm.weight"].to(torch.int32)
+    save_file(state, tmp_path / "model.safetensors")
+    (line,) = _errors(tiny_preset(tmp_path))
+    assert "'pre_layrnorm.weight' has dtype I32" in line
+
+
+def test_no_vision_tower(tmp_path):
+    save_file({"text_model.x": torch.zeros(2)}, tmp_path / "model.safetensors")
+    (line,) = _errors(tiny_preset(tmp_path))
+    assert "no vision tower" in line
+
+
+@pytest.mark.parity
+def test_clip_model_and_llava_saved_by_transformers(tmp_path):
+    """CLIPModel and LlavaForConditionalGeneration written by save_pretrained: the vision
+    tower is found beside the text tower / language model and matches HF."""
+    from transformers import (
+        CLIPConfig,
+        CLIPModel,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
+
+    text = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 1,
+        "vocab_size": 100,
+    }
+    clip = randomize(CLIPModel(CLIPConfig(vision_config=TINY, text_config=text)))
+    clip.save_pretrained(tmp_path / "clip")
+    llava = randomize(
+        LlavaForConditionalGeneration(
+            LlavaConfig(
+                vision_config=hf_vision_config(),
+                text_config=LlamaConfig(**text, num_key_value_heads=4),
+                image_token_index=99,
+            )
+        )
+    )
+    llava.save_pretrained(tmp_path / "llava")
+    for name, tower, extra in (
+        ("clip", clip.vision_model, []),
+        # LLaVA's config says vision_feature_select_strategy "default": the preset must agree.
+        ("llava", llava.model.vision_tower, ["model.feature_select_strategy=default"]),
+    ):
+        overrides = tiny_overrides() + [f"weights.path={tmp_path / name}", *extra]
+        preset = load_preset("clip-vit-b-32", overrides)
+        enc = build_and_load("clip-vit-b-32", overrides, tmp_path / f"out-{name}")
+        assert enc.manifest["weights"]["ignored_non_vision_keys"] > 0
+        x = pixels(2, preset.model.image_size)
+        assert_close(enc(x), expected_features(tower, preset.model, x))
