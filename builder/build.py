@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import tvm
 import tvm_ffi
+from tvm import relax
 
 from . import __version__, artifact, targets
 from .assemble import ENTRY, INPUT_NAME, export, input_shape, output_shape
@@ -19,6 +20,7 @@ from .errors import BuilderError, InputError
 from .weights import load_weights
 
 DEFAULT_OUT = Path("artifacts")
+PACK_FUNCTION = "transform_params"
 Progress = Callable[[str], None]
 
 
@@ -68,6 +70,20 @@ def build(
     ]
 
 
+def pack_params(
+    executable: tvm.runtime.Executable, order: list[str], arrays: dict[str, np.ndarray]
+) -> tuple[list[str], dict[str, np.ndarray]]:
+    """Run the executable's `transform_params` (weight layouts its pipeline chose, such as
+    GEMM panels) once, at build time, so the artifact stores the packed weights and `forward`
+    takes them as they are. Executables without it get the parameters unchanged."""
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    if not vm.module.implements_function(PACK_FUNCTION):
+        return order, arrays
+    packed = vm[PACK_FUNCTION](*(tvm.runtime.tensor(arrays[name]) for name in order))
+    names = [f"packed.{i}" for i in range(len(packed))]
+    return names, {name: t.numpy() for name, t in zip(names, packed, strict=True)}
+
+
 def _build_target(
     preset: Preset,
     entry: TargetConfig,
@@ -88,10 +104,12 @@ def _build_target(
         raise BuilderError(f"[{entry.name}] compile failed: {type(e).__name__}: {e}") from e
     progress(f"[{entry.name}] compiled [{time.perf_counter() - t0:.1f} s]")
     final = out / preset.name / entry.name
-    order = [name for name, _ in params]
+    order, stored = pack_params(executable, [name for name, _ in params], arrays)
+    if stored is not arrays:
+        progress(f"[{entry.name}] packed weights [{time.perf_counter() - t0:.1f} s]")
     with artifact.staging(final) as tmp:
         executable.export_library(str(tmp / kind.LIBRARY))
-        artifact.save_params(tmp, order, arrays)
+        artifact.save_params(tmp, order, stored)
         manifest = {
             "format": artifact.FORMAT,
             "preset": preset.name,
@@ -110,7 +128,11 @@ def _build_target(
             "outputs": [
                 {"name": "features", "shape": output_shape(preset.model), "dtype": "float32"}
             ],
-            "params": {"file": artifact.PARAMS, "order": order},
+            "params": {
+                "file": artifact.PARAMS,
+                "order": order,
+                "packed_at_build": stored is not arrays,
+            },
             "weights": source,
         }
         artifact.write_manifest(tmp, manifest)

@@ -1,4 +1,4 @@
-"""The host CPU through LLVM."""
+"""The host CPU (or another CPU) through LLVM, compiled with the scheduled CPU pipeline."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import tvm
 from tvm.target import codegen
 
 from ..config import TargetConfig
+from .cpu import compile_cpu
 
 LIBRARY = "lib.so"
 
@@ -30,5 +31,6 @@ def tvm_target(entry: TargetConfig) -> tuple[tvm.target.Target, dict[str, Any]]:
 
 
 def compile(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.runtime.Executable:
-    """TVM's default llvm pipeline: legalized loops, no schedules."""
-    return tvm.compile(mod, target)
+    """Scheduled kernels for the hot ops, a parallel fallback for the rest. The executable
+    also holds `transform_params`, which packs the weights once at build time."""
+    return compile_cpu(mod, target)

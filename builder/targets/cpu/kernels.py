@@ -1,0 +1,408 @@
+"""Hand-written, pre-scheduled TensorIR kernels for x86 CPUs, generated as TVMScript text.
+
+The micro-kernel layout is explicit (6 rows x 4 vectors of accumulators, one per row buffer,
+so LLVM keeps all 24 in vector registers), which is easier to get right than steering a
+generic schedule there. Sizes derive from the target's vector width (`kernel_config`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import tvm
+from tvm import tirx
+
+KERNEL_ATTR = "builder.cpu_kernel"
+
+
+# --------------------------------------------------------------------------------------
+# Target-derived kernel configuration
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class KernelConfig:
+    vec: int  # fp32 lanes per SIMD register
+    nv: int  # SIMD registers per accumulator row (N block = vec * nv)
+    mr: int  # rows per micro tile
+
+    @property
+    def nb(self) -> int:
+        return self.vec * self.nv
+
+
+def kernel_config(target: tvm.target.Target) -> KernelConfig:
+    """Register-tile shape from the target: 6 x (4 vectors) needs 24 accumulators + 2
+    scratch registers -> only with 32 vector registers (AVX-512); otherwise 6 x 2."""
+    try:
+        bits = int(tvm.target.codegen.llvm_get_vector_width(target))
+    except Exception:  # pylint: disable=broad-except
+        bits = 128
+    vec = max(bits // 32, 4)
+    try:
+        has32 = bool(tvm.target.codegen.target_has_features("avx512f", target))
+    except Exception:  # pylint: disable=broad-except
+        has32 = False
+    return KernelConfig(vec=vec, nv=4 if (has32 or vec >= 16) else 2, mr=6)
+
+
+# --------------------------------------------------------------------------------------
+# TVMScript helpers
+# --------------------------------------------------------------------------------------
+def _i(v) -> str:
+    return f"T.int64({int(v)})"
+
+
+def _f(v) -> str:
+    return f"T.float32({float(v)!r})"
+
+
+_ATTRS = (
+    '    T.func_attr({"tir.noalias": True, "s_tir": True, "op_pattern": 8, "%s": True})'
+    % KERNEL_ATTR
+)
+
+
+def _local(name: str, n: int) -> str:
+    # disable_lower_builtin keeps the buffer a stack alloca (LowerTVMBuiltin would otherwise
+    # turn anything >= 1 KiB, or whatever it cannot size, into TVMBackendAllocWorkspace).
+    return (
+        f'{name} = T.alloc_buffer(({_i(n)},), "float32", scope="local", '
+        'annotations={"disable_lower_builtin": True})'
+    )
+
+
+def _exp_lines(src: str, dst: str, ind: str, tag: str) -> list[str]:
+    """Vectorizable exp (Cephes expf polynomial + exponent bit trick): LLVM would scalarize
+    llvm.exp.v16f32 into 16 libm calls.  Relative error ~1e-7 on the clamped range."""
+    return [
+        f"{ind}{tag}xc: T.let[T.float32] = T.max(T.min({src}, {_f(88.0)}), {_f(-87.0)})",
+        f"{ind}{tag}n: T.let[T.float32] = T.floor({tag}xc * {_f(1.4426950408889634)} + {_f(0.5)})",
+        f"{ind}{tag}r: T.let[T.float32] = {tag}xc - {tag}n * {_f(0.693359375)} + {tag}n * {_f(2.12194440e-4)}",
+        f"{ind}{tag}p: T.let[T.float32] = (((((({_f(1.9875691500e-4)} * {tag}r + {_f(1.3981999507e-3)}) * {tag}r"
+        f" + {_f(8.3334519073e-3)}) * {tag}r + {_f(4.1665795894e-2)}) * {tag}r"
+        f" + {_f(1.6666665459e-1)}) * {tag}r + {_f(5.0000001201e-1)}) * {tag}r * {tag}r"
+        f" + {tag}r + {_f(1.0)})",
+        f'{ind}{dst}: T.let[T.float32] = {tag}p * T.reinterpret("float32", T.shift_left(T.Cast("int32", {tag}n)'
+        f" + 127, 23))",
+    ]
+
+
+# Eigen's float erf rational approximation (|err| < 1e-7 after clamping to [-4, 4]).
+_ERF_A = [
+    -2.72614225801306e-10,
+    2.77068142495902e-08,
+    -2.10102402082508e-06,
+    -5.69250639462346e-05,
+    -7.34990630326855e-04,
+    -2.95459980854025e-03,
+    -1.60960333262415e-02,
+]
+_ERF_B = [
+    -1.45660718464996e-05,
+    -2.13374055278905e-04,
+    -1.68282697438203e-03,
+    -7.37332916720468e-03,
+    -1.42647390514189e-02,
+]
+
+
+def _horner(coefs, x):
+    s = _f(coefs[0])
+    for c in coefs[1:]:
+        s = f"({s} * {x} + {_f(c)})"
+    return s
+
+
+def _act_lines(act, v: str, dst: str, ind: str) -> list[str]:
+    """Epilogue activation: dst = act(v), written as vectorizable TIR let-statements."""
+    if act is None:
+        return [f"{ind}{dst}: T.let[T.float32] = {v}"]
+    kind = act[0]
+    if kind == "silu":  # x * sigmoid(c * x): quick_gelu (c = 1.702) or SiLU (c = 1)
+        return _exp_lines(f"{_f(-act[1])} * {v}", "ae", ind, "a") + [
+            f"{ind}{dst}: T.let[T.float32] = {v} / ({_f(1.0)} + ae)"
+        ]
+    if kind == "gelu":  # 0.5 x (1 + erf(x / sqrt 2))
+        return [
+            f"{ind}ez: T.let[T.float32] = T.max(T.min({v} * {_f(0.7071067811865476)}, {_f(4.0)}), {_f(-4.0)})",
+            f"{ind}ez2: T.let[T.float32] = ez * ez",
+            f"{ind}{dst}: T.let[T.float32] = {_f(0.5)} * {v} * ({_f(1.0)} + ez * {_horner(_ERF_A, 'ez2')}"
+            f" / {_horner(_ERF_B, 'ez2')})",
+        ]
+    if kind == "gelu_tanh":  # 0.5 x (1 + tanh(z)) = x * sigmoid(2 z)
+        return (
+            [
+                f"{ind}gz: T.let[T.float32] = {_f(-1.5957691216057308)} * ({v} + {_f(0.044715)} * {v} * {v} * {v})",
+            ]
+            + _exp_lines("gz", "ae", ind, "a")
+            + [f"{ind}{dst}: T.let[T.float32] = {v} / ({_f(1.0)} + ae)"]
+        )
+    raise ValueError(act)
+
+
+def _parse(src: str) -> tirx.PrimFunc:
+    # Relax passes (e.g. RewriteDataflowReshape's HasReshapePattern) require every PrimFunc
+    # body to be a root SBlockRealize ("s_tir" dialect): wrap the main loop nest in one
+    # (match_buffer declarations must stay outside).
+    lines = src.strip("\n").split("\n")
+    k = next(i for i, l in enumerate(lines) if l.startswith("    for "))
+    body = ["    " + l if l.strip() else l for l in lines[k:]]
+    return tvm.script.from_source("\n".join(lines[:k] + ['    with T.sblock("root"):'] + body))
+
+
+# --------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------
+def gemm_kernel(cfg: KernelConfig, K: int, N: int, has_bias: bool, act, has_res: bool):
+    """Y[M, N] = epilogue(X[M, K] @ W + bias) (+ R), W packed as [NP, K, NB].
+
+    Parallel over (N block, M tile) with the M tile innermost so one thread streams X rows
+    against a weight block (K * NB floats) that stays in L2.  M is symbolic; the last M tile
+    clamps its row index to M-1 (rows are recomputed, never read out of bounds) so no
+    padding copy is needed."""
+    mr, nb = cfg.mr, cfg.nb
+    NP = -(-N // nb)
+    args = [f'x: T.handle, w: T.Buffer(({_i(NP)}, {_i(K)}, {_i(nb)}), "float32")']
+    if has_bias:
+        args.append(f'bias: T.Buffer(({_i(N)},), "float32")')
+    if has_res:
+        args.append("res: T.handle")
+    args.append("y: T.handle")
+    L = [
+        "@T.prim_func(private=True, check_well_formed=False)",
+        f"def gemm({', '.join(args)}):",
+        _ATTRS,
+        "    M = T.int64()",
+        f'    X = T.match_buffer(x, (M, {_i(K)}), "float32")',
+        f'    Y = T.match_buffer(y, (M, {_i(N)}), "float32")',
+    ]
+    if has_res:
+        L.append(f'    R = T.match_buffer(res, (M, {_i(N)}), "float32")')
+    L += [
+        f"    for t in T.parallel({_i(NP)} * ((M + {_i(mr - 1)}) // {_i(mr)})):",
+        f"        nbk: T.let[T.int64] = t // ((M + {_i(mr - 1)}) // {_i(mr)})",
+        f"        m0: T.let[T.int64] = t % ((M + {_i(mr - 1)}) // {_i(mr)}) * {_i(mr)}",
+    ]
+    ind = " " * 8
+    for i in range(mr):
+        L.append(f"{ind}r{i}: T.let[T.int64] = T.min(m0 + {_i(i)}, M - {_i(1)})")
+        L.append(ind + _local(f"acc{i}", nb))
+    for i in range(mr):
+        L += [f"{ind}for j in T.vectorized({_i(nb)}):", f"{ind}    acc{i}[j] = {_f(0.0)}"]
+    L.append(f"{ind}for k in range({_i(K)}):")
+    for i in range(mr):
+        L += [
+            f"{ind}    for j in T.vectorized({_i(nb)}):",
+            f"{ind}        acc{i}[j] = acc{i}[j] + X[r{i}, k] * w[nbk, k, j]",
+        ]
+
+    def epilogue(i, j_loop, ind2, guard):
+        col = f"nbk * {_i(nb)} + j"
+        out = [f"{ind2}{j_loop}"]
+        body = ind2 + "    "
+        if guard:
+            out.append(f"{body}if {col} < {_i(N)}:")
+            body += "    "
+        v = f"acc{i}[j]" + (f" + bias[{col}]" if has_bias else "")
+        out.append(f"{body}v: T.let[T.float32] = {v}")
+        out += _act_lines(act, "v", "o", body)
+        out.append(f"{body}Y[r{i}, {col}] = o" + (f" + R[r{i}, {col}]" if has_res else ""))
+        return out
+
+    if N % nb == 0:
+        for i in range(mr):
+            L += epilogue(i, f"for j in T.vectorized({_i(nb)}):", ind, False)
+    else:  # ragged last N block: scalar, guarded stores (zero-padded weights keep K-loop clean)
+        L.append(f"{ind}if nbk < {_i(NP - 1)}:")
+        for i in range(mr):
+            L += epilogue(i, f"for j in T.vectorized({_i(nb)}):", ind + "    ", False)
+        L.append(f"{ind}else:")
+        for i in range(mr):
+            L += epilogue(i, f"for j in range({_i(nb)}):", ind + "    ", True)
+    return _parse("\n".join(L))
+
+
+def pack_weight_kernel(cfg: KernelConfig, N: int, K: int, nk: bool):
+    """W ([N, K] if nk else [K, N]) -> [NP, K, NB] zero-padded panels (run once, lifted)."""
+    nb = cfg.nb
+    NP = -(-N // nb)
+    shape = f"({_i(N)}, {_i(K)})" if nk else f"({_i(K)}, {_i(N)})"
+    idx = f"T.min(p * {_i(nb)} + j, {_i(N - 1)})"
+    load = f"w[{idx}, k]" if nk else f"w[k, {idx}]"
+    src = f"""
+@T.prim_func(private=True, check_well_formed=False)
+def pack_weight(w: T.Buffer({shape}, "float32"), wp: T.Buffer(({_i(NP)}, {_i(K)}, {_i(nb)}), "float32")):
+{_ATTRS}
+    for p in T.parallel({_i(NP)}):
+        for k in range({_i(K)}):
+            for j in range({_i(nb)}):
+                wp[p, k, j] = T.if_then_else(p * {_i(nb)} + j < {_i(N)}, {load}, {_f(0.0)})
+"""
+    return _parse(src)
+
+
+def attn_pack_kernels(cfg: KernelConfig, S: int, H: int, D: int):
+    """K [B,S,H,D] -> K^T [B,H,D,SP] (keys contiguous, zero padded to the N block; tiled by
+    16 keys so the 16 source rows stay in L1 across the head dim) and
+    V [B,S,H,D] -> [B,H,S,DP] (head dim padded to whole vectors)."""
+    nb, vec = cfg.nb, cfg.vec
+    SP = -(-S // nb) * nb
+    DP = -(-D // vec) * vec
+    kt = f"""
+@T.prim_func(private=True, check_well_formed=False)
+def attn_pack_k(k: T.handle, kt: T.handle):
+{_ATTRS}
+    B = T.int64()
+    Kb = T.match_buffer(k, (B, {_i(S)}, {_i(H)}, {_i(D)}), "float32")
+    KT = T.match_buffer(kt, (B, {_i(H)}, {_i(D)}, {_i(SP)}), "float32")
+    for bh in T.parallel(B * {_i(H)}):
+        for jb in range({_i(SP // 16)}):
+            for d in range({_i(D)}):
+                for jj in range({_i(16)}):
+                    KT[bh // {_i(H)}, bh % {_i(H)}, d, jb * {_i(16)} + jj] = T.if_then_else(jb * {_i(16)} + jj < {_i(S)}, Kb[bh // {_i(H)}, T.min(jb * {_i(16)} + jj, {_i(S - 1)}), bh % {_i(H)}, d], {_f(0.0)})
+"""
+    vp = f"""
+@T.prim_func(private=True, check_well_formed=False)
+def attn_pack_v(v: T.handle, vp: T.handle):
+{_ATTRS}
+    B = T.int64()
+    Vb = T.match_buffer(v, (B, {_i(S)}, {_i(H)}, {_i(D)}), "float32")
+    VP = T.match_buffer(vp, (B, {_i(H)}, {_i(S)}, {_i(DP)}), "float32")
+    for bh in T.parallel(B * {_i(H)}):
+        for j in range({_i(S)}):
+            for d in range({_i(DP)}):
+                VP[bh // {_i(H)}, bh % {_i(H)}, j, d] = T.if_then_else(d < {_i(D)}, Vb[bh // {_i(H)}, j, bh % {_i(H)}, T.min(d, {_i(D - 1)})], {_f(0.0)})
+"""
+    return _parse(kt), _parse(vp), SP, DP
+
+
+def attention_kernel(cfg: KernelConfig, S: int, H: int, D: int, scale: float):
+    """O = softmax(Q K^T * scale) V for one (batch, head, mr-query tile) per task.
+
+    Scores for the tile live in a [mr, SP] stack buffer (<= ~20 KiB, L1); Q.K^T and P.V use
+    the same broadcast-FMA micro kernel as the GEMM; the 1/sum normalization is applied to
+    the output tile instead of P."""
+    nb, vec, mr = cfg.nb, cfg.vec, cfg.mr
+    SP = -(-S // nb) * nb
+    DP = -(-D // vec) * vec
+    if DP // vec > 4:  # keep accumulators within the register file
+        mr = 4
+    MT = -(-S // mr)
+    L = [
+        "@T.prim_func(private=True, check_well_formed=False)",
+        "def attention(q: T.handle, kt: T.handle, vp: T.handle, o: T.handle):",
+        _ATTRS,
+        "    B = T.int64()",
+        f'    Q = T.match_buffer(q, (B, {_i(S)}, {_i(H)}, {_i(D)}), "float32")',
+        f'    KT = T.match_buffer(kt, (B, {_i(H)}, {_i(D)}, {_i(SP)}), "float32")',
+        f'    VP = T.match_buffer(vp, (B, {_i(H)}, {_i(S)}, {_i(DP)}), "float32")',
+        f'    O = T.match_buffer(o, (B, {_i(S)}, {_i(H)}, {_i(D)}), "float32")',
+        f"    for t in T.parallel(B * {_i(H * MT)}):",
+        f"        b: T.let[T.int64] = t // {_i(H * MT)}",
+        f"        h: T.let[T.int64] = t // {_i(MT)} % {_i(H)}",
+        f"        m0: T.let[T.int64] = t % {_i(MT)} * {_i(mr)}",
+    ]
+    ind = " " * 8
+    for i in range(mr):
+        L += [
+            f"{ind}r{i}: T.let[T.int64] = T.min(m0 + {_i(i)}, {_i(S - 1)})",
+            ind + _local(f"s{i}", SP),
+            ind + _local(f"acc{i}", max(nb, DP)),
+            ind + _local(f"red{i}", vec),
+            ind + _local(f"sc{i}", 2),
+        ]
+    # ---- scores: s_i[j] = scale * q_i . k_j, padded keys -> -1e30
+    L.append(f"{ind}for jb in range({_i(SP // nb)}):")
+    for i in range(mr):
+        L += [f"{ind}    for j in T.vectorized({_i(nb)}):", f"{ind}        acc{i}[j] = {_f(0.0)}"]
+    L.append(f"{ind}    for d in range({_i(D)}):")
+    for i in range(mr):
+        L += [
+            f"{ind}        for j in T.vectorized({_i(nb)}):",
+            f"{ind}            acc{i}[j] = acc{i}[j] + Q[b, r{i}, h, d] * KT[b, h, d, jb * {_i(nb)} + j]",
+        ]
+    for i in range(mr):
+        L += [
+            f"{ind}    for j in T.vectorized({_i(nb)}):",
+            f"{ind}        s{i}[jb * {_i(nb)} + j] = T.Select(jb * {_i(nb)} + j < {_i(S)}, "
+            f"acc{i}[j] * {_f(scale)}, {_f(-1e30)})",
+        ]
+    # ---- softmax statistics (vector max / sum, then horizontal)
+    for i in range(mr):
+        L += [
+            f"{ind}for l in T.vectorized({_i(vec)}):",
+            f"{ind}    red{i}[l] = s{i}[l]",
+            f"{ind}for jv in range({_i(1)}, {_i(SP // vec)}):",
+            f"{ind}    for l in T.vectorized({_i(vec)}):",
+            f"{ind}        red{i}[l] = T.max(red{i}[l], s{i}[jv * {_i(vec)} + l])",
+            f"{ind}sc{i}[0] = red{i}[0]",
+            f"{ind}for l in range({_i(1)}, {_i(vec)}):",
+            f"{ind}    sc{i}[0] = T.max(sc{i}[0], red{i}[l])",
+            f"{ind}for l in T.vectorized({_i(vec)}):",
+            f"{ind}    red{i}[l] = {_f(0.0)}",
+            f"{ind}for jv in range({_i(SP // vec)}):",
+            f"{ind}    for l in T.vectorized({_i(vec)}):",
+        ]
+        L += _exp_lines(f"s{i}[jv * {_i(vec)} + l] - sc{i}[0]", "ex", ind + "        ", "e")
+        L += [
+            f"{ind}        s{i}[jv * {_i(vec)} + l] = ex",
+            f"{ind}        red{i}[l] = red{i}[l] + ex",
+            f"{ind}sc{i}[1] = {_f(0.0)}",
+            f"{ind}for l in range({_i(vec)}):",
+            f"{ind}    sc{i}[1] = sc{i}[1] + red{i}[l]",
+        ]
+    # ---- O tile = P V
+    for i in range(mr):
+        L += [f"{ind}for l in T.vectorized({_i(DP)}):", f"{ind}    acc{i}[l] = {_f(0.0)}"]
+    L.append(f"{ind}for j in range({_i(S)}):")
+    for i in range(mr):
+        L += [
+            f"{ind}    for l in T.vectorized({_i(DP)}):",
+            f"{ind}        acc{i}[l] = acc{i}[l] + s{i}[j] * VP[b, h, j, l]",
+        ]
+    loop = f"for l in T.vectorized({_i(D)}):" if D == DP else f"for l in range({_i(D)}):"
+    for i in range(mr):
+        L += [f"{ind}{loop}", f"{ind}    O[b, r{i}, h, l] = acc{i}[l] / sc{i}[1]"]
+    return _parse("\n".join(L))
+
+
+def layer_norm_kernel(cfg: KernelConfig, C: int, eps: float):
+    """Row-parallel LayerNorm over the last axis (C % vec == 0): vector partial sums, two
+    passes (mean, then centered variance) for accuracy, fused scale/shift on the store.
+    The legalized version reduces with a serial scalar chain (~4 cycles per element)."""
+    vec = cfg.vec
+    nvec = C // vec
+    L = [
+        "@T.prim_func(private=True, check_well_formed=False)",
+        'def layer_norm(x: T.handle, gamma: T.Buffer((%s,), "float32"), beta: T.Buffer((%s,), "float32"), y: T.handle):'
+        % (_i(C), _i(C)),
+        _ATTRS,
+        "    M = T.int64()",
+        f'    X = T.match_buffer(x, (M, {_i(C)}), "float32")',
+        f'    Y = T.match_buffer(y, (M, {_i(C)}), "float32")',
+        "    for r in T.parallel(M):",
+        "        " + _local("red", vec),
+        "        " + _local("sc", 2),
+        f"        for l in T.vectorized({_i(vec)}):",
+        f"            red[l] = {_f(0.0)}",
+        f"        for jv in range({_i(nvec)}):",
+        f"            for l in T.vectorized({_i(vec)}):",
+        f"                red[l] = red[l] + X[r, jv * {_i(vec)} + l]",
+        f"        sc[0] = {_f(0.0)}",
+        f"        for l in range({_i(vec)}):",
+        "            sc[0] = sc[0] + red[l]",
+        f"        sc[0] = sc[0] * {_f(1.0 / C)}",
+        f"        for l in T.vectorized({_i(vec)}):",
+        f"            red[l] = {_f(0.0)}",
+        f"        for jv in range({_i(nvec)}):",
+        f"            for l in T.vectorized({_i(vec)}):",
+        f"                dv: T.let[T.float32] = X[r, jv * {_i(vec)} + l] - sc[0]",
+        "                red[l] = red[l] + dv * dv",
+        f"        sc[1] = {_f(0.0)}",
+        f"        for l in range({_i(vec)}):",
+        "            sc[1] = sc[1] + red[l]",
+        f"        sc[1] = {_f(1.0)} / T.sqrt(sc[1] * {_f(1.0 / C)} + {_f(eps)})",
+        f"        for jv in range({_i(nvec)}):",
+        f"            for l in T.vectorized({_i(vec)}):",
+        f"                Y[r, jv * {_i(vec)} + l] = (X[r, jv * {_i(vec)} + l] - sc[0]) * sc[1] * gamma[jv * {_i(vec)} + l] + beta[jv * {_i(vec)} + l]",
+    ]
+    return _parse("\n".join(L))

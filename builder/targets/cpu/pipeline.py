@@ -1,0 +1,102 @@
+"""Fast CPU (x86 llvm) compile pipeline for ViT/CLIP vision encoders on Apache TVM 0.27.
+
+API
+---
+    compile_cpu(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.runtime.Executable
+
+Calling convention of the returned executable (load it with relax.VirtualMachine):
+
+* ``transform_params(*params) -> tuple``  -- ALWAYS present.  Takes the original weights in
+  the order of ``forward``'s trailing parameters and returns the tuple of transformed weights
+  (Linear / conv weights re-packed as ``[ceil(N/NB), K, NB]`` panels, NB = 4 * SIMD lanes,
+  zero padded).  Call it ONCE at build time.
+* ``forward(pixel_values, *transformed)`` -- takes the pixel values followed by the elements
+  of the tuple returned by ``transform_params`` (unpacked).  Output as in the original model.
+
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    packed = vm["transform_params"](*params)
+    out = vm["forward"](pixel_values, *packed)
+
+Run with ``TVM_NUM_THREADS=<cores>`` in the environment: TVM's pool defaults to half the
+hardware threads.
+
+How it works
+------------
+1. Relax-level rewrite (before legalization) of the hot ops into calls of hand-written,
+   pre-scheduled TensorIR kernels (``call_tir``):
+     * ``matmul(x, permute_dims(W))`` (+ bias add, + quick_gelu/SiLU/gelu/gelu_tanh,
+       + residual add) -> one register-blocked GEMM with a fused epilogue.  The weight goes
+       through a pack kernel that depends only on the weight, so LiftTransformParams moves
+       it into ``transform_params``.
+     * ``nn.attention(q, k, v)`` (no mask, no bias) -> K^T / V repacking kernels and one fused
+       kernel per (batch, head, 6-query tile): Q.K^T tile, softmax, P.V tile.
+     * patchify ``conv2d`` (stride == kernel, no padding) -> im2col (reshape/permute) + GEMM.
+   Everything else stays a normal Relax op.
+2. LiftTransformParams, then the stock cpu_generic passes (legalize, FuseOps, FuseTIR).
+3. A fallback schedule for every remaining fused PrimFunc (layer norm, adds, transposes...):
+   inline what can be inlined, parallelize the fused outer spatial loops, vectorize a
+   contiguous inner loop.  Functions it cannot handle stay as they are (correct, serial).
+4. The stock dataflow-lowering and finalization passes; TIR is built with StorageRewrite
+   disabled (it would merge the register accumulators into one >1 KiB buffer, which is then
+   heap-allocated and never promoted to registers).
+
+The kernels are generated as TVMScript text: the micro-kernel layout is explicit (6 rows x
+4 vectors accumulators, one per row buffer, so LLVM keeps all 24 in zmm registers), which is
+easier to get right than steering a generic schedule there.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+
+from .kernels import KernelConfig, kernel_config
+from .rewrite import rewrite_to_kernels
+from .schedule import fallback_schedule_pass
+
+
+def _lift_params(mod: tvm.IRModule) -> tvm.IRModule:
+    """LiftTransformParams, then expose `transform_params(*params) -> tuple` (the lifted
+    function takes ONE tuple argument; we wrap it so callers pass the weights unpacked).
+    `forward` already takes (pixel_values, *transformed) after lifting."""
+    mod = relax.transform.LiftTransformParams()(mod)
+    lifted = [gv for gv in mod.get_global_vars() if gv.name_hint == "forward_transform_params"]
+    if not lifted:
+        raise RuntimeError("LiftTransformParams did not produce forward_transform_params")
+    gv = lifted[0]
+    fields = mod[gv].params[0].ty.fields
+    bb = relax.BlockBuilder(mod)
+    params = [relax.Var(f"param_{i}", t) for i, t in enumerate(fields)]
+    with bb.function("transform_params", params):
+        out = bb.emit(relax.Call(gv, [relax.Tuple(params)]))
+        bb.emit_func_output(out)
+    return bb.finalize()
+
+
+def get_pipeline(target: tvm.target.Target, cfg: KernelConfig):
+    from tvm.relax.backend.cpu_generic import pipeline as cpu  # pylint: disable=import-outside-toplevel
+
+    @tvm.transform.module_pass(opt_level=0, name="FastCPUPipeline")
+    def _pipeline(mod, _ctx):
+        with target:
+            seq = tvm.transform.Sequential(
+                cpu.library_dispatch_passes(target)
+                + cpu.legalize_passes(target)
+                + [fallback_schedule_pass(cfg)]
+                + cpu.dataflow_lower_passes(target)
+                + cpu.finalize_passes(target)
+            )
+            return seq(mod)
+
+    return _pipeline
+
+
+def compile_cpu(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.runtime.Executable:
+    """Compile a ViT/CLIP vision IRModule (see module docstring for the calling convention)."""
+    if isinstance(target, (str, dict)):
+        target = tvm.target.Target(target)
+    cfg = kernel_config(target)
+    mod = rewrite_to_kernels(mod, cfg)
+    mod = _lift_params(mod)
+    with tvm.transform.PassContext(opt_level=3, config={"tirx.disable_storage_rewrite": True}):
+        return tvm.compile(mod, target, relax_pipeline=get_pipeline(target, cfg))
