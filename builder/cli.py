@@ -23,7 +23,7 @@ from .build import DEFAULT_OUT, build
 from .errors import BuilderError, InputError
 from .preset import find_preset, load_preset, read_preset
 
-COMMANDS = ("build", "show", "check", "list")
+COMMANDS = ("build", "show", "check", "list", "bench")
 
 
 def _err(*lines: str) -> None:
@@ -67,6 +67,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("args", nargs="+", metavar="PRESET|KEY=VALUE")
 
     sub.add_parser("list", help="list shipped presets and registered block types")
+
+    p = sub.add_parser("bench", help="time a built artifact: latency and throughput")
+    p.add_argument("artifact", type=Path, help="an artifact folder, e.g. artifacts/llava-clip/llvm")
+    p.add_argument("--batch", type=int, default=1, help="images per call (default: %(default)s)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: all this process may use)")
+    p.add_argument("--runs", type=int, default=10, help="timed runs after one warm-up")
     return top
 
 
@@ -80,7 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     args = parser.parse_args(argv)
     try:
-        return {"build": _build, "show": _show, "check": _check, "list": _list}[args.command](args)
+        commands = {"build": _build, "show": _show, "check": _check, "list": _list, "bench": _bench}
+        return commands[args.command](args)
     except InputError as e:
         _err(*e.lines)
         return 2
@@ -151,6 +158,30 @@ def _list(args: argparse.Namespace) -> int:
     from .targets import KINDS
 
     print(f"targets: {', '.join(sorted(KINDS))}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import bench
+    from .runtime import load
+
+    for flag in ("batch", "runs", "threads"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise InputError(f"--{flag} {value}: must be at least 1")
+    try:
+        encoder = load(args.artifact, threads=args.threads)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{args.artifact}: {e}") from e
+    _err(f"bench {args.artifact}: batch {args.batch}, {args.runs} runs, threads {encoder.threads}")
+    r = bench(encoder, args.batch, args.runs, progress=_err)
+    print(
+        f"latency   median {r.median * 1e3:.1f} ms, min {min(r.runs) * 1e3:.1f} ms, "
+        f"max {max(r.runs) * 1e3:.1f} ms ({len(r.runs)} runs, batch {r.batch})"
+    )
+    print(
+        f"throughput {r.images_per_s:.2f} images/s, {r.gflops:.1f} GFLOP/s on {r.threads} threads"
+    )
     return 0
 
 

@@ -48,8 +48,8 @@ class Encoder:
             raise ValueError(f"{self.folder}: a {target['kind']} artifact; this runtime runs llvm")
         self.device = tvm.cpu()
         lib = tvm.runtime.load_module(str(self.folder / self.manifest["library"]))
-        self._vm = relax.VirtualMachine(lib, self.device)
-        self._fn = self._vm[self.manifest["entry"]]
+        self.vm = relax.VirtualMachine(lib, self.device)
+        self._fn = self.vm[self.manifest["entry"]]
         order = self.manifest["params"]["order"]
         self._params = [
             tvm.runtime.tensor(a, self.device) for a in artifact.load_params(self.folder, order)

@@ -153,3 +153,16 @@ def test_llava_clip_full_size_build(tmp_path):
     assert manifest["outputs"][0]["shape"] == ["batch", 576, 1024]
     assert len(manifest["params"]["order"]) == 5 + 16 * 23
     assert manifest["files"]["params.safetensors"]["bytes"] > 290e6 * 4
+
+
+def test_bench_command(tmp_path, capsys):
+    assert main(["clip-vit-b-32", *tiny_overrides(), "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    art = str(tmp_path / "clip-vit-b-32" / "llvm")
+    assert main(["bench", art, "--batch", "2", "--runs", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "(3 runs, batch 2)" in out and "images/s" in out and "GFLOP/s" in out
+    assert main(["bench", art, "--batch", "0"]) == 2
+    assert "--batch 0: must be at least 1" in capsys.readouterr().err
+    assert main(["bench", str(tmp_path)]) == 2
+    assert "not an artifact folder (no manifest.json)" in capsys.readouterr().err
