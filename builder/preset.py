@@ -317,6 +317,7 @@ def _semantic_errors(data: dict[str, Any]) -> list[tuple[Path_, str]]:
                 f"{m.num_hidden_layers}; set post_layernorm: false or select the last layer",
             )
         )
+    found += _token_errors(preset)
     seen: dict[str, int] = {}
     for i, target in enumerate(preset.targets):
         if target.name in seen:
@@ -327,6 +328,40 @@ def _semantic_errors(data: dict[str, Any]) -> list[tuple[Path_, str]]:
                 )
             )
         seen.setdefault(target.name, i)
+    return found
+
+
+def _token_errors(preset: Preset) -> list[tuple[Path_, str]]:
+    """Checks between the output, the embeddings' class token and the head."""
+    m, b = preset.model, preset.blocks
+    found: list[tuple[Path_, str]] = []
+    cls = registry.class_tokens(b.embeddings)
+    if m.feature_select_strategy == "default" and not cls and m.output == "features":
+        found.append(
+            (
+                ("model", "feature_select_strategy"),
+                f"'default' drops the CLS token, but blocks.embeddings {b.embeddings!r} has "
+                "none; use 'full'",
+            )
+        )
+    if m.output == "pooled":
+        if not m.post_layernorm:
+            found.append(
+                (
+                    ("model", "output"),
+                    "'pooled' pools the post-LayerNorm final state (HF's pooler_output); "
+                    "set model.post_layernorm: true and model.feature_layer: -1",
+                )
+            )
+        head = registry.get(b.head, "head").factory
+        if getattr(head, "requires_class_token", False) and not cls:
+            found.append(
+                (
+                    ("blocks", "head"),
+                    f"{b.head!r} pools the CLS token, but blocks.embeddings {b.embeddings!r} "
+                    "has none; choose another head",
+                )
+            )
     return found
 
 
