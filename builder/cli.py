@@ -5,6 +5,8 @@
     build check PRESET [PRESET ...] [KEY=VALUE ...]                 validate only
     build list                                                      presets and block types
 
+`--plugin MODULE` (repeatable) imports a block-plugin module first.
+
 Exit codes: 0 done, 1 a failure while building, 2 bad input (usage, preset, override).
 """
 
@@ -21,6 +23,7 @@ import yaml
 from . import __version__, registry, resources
 from .build import DEFAULT_OUT, build
 from .errors import BuilderError, InputError
+from .plugins import load_plugins
 from .preset import find_preset, load_preset, read_preset
 
 COMMANDS = ("build", "show", "check", "list")
@@ -58,16 +61,30 @@ def _parser() -> argparse.ArgumentParser:
         "--target", action="append", metavar="NAME", help="build only this target (repeatable)"
     )
     p.add_argument("--verbose", action="store_true", help="show a traceback on a build failure")
+    _plugin_option(p)
 
     p = sub.add_parser("show", help="print the resolved, validated preset as YAML")
     p.add_argument("preset")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    _plugin_option(p)
 
     p = sub.add_parser("check", help="validate presets; print every error of every file")
     p.add_argument("args", nargs="+", metavar="PRESET|KEY=VALUE")
+    _plugin_option(p)
 
-    sub.add_parser("list", help="list shipped presets and registered block types")
+    p = sub.add_parser("list", help="list shipped presets and registered block types")
+    _plugin_option(p)
     return top
+
+
+def _plugin_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import a block-plugin module first (repeatable; see docs/plugins.md)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -100,11 +117,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
-    preset = load_preset(args.preset, args.overrides)
+    preset = load_preset(args.preset, args.overrides, args.plugin)
     chosen = args.target or [t.name for t in preset.targets]
     _err(
         f"build {preset.name}: preset {args.preset}, overrides {args.overrides or 'none'}, "
-        f"targets {chosen}, out {args.out}"
+        f"plugins {preset.plugins or 'none'}, targets {chosen}, out {args.out}"
     )
     if preset.weights.is_random:
         _err(f"weights: RANDOM init (seed {preset.weights.seed}), not a trained model")
@@ -114,7 +131,7 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    preset = load_preset(args.preset, args.overrides)
+    preset = load_preset(args.preset, args.overrides, args.plugin)
     print(yaml.safe_dump(preset.to_dict(), sort_keys=False), end="")
     return 0
 
@@ -126,7 +143,7 @@ def _check(args: argparse.Namespace) -> int:
     errors: list[str] = []
     for f in files:
         try:
-            load_preset(f, overrides)
+            load_preset(f, overrides, args.plugin)
             _err(f"{f}: ok")
         except InputError as e:
             errors.extend(e.lines)
@@ -136,6 +153,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
+    load_plugins([(m, f"--plugin {m!r}") for m in args.plugin])
     print("presets:")
     for path in sorted(resources.presets_dir().glob("*.yaml")):
         try:

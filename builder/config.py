@@ -142,6 +142,8 @@ class Preset:
     blocks: BlocksConfig = field(default_factory=BlocksConfig)
     weights: WeightsConfig = field(default_factory=WeightsConfig)
     targets: list[TargetConfig] = field(default_factory=lambda: [TargetConfig()])
+    # Block-plugin modules imported before the preset was checked (the preset's and --plugin).
+    plugins: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -167,4 +169,5 @@ def preset_from_dict(data: dict[str, Any]) -> Preset:
         blocks=BlocksConfig(**data.get("blocks", {})),
         weights=WeightsConfig(**data.get("weights", {})),
         targets=targets,
+        plugins=list(data.get("plugins", [])),
     )

@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from . import blocks as _blocks  # noqa: F401  (registers the built-in blocks)
-from . import registry, resources
+from . import plugins, registry, resources
 from .config import Preset, preset_from_dict
 from .errors import InputError
 
@@ -365,22 +365,42 @@ def _token_errors(preset: Preset) -> list[tuple[Path_, str]]:
     return found
 
 
-def _locate(raw: RawPreset, path: Path_, message: str) -> tuple[int, str]:
-    """(sort key, line): an override that set `path` or a parent of it, else the file line."""
+def _where(raw: RawPreset, path: Path_) -> tuple[int, str]:
+    """(sort key, 'FILE:LINE: path' or "override 'K=V': path") for what set `path`."""
     for ov in reversed(raw.overrides):
         if path[: len(ov.path)] == ov.path:
-            if message.startswith("unknown key") and path == ov.path:
-                return (0, f"override {ov.text!r}: {message}")
-            return (0, f"override {ov.text!r}: {format_path(path)}: {message}")
+            return (0, f"override {ov.text!r}: {format_path(path)}")
     probe = path
     while probe not in raw.lines and probe:
         probe = probe[:-1]
     line = raw.lines.get(probe, 1)
-    return (line, f"{raw.file}:{line}: {format_path(path)}: {message}")
+    return (line, f"{raw.file}:{line}: {format_path(path)}")
 
 
-def validate(raw: RawPreset) -> Preset:
-    """Schema checks, then semantic checks; every problem at once as an `InputError`."""
+def _locate(raw: RawPreset, path: Path_, message: str) -> tuple[int, str]:
+    """(sort key, line): an override that set `path` or a parent of it, else the file line."""
+    for ov in reversed(raw.overrides):
+        if path == ov.path and message.startswith("unknown key"):
+            return (0, f"override {ov.text!r}: {message}")
+    key, where = _where(raw, path)
+    return (key, f"{where}: {message}")
+
+
+def _load_plugins(raw: RawPreset, extra: Sequence[str]) -> list[str]:
+    """Import the preset's `plugins` and the command line's, before the schema is built from
+    the registry. A malformed `plugins` entry is left to the schema to report."""
+    listed = raw.data.get("plugins")
+    listed = [m for m in listed if isinstance(m, str)] if isinstance(listed, list) else []
+    modules = [(m, _where(raw, ("plugins", i))[1]) for i, m in enumerate(listed)]
+    modules += [(m, f"--plugin {m!r}") for m in extra]
+    plugins.load_plugins(modules, Path(raw.file).parent)
+    return list(dict.fromkeys([*listed, *extra]))
+
+
+def validate(raw: RawPreset, plugins: Sequence[str] = ()) -> Preset:
+    """Import plugins, then schema checks, then semantic checks; every problem at once as an
+    `InputError`. `plugins` are module names from the command line (`--plugin`)."""
+    loaded = _load_plugins(raw, plugins)
     data = copy.deepcopy(raw.data)
     data.setdefault("name", Path(raw.file).stem)
     found = _schema_errors(data)
@@ -389,6 +409,7 @@ def validate(raw: RawPreset) -> Preset:
     if found:
         located = sorted({_locate(raw, p, msg) for p, msg in found})
         raise InputError([line for _, line in located])
+    data["plugins"] = loaded
     preset = preset_from_dict(data)
     _resolve_weights_path(raw, preset)
     return preset
@@ -405,7 +426,10 @@ def _resolve_weights_path(raw: RawPreset, preset: Preset) -> None:
     preset.weights.path = str(Path(raw.file).parent / path)
 
 
-def load_preset(arg: str | Path, overrides: Sequence[str] = ()) -> Preset:
-    """Read, merge overrides, validate: the one entry point from a file to a `Preset`."""
+def load_preset(
+    arg: str | Path, overrides: Sequence[str] = (), plugins: Sequence[str] = ()
+) -> Preset:
+    """Read, merge overrides, import plugins, validate: the one entry point from a file to a
+    `Preset`. `plugins` are block-plugin modules given outside the preset (`--plugin`)."""
     raw = read_preset(find_preset(str(arg)))
-    return validate(apply_overrides(raw, overrides))
+    return validate(apply_overrides(raw, overrides), plugins)
