@@ -4,7 +4,8 @@ Three ways in, all imported before a preset is checked (the schema's block and a
 choices come from the live registry):
 
 - `plugins: [my_blocks]` in a preset: module names, looked up on `sys.path` and then in the
-  preset's folder;
+  folders of the preset and of
+  the presets it extends;
 - `build --plugin my_blocks ...` on the command line;
 - the `builder.blocks` entry-point group of any installed distribution
   (`[project.entry-points."builder.blocks"] my_blocks = "my_blocks"`), loaded once.
@@ -32,16 +33,15 @@ _entry_points_loaded = False
 
 
 @contextmanager
-def _search_path(folder: Path | None) -> Iterator[None]:
+def _search_path(folders: Sequence[Path]) -> Iterator[None]:
     # Appended, not prepended: a preset's folder never shadows an installed module.
-    added = folder is not None and str(folder) not in sys.path
-    if added:
-        sys.path.append(str(folder))
+    added = [str(f) for f in dict.fromkeys(folders) if str(f) not in sys.path]
+    sys.path.extend(added)
     try:
         yield
     finally:
-        if added:
-            sys.path.remove(str(folder))
+        for folder in added:
+            sys.path.remove(folder)
 
 
 def _import(module: str, where: str) -> None:
@@ -82,12 +82,12 @@ def load_entry_points() -> list[str]:
     return [f"{ep.name} = {ep.value}" for ep in found]
 
 
-def load_plugins(modules: Sequence[tuple[str, str]], folder: Path | None = None) -> None:
+def load_plugins(modules: Sequence[tuple[str, str]], folders: Sequence[Path] = ()) -> None:
     """Import the entry-point plugins, then each `(module, where)`; `where` is what an error
     names ('FILE:LINE: plugins[0]' or "--plugin 'x'"). Every failure is reported at once."""
     load_entry_points()
     errors: list[str] = []
-    with _search_path(folder):
+    with _search_path(folders):
         for module, where in modules:
             try:
                 _import(module, where)

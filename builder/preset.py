@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from . import blocks as _blocks  # noqa: F401  (registers the built-in blocks)
-from . import plugins, registry, resources
+from . import inherit, plugins, registry, resources
 from .config import Preset, preset_from_dict
 from .errors import InputError
 
@@ -64,6 +64,13 @@ class RawPreset:
     data: dict[str, Any]
     lines: dict[Path_, int] = field(default_factory=dict)
     overrides: list[Override] = field(default_factory=list)
+    # The file that set each value in `lines`, where it is not `file` (an `extends` parent).
+    files: dict[Path_, str] = field(default_factory=dict)
+    # The `extends` chain, root parent first, this file last.
+    chain: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.chain = self.chain or [self.file]
 
 
 def format_path(path: Iterable[str | int]) -> str:
@@ -128,7 +135,13 @@ def _line_map(node: yaml.Node, file: str) -> dict[Path_, int]:
 
 
 def read_preset(path: Path) -> RawPreset:
-    """Read a preset file into a dict, keeping the line of every key."""
+    """Read a preset file and the presets it `extends`, merged, keeping the file and line of
+    every key."""
+    return inherit.resolve(_read_file(path), _read_file)
+
+
+def _read_file(path: Path) -> RawPreset:
+    """Read one preset file into a dict, keeping the line of every key."""
     file = str(path)
     try:
         blob = path.read_bytes()
@@ -185,7 +198,9 @@ def parse_override(text: str) -> Override:
 
 def apply_overrides(raw: RawPreset, overrides: Sequence[str]) -> RawPreset:
     """Merge `KEY=VALUE` overrides into the raw preset (a list value replaces the list)."""
-    out = RawPreset(raw.file, copy.deepcopy(raw.data), raw.lines, list(raw.overrides))
+    out = RawPreset(
+        raw.file, copy.deepcopy(raw.data), raw.lines, list(raw.overrides), raw.files, raw.chain
+    )
     errors = []
     for text in overrides:
         try:
@@ -374,7 +389,9 @@ def _where(raw: RawPreset, path: Path_) -> tuple[int, str]:
     while probe not in raw.lines and probe:
         probe = probe[:-1]
     line = raw.lines.get(probe, 1)
-    return (line, f"{raw.file}:{line}: {format_path(path)}")
+    file = raw.files.get(probe, raw.file)
+    # Sorted by line within a file; errors in an inherited file sort after the child's.
+    return (line + (0 if file == raw.file else 1 << 20), f"{file}:{line}: {format_path(path)}")
 
 
 def _locate(raw: RawPreset, path: Path_, message: str) -> tuple[int, str]:
@@ -393,7 +410,7 @@ def _load_plugins(raw: RawPreset, extra: Sequence[str]) -> list[str]:
     listed = [m for m in listed if isinstance(m, str)] if isinstance(listed, list) else []
     modules = [(m, _where(raw, ("plugins", i))[1]) for i, m in enumerate(listed)]
     modules += [(m, f"--plugin {m!r}") for m in extra]
-    plugins.load_plugins(modules, Path(raw.file).parent)
+    plugins.load_plugins(modules, [Path(f).parent for f in reversed(raw.chain)])
     return list(dict.fromkeys([*listed, *extra]))
 
 
@@ -423,7 +440,7 @@ def _resolve_weights_path(raw: RawPreset, preset: Preset) -> None:
         return
     if any(("weights", "path")[: len(ov.path)] == ov.path for ov in raw.overrides):
         return
-    preset.weights.path = str(Path(raw.file).parent / path)
+    preset.weights.path = str(Path(raw.files.get(("weights", "path"), raw.file)).parent / path)
 
 
 def load_preset(
