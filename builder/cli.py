@@ -4,6 +4,7 @@
     build show PRESET [KEY=VALUE ...]                               the resolved preset as YAML
     build check PRESET [PRESET ...] [KEY=VALUE ...]                 validate only
     build list                                                      presets and block types
+    build import CONFIG.json --out PRESET.yaml [--force]            a preset from an HF config
 
 `--plugin MODULE` (repeatable) imports a block-plugin module first.
 
@@ -13,6 +14,7 @@ Exit codes: 0 done, 1 a failure while building, 2 bad input (usage, preset, over
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import traceback
 from collections.abc import Sequence
@@ -23,10 +25,11 @@ import yaml
 from . import __version__, registry, resources
 from .build import DEFAULT_OUT, build
 from .errors import BuilderError, InputError
+from .hf_import import import_config, render
 from .plugins import load_plugins
-from .preset import find_preset, load_preset, read_preset
+from .preset import RawPreset, find_preset, load_preset, read_preset, validate
 
-COMMANDS = ("build", "show", "check", "list")
+COMMANDS = ("build", "show", "check", "list", "import")
 
 
 def _err(*lines: str) -> None:
@@ -74,6 +77,16 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("list", help="list shipped presets and registered block types")
     _plugin_option(p)
+
+    p = sub.add_parser(
+        "import",
+        help="write a sparse preset from an HF config.json (CLIP, SigLIP, LLaVA)",
+        description="Keys of the config that the builder does not use are printed and "
+        "listed in the preset's header. The preset is validated before it is written.",
+    )
+    p.add_argument("config", type=Path, help="an HF config.json")
+    p.add_argument("--out", type=Path, required=True, help="the preset file to write")
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
     return top
 
 
@@ -97,7 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     args = parser.parse_args(argv)
     try:
-        return {"build": _build, "show": _show, "check": _check, "list": _list}[args.command](args)
+        commands = {"build": _build, "show": _show, "check": _check, "list": _list}
+        return {**commands, "import": _import}[args.command](args)
     except InputError as e:
         _err(*e.lines)
         return 2
@@ -169,6 +183,21 @@ def _list(args: argparse.Namespace) -> int:
     from .targets import KINDS
 
     print(f"targets: {', '.join(sorted(KINDS))}")
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    imported = import_config(args.config)
+    if args.out.exists() and not args.force:
+        raise InputError(f"{args.out}: exists; pass --force to overwrite it")
+    # Validated as the file it will be, so a bad value is reported before anything is written.
+    validate(RawPreset(str(args.out), copy.deepcopy(imported.preset)))
+    _err(f"import {args.config}: a {imported.kind} config -> {args.out}")
+    for key in imported.unused:
+        _err(f"not used: {key}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(render(imported, args.config))
+    print(args.out)
     return 0
 
 
