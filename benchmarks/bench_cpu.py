@@ -167,13 +167,13 @@ def bench_preset(name: str, args: argparse.Namespace, workdir: Path):
         with torch.inference_mode():
             eager = median_time(lambda: hf(pixel_values=xt), args.runs)  # noqa: B023
         ort_s = median_time(lambda: session.run(None, {"pixel_values": x}), args.runs)  # noqa: B023
-        rows.append((name, batch, gflop(model, batch), ours, eager, ort_s))
+        rows.append((name, batch, gflop(model, preset.blocks, batch), ours, eager, ort_s))
         print(
             f"{name} b{batch}: ours {ours:.3f} s, torch {eager:.3f} s, ort {ort_s:.3f} s",
             file=sys.stderr,
         )
     x1 = np.zeros((1, 3, model.image_size, model.image_size), np.float32)
-    return rows, note, (name, model, kernel_breakdown(encoder, x1))
+    return rows, note, (name, preset, kernel_breakdown(encoder, x1))
 
 
 def main() -> int:
@@ -219,13 +219,16 @@ def main() -> int:
             f"{ours / ort_s:.2f} |"
         )
     lines += ["", "Ratios are artifact time / peer time: below 1.0 the artifact is faster.", ""]
-    for name, model, kernels in breakdowns:
+    from builder.flops import tokens
+
+    for name, preset, kernels in breakdowns:
+        model = preset.model
         total = sum(t for _, _, t in kernels)
         layers = model.num_layers_computed
         gemm = sum(t for n, _, t in kernels if n.startswith("gemm"))
         linear = (
             2
-            * model.num_positions
+            * tokens(model, preset.blocks)
             * model.hidden_size
             * (4 * model.hidden_size + 2 * model.intermediate_size)
             * layers

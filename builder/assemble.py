@@ -9,7 +9,7 @@ from tvm.relax.frontend import nn
 
 from . import blocks as _blocks  # noqa: F401  (registers the built-in blocks)
 from .config import BlocksConfig, CLIPVisionConfig
-from .registry import create
+from .registry import class_tokens, create
 
 INPUT_NAME = "pixel_values"
 ENTRY = "forward"
@@ -29,16 +29,26 @@ def parameter_shapes(config: CLIPVisionConfig, blocks: BlocksConfig) -> dict[str
 
 
 def full_tower(config: CLIPVisionConfig) -> CLIPVisionConfig:
-    """The same tower with every layer and post-LayerNorm: the names a checkpoint may hold."""
-    return dataclasses.replace(config, feature_layer=-1, post_layernorm=True)
+    """The same tower with every layer, post-LayerNorm and its head: the names a checkpoint
+    may hold."""
+    return dataclasses.replace(config, feature_layer=-1, post_layernorm=True, output="pooled")
 
 
 def input_shape(config: CLIPVisionConfig) -> list[int | str]:
     return ["batch", config.num_channels, config.image_size, config.image_size]
 
 
-def output_shape(config: CLIPVisionConfig) -> list[int | str]:
-    return ["batch", config.output_tokens, config.output_dim]
+def output_tokens(config: CLIPVisionConfig, blocks: BlocksConfig) -> int:
+    """Tokens per image in the features: the patches, plus the embeddings block's class
+    tokens unless the "default" strategy drops them."""
+    kept = 0 if config.feature_select_strategy == "default" else class_tokens(blocks.embeddings)
+    return config.num_patches + kept
+
+
+def output_shape(config: CLIPVisionConfig, blocks: BlocksConfig) -> list[int | str]:
+    if config.output == "pooled":
+        return ["batch", config.output_dim]
+    return ["batch", output_tokens(config, blocks), config.output_dim]
 
 
 def export(

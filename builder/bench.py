@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import CLIPVisionConfig
+from .config import BlocksConfig, CLIPVisionConfig
 from .flops import gflop
 from .runtime import Encoder
 
@@ -50,7 +50,9 @@ def bench(
 ) -> BenchResult:
     shape = [batch, *encoder.input_shape[1:]]
     x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
-    model = CLIPVisionConfig(**encoder.manifest["resolved_preset"]["model"])
+    resolved = encoder.manifest["resolved_preset"]
+    model = CLIPVisionConfig(**resolved["model"])
+    blocks = BlocksConfig(**resolved["blocks"])
     progress(f"warm-up, then {runs} runs at batch {batch} on {encoder.threads} threads")
     times = time_call(lambda: encoder(x), runs)
-    return BenchResult(batch, encoder.threads, times, gflop(model, batch))
+    return BenchResult(batch, encoder.threads, times, gflop(model, blocks, batch))

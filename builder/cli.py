@@ -4,6 +4,9 @@
     build show PRESET [KEY=VALUE ...]                               the resolved preset as YAML
     build check PRESET [PRESET ...] [KEY=VALUE ...]                 validate only
     build list                                                      presets and block types
+    build import CONFIG.json --out PRESET.yaml [--force]            a preset from an HF config
+
+`--plugin MODULE` (repeatable) imports a block-plugin module first.
 
 Exit codes: 0 done, 1 a failure while building, 2 bad input (usage, preset, override).
 """
@@ -11,6 +14,7 @@ Exit codes: 0 done, 1 a failure while building, 2 bad input (usage, preset, over
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import traceback
 from collections.abc import Sequence
@@ -21,9 +25,11 @@ import yaml
 from . import __version__, registry, resources
 from .build import DEFAULT_OUT, build
 from .errors import BuilderError, InputError
-from .preset import find_preset, load_preset, read_preset
+from .hf_import import import_config, render
+from .plugins import load_plugins
+from .preset import RawPreset, find_preset, load_preset, read_preset, validate
 
-COMMANDS = ("build", "show", "check", "list", "bench")
+COMMANDS = ("build", "show", "check", "list", "import", "bench")
 
 
 def _err(*lines: str) -> None:
@@ -58,22 +64,46 @@ def _parser() -> argparse.ArgumentParser:
         "--target", action="append", metavar="NAME", help="build only this target (repeatable)"
     )
     p.add_argument("--verbose", action="store_true", help="show a traceback on a build failure")
+    _plugin_option(p)
 
     p = sub.add_parser("show", help="print the resolved, validated preset as YAML")
     p.add_argument("preset")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    _plugin_option(p)
 
     p = sub.add_parser("check", help="validate presets; print every error of every file")
     p.add_argument("args", nargs="+", metavar="PRESET|KEY=VALUE")
-
-    sub.add_parser("list", help="list shipped presets and registered block types")
+    _plugin_option(p)
 
     p = sub.add_parser("bench", help="time a built artifact: latency and throughput")
     p.add_argument("artifact", type=Path, help="an artifact folder, e.g. artifacts/llava-clip/llvm")
     p.add_argument("--batch", type=int, default=1, help="images per call (default: %(default)s)")
     p.add_argument("--threads", type=int, help="CPU threads (default: all this process may use)")
     p.add_argument("--runs", type=int, default=10, help="timed runs after one warm-up")
+
+    p = sub.add_parser("list", help="list shipped presets and registered block types")
+    _plugin_option(p)
+
+    p = sub.add_parser(
+        "import",
+        help="write a sparse preset from an HF config.json (CLIP, SigLIP, LLaVA)",
+        description="Keys of the config that the builder does not use are printed and "
+        "listed in the preset's header. The preset is validated before it is written.",
+    )
+    p.add_argument("config", type=Path, help="an HF config.json")
+    p.add_argument("--out", type=Path, required=True, help="the preset file to write")
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
     return top
+
+
+def _plugin_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import a block-plugin module first (repeatable; see docs/plugins.md)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -86,8 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     args = parser.parse_args(argv)
     try:
-        commands = {"build": _build, "show": _show, "check": _check, "list": _list, "bench": _bench}
-        return commands[args.command](args)
+        return COMMAND_FUNCTIONS[args.command](args)
     except InputError as e:
         _err(*e.lines)
         return 2
@@ -107,11 +136,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
-    preset = load_preset(args.preset, args.overrides)
+    preset = load_preset(args.preset, args.overrides, args.plugin)
     chosen = args.target or [t.name for t in preset.targets]
     _err(
         f"build {preset.name}: preset {args.preset}, overrides {args.overrides or 'none'}, "
-        f"targets {chosen}, out {args.out}"
+        f"plugins {preset.plugins or 'none'}, targets {chosen}, out {args.out}"
     )
     if preset.weights.is_random:
         _err(f"weights: RANDOM init (seed {preset.weights.seed}), not a trained model")
@@ -121,7 +150,7 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    preset = load_preset(args.preset, args.overrides)
+    preset = load_preset(args.preset, args.overrides, args.plugin)
     print(yaml.safe_dump(preset.to_dict(), sort_keys=False), end="")
     return 0
 
@@ -133,7 +162,7 @@ def _check(args: argparse.Namespace) -> int:
     errors: list[str] = []
     for f in files:
         try:
-            load_preset(f, overrides)
+            load_preset(f, overrides, args.plugin)
             _err(f"{f}: ok")
         except InputError as e:
             errors.extend(e.lines)
@@ -143,6 +172,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
+    load_plugins([(m, f"--plugin {m!r}") for m in args.plugin])
     print("presets:")
     for path in sorted(resources.presets_dir().glob("*.yaml")):
         try:
@@ -184,6 +214,30 @@ def _bench(args: argparse.Namespace) -> int:
     )
     return 0
 
+
+def _import(args: argparse.Namespace) -> int:
+    imported = import_config(args.config)
+    if args.out.exists() and not args.force:
+        raise InputError(f"{args.out}: exists; pass --force to overwrite it")
+    # Validated as the file it will be, so a bad value is reported before anything is written.
+    validate(RawPreset(str(args.out), copy.deepcopy(imported.preset)))
+    _err(f"import {args.config}: a {imported.kind} config -> {args.out}")
+    for key in imported.unused:
+        _err(f"not used: {key}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(render(imported, args.config))
+    print(args.out)
+    return 0
+
+
+COMMAND_FUNCTIONS = {
+    "build": _build,
+    "show": _show,
+    "check": _check,
+    "list": _list,
+    "import": _import,
+    "bench": _bench,
+}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -42,6 +42,12 @@ class CLIPVisionConfig:
     # one selected. HF's CLIP leaves it off `last_hidden_state` (it normalizes the pooled CLS
     # token only); SigLIP applies it.
     post_layernorm: bool = False
+    # Apply pre_layrnorm to the embeddings before the encoder: CLIP does, SigLIP does not.
+    pre_layernorm: bool = True
+    # What the artifact returns: "features" (the selected hidden states, as above) or
+    # "pooled" (one vector per image: the `blocks.head` block applied to the post-LayerNorm
+    # final state, HF's `pooler_output`).
+    output: str = "features"
     # Keys of an imported HF config that this builder does not use, kept for reference and
     # never read by a block. Presets cannot set it (the schema has no such field).
     kwargs: dict[str, Any] = field(default_factory=dict)
@@ -58,10 +64,6 @@ class CLIPVisionConfig:
     @property
     def num_patches(self) -> int:
         return self.grid_size**2
-
-    @property
-    def num_positions(self) -> int:
-        return self.num_patches + 1
 
     @property
     def feature_layers(self) -> list[int]:
@@ -82,11 +84,9 @@ class CLIPVisionConfig:
         return self.num_layers_computed == self.num_hidden_layers
 
     @property
-    def output_tokens(self) -> int:
-        return self.num_positions - (1 if self.feature_select_strategy == "default" else 0)
-
-    @property
     def output_dim(self) -> int:
+        if self.output == "pooled":
+            return self.hidden_size
         return self.hidden_size * len(self.feature_layers)
 
 
@@ -102,6 +102,8 @@ class BlocksConfig:
     encoder: str = "clip_encoder"
     transformer: str = "clip_vision_transformer"
     model: str = "clip_vision_model"
+    # Pools the final state into one vector; built only when `model.output` is "pooled".
+    head: str = "cls_pooling"
 
 
 @dataclass
@@ -140,6 +142,8 @@ class Preset:
     blocks: BlocksConfig = field(default_factory=BlocksConfig)
     weights: WeightsConfig = field(default_factory=WeightsConfig)
     targets: list[TargetConfig] = field(default_factory=lambda: [TargetConfig()])
+    # Block-plugin modules imported before the preset was checked (the preset's and --plugin).
+    plugins: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -165,4 +169,5 @@ def preset_from_dict(data: dict[str, Any]) -> Preset:
         blocks=BlocksConfig(**data.get("blocks", {})),
         weights=WeightsConfig(**data.get("weights", {})),
         targets=targets,
+        plugins=list(data.get("plugins", [])),
     )

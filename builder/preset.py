@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from . import blocks as _blocks  # noqa: F401  (registers the built-in blocks)
-from . import registry, resources
+from . import inherit, plugins, registry, resources
 from .config import Preset, preset_from_dict
 from .errors import InputError
 
@@ -64,6 +64,13 @@ class RawPreset:
     data: dict[str, Any]
     lines: dict[Path_, int] = field(default_factory=dict)
     overrides: list[Override] = field(default_factory=list)
+    # The file that set each value in `lines`, where it is not `file` (an `extends` parent).
+    files: dict[Path_, str] = field(default_factory=dict)
+    # The `extends` chain, root parent first, this file last.
+    chain: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.chain = self.chain or [self.file]
 
 
 def format_path(path: Iterable[str | int]) -> str:
@@ -128,7 +135,13 @@ def _line_map(node: yaml.Node, file: str) -> dict[Path_, int]:
 
 
 def read_preset(path: Path) -> RawPreset:
-    """Read a preset file into a dict, keeping the line of every key."""
+    """Read a preset file and the presets it `extends`, merged, keeping the file and line of
+    every key."""
+    return inherit.resolve(_read_file(path), _read_file)
+
+
+def _read_file(path: Path) -> RawPreset:
+    """Read one preset file into a dict, keeping the line of every key."""
     file = str(path)
     try:
         blob = path.read_bytes()
@@ -185,7 +198,9 @@ def parse_override(text: str) -> Override:
 
 def apply_overrides(raw: RawPreset, overrides: Sequence[str]) -> RawPreset:
     """Merge `KEY=VALUE` overrides into the raw preset (a list value replaces the list)."""
-    out = RawPreset(raw.file, copy.deepcopy(raw.data), raw.lines, list(raw.overrides))
+    out = RawPreset(
+        raw.file, copy.deepcopy(raw.data), raw.lines, list(raw.overrides), raw.files, raw.chain
+    )
     errors = []
     for text in overrides:
         try:
@@ -317,6 +332,7 @@ def _semantic_errors(data: dict[str, Any]) -> list[tuple[Path_, str]]:
                 f"{m.num_hidden_layers}; set post_layernorm: false or select the last layer",
             )
         )
+    found += _token_errors(preset)
     seen: dict[str, int] = {}
     for i, target in enumerate(preset.targets):
         if target.name in seen:
@@ -330,22 +346,78 @@ def _semantic_errors(data: dict[str, Any]) -> list[tuple[Path_, str]]:
     return found
 
 
-def _locate(raw: RawPreset, path: Path_, message: str) -> tuple[int, str]:
-    """(sort key, line): an override that set `path` or a parent of it, else the file line."""
+def _token_errors(preset: Preset) -> list[tuple[Path_, str]]:
+    """Checks between the output, the embeddings' class token and the head."""
+    m, b = preset.model, preset.blocks
+    found: list[tuple[Path_, str]] = []
+    cls = registry.class_tokens(b.embeddings)
+    if m.feature_select_strategy == "default" and not cls and m.output == "features":
+        found.append(
+            (
+                ("model", "feature_select_strategy"),
+                f"'default' drops the CLS token, but blocks.embeddings {b.embeddings!r} has "
+                "none; use 'full'",
+            )
+        )
+    if m.output == "pooled":
+        if not m.post_layernorm:
+            found.append(
+                (
+                    ("model", "output"),
+                    "'pooled' pools the post-LayerNorm final state (HF's pooler_output); "
+                    "set model.post_layernorm: true and model.feature_layer: -1",
+                )
+            )
+        head = registry.get(b.head, "head").factory
+        if getattr(head, "requires_class_token", False) and not cls:
+            found.append(
+                (
+                    ("blocks", "head"),
+                    f"{b.head!r} pools the CLS token, but blocks.embeddings {b.embeddings!r} "
+                    "has none; choose another head",
+                )
+            )
+    return found
+
+
+def _where(raw: RawPreset, path: Path_) -> tuple[int, str]:
+    """(sort key, 'FILE:LINE: path' or "override 'K=V': path") for what set `path`."""
     for ov in reversed(raw.overrides):
         if path[: len(ov.path)] == ov.path:
-            if message.startswith("unknown key") and path == ov.path:
-                return (0, f"override {ov.text!r}: {message}")
-            return (0, f"override {ov.text!r}: {format_path(path)}: {message}")
+            return (0, f"override {ov.text!r}: {format_path(path)}")
     probe = path
     while probe not in raw.lines and probe:
         probe = probe[:-1]
     line = raw.lines.get(probe, 1)
-    return (line, f"{raw.file}:{line}: {format_path(path)}: {message}")
+    file = raw.files.get(probe, raw.file)
+    # Sorted by line within a file; errors in an inherited file sort after the child's.
+    return (line + (0 if file == raw.file else 1 << 20), f"{file}:{line}: {format_path(path)}")
 
 
-def validate(raw: RawPreset) -> Preset:
-    """Schema checks, then semantic checks; every problem at once as an `InputError`."""
+def _locate(raw: RawPreset, path: Path_, message: str) -> tuple[int, str]:
+    """(sort key, line): an override that set `path` or a parent of it, else the file line."""
+    for ov in reversed(raw.overrides):
+        if path == ov.path and message.startswith("unknown key"):
+            return (0, f"override {ov.text!r}: {message}")
+    key, where = _where(raw, path)
+    return (key, f"{where}: {message}")
+
+
+def _load_plugins(raw: RawPreset, extra: Sequence[str]) -> list[str]:
+    """Import the preset's `plugins` and the command line's, before the schema is built from
+    the registry. A malformed `plugins` entry is left to the schema to report."""
+    listed = raw.data.get("plugins")
+    listed = [m for m in listed if isinstance(m, str)] if isinstance(listed, list) else []
+    modules = [(m, _where(raw, ("plugins", i))[1]) for i, m in enumerate(listed)]
+    modules += [(m, f"--plugin {m!r}") for m in extra]
+    plugins.load_plugins(modules, [Path(f).parent for f in reversed(raw.chain)])
+    return list(dict.fromkeys([*listed, *extra]))
+
+
+def validate(raw: RawPreset, plugins: Sequence[str] = ()) -> Preset:
+    """Import plugins, then schema checks, then semantic checks; every problem at once as an
+    `InputError`. `plugins` are module names from the command line (`--plugin`)."""
+    loaded = _load_plugins(raw, plugins)
     data = copy.deepcopy(raw.data)
     data.setdefault("name", Path(raw.file).stem)
     found = _schema_errors(data)
@@ -354,6 +426,7 @@ def validate(raw: RawPreset) -> Preset:
     if found:
         located = sorted({_locate(raw, p, msg) for p, msg in found})
         raise InputError([line for _, line in located])
+    data["plugins"] = loaded
     preset = preset_from_dict(data)
     _resolve_weights_path(raw, preset)
     return preset
@@ -367,10 +440,13 @@ def _resolve_weights_path(raw: RawPreset, preset: Preset) -> None:
         return
     if any(("weights", "path")[: len(ov.path)] == ov.path for ov in raw.overrides):
         return
-    preset.weights.path = str(Path(raw.file).parent / path)
+    preset.weights.path = str(Path(raw.files.get(("weights", "path"), raw.file)).parent / path)
 
 
-def load_preset(arg: str | Path, overrides: Sequence[str] = ()) -> Preset:
-    """Read, merge overrides, validate: the one entry point from a file to a `Preset`."""
+def load_preset(
+    arg: str | Path, overrides: Sequence[str] = (), plugins: Sequence[str] = ()
+) -> Preset:
+    """Read, merge overrides, import plugins, validate: the one entry point from a file to a
+    `Preset`. `plugins` are block-plugin modules given outside the preset (`--plugin`)."""
     raw = read_preset(find_preset(str(arg)))
-    return validate(apply_overrides(raw, overrides))
+    return validate(apply_overrides(raw, overrides), plugins)

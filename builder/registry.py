@@ -95,5 +95,11 @@ def get(name: str, kind: str) -> BlockType:
     return block
 
 
+def class_tokens(embeddings: str) -> int:
+    """Tokens the embeddings block `embeddings` puts in front of the patches (CLIP's CLS): its
+    `class_tokens` class attribute, 0 when it declares none."""
+    return int(getattr(get(embeddings, "embeddings").factory, "class_tokens", 0))
+
+
 def create(name: str, kind: str, *args: Any, **kwargs: Any) -> Any:
     return get(name, kind).factory(*args, **kwargs)

@@ -63,6 +63,43 @@ def save_vision_model(folder: Path, seed: int = 0, **fields: Any) -> Any:
     return model
 
 
+# Our activation names -> HF's ACT2FN names, where they differ.
+HF_ACT = {"gelu_tanh": "gelu_pytorch_tanh"}
+# Config fields that HF's CLIPVisionConfig and SiglipVisionConfig share with ours.
+HF_TOWER_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_hidden_layers",
+    "image_size",
+    "patch_size",
+    "layer_norm_eps",
+    "hidden_act",
+)
+
+
+def save_siglip_model(folder: Path, seed: int = 0, **fields: Any) -> Any:
+    """An HF SiglipVisionModel (with its attention-pooling head unless vision_use_head is
+    False) with random weights, saved with save_pretrained."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    model = randomize(SiglipVisionModel(SiglipVisionConfig(**{**TINY, **fields})), seed)
+    model.save_pretrained(folder)
+    return model
+
+
+def save_hf_tower(folder: Path, preset: Any, seed: int = 0) -> Any:
+    """The HF model a preset describes (SiglipVisionModel for SigLIP's embeddings, else
+    CLIPVisionModel), at the preset's widths, with random weights, saved to `folder`."""
+    m = preset.model
+    fields = {f: getattr(m, f) for f in HF_TOWER_FIELDS}
+    fields["hidden_act"] = HF_ACT.get(m.hidden_act, m.hidden_act)
+    if preset.blocks.embeddings == "siglip_embeddings":
+        use_head = preset.blocks.head == "siglip_attention_pooling"
+        return save_siglip_model(folder, seed, vision_use_head=use_head, **fields)
+    return save_vision_model(folder, seed, projection_dim=m.projection_dim, **fields)
+
+
 def hf_hidden_states(model: Any, pixels: np.ndarray) -> list[np.ndarray]:
     import torch
 
@@ -117,3 +154,13 @@ def expected_features(hf_model: Any, config: Any, pixels_: np.ndarray) -> np.nda
         picked.append(state)
     out = np.concatenate(picked, axis=-1)
     return out[:, 1:] if config.feature_select_strategy == "default" else out
+
+
+def expected_output(hf_model: Any, config: Any, pixels_: np.ndarray) -> np.ndarray:
+    """The artifact's output for `config.output`: HF's pooler_output, or the features."""
+    import torch
+
+    if config.output == "pooled":
+        with torch.inference_mode():
+            return hf_model(torch.from_numpy(pixels_)).pooler_output.numpy()
+    return expected_features(hf_model, config, pixels_)

@@ -3,10 +3,7 @@ by save_pretrained and read back through our loader. fp32: max abs error < 1e-4 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-import yaml
 
 from builder.preset import load_preset
 
@@ -15,7 +12,10 @@ from .conftest import (
     assert_close,
     build_and_load,
     expected_features,
+    expected_output,
     pixels,
+    save_hf_tower,
+    save_siglip_model,
     save_vision_model,
     tiny_overrides,
 )
@@ -57,32 +57,52 @@ def test_tiny_activations(act, tmp_path):
     assert_close(enc(x), expected_features(hf_model, preset.model, x))
 
 
-def _preset_model_fields(path: Path) -> dict:
-    return yaml.safe_load(path.read_text()).get("model", {})
+SIGLIP_SELECTIONS = [
+    ["model.feature_layer=-1"],  # last_hidden_state (post-LayerNorm)
+    ["model.feature_layer=-1", "model.post_layernorm=false"],  # hidden_states[-1]
+    ["model.feature_layer=0", "model.post_layernorm=false"],  # embeddings: no pre-LayerNorm
+    ["model.feature_layer=[-2,-1]"],
+    ["model.output=pooled"],  # pooler_output of the attention-pooling head
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_siglip(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hf-siglip")
+    return folder, save_siglip_model(folder, seed=5, hidden_act="gelu_pytorch_tanh")
+
+
+@pytest.mark.parametrize("selection", SIGLIP_SELECTIONS, ids=lambda s: ",".join(s))
+def test_tiny_siglip(selection, tiny_siglip, tmp_path):
+    """SigLIP against HF SiglipVisionModel: last_hidden_state, hidden states, pooler_output."""
+    folder, hf_model = tiny_siglip
+    overrides = tiny_overrides() + [f"weights.path={folder}", *selection]
+    preset = load_preset("siglip-so400m-14-384", overrides)
+    enc = build_and_load("siglip-so400m-14-384", overrides, tmp_path)
+    for batch in (1, 2):
+        x = pixels(batch, preset.model.image_size, seed=batch)
+        assert_close(enc(x), expected_output(hf_model, preset.model, x))
+
+
+def test_tiny_clip_pooled(tiny_checkpoint, tmp_path):
+    """CLIP's pooler_output: post-LayerNorm of the CLS token (`cls_pooling`)."""
+    folder, hf_model = tiny_checkpoint
+    overrides = tiny_overrides() + [f"weights.path={folder}", "model.output=pooled"]
+    overrides += ["model.feature_layer=-1", "model.post_layernorm=true"]
+    preset = load_preset("clip-vit-b-32", overrides)
+    enc = build_and_load("clip-vit-b-32", overrides, tmp_path)
+    x = pixels(2, preset.model.image_size)
+    assert_close(enc(x), expected_output(hf_model, preset.model, x))
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
 def test_preset_real_widths(path, tmp_path):
     """Each shipped preset at its real widths and image size, with 2 layers instead of all
-    (CI time), its own feature selection, through the CPU pipeline as shipped."""
+    (CI time), its own feature selection and output, against the HF model class it names
+    (CLIPVisionModel or SiglipVisionModel), through the CPU pipeline as shipped."""
     preset = load_preset(path, ["model.num_hidden_layers=2"])
-    m = preset.model
-    hf_fields = {
-        f: getattr(m, f)
-        for f in (
-            "hidden_size",
-            "intermediate_size",
-            "num_attention_heads",
-            "num_hidden_layers",
-            "image_size",
-            "patch_size",
-            "layer_norm_eps",
-            "hidden_act",
-            "projection_dim",
-        )
-    }
-    hf_model = save_vision_model(tmp_path / "ckpt", seed=3, **hf_fields)
+    hf_model = save_hf_tower(tmp_path / "ckpt", preset, seed=3)
     overrides = ["model.num_hidden_layers=2", f"weights.path={tmp_path / 'ckpt'}"]
     enc = build_and_load(path, overrides, tmp_path / "out")
-    x = pixels(1, m.image_size)
-    assert_close(enc(x), expected_features(hf_model, m, x))
+    x = pixels(1, preset.model.image_size)
+    assert_close(enc(x), expected_output(hf_model, preset.model, x))

@@ -9,7 +9,7 @@ import pytest
 from tvm.relax.frontend import nn
 
 from builder import registry
-from builder.assemble import export, full_tower, parameter_shapes
+from builder.assemble import export, full_tower, output_shape, parameter_shapes
 from builder.config import BlocksConfig, CLIPVisionConfig
 from builder.errors import BuilderError
 
@@ -66,7 +66,7 @@ def _input_spec(block: registry.BlockType) -> nn.spec.Tensor:
     if block.kind in ("embeddings", "model", "transformer"):
         return nn.spec.Tensor(["batch", 3, CONFIG.image_size, CONFIG.image_size], "float32")
     width = CONFIG.intermediate_size if block.kind == "activation" else CONFIG.hidden_size
-    return nn.spec.Tensor(["batch", CONFIG.num_positions, width], "float32")
+    return nn.spec.Tensor(["batch", CONFIG.num_patches + 1, width], "float32")
 
 
 @pytest.mark.ir
@@ -95,9 +95,44 @@ def test_exported_names_and_shapes_are_hf_keys():
     # feature_layer -2 of 3 layers: layer index 2 and post_layernorm are not built.
     assert not [n for n in names if ".layers.2." in n or "post_layernorm" in n]
     assert len(names) == 5 + 16 * CONFIG.num_layers_computed
+    assert not [n for n in names if ".head." in n]  # features, not pooled: no head
     fn = mod["forward"]
     assert fn.params[0].name == "pixel_values"
     assert len(fn.params) == 1 + len(params)
+
+
+@pytest.mark.ir
+def test_siglip_names_and_shapes_are_hf_keys():
+    """SigLIP from registered blocks: conv bias, no CLS, no pre-LayerNorm, HF's head names."""
+    config = dataclasses.replace(
+        CONFIG, pre_layernorm=False, post_layernorm=True, feature_layer=-1, output="pooled"
+    )
+    blocks = BlocksConfig(embeddings="siglip_embeddings", head="siglip_attention_pooling")
+    names = parameter_shapes(config, blocks)
+    d, mlp = CONFIG.hidden_size, CONFIG.intermediate_size
+    assert names["vision_model.embeddings.patch_embedding.bias"] == (d,)
+    assert names["vision_model.embeddings.position_embedding.weight"] == (9, d)  # 3 x 3
+    assert not [n for n in names if "class_embedding" in n or "pre_layrnorm" in n]
+    assert names["vision_model.post_layernorm.weight"] == (d,)
+    assert names["vision_model.head.probe"] == (1, 1, d)
+    assert names["vision_model.head.attention.in_proj_weight"] == (3 * d, d)
+    assert names["vision_model.head.attention.in_proj_bias"] == (3 * d,)
+    assert names["vision_model.head.attention.out_proj.weight"] == (d, d)
+    assert names["vision_model.head.mlp.fc1.weight"] == (mlp, d)
+    assert names["vision_model.head.layernorm.bias"] == (d,)
+    assert output_shape(config, blocks) == ["batch", d]
+    features = dataclasses.replace(config, output="features")
+    assert output_shape(features, blocks) == ["batch", 9, d]
+    assert output_shape(CONFIG, BlocksConfig()) == ["batch", 10, d]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("block", registry.names("embeddings"))
+def test_class_tokens_match_the_embeddings_output(block):
+    """`class_tokens` (read by the feature selection) is what the block really prepends."""
+    module = registry.create(block, "embeddings", CONFIG, BlocksConfig())
+    rows = module.position_embedding.weight.shape[0]
+    assert int(rows) == CONFIG.num_patches + registry.class_tokens(block)
 
 
 @pytest.mark.ir

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from builder import registry, resources
+from builder.assemble import output_shape
 from builder.config import (
     BlocksConfig,
     CLIPVisionConfig,
@@ -109,7 +110,17 @@ def test_llava_clip_is_llava_15_tower():
     assert (m.num_hidden_layers, m.patch_size, m.image_size) == (24, 14, 336)
     assert m.layer_norm_eps == 1e-5 and m.hidden_act == "quick_gelu"
     assert m.feature_layers == [23] and m.num_layers_computed == 23
-    assert m.output_tokens == 576 and m.output_dim == 1024
+    assert output_shape(m, BlocksConfig()) == ["batch", 576, 1024]
+
+
+def test_siglip_so400m_is_the_hf_tower():
+    preset = load_preset("siglip-so400m-14-384")
+    m = preset.model
+    assert (m.hidden_size, m.intermediate_size, m.num_attention_heads) == (1152, 4304, 16)
+    assert (m.num_hidden_layers, m.patch_size, m.image_size) == (27, 14, 384)
+    assert m.layer_norm_eps == 1e-6 and m.hidden_act == "gelu_tanh"
+    assert not m.pre_layernorm and m.post_layernorm and m.num_layers_computed == 27
+    assert output_shape(m, preset.blocks) == ["batch", 729, 1152]  # 27 x 27, no CLS
 
 
 def test_presets_are_sparse():

@@ -37,6 +37,14 @@ PREFIXES = [
     "",
     "vision_tower.",
 ]
+# A one-layer text tower / language model for the checkpoints that hold one beside the tower.
+TEXT = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_attention_heads": 4,
+    "num_hidden_layers": 1,
+    "vocab_size": 100,
+}
 
 
 def tiny_preset(folder: Path, *extra: str):
@@ -204,20 +212,13 @@ def test_clip_model_and_llava_saved_by_transformers(tmp_path):
         LlavaForConditionalGeneration,
     )
 
-    text = {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_attention_heads": 4,
-        "num_hidden_layers": 1,
-        "vocab_size": 100,
-    }
-    clip = randomize(CLIPModel(CLIPConfig(vision_config=TINY, text_config=text)))
+    clip = randomize(CLIPModel(CLIPConfig(vision_config=TINY, text_config=TEXT)))
     clip.save_pretrained(tmp_path / "clip")
     llava = randomize(
         LlavaForConditionalGeneration(
             LlavaConfig(
                 vision_config=hf_vision_config(),
-                text_config=LlamaConfig(**text, num_key_value_heads=4),
+                text_config=LlamaConfig(**TEXT, num_key_value_heads=4),
                 image_token_index=99,
             )
         )
@@ -234,3 +235,34 @@ def test_clip_model_and_llava_saved_by_transformers(tmp_path):
         assert enc.manifest["weights"]["ignored_non_vision_keys"] > 0
         x = pixels(2, preset.model.image_size)
         assert_close(enc(x), expected_features(tower, preset.model, x))
+
+
+@pytest.mark.parity
+def test_siglip_model_saved_by_transformers(tmp_path):
+    """SiglipModel (text tower, logit_scale and logit_bias beside the vision tower) written
+    by save_pretrained: the tower under `vision_model.` is found, every key of it used once
+    (the head included), and the pooled output matches HF's image pooler_output."""
+    import torch
+    from transformers import SiglipConfig, SiglipModel
+
+    vision = {**TINY, "hidden_act": "gelu_pytorch_tanh"}
+    siglip = randomize(SiglipModel(SiglipConfig(vision_config=vision, text_config=TEXT)))
+    siglip.save_pretrained(tmp_path / "siglip")
+    overrides = tiny_overrides() + [f"weights.path={tmp_path / 'siglip'}"]
+    overrides += ["model.output=pooled"]
+    preset = load_preset("siglip-so400m-14-384", overrides)
+    arrays, info = load_weights(preset, needed(preset))
+    state = load_file(tmp_path / "siglip" / "model.safetensors")
+    vision_keys = [k for k in state if k.startswith("vision_model.")]
+    assert info["prefix"] == "vision_model." and info["skipped_keys"] == 0
+    assert len(arrays) == len(vision_keys)
+    assert info["ignored_non_vision_keys"] == len(state) - len(vision_keys)
+    enc = build_and_load("siglip-so400m-14-384", overrides, tmp_path / "out")
+    x = pixels(2, preset.model.image_size)
+    with torch.inference_mode():
+        ref = siglip.vision_model(torch.from_numpy(x)).pooler_output.numpy()
+    assert_close(enc(x), ref)
+    # The checkpoint's config.json is read: a SigLIP eps must not be left at CLIP's 1e-5.
+    wrong_eps = load_preset("siglip-so400m-14-384", [*overrides, "model.layer_norm_eps=1e-5"])
+    (line,) = _errors(wrong_eps)
+    assert "vision_config.layer_norm_eps is 1e-06 but the preset has" in line

@@ -11,39 +11,57 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
 from ..config import BlocksConfig, CLIPVisionConfig
-from ..registry import create, register
+from ..registry import class_tokens, create, register
 
 
 def make_norm(config: CLIPVisionConfig, blocks: BlocksConfig) -> nn.Module:
     return create(blocks.norm, "norm", config.hidden_size, config.layer_norm_eps)
 
 
+def patch_conv(config: CLIPVisionConfig, bias: bool) -> nn.Conv2D:
+    """The patch embedding: a conv with kernel and stride patch_size (floors at the edge)."""
+    return nn.Conv2D(
+        config.num_channels,
+        config.hidden_size,
+        kernel_size=config.patch_size,
+        stride=config.patch_size,
+        bias=bias,
+    )
+
+
+def patch_tokens(conv: nn.Conv2D, pixel_values: Tensor) -> Tensor:
+    """Pixels -> one token per patch, (B, P, D), with P = grid * grid in row-major order."""
+    patches = conv(pixel_values)  # (B, D, grid, grid)
+    b, d = patches.shape[0], patches.shape[1]
+    patches = op.reshape(patches, (b, d, -1))  # (B, D, P)
+    return op.permute_dims(patches, (0, 2, 1))  # (B, P, D)
+
+
+def add_positions(tokens: Tensor, position_embedding: nn.Embedding) -> Tensor:
+    """Add a learnt position embedding with one row per token."""
+    rows, d = position_embedding.weight.shape
+    return tokens + op.reshape(position_embedding.weight, (1, rows, d))
+
+
 @register("clip_embeddings", kind="embeddings")
 class CLIPVisionEmbeddings(nn.Module):
     """Conv patch embedding (no bias), a learnt CLS token, learnt position embeddings."""
 
+    # Tokens put in front of the patches; the feature selection and pooling read this.
+    class_tokens = 1
+
     def __init__(self, config: CLIPVisionConfig, blocks: BlocksConfig):
         self.embed_dim = config.hidden_size
-        self.num_positions = config.num_positions
         self.class_embedding = nn.Parameter((config.hidden_size,))
-        self.patch_embedding = nn.Conv2D(
-            config.num_channels,
-            config.hidden_size,
-            kernel_size=config.patch_size,
-            stride=config.patch_size,
-            bias=False,
-        )
-        self.position_embedding = nn.Embedding(config.num_positions, config.hidden_size)
+        self.patch_embedding = patch_conv(config, bias=False)
+        self.position_embedding = nn.Embedding(config.num_patches + 1, config.hidden_size)
 
     def forward(self, pixel_values: Tensor) -> Tensor:
         b, d = pixel_values.shape[0], self.embed_dim
-        patches = self.patch_embedding(pixel_values)  # (B, D, grid, grid)
-        patches = op.reshape(patches, (b, d, -1))  # (B, D, P)
-        patches = op.permute_dims(patches, (0, 2, 1))  # (B, P, D)
+        patches = patch_tokens(self.patch_embedding, pixel_values)  # (B, P, D)
         cls = op.broadcast_to(op.reshape(self.class_embedding, (1, 1, d)), (b, 1, d))
         tokens = op.concat([cls, patches], dim=1)  # (B, P + 1, D)
-        positions = op.reshape(self.position_embedding.weight, (1, self.num_positions, d))
-        return tokens + positions
+        return add_positions(tokens, self.position_embedding)
 
 
 @register("clip_attention", kind="attention")
@@ -122,19 +140,27 @@ class CLIPEncoder(nn.Module):
 
 @register("clip_vision_transformer", kind="transformer")
 class CLIPVisionTransformer(nn.Module):
-    """Embeddings -> pre-LayerNorm -> encoder; post-LayerNorm on the final state if asked."""
+    """Embeddings -> pre-LayerNorm (if `model.pre_layernorm`) -> encoder; post-LayerNorm on the
+    final state if asked; the `blocks.head` pooling block when `model.output` is pooled."""
 
     def __init__(self, config: CLIPVisionConfig, blocks: BlocksConfig):
         self.embeddings = create(blocks.embeddings, "embeddings", config, blocks)
-        # HF's misspelling, kept on purpose: parameter names equal checkpoint keys.
-        self.pre_layrnorm = make_norm(config, blocks)
+        # HF's misspelling, kept on purpose: parameter names equal checkpoint keys. SigLIP
+        # has no pre-LayerNorm: then nothing is built, so nothing is loaded or exported.
+        self.pre_layrnorm = make_norm(config, blocks) if config.pre_layernorm else None
         self.encoder = create(blocks.encoder, "encoder", config, blocks)
         # Built only when used (the preset check allows it only with the final state
         # selected), so an unused norm is neither loaded nor exported.
         self.post_layernorm = make_norm(config, blocks) if config.post_layernorm else None
+        # HF keeps SigLIP's head inside the tower (`vision_model.head.*`): so do we.
+        pooled = config.output == "pooled"
+        self.head = create(blocks.head, "head", config, blocks) if pooled else None
 
     def forward(self, pixel_values: Tensor) -> list[Tensor]:
-        states = self.encoder(self.pre_layrnorm(self.embeddings(pixel_values)))
+        hidden_states = self.embeddings(pixel_values)  # (B, T, D)
+        if self.pre_layrnorm is not None:
+            hidden_states = self.pre_layrnorm(hidden_states)
+        states = self.encoder(hidden_states)
         if self.post_layernorm is not None:
             states[-1] = self.post_layernorm(states[-1])
         return states
@@ -142,20 +168,26 @@ class CLIPVisionTransformer(nn.Module):
 
 @register("clip_vision_model", kind="model")
 class CLIPVisionModel(nn.Module):
-    """The top module: selects the feature layer(s) and the tokens a language model gets."""
+    """The top module: selects the feature layer(s) and the tokens a language model gets, or
+    returns the pooled vector of the tower's head."""
 
     # The features feed a language model's projector: keep them at full precision.
     no_quantization: bool = True
 
     def __init__(self, config: CLIPVisionConfig, blocks: BlocksConfig):
         self.feature_layers = config.feature_layers
-        self.drop_cls = config.feature_select_strategy == "default"
+        self.pooled = config.output == "pooled"
+        # The preset check refuses "default" when the embeddings have no class token.
+        default = config.feature_select_strategy == "default"
+        self.drop_tokens = class_tokens(blocks.embeddings) if default else 0
         self.vision_model = create(blocks.transformer, "transformer", config, blocks)
 
     def forward(self, pixel_values: Tensor) -> Tensor:
         states = self.vision_model(pixel_values)
+        if self.pooled:
+            return self.vision_model.head(states[-1])  # (B, D)
         picked = [states[i] for i in self.feature_layers]
         features = picked[0] if len(picked) == 1 else op.concat(picked, dim=-1)  # (B, T, D * n)
-        if self.drop_cls:
-            features = op.split(features, [1], axis=1)[1]  # (B, T - 1, D * n)
+        if self.drop_tokens:
+            features = op.split(features, [self.drop_tokens], axis=1)[1]  # (B, P, D * n)
         return features
