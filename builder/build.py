@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -112,6 +113,8 @@ def _build_target(
             ],
             "params": {"file": artifact.PARAMS, "order": order},
             "weights": source,
+            # What `Encoder.encode_images` and `build run` apply to an image file.
+            "preprocess": dataclasses.asdict(preset.preprocess.resolved(preset.model.image_size)),
         }
         artifact.write_manifest(tmp, manifest)
     seconds = time.perf_counter() - t0

@@ -4,6 +4,7 @@
     build show PRESET [KEY=VALUE ...]                               the resolved preset as YAML
     build check PRESET [PRESET ...] [KEY=VALUE ...]                 validate only
     build list                                                      presets and block types
+    build run ARTIFACT IMG [IMG ...] --out FEATS.npy [--batch N]    images -> features
 
 Exit codes: 0 done, 1 a failure while building, 2 bad input (usage, preset, override).
 """
@@ -22,8 +23,9 @@ from . import __version__, registry, resources
 from .build import DEFAULT_OUT, build
 from .errors import BuilderError, InputError
 from .preset import find_preset, load_preset, read_preset
+from .run import RunRequest, record_path, run_images
 
-COMMANDS = ("build", "show", "check", "list")
+COMMANDS = ("build", "show", "check", "list", "run")
 
 
 def _err(*lines: str) -> None:
@@ -67,6 +69,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("args", nargs="+", metavar="PRESET|KEY=VALUE")
 
     sub.add_parser("list", help="list shipped presets and registered block types")
+
+    p = sub.add_parser(
+        "run",
+        help="encode image files with a built artifact; write the features (.npy) and a "
+        "record of the image order and shape (.json beside it)",
+    )
+    p.add_argument("artifact", type=Path, help="an artifact folder, e.g. artifacts/llava-clip/llvm")
+    p.add_argument("images", nargs="+", metavar="IMG", help="image files (JPEG, PNG, ...)")
+    p.add_argument("--out", type=Path, required=True, help="the features file (.npy)")
+    p.add_argument("--batch", type=int, default=8, help="images per call (default: %(default)s)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: every core available)")
+    p.add_argument("--verbose", action="store_true", help="show a traceback on a failure")
     return top
 
 
@@ -80,7 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     args = parser.parse_args(argv)
     try:
-        return {"build": _build, "show": _show, "check": _check, "list": _list}[args.command](args)
+        commands = {"build": _build, "show": _show, "check": _check, "list": _list, "run": _run}
+        return commands[args.command](args)
     except InputError as e:
         _err(*e.lines)
         return 2
@@ -110,6 +125,20 @@ def _build(args: argparse.Namespace) -> int:
         _err(f"weights: RANDOM init (seed {preset.weights.seed}), not a trained model")
     for b in build(preset, args.out, args.target, progress=_err):
         print(b.path)
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    req = RunRequest(args.artifact, args.images, args.out, args.batch, args.threads)
+    _err(
+        f"run {req.artifact}: {len(req.images)} images, batch {req.batch}, "
+        f"out {req.out} (+ {record_path(req.out).name})"
+    )
+    record = run_images(req, progress=_err)
+    if record["weights"] == "random":
+        _err("note: the artifact has RANDOM weights: these features mean nothing")
+    _err(f"features {tuple(record['shape'])} {record['dtype']}")
+    print(req.out)
     return 0
 
 

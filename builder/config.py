@@ -104,6 +104,50 @@ class BlocksConfig:
     model: str = "clip_vision_model"
 
 
+# OpenAI CLIP's normalization (HF's OPENAI_CLIP_MEAN / OPENAI_CLIP_STD).
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+@dataclass
+class PreprocessConfig:
+    """Image file -> pixel values, as HF's PIL-based `CLIPImageProcessorPil` does it.
+
+    The defaults are CLIP's: RGB, shortest edge resized to the image size (bicubic), center
+    crop, scale 1/255, CLIP's mean and std. SigLIP's: `resize: square`, `center_crop: false`,
+    mean and std 0.5.
+    """
+
+    # "shortest_edge" keeps the aspect ratio (HF `size: {shortest_edge: N}`); "square" resizes
+    # to size x size (HF `size: {height: N, width: N}`).
+    resize: str = "shortest_edge"
+    # None: model.image_size.
+    size: int | None = None
+    resample: str = "bicubic"
+    center_crop: bool = True
+    # None: model.image_size.
+    crop_size: int | None = None
+    rescale_factor: float = 1 / 255
+    mean: list[float] = field(default_factory=lambda: list(CLIP_MEAN))
+    std: list[float] = field(default_factory=lambda: list(CLIP_STD))
+    # Convert to RGB first; transparency is composited onto white (transformers 5).
+    convert_rgb: bool = True
+
+    def resolved(self, image_size: int) -> PreprocessConfig:
+        """The same steps with `size` and `crop_size` filled in."""
+        return dataclasses.replace(
+            self, size=self.size or image_size, crop_size=self.crop_size or image_size
+        )
+
+    @property
+    def output_size(self) -> int | None:
+        """Side of the square image the steps produce (resolved config), or None when the
+        result is not square (shortest-edge resize without a crop)."""
+        if self.center_crop:
+            return self.crop_size
+        return self.size if self.resize == "square" else None
+
+
 @dataclass
 class WeightsConfig:
     """Where the parameters come from: a seeded random init, or an HF checkpoint at `path`."""
@@ -140,6 +184,7 @@ class Preset:
     blocks: BlocksConfig = field(default_factory=BlocksConfig)
     weights: WeightsConfig = field(default_factory=WeightsConfig)
     targets: list[TargetConfig] = field(default_factory=lambda: [TargetConfig()])
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -165,4 +210,5 @@ def preset_from_dict(data: dict[str, Any]) -> Preset:
         blocks=BlocksConfig(**data.get("blocks", {})),
         weights=WeightsConfig(**data.get("weights", {})),
         targets=targets,
+        preprocess=PreprocessConfig(**data.get("preprocess", {})),
     )

@@ -237,7 +237,8 @@ def schema() -> dict[str, Any]:
     model = data["properties"]["model"]["properties"]
     model["hidden_act"]["enum"] = registry.names("activation")
     for slot, prop in data["properties"]["blocks"]["properties"].items():
-        prop["enum"] = registry.names(slot)
+        # A slot whose default is null (the projector) may stay empty.
+        prop["enum"] = registry.names(slot) + ([None] if prop.get("default", "") is None else [])
     return data
 
 
@@ -317,6 +318,7 @@ def _semantic_errors(data: dict[str, Any]) -> list[tuple[Path_, str]]:
                 f"{m.num_hidden_layers}; set post_layernorm: false or select the last layer",
             )
         )
+    found.extend(_preprocess_errors(preset))
     seen: dict[str, int] = {}
     for i, target in enumerate(preset.targets):
         if target.name in seen:
@@ -328,6 +330,30 @@ def _semantic_errors(data: dict[str, Any]) -> list[tuple[Path_, str]]:
             )
         seen.setdefault(target.name, i)
     return found
+
+
+def _preprocess_errors(preset: Preset) -> list[tuple[Path_, str]]:
+    """The preprocessing must produce the square image the tower takes."""
+    m = preset.model
+    steps = preset.preprocess.resolved(m.image_size)
+    if steps.output_size == m.image_size:
+        return []
+    if steps.output_size is None:
+        return [
+            (
+                ("preprocess", "center_crop"),
+                "a shortest_edge resize without a center crop gives images of any aspect "
+                "ratio; the tower takes a square: set center_crop: true or resize: square",
+            )
+        ]
+    field = "crop_size" if steps.center_crop else "size"
+    return [
+        (
+            ("preprocess", field),
+            f"{steps.output_size} pixels, but model.image_size is {m.image_size}: the "
+            f"preprocessing must produce the image the tower takes",
+        )
+    ]
 
 
 def _locate(raw: RawPreset, path: Path_, message: str) -> tuple[int, str]:

@@ -11,6 +11,7 @@ from builder import registry, resources
 from builder.config import (
     BlocksConfig,
     CLIPVisionConfig,
+    PreprocessConfig,
     Preset,
     TargetConfig,
     WeightsConfig,
@@ -47,6 +48,7 @@ def _defaults(cls) -> dict:
         (BlocksConfig, PROPS["blocks"]),
         (WeightsConfig, PROPS["weights"]),
         (TargetConfig, TARGET_MAP),
+        (PreprocessConfig, PROPS["preprocess"]),
     ],
     ids=lambda x: getattr(x, "__name__", ""),
 )
