@@ -29,16 +29,19 @@ def parameter_shapes(config: CLIPVisionConfig, blocks: BlocksConfig) -> dict[str
 
 
 def full_tower(config: CLIPVisionConfig) -> CLIPVisionConfig:
-    """The same tower with every layer and post-LayerNorm: the names a checkpoint may hold."""
-    return dataclasses.replace(config, feature_layer=-1, post_layernorm=True)
+    """The same tower with every layer and post-LayerNorm: the names a checkpoint may hold.
+    As many states stay selected, so the projector's input width is unchanged."""
+    layers = [-1, *config.feature_layers[1:]]
+    return dataclasses.replace(config, feature_layer=layers, post_layernorm=True)
 
 
 def input_shape(config: CLIPVisionConfig) -> list[int | str]:
     return ["batch", config.num_channels, config.image_size, config.image_size]
 
 
-def output_shape(config: CLIPVisionConfig) -> list[int | str]:
-    return ["batch", config.output_tokens, config.output_dim]
+def output_shape(config: CLIPVisionConfig, blocks: BlocksConfig) -> list[int | str]:
+    width = config.projector_hidden_size if blocks.projector else config.output_dim
+    return ["batch", config.output_tokens, width]
 
 
 def export(

@@ -109,7 +109,11 @@ def _build_target(
                 {"name": INPUT_NAME, "shape": input_shape(preset.model), "dtype": "float32"}
             ],
             "outputs": [
-                {"name": "features", "shape": output_shape(preset.model), "dtype": "float32"}
+                {
+                    "name": "features",
+                    "shape": output_shape(preset.model, preset.blocks),
+                    "dtype": "float32",
+                }
             ],
             "params": {"file": artifact.PARAMS, "order": order},
             "weights": source,

@@ -42,6 +42,9 @@ class CLIPVisionConfig:
     # one selected. HF's CLIP leaves it off `last_hidden_state` (it normalizes the pooled CLS
     # token only); SigLIP applies it.
     post_layernorm: bool = False
+    # Width of the language model the projector feeds (HF LlavaConfig's
+    # text_config.hidden_size); used only when `blocks.projector` is set.
+    projector_hidden_size: int = 4096
     # Keys of an imported HF config that this builder does not use, kept for reference and
     # never read by a block. Presets cannot set it (the schema has no such field).
     kwargs: dict[str, Any] = field(default_factory=dict)
@@ -102,6 +105,8 @@ class BlocksConfig:
     encoder: str = "clip_encoder"
     transformer: str = "clip_vision_transformer"
     model: str = "clip_vision_model"
+    # LLaVA's multi-modal projector after the feature selection; None: features as selected.
+    projector: str | None = None
 
 
 # OpenAI CLIP's normalization (HF's OPENAI_CLIP_MEAN / OPENAI_CLIP_STD).

@@ -142,7 +142,8 @@ class CLIPVisionTransformer(nn.Module):
 
 @register("clip_vision_model", kind="model")
 class CLIPVisionModel(nn.Module):
-    """The top module: selects the feature layer(s) and the tokens a language model gets."""
+    """The top module: selects the feature layer(s) and the tokens a language model gets,
+    then applies the projector if `blocks.projector` names one."""
 
     # The features feed a language model's projector: keep them at full precision.
     no_quantization: bool = True
@@ -151,6 +152,10 @@ class CLIPVisionModel(nn.Module):
         self.feature_layers = config.feature_layers
         self.drop_cls = config.feature_select_strategy == "default"
         self.vision_model = create(blocks.transformer, "transformer", config, blocks)
+        # LLaVA's name for it, so its parameters are the checkpoint's keys.
+        self.multi_modal_projector = (
+            create(blocks.projector, "projector", config, blocks) if blocks.projector else None
+        )
 
     def forward(self, pixel_values: Tensor) -> Tensor:
         states = self.vision_model(pixel_values)
@@ -158,4 +163,6 @@ class CLIPVisionModel(nn.Module):
         features = picked[0] if len(picked) == 1 else op.concat(picked, dim=-1)  # (B, T, D * n)
         if self.drop_cls:
             features = op.split(features, [1], axis=1)[1]  # (B, T - 1, D * n)
+        if self.multi_modal_projector is not None:
+            features = self.multi_modal_projector(features)  # (B, T, W)
         return features
