@@ -32,8 +32,23 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def save_params(folder: Path, order: list[str], arrays: dict[str, np.ndarray]) -> None:
-    safetensors.numpy.save_file({name: arrays[name] for name in order}, str(folder / PARAMS))
+def numpy_dtype(name: str) -> np.dtype:
+    """The numpy dtype of a preset `dtype`; bfloat16 is ml_dtypes' (a TVM dependency), which
+    safetensors and `tvm.runtime.tensor` both take."""
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def save_params(
+    folder: Path, order: list[str], arrays: dict[str, np.ndarray], dtype: str = "float32"
+) -> None:
+    """Write the parameters in the build's dtype (the checkpoint reader gives float32)."""
+    want = numpy_dtype(dtype)
+    tensors = {name: arrays[name].astype(want, copy=False) for name in order}
+    safetensors.numpy.save_file(tensors, str(folder / PARAMS))
 
 
 def load_params(folder: Path, order: list[str]) -> list[np.ndarray]:

@@ -45,11 +45,13 @@ def output_shape(config: CLIPVisionConfig, blocks: BlocksConfig) -> list[int | s
 
 
 def export(
-    config: CLIPVisionConfig, blocks: BlocksConfig
+    config: CLIPVisionConfig, blocks: BlocksConfig, dtype: str = "float32"
 ) -> tuple[tvm.IRModule, list[tuple[str, tuple[int, ...]]]]:
     """Relax IRModule with `forward(pixel_values, *params)` (batch is symbolic) and the
-    parameters' names and shapes in argument order."""
+    parameters' names and shapes in argument order. The parameters and the computation are
+    in `dtype`; pixel values and features stay float32 (the graph casts them)."""
     module = assemble(config, blocks)
+    module.to(dtype)
     spec = {ENTRY: {INPUT_NAME: nn.spec.Tensor(input_shape(config), "float32")}}
     mod, params = module.export_tvm(spec=spec)
     return mod, [(name, tuple(int(d) for d in p.shape)) for name, p in params]

@@ -54,7 +54,7 @@ def build(
     chosen = select_targets(preset, only)
     model = preset.model
     t0 = time.perf_counter()
-    mod, params = export(model, preset.blocks)
+    mod, params = export(model, preset.blocks, preset.dtype)
     shapes = dict(params)
     count = sum(int(np.prod(s)) for s in shapes.values())
     progress(
@@ -92,7 +92,7 @@ def _build_target(
     order = [name for name, _ in params]
     with artifact.staging(final) as tmp:
         executable.export_library(str(tmp / kind.LIBRARY))
-        artifact.save_params(tmp, order, arrays)
+        artifact.save_params(tmp, order, arrays, preset.dtype)
         manifest = {
             "format": artifact.FORMAT,
             "preset": preset.name,
@@ -115,7 +115,9 @@ def _build_target(
                     "dtype": "float32",
                 }
             ],
-            "params": {"file": artifact.PARAMS, "order": order},
+            "params": {"file": artifact.PARAMS, "order": order, "dtype": preset.dtype},
+            # Parameters and computation; pixel values and features are float32 regardless.
+            "dtype": preset.dtype,
             "weights": source,
             # What `Encoder.encode_images` and `build run` apply to an image file.
             "preprocess": dataclasses.asdict(preset.preprocess.resolved(preset.model.image_size)),

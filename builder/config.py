@@ -190,6 +190,8 @@ class Preset:
     weights: WeightsConfig = field(default_factory=WeightsConfig)
     targets: list[TargetConfig] = field(default_factory=lambda: [TargetConfig()])
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    # Precision of the parameters and the computation. Inputs and outputs stay float32.
+    dtype: str = "float32"
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -216,4 +218,5 @@ def preset_from_dict(data: dict[str, Any]) -> Preset:
         weights=WeightsConfig(**data.get("weights", {})),
         targets=targets,
         preprocess=PreprocessConfig(**data.get("preprocess", {})),
+        **{k: data[k] for k in ("dtype",) if k in data},
     )

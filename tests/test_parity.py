@@ -15,6 +15,7 @@ from .conftest import (
     assert_close,
     build_and_load,
     expected_features,
+    hf_fields,
     pixels,
     save_vision_model,
     tiny_overrides,
@@ -74,21 +75,7 @@ def test_preset_real_widths(path, tmp_path):
     (CI time), its own feature selection, through the CPU pipeline as shipped."""
     preset = load_preset(path, ["model.num_hidden_layers=2"])
     m = preset.model
-    hf_fields = {
-        f: getattr(m, f)
-        for f in (
-            "hidden_size",
-            "intermediate_size",
-            "num_attention_heads",
-            "num_hidden_layers",
-            "image_size",
-            "patch_size",
-            "layer_norm_eps",
-            "hidden_act",
-            "projection_dim",
-        )
-    }
-    hf_model = save_vision_model(tmp_path / "ckpt", seed=3, **hf_fields)
+    hf_model = save_vision_model(tmp_path / "ckpt", seed=3, **hf_fields(m))
     overrides = ["model.num_hidden_layers=2", f"weights.path={tmp_path / 'ckpt'}"]
     enc = build_and_load(path, overrides, tmp_path / "out")
     x = pixels(1, m.image_size)

@@ -12,6 +12,7 @@ from tvm.relax.frontend.nn import Tensor, op
 
 from ..config import BlocksConfig, CLIPVisionConfig
 from ..registry import create, register
+from .common import Linear, in_float32
 
 
 def make_norm(config: CLIPVisionConfig, blocks: BlocksConfig) -> nn.Module:
@@ -35,9 +36,16 @@ class CLIPVisionEmbeddings(nn.Module):
         )
         self.position_embedding = nn.Embedding(config.num_positions, config.hidden_size)
 
+    def _conv(self, pixel_values: Tensor) -> Tensor:
+        conv = self.patch_embedding
+        weight = conv.weight
+        if weight.dtype != pixel_values.dtype:  # half-precision weights, float32 pixels
+            weight = weight.astype(pixel_values.dtype)
+        return op.conv2d(pixel_values, weight, stride=conv.stride, padding=conv.padding)
+
     def forward(self, pixel_values: Tensor) -> Tensor:
         b, d = pixel_values.shape[0], self.embed_dim
-        patches = self.patch_embedding(pixel_values)  # (B, D, grid, grid)
+        patches = in_float32(self._conv, pixel_values)  # (B, D, grid, grid)
         patches = op.reshape(patches, (b, d, -1))  # (B, D, P)
         patches = op.permute_dims(patches, (0, 2, 1))  # (B, P, D)
         cls = op.broadcast_to(op.reshape(self.class_embedding, (1, 1, d)), (b, 1, d))
@@ -54,10 +62,10 @@ class CLIPAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
         d = config.hidden_size
-        self.q_proj = nn.Linear(d, d)
-        self.k_proj = nn.Linear(d, d)
-        self.v_proj = nn.Linear(d, d)
-        self.out_proj = nn.Linear(d, d)
+        self.q_proj = Linear(d, d)
+        self.k_proj = Linear(d, d)
+        self.v_proj = Linear(d, d)
+        self.out_proj = Linear(d, d)
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         b, s, d = hidden_states.shape
@@ -65,7 +73,8 @@ class CLIPAttention(nn.Module):
         q = op.reshape(self.q_proj(hidden_states), (b, s, h, hd))  # (B, S, H, hd)
         k = op.reshape(self.k_proj(hidden_states), (b, s, h, hd))
         v = op.reshape(self.v_proj(hidden_states), (b, s, h, hd))
-        out = op.scaled_dot_product_attention(q, k, v)  # (B, S, H, hd); scale 1/sqrt(hd)
+        # (B, S, H, hd); scale 1/sqrt(hd); softmax and sums in float32 in half precision
+        out = in_float32(op.scaled_dot_product_attention, q, k, v)
         return self.out_proj(op.reshape(out, (b, s, d)))  # (B, S, D)
 
 
@@ -74,9 +83,9 @@ class CLIPMLP(nn.Module):
     """fc1 -> the configured activation -> fc2."""
 
     def __init__(self, config: CLIPVisionConfig, blocks: BlocksConfig):
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc1 = Linear(config.hidden_size, config.intermediate_size)
         self.activation_fn = create(config.hidden_act, "activation")
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.fc2 = Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         return self.fc2(self.activation_fn(self.fc1(hidden_states)))
@@ -151,6 +160,9 @@ class CLIPVisionModel(nn.Module):
     def __init__(self, config: CLIPVisionConfig, blocks: BlocksConfig):
         self.feature_layers = config.feature_layers
         self.drop_cls = config.feature_select_strategy == "default"
+        # The compute dtype; `Module.to(dtype)` updates it with the parameters. Pixels come in
+        # and features go out as float32 whatever it is.
+        self.dtype = "float32"
         self.vision_model = create(blocks.transformer, "transformer", config, blocks)
         # LLaVA's name for it, so its parameters are the checkpoint's keys.
         self.multi_modal_projector = (
@@ -158,11 +170,11 @@ class CLIPVisionModel(nn.Module):
         )
 
     def forward(self, pixel_values: Tensor) -> Tensor:
-        states = self.vision_model(pixel_values)
+        states = self.vision_model(pixel_values.astype(self.dtype))
         picked = [states[i] for i in self.feature_layers]
         features = picked[0] if len(picked) == 1 else op.concat(picked, dim=-1)  # (B, T, D * n)
         if self.drop_cls:
             features = op.split(features, [1], axis=1)[1]  # (B, T - 1, D * n)
         if self.multi_modal_projector is not None:
             features = self.multi_modal_projector(features)  # (B, T, W)
-        return features
+        return features.astype("float32")

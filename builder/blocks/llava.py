@@ -12,6 +12,7 @@ from tvm.relax.frontend.nn import Tensor
 
 from ..config import BlocksConfig, CLIPVisionConfig
 from ..registry import create, register
+from .common import Linear
 
 
 @register("mlp2x_gelu", kind="projector")
@@ -21,10 +22,10 @@ class LlavaMultiModalProjector(nn.Module):
     def __init__(self, config: CLIPVisionConfig, blocks: BlocksConfig):
         width = config.projector_hidden_size
         # Input: the selected states concatenated, hidden_size times the number of layers.
-        self.linear_1 = nn.Linear(config.output_dim, width)
+        self.linear_1 = Linear(config.output_dim, width)
         # The block's name is LLaVA's `mm_projector_type`, which fixes the activation.
         self.act = create("gelu", "activation")
-        self.linear_2 = nn.Linear(width, width)
+        self.linear_2 = Linear(width, width)
 
     def forward(self, features: Tensor) -> Tensor:
         return self.linear_2(self.act(self.linear_1(features)))  # (B, T, W)
