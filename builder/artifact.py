@@ -32,7 +32,26 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def numpy_dtype(name: str) -> np.dtype:
+    """The numpy dtype of a preset `dtype`; bfloat16 is ml_dtypes' (a TVM dependency), which
+    safetensors and `tvm.runtime.tensor` both take."""
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def cast_params(arrays: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
+    """The parameters in the build's dtype (the weight readers give float32)."""
+    want = numpy_dtype(dtype)
+    if all(a.dtype == want for a in arrays.values()):
+        return arrays
+    return {name: a.astype(want, copy=False) for name, a in arrays.items()}
+
+
 def save_params(folder: Path, order: list[str], arrays: dict[str, np.ndarray]) -> None:
+    """Write the parameters as `forward` takes them (cast and packed at build time)."""
     safetensors.numpy.save_file({name: arrays[name] for name in order}, str(folder / PARAMS))
 
 

@@ -30,8 +30,9 @@ def parameter_shapes(config: CLIPVisionConfig, blocks: BlocksConfig) -> dict[str
 
 def full_tower(config: CLIPVisionConfig) -> CLIPVisionConfig:
     """The same tower with every layer, post-LayerNorm and its head: the names a checkpoint
-    may hold."""
-    return dataclasses.replace(config, feature_layer=-1, post_layernorm=True, output="pooled")
+    may hold. As many states stay selected, so the projector's input width is unchanged."""
+    layers = [-1, *config.feature_layers[1:]]
+    return dataclasses.replace(config, feature_layer=layers, post_layernorm=True, output="pooled")
 
 
 def input_shape(config: CLIPVisionConfig) -> list[int | str]:
@@ -47,16 +48,19 @@ def output_tokens(config: CLIPVisionConfig, blocks: BlocksConfig) -> int:
 
 def output_shape(config: CLIPVisionConfig, blocks: BlocksConfig) -> list[int | str]:
     if config.output == "pooled":
-        return ["batch", config.output_dim]
-    return ["batch", output_tokens(config, blocks), config.output_dim]
+        return ["batch", config.hidden_size]
+    width = config.projector_hidden_size if blocks.projector else config.output_dim
+    return ["batch", output_tokens(config, blocks), width]
 
 
 def export(
-    config: CLIPVisionConfig, blocks: BlocksConfig
+    config: CLIPVisionConfig, blocks: BlocksConfig, dtype: str = "float32"
 ) -> tuple[tvm.IRModule, list[tuple[str, tuple[int, ...]]]]:
     """Relax IRModule with `forward(pixel_values, *params)` (batch is symbolic) and the
-    parameters' names and shapes in argument order."""
+    parameters' names and shapes in argument order. The parameters and the computation are
+    in `dtype`; pixel values and features stay float32 (the graph casts them)."""
     module = assemble(config, blocks)
+    module.to(dtype)
     spec = {ENTRY: {INPUT_NAME: nn.spec.Tensor(input_shape(config), "float32")}}
     mod, params = module.export_tvm(spec=spec)
     return mod, [(name, tuple(int(d) for d in p.shape)) for name, p in params]

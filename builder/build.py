@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,7 +56,7 @@ def build(
     chosen = select_targets(preset, only)
     model = preset.model
     t0 = time.perf_counter()
-    mod, params = export(model, preset.blocks)
+    mod, params = export(model, preset.blocks, preset.dtype)
     shapes = dict(params)
     count = sum(int(np.prod(s)) for s in shapes.values())
     progress(
@@ -104,6 +105,8 @@ def _build_target(
         raise BuilderError(f"[{entry.name}] compile failed: {type(e).__name__}: {e}") from e
     progress(f"[{entry.name}] compiled [{time.perf_counter() - t0:.1f} s]")
     final = out / preset.name / entry.name
+    # In the build's dtype before packing: `transform_params` takes what `forward` takes.
+    arrays = artifact.cast_params(arrays, preset.dtype)
     order, stored = pack_params(executable, [name for name, _ in params], arrays)
     if stored is not arrays:
         progress(f"[{entry.name}] packed weights [{time.perf_counter() - t0:.1f} s]")
@@ -135,9 +138,14 @@ def _build_target(
             "params": {
                 "file": artifact.PARAMS,
                 "order": order,
+                "dtype": preset.dtype,
                 "packed_at_build": stored is not arrays,
             },
+            # Parameters and computation; pixel values and features are float32 regardless.
+            "dtype": preset.dtype,
             "weights": source,
+            # What `Encoder.encode_images` and `build run` apply to an image file.
+            "preprocess": dataclasses.asdict(preset.preprocess.resolved(preset.model.image_size)),
         }
         artifact.write_manifest(tmp, manifest)
     seconds = time.perf_counter() - t0

@@ -7,6 +7,8 @@
     build import CONFIG.json --out PRESET.yaml [--force]            a preset from an HF config
 
 `--plugin MODULE` (repeatable) imports a block-plugin module first.
+    build run ARTIFACT IMG [IMG ...] --out FEATS.npy [--batch N]    images -> features
+    build bench ARTIFACT [--batch N] [--threads N]                  latency and throughput
 
 Exit codes: 0 done, 1 a failure while building, 2 bad input (usage, preset, override).
 """
@@ -28,8 +30,9 @@ from .errors import BuilderError, InputError
 from .hf_import import import_config, render
 from .plugins import load_plugins
 from .preset import RawPreset, find_preset, load_preset, read_preset, validate
+from .run import RunRequest, record_path, run_images
 
-COMMANDS = ("build", "show", "check", "list", "import", "bench")
+COMMANDS = ("build", "show", "check", "list", "import", "run", "bench")
 
 
 def _err(*lines: str) -> None:
@@ -93,6 +96,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("config", type=Path, help="an HF config.json")
     p.add_argument("--out", type=Path, required=True, help="the preset file to write")
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    p = sub.add_parser(
+        "run",
+        help="encode image files with a built artifact; write the features (.npy) and a "
+        "record of the image order and shape (.json beside it)",
+    )
+    p.add_argument("artifact", type=Path, help="an artifact folder, e.g. artifacts/llava-clip/llvm")
+    p.add_argument("images", nargs="+", metavar="IMG", help="image files (JPEG, PNG, ...)")
+    p.add_argument("--out", type=Path, required=True, help="the features file (.npy)")
+    p.add_argument("--batch", type=int, default=8, help="images per call (default: %(default)s)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: every core available)")
+    p.add_argument("--verbose", action="store_true", help="show a traceback on a failure")
     return top
 
 
@@ -146,6 +160,20 @@ def _build(args: argparse.Namespace) -> int:
         _err(f"weights: RANDOM init (seed {preset.weights.seed}), not a trained model")
     for b in build(preset, args.out, args.target, progress=_err):
         print(b.path)
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    req = RunRequest(args.artifact, args.images, args.out, args.batch, args.threads)
+    _err(
+        f"run {req.artifact}: {len(req.images)} images, batch {req.batch}, "
+        f"out {req.out} (+ {record_path(req.out).name})"
+    )
+    record = run_images(req, progress=_err)
+    if record["weights"] == "random":
+        _err("note: the artifact has RANDOM weights: these features mean nothing")
+    _err(f"features {tuple(record['shape'])} {record['dtype']}")
+    print(req.out)
     return 0
 
 
@@ -236,6 +264,7 @@ COMMAND_FUNCTIONS = {
     "check": _check,
     "list": _list,
     "import": _import,
+    "run": _run,
     "bench": _bench,
 }
 

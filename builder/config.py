@@ -48,6 +48,9 @@ class CLIPVisionConfig:
     # "pooled" (one vector per image: the `blocks.head` block applied to the post-LayerNorm
     # final state, HF's `pooler_output`).
     output: str = "features"
+    # Width of the language model the projector feeds (HF LlavaConfig's
+    # text_config.hidden_size); used only when `blocks.projector` is set.
+    projector_hidden_size: int = 4096
     # Keys of an imported HF config that this builder does not use, kept for reference and
     # never read by a block. Presets cannot set it (the schema has no such field).
     kwargs: dict[str, Any] = field(default_factory=dict)
@@ -104,6 +107,52 @@ class BlocksConfig:
     model: str = "clip_vision_model"
     # Pools the final state into one vector; built only when `model.output` is "pooled".
     head: str = "cls_pooling"
+    # LLaVA's multi-modal projector after the feature selection; None: features as selected.
+    projector: str | None = None
+
+
+# OpenAI CLIP's normalization (HF's OPENAI_CLIP_MEAN / OPENAI_CLIP_STD).
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+@dataclass
+class PreprocessConfig:
+    """Image file -> pixel values, as HF's PIL-based `CLIPImageProcessorPil` does it.
+
+    The defaults are CLIP's: RGB, shortest edge resized to the image size (bicubic), center
+    crop, scale 1/255, CLIP's mean and std. SigLIP's: `resize: square`, `center_crop: false`,
+    mean and std 0.5.
+    """
+
+    # "shortest_edge" keeps the aspect ratio (HF `size: {shortest_edge: N}`); "square" resizes
+    # to size x size (HF `size: {height: N, width: N}`).
+    resize: str = "shortest_edge"
+    # None: model.image_size.
+    size: int | None = None
+    resample: str = "bicubic"
+    center_crop: bool = True
+    # None: model.image_size.
+    crop_size: int | None = None
+    rescale_factor: float = 1 / 255
+    mean: list[float] = field(default_factory=lambda: list(CLIP_MEAN))
+    std: list[float] = field(default_factory=lambda: list(CLIP_STD))
+    # Convert to RGB first; transparency is composited onto white (transformers 5).
+    convert_rgb: bool = True
+
+    def resolved(self, image_size: int) -> PreprocessConfig:
+        """The same steps with `size` and `crop_size` filled in."""
+        return dataclasses.replace(
+            self, size=self.size or image_size, crop_size=self.crop_size or image_size
+        )
+
+    @property
+    def output_size(self) -> int | None:
+        """Side of the square image the steps produce (resolved config), or None when the
+        result is not square (shortest-edge resize without a crop)."""
+        if self.center_crop:
+            return self.crop_size
+        return self.size if self.resize == "square" else None
 
 
 @dataclass
@@ -144,6 +193,9 @@ class Preset:
     targets: list[TargetConfig] = field(default_factory=lambda: [TargetConfig()])
     # Block-plugin modules imported before the preset was checked (the preset's and --plugin).
     plugins: list[str] = field(default_factory=list)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    # Precision of the parameters and the computation. Inputs and outputs stay float32.
+    dtype: str = "float32"
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -170,4 +222,6 @@ def preset_from_dict(data: dict[str, Any]) -> Preset:
         weights=WeightsConfig(**data.get("weights", {})),
         targets=targets,
         plugins=list(data.get("plugins", [])),
+        preprocess=PreprocessConfig(**data.get("preprocess", {})),
+        **{k: data[k] for k in ("dtype",) if k in data},
     )

@@ -21,7 +21,7 @@ PAGES = {
 
 def _type(prop: dict[str, Any]) -> str:
     if "enum" in prop:
-        return " \\| ".join(f"`{v}`" for v in prop["enum"])
+        return " \\| ".join(f"`{json.dumps(v) if v is None else v}`" for v in prop["enum"])
     if "oneOf" in prop:
         return " or ".join(_type(p) for p in prop["oneOf"])
     t = prop.get("type", "")
@@ -55,7 +55,7 @@ def preset_fields() -> str:
     top = {k: v for k, v in props.items() if v.get("type") != "object"}
     out += ["## Top level", "", "| field | type | default | meaning |", "|---|---|---|---|"]
     out += _rows(top, "")
-    for section in ("model", "blocks", "weights"):
+    for section in ("model", "blocks", "weights", "preprocess"):
         out += ["", f"## {section}", "", props[section]["description"], ""]
         out += ["| field | type | default | meaning |", "|---|---|---|---|"]
         out += _rows(props[section]["properties"], f"{section}.")

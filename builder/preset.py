@@ -252,7 +252,8 @@ def schema() -> dict[str, Any]:
     model = data["properties"]["model"]["properties"]
     model["hidden_act"]["enum"] = registry.names("activation")
     for slot, prop in data["properties"]["blocks"]["properties"].items():
-        prop["enum"] = registry.names(slot)
+        # A slot whose default is null (the projector) may stay empty.
+        prop["enum"] = registry.names(slot) + ([None] if prop.get("default", "") is None else [])
     return data
 
 
@@ -333,6 +334,7 @@ def _semantic_errors(data: dict[str, Any]) -> list[tuple[Path_, str]]:
             )
         )
     found += _token_errors(preset)
+    found.extend(_preprocess_errors(preset))
     seen: dict[str, int] = {}
     for i, target in enumerate(preset.targets):
         if target.name in seen:
@@ -360,6 +362,14 @@ def _token_errors(preset: Preset) -> list[tuple[Path_, str]]:
             )
         )
     if m.output == "pooled":
+        if b.projector:
+            found.append(
+                (
+                    ("blocks", "projector"),
+                    f"{b.projector!r} projects the selected features, but model.output is "
+                    "'pooled'; set blocks.projector: null or model.output: features",
+                )
+            )
         if not m.post_layernorm:
             found.append(
                 (
@@ -378,6 +388,30 @@ def _token_errors(preset: Preset) -> list[tuple[Path_, str]]:
                 )
             )
     return found
+
+
+def _preprocess_errors(preset: Preset) -> list[tuple[Path_, str]]:
+    """The preprocessing must produce the square image the tower takes."""
+    m = preset.model
+    steps = preset.preprocess.resolved(m.image_size)
+    if steps.output_size == m.image_size:
+        return []
+    if steps.output_size is None:
+        return [
+            (
+                ("preprocess", "center_crop"),
+                "a shortest_edge resize without a center crop gives images of any aspect "
+                "ratio; the tower takes a square: set center_crop: true or resize: square",
+            )
+        ]
+    field = "crop_size" if steps.center_crop else "size"
+    return [
+        (
+            ("preprocess", field),
+            f"{steps.output_size} pixels, but model.image_size is {m.image_size}: the "
+            f"preprocessing must produce the image the tower takes",
+        )
+    ]
 
 
 def _where(raw: RawPreset, path: Path_) -> tuple[int, str]:

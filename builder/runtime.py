@@ -6,6 +6,7 @@ Needs only tvm and numpy (and safetensors to read the parameters): no torch.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,39 @@ class Encoder:
 
         x = tvm.runtime.tensor(self.check_input(pixel_values), self.device)
         return self._fn(x, *self._params).numpy()
+
+    def encode_images(
+        self,
+        images: Sequence[str | Path | Any],
+        batch_size: int = 8,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> np.ndarray:
+        """Image files or PIL images -> features (N, tokens, dim), in the order given.
+
+        Each image goes through the preprocessing the manifest records (the preset's
+        `preprocess` section, as HF's CLIPImageProcessorPil). Every path is checked before any
+        work starts: a missing or unreadable image is an `InputError` naming it (all of them at
+        once), never a silently shorter result. `progress(done, total)` is called after each
+        batch of at most `batch_size` images.
+        """
+        from . import preprocess
+
+        if "preprocess" not in self.manifest:
+            raise ValueError(f"{self.folder}: the manifest records no preprocessing; rebuild it")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        images = list(images)
+        if not images:
+            raise ValueError("no images given")
+        preprocess.check_images(images)
+        steps = preprocess.steps_from_manifest(self.manifest)
+        out = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            out.append(self(preprocess.preprocess_batch(chunk, steps, first=start)))
+            if progress is not None:
+                progress(start + len(chunk), len(images))
+        return np.concatenate(out)
 
     def __repr__(self) -> str:
         return (

@@ -71,6 +71,9 @@ def test_manifest_records_what_was_built(tmp_path):
     ]
     assert manifest["outputs"][0]["shape"] == ["batch", 10, 32]
     assert manifest["weights"]["kind"] == "random" and manifest["weights"]["seed"] == 0
+    assert manifest["dtype"] == manifest["params"]["dtype"] == "float32"
+    steps = manifest["preprocess"]
+    assert (steps["size"], steps["crop_size"], steps["resample"]) == (30, 30, "bicubic")
     assert set(manifest["files"]) == {"lib.so", "params.safetensors"}
     for name, entry in manifest["files"].items():
         blob = (art / name).read_bytes()

@@ -31,6 +31,13 @@ SELECTIONS = [
     ["model.feature_layer=[-2,-3]"],
     ["model.feature_layer=[3,1]", "model.post_layernorm=true"],
     ["model.feature_layer=-2", "model.feature_select_strategy=default"],
+    ["model.feature_layer=-1", "model.feature_select_strategy=default"],
+    ["model.feature_layer=[-2,-3]", "model.feature_select_strategy=default"],
+    [
+        "model.feature_layer=[0,-1]",
+        "model.post_layernorm=true",
+        "model.feature_select_strategy=default",
+    ],
 ]
 
 

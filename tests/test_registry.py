@@ -51,7 +51,10 @@ def test_wrong_slot_is_an_error():
 @pytest.mark.unit
 def test_every_slot_has_a_default_block():
     for f in dataclasses.fields(BlocksConfig):
-        assert registry.get(f.default, f.name).kind == f.name
+        if f.default is None:  # an optional slot (the projector): empty unless a preset sets it
+            assert registry.names(f.name), f.name
+        else:
+            assert registry.get(f.default, f.name).kind == f.name
 
 
 def _instantiate(block: registry.BlockType) -> nn.Module:
@@ -65,7 +68,9 @@ def _instantiate(block: registry.BlockType) -> nn.Module:
 def _input_spec(block: registry.BlockType) -> nn.spec.Tensor:
     if block.kind in ("embeddings", "model", "transformer"):
         return nn.spec.Tensor(["batch", 3, CONFIG.image_size, CONFIG.image_size], "float32")
-    width = CONFIG.intermediate_size if block.kind == "activation" else CONFIG.hidden_size
+    width = {"activation": CONFIG.intermediate_size, "projector": CONFIG.output_dim}.get(
+        block.kind, CONFIG.hidden_size
+    )
     return nn.spec.Tensor(["batch", CONFIG.num_patches + 1, width], "float32")
 
 
@@ -140,3 +145,17 @@ def test_full_tower_names_cover_every_layer():
     full = parameter_shapes(full_tower(CONFIG), BlocksConfig())
     assert "vision_model.post_layernorm.weight" in full
     assert any(".layers.2." in n for n in full)
+
+
+@pytest.mark.ir
+def test_projector_names_are_llava_keys():
+    """With blocks.projector, the top module holds HF's `multi_modal_projector`; its input is
+    hidden_size times the number of selected layers."""
+    config = dataclasses.replace(CONFIG, feature_layer=[-2, -3], projector_hidden_size=48)
+    _, params = export(config, BlocksConfig(projector="mlp2x_gelu"))
+    names = dict(params)
+    assert names["multi_modal_projector.linear_1.weight"] == (48, 2 * CONFIG.hidden_size)
+    assert names["multi_modal_projector.linear_1.bias"] == (48,)
+    assert names["multi_modal_projector.linear_2.weight"] == (48, 48)
+    assert names["multi_modal_projector.linear_2.bias"] == (48,)
+    assert len(names) == 4 + 5 + 16 * 2

@@ -12,6 +12,7 @@ from builder.assemble import output_shape
 from builder.config import (
     BlocksConfig,
     CLIPVisionConfig,
+    PreprocessConfig,
     Preset,
     TargetConfig,
     WeightsConfig,
@@ -48,6 +49,7 @@ def _defaults(cls) -> dict:
         (BlocksConfig, PROPS["blocks"]),
         (WeightsConfig, PROPS["weights"]),
         (TargetConfig, TARGET_MAP),
+        (PreprocessConfig, PROPS["preprocess"]),
     ],
     ids=lambda x: getattr(x, "__name__", ""),
 )
@@ -93,8 +95,9 @@ def test_numbers_are_bounded_and_strings_enumerated_or_patterned():
 def test_schema_choices_are_the_builtin_registry():
     assert PROPS["model"]["properties"]["hidden_act"]["enum"] == registry.names("activation")
     for slot, prop in PROPS["blocks"]["properties"].items():
-        assert prop["enum"] == registry.names(slot), slot
-        assert prop["default"] in registry.names(slot)
+        optional = [None] if prop["default"] is None else []  # the projector may be absent
+        assert prop["enum"] == registry.names(slot) + optional, slot
+        assert prop["default"] in registry.names(slot) + optional
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)

@@ -12,6 +12,7 @@ from tvm.relax.frontend.nn import Tensor, op
 
 from ..config import BlocksConfig, CLIPVisionConfig
 from ..registry import class_tokens, create, register
+from .common import Linear, in_float32
 
 
 def make_norm(config: CLIPVisionConfig, blocks: BlocksConfig) -> nn.Module:
@@ -30,8 +31,14 @@ def patch_conv(config: CLIPVisionConfig, bias: bool) -> nn.Conv2D:
 
 
 def patch_tokens(conv: nn.Conv2D, pixel_values: Tensor) -> Tensor:
-    """Pixels -> one token per patch, (B, P, D), with P = grid * grid in row-major order."""
-    patches = conv(pixel_values)  # (B, D, grid, grid)
+    """Pixels -> one token per patch, (B, P, D), with P = grid * grid in row-major order. The
+    conv runs in float32 whatever the build's dtype (its weights are cast)."""
+
+    def run(x: Tensor, weight: Tensor, *bias: Tensor) -> Tensor:
+        return op.conv2d(x, weight, *bias, stride=conv.stride, padding=conv.padding)
+
+    bias = [conv.bias] if conv.bias is not None else []
+    patches = in_float32(run, pixel_values, conv.weight, *bias)  # (B, D, grid, grid)
     b, d = patches.shape[0], patches.shape[1]
     patches = op.reshape(patches, (b, d, -1))  # (B, D, P)
     return op.permute_dims(patches, (0, 2, 1))  # (B, P, D)
@@ -72,10 +79,10 @@ class CLIPAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
         d = config.hidden_size
-        self.q_proj = nn.Linear(d, d)
-        self.k_proj = nn.Linear(d, d)
-        self.v_proj = nn.Linear(d, d)
-        self.out_proj = nn.Linear(d, d)
+        self.q_proj = Linear(d, d)
+        self.k_proj = Linear(d, d)
+        self.v_proj = Linear(d, d)
+        self.out_proj = Linear(d, d)
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         b, s, d = hidden_states.shape
@@ -83,7 +90,8 @@ class CLIPAttention(nn.Module):
         q = op.reshape(self.q_proj(hidden_states), (b, s, h, hd))  # (B, S, H, hd)
         k = op.reshape(self.k_proj(hidden_states), (b, s, h, hd))
         v = op.reshape(self.v_proj(hidden_states), (b, s, h, hd))
-        out = op.scaled_dot_product_attention(q, k, v)  # (B, S, H, hd); scale 1/sqrt(hd)
+        # (B, S, H, hd); scale 1/sqrt(hd); softmax and sums in float32 in half precision
+        out = in_float32(op.scaled_dot_product_attention, q, k, v)
         return self.out_proj(op.reshape(out, (b, s, d)))  # (B, S, D)
 
 
@@ -92,9 +100,9 @@ class CLIPMLP(nn.Module):
     """fc1 -> the configured activation -> fc2."""
 
     def __init__(self, config: CLIPVisionConfig, blocks: BlocksConfig):
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc1 = Linear(config.hidden_size, config.intermediate_size)
         self.activation_fn = create(config.hidden_act, "activation")
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.fc2 = Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         return self.fc2(self.activation_fn(self.fc1(hidden_states)))
@@ -168,8 +176,9 @@ class CLIPVisionTransformer(nn.Module):
 
 @register("clip_vision_model", kind="model")
 class CLIPVisionModel(nn.Module):
-    """The top module: selects the feature layer(s) and the tokens a language model gets, or
-    returns the pooled vector of the tower's head."""
+    """The top module: selects the feature layer(s) and the tokens a language model gets, then
+    applies the projector if `blocks.projector` names one; or returns the pooled vector of the
+    tower's head."""
 
     # The features feed a language model's projector: keep them at full precision.
     no_quantization: bool = True
@@ -180,14 +189,23 @@ class CLIPVisionModel(nn.Module):
         # The preset check refuses "default" when the embeddings have no class token.
         default = config.feature_select_strategy == "default"
         self.drop_tokens = class_tokens(blocks.embeddings) if default else 0
+        # The compute dtype; `Module.to(dtype)` updates it with the parameters. Pixels come in
+        # and features go out as float32 whatever it is.
+        self.dtype = "float32"
         self.vision_model = create(blocks.transformer, "transformer", config, blocks)
+        # LLaVA's name for it, so its parameters are the checkpoint's keys.
+        self.multi_modal_projector = (
+            create(blocks.projector, "projector", config, blocks) if blocks.projector else None
+        )
 
     def forward(self, pixel_values: Tensor) -> Tensor:
-        states = self.vision_model(pixel_values)
+        states = self.vision_model(pixel_values.astype(self.dtype))
         if self.pooled:
-            return self.vision_model.head(states[-1])  # (B, D)
+            return self.vision_model.head(states[-1]).astype("float32")  # (B, D)
         picked = [states[i] for i in self.feature_layers]
         features = picked[0] if len(picked) == 1 else op.concat(picked, dim=-1)  # (B, T, D * n)
         if self.drop_tokens:
             features = op.split(features, [self.drop_tokens], axis=1)[1]  # (B, P, D * n)
-        return features
+        if self.multi_modal_projector is not None:
+            features = self.multi_modal_projector(features)  # (B, P, W)
+        return features.astype("float32")

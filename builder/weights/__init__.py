@@ -25,6 +25,6 @@ def load_weights(
             "note": "random weights, not a trained model",
         }
         return random_weights(shapes, source.seed), info
-    check_config(source.path, preset.model)
+    check_config(source.path, preset.model, preset.blocks.projector)
     known = parameter_shapes(full_tower(preset.model), preset.blocks)
     return read_tower(source.path, shapes, known)

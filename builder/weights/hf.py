@@ -25,6 +25,11 @@ from .safetensors_io import SafetensorsFile
 
 ANCHOR = "embeddings.patch_embedding.weight"
 OUR_PREFIX = "vision_model."
+# LLaVA's projector: `multi_modal_projector.` at the top in transformers 4 hub files and
+# transformers 5 save_pretrained, `model.multi_modal_projector.` in files written from the
+# transformers >= 4.52 module tree; found by this anchor, like the tower.
+PROJECTOR_ANCHOR = "linear_1.weight"
+OUR_PROJECTOR = "multi_modal_projector."
 INDEX = "model.safetensors.index.json"
 # Buffers some transformers 4 files carry; they are not parameters.
 BUFFERS = ("embeddings.position_ids",)
@@ -44,6 +49,8 @@ LLAVA_FIELDS = {
     "vision_feature_layer": "feature_layer",
     "vision_feature_select_strategy": "feature_select_strategy",
 }
+# LlavaConfig fields that the `mlp2x_gelu` projector fixes.
+PROJECTOR_FIELDS = {"projector_hidden_act": "gelu", "multimodal_projector_bias": True}
 HF_ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 
 
@@ -102,29 +109,50 @@ def tower_prefix(ckpt: Checkpoint) -> str:
     return found[0]
 
 
+def projector_prefix(ckpt: Checkpoint) -> str:
+    anchor = OUR_PROJECTOR + PROJECTOR_ANCHOR
+    found = sorted(k[: -len(PROJECTOR_ANCHOR)] for k in ckpt.keys if k.endswith(anchor))
+    if not found:
+        raise InputError(
+            f"{ckpt.root}: no LLaVA projector (no key ends with {anchor!r}), but the preset "
+            "sets blocks.projector; set blocks.projector=null for the tower's features alone"
+        )
+    if len(found) > 1:
+        raise InputError(f"{ckpt.root}: several LLaVA projectors, under prefixes {found}")
+    return found[0]
+
+
 def read_tower(
     path: str | Path,
     needed: dict[str, tuple[int, ...]],
     known: dict[str, tuple[int, ...]],
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Fill every parameter in `needed` exactly once from the checkpoint.
+    """Fill every parameter in `needed` exactly once from the checkpoint: the tower's, and
+    LLaVA's projector's when the preset has one.
 
     `known` holds every parameter of the full tower: keys for parameters that exist but are
     not computed (layers after the feature layer, an unused post-LayerNorm) are skipped;
     a vision key outside `known` is an error, as is a missing key or a shape mismatch.
     """
     ckpt = open_checkpoint(path)
-    prefix = tower_prefix(ckpt)
+    # (checkpoint prefix, our prefix); the projector first: the tower's prefix may be "".
+    sections = [(tower_prefix(ckpt), OUR_PREFIX)]
+    if any(name.startswith(OUR_PROJECTOR) for name in needed):
+        sections.insert(0, (projector_prefix(ckpt), OUR_PROJECTOR))
     errors: list[str] = []
-    tower_keys = {k: f for k, f in ckpt.keys.items() if k.startswith(prefix)}
     plan: dict[str, tuple[str, SafetensorsFile]] = {}
-    skipped = 0
+    skipped = used = 0
     misshapen: set[str] = set()
-    for key, shard in sorted(tower_keys.items()):
-        local = key[len(prefix) :]
+    for key, shard in sorted(ckpt.keys.items()):
+        section = next(((t, o) for t, o in sections if key.startswith(t)), None)
+        if section is None:
+            continue
+        theirs, ours = section
+        used += 1
+        local = key[len(theirs) :]
         if local in BUFFERS:
             continue
-        name = OUR_PREFIX + local
+        name = ours + local
         if name not in known:
             errors.append(f"{shard.path}: unexpected vision key {key!r}")
             continue
@@ -139,9 +167,9 @@ def read_tower(
             plan[name] = (key, shard)
         else:
             skipped += 1
-    missing = sorted(set(needed) - set(plan) - misshapen)
-    for name in missing:
-        errors.append(f"{ckpt.root}: missing key {prefix + name[len(OUR_PREFIX) :]!r}")
+    for name in sorted(set(needed) - set(plan) - misshapen):
+        theirs, ours = next((t, o) for t, o in sections if name.startswith(o))
+        errors.append(f"{ckpt.root}: missing key {theirs + name[len(ours) :]!r}")
     if errors:
         raise InputError(errors)
     arrays = {name: shard.read(key) for name, (key, shard) in plan.items()}
@@ -149,15 +177,18 @@ def read_tower(
         "kind": "hf",
         "path": str(Path(path).resolve()),
         "files": [f.name for f in ckpt.files],
-        "prefix": prefix,
+        "prefix": sections[-1][0],
         "skipped_keys": skipped,
-        "ignored_non_vision_keys": len(ckpt.keys) - len(tower_keys),
+        "ignored_non_vision_keys": len(ckpt.keys) - used,
     }
+    if len(sections) > 1:
+        info["projector_prefix"] = sections[0][0]
     return arrays, info
 
 
-def check_config(path: str | Path, model: CLIPVisionConfig) -> None:
-    """Compare the tower fields of the checkpoint's config.json (if any) with the preset."""
+def check_config(path: str | Path, model: CLIPVisionConfig, projector: str | None = None) -> None:
+    """Compare the tower fields of the checkpoint's config.json (if any) with the preset,
+    and LLaVA's projector fields when the preset has a projector."""
     root = Path(path)
     config_path = (root if root.is_dir() else root.parent) / "config.json"
     if not config_path.is_file():
@@ -174,6 +205,16 @@ def check_config(path: str | Path, model: CLIPVisionConfig) -> None:
     pairs = [(where + f, vision.get(f), f) for f in TOWER_FIELDS if isinstance(vision, dict)]
     pairs += [(f, cfg.get(f), ours) for f, ours in LLAVA_FIELDS.items()]
     errors = []
+    if projector:
+        text = cfg.get("text_config")
+        width = text.get("hidden_size") if isinstance(text, dict) else None
+        pairs.append(("text_config.hidden_size", width, "projector_hidden_size"))
+        for theirs_name, want in PROJECTOR_FIELDS.items():
+            if cfg.get(theirs_name, want) != want:
+                errors.append(
+                    f"{config_path}: {theirs_name} is {cfg[theirs_name]!r}; blocks.projector "
+                    f"{projector!r} has {theirs_name} {want!r}"
+                )
     for theirs_name, theirs, ours_name in pairs:
         if theirs is None:
             continue
