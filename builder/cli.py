@@ -3,6 +3,7 @@
     build PRESET [KEY=VALUE ...] [--out DIR] [--target NAME ...]   build every listed target
     build show PRESET [KEY=VALUE ...]                               the resolved preset as YAML
     build check PRESET [PRESET ...] [KEY=VALUE ...]                 validate only
+    build verify ARTIFACT [ARTIFACT ...]                            hash an artifact's files
     build list                                                      presets and block types
 
 Exit codes: 0 done, 1 a failure while building, 2 bad input (usage, preset, override).
@@ -18,12 +19,12 @@ from pathlib import Path
 
 import yaml
 
-from . import __version__, registry, resources
+from . import __version__, artifact, registry, resources
 from .build import DEFAULT_OUT, build
 from .errors import BuilderError, InputError
 from .preset import find_preset, load_preset, read_preset
 
-COMMANDS = ("build", "show", "check", "list")
+COMMANDS = ("build", "show", "check", "list", "verify")
 
 
 def _err(*lines: str) -> None:
@@ -57,6 +58,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--target", action="append", metavar="NAME", help="build only this target (repeatable)"
     )
+    p.add_argument(
+        "--force", action="store_true", help="rebuild even if the build cache holds the result"
+    )
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="hash a cached artifact's files before reusing it (default: sizes and times)",
+    )
     p.add_argument("--verbose", action="store_true", help="show a traceback on a build failure")
 
     p = sub.add_parser("show", help="print the resolved, validated preset as YAML")
@@ -67,6 +76,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("args", nargs="+", metavar="PRESET|KEY=VALUE")
 
     sub.add_parser("list", help="list shipped presets and registered block types")
+
+    p = sub.add_parser(
+        "verify", help="check artifact folders: every file's sha256, and the TVM version"
+    )
+    p.add_argument("artifacts", nargs="+", type=Path, metavar="ARTIFACT")
     return top
 
 
@@ -80,7 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     args = parser.parse_args(argv)
     try:
-        return {"build": _build, "show": _show, "check": _check, "list": _list}[args.command](args)
+        commands = {"build": _build, "show": _show, "check": _check, "list": _list}
+        return {**commands, "verify": _verify}[args.command](args)
     except InputError as e:
         _err(*e.lines)
         return 2
@@ -108,7 +123,10 @@ def _build(args: argparse.Namespace) -> int:
     )
     if preset.weights.is_random:
         _err(f"weights: RANDOM init (seed {preset.weights.seed}), not a trained model")
-    for b in build(preset, args.out, args.target, progress=_err):
+    found = build(
+        preset, args.out, args.target, progress=_err, force=args.force, verify=args.verify
+    )
+    for b in found:
         print(b.path)
     return 0
 
@@ -130,6 +148,19 @@ def _check(args: argparse.Namespace) -> int:
             _err(f"{f}: ok")
         except InputError as e:
             errors.extend(e.lines)
+    if errors:
+        raise InputError(errors)
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    errors: list[str] = []
+    for folder in args.artifacts:
+        try:
+            artifact.check(folder.resolve(), full=True)
+            _err(f"{folder}: ok")
+        except (InputError, FileNotFoundError, ValueError) as e:
+            errors.extend(e.lines if isinstance(e, InputError) else [str(e)])
     if errors:
         raise InputError(errors)
     return 0

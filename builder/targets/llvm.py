@@ -11,6 +11,8 @@ from tvm.target import codegen
 from ..config import TargetConfig
 
 LIBRARY = "lib.so"
+# Part of the build cache key: bump it whenever compile() changes what it produces.
+PIPELINE_VERSION = 1
 
 
 def host_cores() -> int:

@@ -90,6 +90,14 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     return ckpt
 
 
+def checkpoint_files(path: str | Path) -> list[Path]:
+    """Every file a build reads from the checkpoint at `path`: its safetensors files, and its
+    index and config.json where present (the build cache hashes them)."""
+    ckpt = open_checkpoint(path)
+    extra = [ckpt.root / INDEX, ckpt.root / "config.json"]
+    return ckpt.files + [f for f in extra if f.is_file()]
+
+
 def tower_prefix(ckpt: Checkpoint) -> str:
     found = sorted(k[: -len(ANCHOR)] for k in ckpt.keys if k.endswith(ANCHOR))
     if not found:
