@@ -70,7 +70,12 @@ class RawPreset:
 def format_path(path: Iterable[str | int]) -> str:
     out = ""
     for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        if isinstance(part, str) and (not part.isprintable() or not part.strip()):
+            out += f"[{part!r}]"  # a control character would break the line it is printed on
+        elif isinstance(part, int) or not isinstance(part, str):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else part
     return out or "(top level)"
 
 
@@ -154,8 +159,13 @@ def read_preset(path: Path) -> RawPreset:
         line = mark.line + 1 if mark else 1
         problem = " ".join(str(x) for x in (e.context, e.problem) if x)
         raise InputError(f"{file}:{line}: invalid YAML: {problem}") from e
+    except yaml.reader.ReaderError as e:
+        line = text.count("\n", 0, e.position) + 1
+        raise InputError(
+            f"{file}:{line}: invalid YAML: character {e.character!r} is not allowed"
+        ) from e
     except yaml.YAMLError as e:
-        raise InputError(f"{file}: invalid YAML: {e}") from e
+        raise InputError(f"{file}: invalid YAML: {' '.join(str(e).split())}") from e
     if not isinstance(data, dict):
         raise InputError(
             f"{file}:1: (top level): expected a mapping of fields, got {type(data).__name__}"
