@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,6 +136,27 @@ def _target(
     return Built(entry.name, final, seconds, cached=not why)
 
 
+@contextmanager
+def _noting_interrupts() -> Iterator[list[int]]:
+    """A list that gets an entry when SIGINT arrives. A Ctrl-C that lands in Python code
+    called back from TVM's C++ surfaces as a bare RuntimeError; this tells it apart."""
+    main = threading.current_thread() is threading.main_thread()
+    if not main or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield []  # Python's Ctrl-C handling is not in charge here: leave it alone
+        return
+    seen: list[int] = []
+
+    def note(signum: int, frame: Any) -> None:
+        seen.append(signum)
+        signal.default_int_handler(signum, frame)
+
+    previous = signal.signal(signal.SIGINT, note)
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _compile_into(
     folder: Path,
     preset: Preset,
@@ -146,10 +170,13 @@ def _compile_into(
     target, options = kind.tvm_target(entry)
     t0 = time.perf_counter()
     progress(f"[{entry.name}] compiling for {options}")
-    try:
-        executable = kind.compile(mod, target)
-    except Exception as e:  # TVM raises many types; the message is what matters
-        raise BuilderError(f"[{entry.name}] compile failed: {type(e).__name__}: {e}") from e
+    with _noting_interrupts() as interrupted:
+        try:
+            executable = kind.compile(mod, target)
+        except Exception as e:  # TVM raises many types; the message is what matters
+            if interrupted:
+                raise KeyboardInterrupt from e
+            raise BuilderError(f"[{entry.name}] compile failed: {type(e).__name__}: {e}") from e
     progress(f"[{entry.name}] compiled [{time.perf_counter() - t0:.1f} s]")
     order = [name for name, _ in params]
     executable.export_library(str(folder / kind.LIBRARY))
