@@ -197,7 +197,8 @@ class Cache:
         if not folder.is_dir():
             return
         for p in folder.iterdir():
-            if not p.name.startswith(".") or ".tmp-" not in p.name and ".old-" not in p.name:
+            leftover = p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name)
+            if not leftover:
                 continue
             key = p.name[1:].split(".", 1)[0]
             fd = try_locked(self.root / "locks" / f"{key}.lock")
