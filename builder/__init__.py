@@ -7,6 +7,7 @@ features = enc(pixel_values)  # float32 NCHW numpy -> numpy
 
 __version__ = "0.1.0"
 
+from .errors import ArtifactError  # noqa: E402
 from .runtime import Encoder, load  # noqa: E402
 
-__all__ = ["Encoder", "load", "__version__"]
+__all__ = ["ArtifactError", "Encoder", "load", "__version__"]

@@ -1,8 +1,11 @@
 """The artifact folder: `OUT/<preset>/<target>/` holding the library, the parameters and
-`manifest.json`.
+`manifest.json`; writing it atomically, and checking it against its manifest.
 
-A folder is written under a temporary name beside its final place and renamed into place
-only when complete, so a failed build leaves nothing half-written.
+A folder is written under a temporary name and renamed into place only when complete. In the
+output folder, `OUT/<preset>/<target>` is a symbolic link to a sibling version folder
+`.<target>.v-XXXX`; publishing a new version swaps the link with one atomic rename, so a
+reader, or a build killed at any moment, sees the old artifact or the new one, never a mix
+and never none. Leftovers of a killed build are removed by the next publish of that target.
 """
 
 from __future__ import annotations
@@ -10,14 +13,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import secrets
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import safetensors.numpy
+
+from .errors import ArtifactError
+from .locking import locked
 
 MANIFEST = "manifest.json"
 PARAMS = "params.safetensors"
@@ -61,7 +70,7 @@ def load_params(folder: Path, order: list[str]) -> list[np.ndarray]:
 
 
 @contextmanager
-def staging(final: Path):
+def staging(final: Path) -> Iterator[Path]:
     """Yield a temporary folder beside `final`; on success it replaces `final`."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
@@ -89,9 +98,13 @@ def _publishable(folder: Path) -> None:
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    """Add the sha256 and size of every file in `folder`, then write the manifest."""
+    """Add the size, sha256 and modification time of every file in `folder`, then write the
+    manifest. Call it last: the times are those of the finished files."""
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != MANIFEST)
-    manifest["files"] = {p.name: {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in files}
+    manifest["files"] = {
+        p.name: {"bytes": p.stat().st_size, "sha256": sha256(p), "mtime_ns": p.stat().st_mtime_ns}
+        for p in files
+    }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
 
 
@@ -106,3 +119,124 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{path}: format {manifest.get('format')!r}, this builder reads {FORMAT}")
     return manifest
+
+
+# --- verifying -----------------------------------------------------------------------------
+
+
+def verify(folder: Path, manifest: dict[str, Any], full: bool = False) -> None:
+    """Check every file the manifest lists. Fast path: the size, and the modification time
+    recorded when the file was written; a file whose time differs (a copy, a touch) or
+    `full=True` is hashed. Raises `ArtifactError` naming the first bad file."""
+    files = manifest.get("files")
+    needed = {manifest.get("library"), manifest.get("params", {}).get("file")}
+    if not isinstance(files, dict) or not needed <= set(files):
+        raise ArtifactError(
+            f"{folder / MANIFEST}: 'files' does not list {sorted(map(str, needed))}"
+        )
+    for name, entry in sorted(files.items()):
+        path = folder / name
+        well_formed = isinstance(entry, dict) and isinstance(entry.get("bytes"), int)
+        if "/" in name or name.startswith(".") or not well_formed or "sha256" not in entry:
+            raise ArtifactError(f"{folder / MANIFEST}: files: malformed entry {name!r}")
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            raise ArtifactError(f"{path}: missing; the manifest lists it") from None
+        if stat.st_size != entry["bytes"]:
+            raise ArtifactError(
+                f"{path}: {stat.st_size} bytes, the manifest says {entry['bytes']}: "
+                "truncated or replaced; rebuild the artifact"
+            )
+        hash_it = full or stat.st_mtime_ns != entry.get("mtime_ns")
+        if hash_it and sha256(path) != entry["sha256"]:
+            raise ArtifactError(
+                f"{path}: sha256 differs from the manifest's: modified since it was "
+                "built; rebuild the artifact"
+            )
+
+
+def check(folder: Path, full: bool = False) -> dict[str, Any]:
+    """The manifest of `folder`, once the folder matches it (`verify`) and the running TVM
+    is the one that built it; else `ArtifactError` naming the file."""
+    import tvm
+
+    manifest = read_manifest(folder)
+    built_with = manifest.get("versions", {}).get("tvm")
+    if built_with != tvm.__version__:
+        raise ArtifactError(
+            f"{folder / MANIFEST}: built with TVM {built_with}, this is TVM "
+            f"{tvm.__version__}; rebuild the artifact"
+        )
+    verify(folder, manifest, full)
+    return manifest
+
+
+# --- publishing ----------------------------------------------------------------------------
+
+
+def _leftover(final: Path) -> re.Pattern[str]:
+    # Names are `.<target>.(tmp|v|link)-<hex>`; a target name may hold dots, a suffix not.
+    return re.compile(rf"\.{re.escape(final.name)}\.(tmp|v|link)-[0-9a-f]+")
+
+
+def current_version(final: Path) -> Path | None:
+    """The version folder that `final` links to (None if `final` is not a link)."""
+    return final.parent / os.readlink(final) if final.is_symlink() else None
+
+
+def sweep(final: Path) -> None:
+    """Remove what killed builds left beside `final`: temporary folders and links, and
+    version folders that `final` does not link to. Call it holding the publish lock."""
+    if not final.parent.is_dir():
+        return
+    keep = current_version(final)
+    pattern = _leftover(final)
+    for p in final.parent.iterdir():
+        if pattern.fullmatch(p.name) and p != keep:
+            if p.is_symlink() or not p.is_dir():
+                p.unlink(missing_ok=True)
+            else:
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def _fill(src: Path, dst: Path) -> None:
+    """Hard-link (same file system) or copy, keeping modification times, every file."""
+    for f in sorted(src.iterdir()):
+        try:
+            os.link(f, dst / f.name)
+        except OSError:
+            shutil.copy2(f, dst / f.name)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(src: Path, final: Path, lock: Path) -> None:
+    """Make `final` a link to a new version folder holding `src`'s files, atomically.
+
+    The files are hard links where possible, so publishing a 1 GB artifact takes
+    milliseconds. `lock` serializes publishers of the same `final`."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with locked(lock):
+        sweep(final)
+        tag = secrets.token_hex(4)
+        tmp = final.parent / f".{final.name}.tmp-{tag}"
+        tmp.mkdir()
+        _fill(src, tmp)
+        version = tmp.rename(final.parent / f".{final.name}.v-{tag}")
+        link = final.parent / f".{final.name}.link-{tag}"
+        link.symlink_to(version.name)
+        old = current_version(final)
+        if final.is_dir() and not final.is_symlink():
+            # A real folder (written before links were used): moved aside once, not atomic.
+            old = final.rename(final.parent / f".{final.name}.v-{secrets.token_hex(4)}")
+        os.replace(link, final)
+        _fsync_dir(final.parent)
+        if old is not None and old != version and _leftover(final).fullmatch(old.name):
+            shutil.rmtree(old, ignore_errors=True)

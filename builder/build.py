@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,7 @@ from tvm import relax
 
 from . import __version__, artifact, targets
 from .assemble import ENTRY, INPUT_NAME, export, input_shape, output_shape
+from .cache import Cache
 from .config import Preset, TargetConfig
 from .errors import BuilderError, InputError
 from .weights import load_weights
@@ -30,6 +34,7 @@ class Built:
     target: str
     path: Path
     seconds: float
+    cached: bool = False
 
 
 def _quiet(_: str) -> None:
@@ -51,24 +56,87 @@ def build(
     out: Path = DEFAULT_OUT,
     only: list[str] | None = None,
     progress: Progress = _quiet,
+    force: bool = False,
+    verify: bool = False,
+    cache: Cache | None = None,
 ) -> list[Built]:
-    """Assemble, load weights, then compile and write every selected target."""
+    """Every selected target: reused from the build cache when its key is there (hashing
+    the cached files first with `verify`), else assembled, compiled and stored; then
+    published to `out/<preset>/<target>`. `force` rebuilds whatever the cache holds."""
     chosen = select_targets(preset, only)
-    model = preset.model
-    t0 = time.perf_counter()
-    mod, params = export(model, preset.blocks, preset.dtype)
-    shapes = dict(params)
-    count = sum(int(np.prod(s)) for s in shapes.values())
-    progress(
-        f"assembled {len(params)} parameters ({count / 1e6:.1f} M), "
-        f"{model.num_layers_computed} of {model.num_hidden_layers} layers computed"
-    )
-    arrays, source = load_weights(preset, shapes)
-    what = f"random init (seed {source['seed']})" if source["kind"] == "random" else source["path"]
-    progress(f"weights: {what} [{time.perf_counter() - t0:.1f} s]")
+    cache = cache if cache is not None else Cache()
+    cache.sweep()
+    digest = cache.weights_digest(preset)  # a bad checkpoint path fails here, before any work
+    inputs = _Inputs(preset, progress)
     return [
-        _build_target(preset, entry, mod, params, arrays, source, out, progress) for entry in chosen
+        _target(preset, entry, digest, inputs, cache, out, progress, force, verify)
+        for entry in chosen
     ]
+
+
+class _Inputs:
+    """The exported module and the weights, made on first need (a cache hit needs neither)."""
+
+    def __init__(self, preset: Preset, progress: Progress):
+        self.preset = preset
+        self.progress = progress
+        self._made: tuple[Any, ...] | None = None
+
+    def get(self) -> tuple[tvm.IRModule, list[tuple[str, tuple[int, ...]]], dict, dict]:
+        if self._made is None:
+            model = self.preset.model
+            t0 = time.perf_counter()
+            mod, params = export(model, self.preset.blocks, self.preset.dtype)
+            shapes = dict(params)
+            count = sum(int(np.prod(s)) for s in shapes.values())
+            self.progress(
+                f"assembled {len(params)} parameters ({count / 1e6:.1f} M), "
+                f"{model.num_layers_computed} of {model.num_hidden_layers} layers computed"
+            )
+            arrays, source = load_weights(self.preset, shapes)
+            what = (
+                f"random init (seed {source['seed']})"
+                if source["kind"] == "random"
+                else source["path"]
+            )
+            self.progress(f"weights: {what} [{time.perf_counter() - t0:.1f} s]")
+            self._made = (mod, params, arrays, source)
+        return self._made
+
+
+def _target(
+    preset: Preset,
+    entry: TargetConfig,
+    digest: dict[str, Any],
+    inputs: _Inputs,
+    cache: Cache,
+    out: Path,
+    progress: Progress,
+    force: bool,
+    verify: bool,
+) -> Built:
+    t0 = time.perf_counter()
+    kind = targets.pipeline(entry.kind)
+    _, options = kind.tvm_target(entry)
+    key = cache.key(preset, entry, options, kind, digest)
+    final = out / preset.name / entry.name
+
+    def waiting() -> None:
+        progress(f"[{entry.name}] waiting for another build of the same key {key[:12]}")
+
+    with cache.lock(key, waiting):
+        folder, why = (None, "--force") if force else cache.lookup(key, verify)
+        if folder is None:
+            progress(f"[{entry.name}] building ({why}; cache key {key[:12]})")
+            with cache.store(key) as tmp:
+                _compile_into(tmp, preset, entry, key, inputs, progress)
+            folder = cache.entry(key)
+        else:
+            progress(f"[{entry.name}] cache hit {key[:12]}")
+        artifact.publish(folder, final, cache.out_lock(final))
+    seconds = time.perf_counter() - t0
+    progress(f"[{entry.name}] wrote {final} [{seconds:.1f} s]")
+    return Built(entry.name, final, seconds, cached=not why)
 
 
 def pack_params(
@@ -85,69 +153,86 @@ def pack_params(
     return names, {name: t.numpy() for name, t in zip(names, packed, strict=True)}
 
 
-def _build_target(
+@contextmanager
+def _noting_interrupts() -> Iterator[list[int]]:
+    """A list that gets an entry when SIGINT arrives. A Ctrl-C that lands in Python code
+    called back from TVM's C++ surfaces as a bare RuntimeError; this tells it apart."""
+    main = threading.current_thread() is threading.main_thread()
+    if not main or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield []  # Python's Ctrl-C handling is not in charge here: leave it alone
+        return
+    seen: list[int] = []
+
+    def note(signum: int, frame: Any) -> None:
+        seen.append(signum)
+        signal.default_int_handler(signum, frame)
+
+    previous = signal.signal(signal.SIGINT, note)
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _compile_into(
+    folder: Path,
     preset: Preset,
     entry: TargetConfig,
-    mod: tvm.IRModule,
-    params: list[tuple[str, tuple[int, ...]]],
-    arrays: dict[str, np.ndarray],
-    source: dict[str, Any],
-    out: Path,
+    key: str,
+    inputs: _Inputs,
     progress: Progress,
-) -> Built:
-    t0 = time.perf_counter()
+) -> None:
+    mod, params, arrays, source = inputs.get()
     kind = targets.pipeline(entry.kind)
     target, options = kind.tvm_target(entry)
+    t0 = time.perf_counter()
     progress(f"[{entry.name}] compiling for {options}")
-    try:
-        executable = kind.compile(mod, target)
-    except Exception as e:  # TVM raises many types; the message is what matters
-        raise BuilderError(f"[{entry.name}] compile failed: {type(e).__name__}: {e}") from e
+    with _noting_interrupts() as interrupted:
+        try:
+            executable = kind.compile(mod, target)
+        except Exception as e:  # TVM raises many types; the message is what matters
+            if interrupted:
+                raise KeyboardInterrupt from e
+            raise BuilderError(f"[{entry.name}] compile failed: {type(e).__name__}: {e}") from e
     progress(f"[{entry.name}] compiled [{time.perf_counter() - t0:.1f} s]")
-    final = out / preset.name / entry.name
     # In the build's dtype before packing: `transform_params` takes what `forward` takes.
     arrays = artifact.cast_params(arrays, preset.dtype)
     order, stored = pack_params(executable, [name for name, _ in params], arrays)
     if stored is not arrays:
         progress(f"[{entry.name}] packed weights [{time.perf_counter() - t0:.1f} s]")
-    with artifact.staging(final) as tmp:
-        executable.export_library(str(tmp / kind.LIBRARY))
-        artifact.save_params(tmp, order, stored)
-        manifest = {
-            "format": artifact.FORMAT,
-            "preset": preset.name,
-            "resolved_preset": preset.to_dict(),
-            "target": {"name": entry.name, "kind": entry.kind, "options": options},
-            "versions": {
-                "builder": __version__,
-                "tvm": tvm.__version__,
-                "tvm_ffi": tvm_ffi.__version__,
-            },
-            "library": kind.LIBRARY,
-            "entry": ENTRY,
-            "inputs": [
-                {"name": INPUT_NAME, "shape": input_shape(preset.model), "dtype": "float32"}
-            ],
-            "outputs": [
-                {
-                    "name": preset.model.output,
-                    "shape": output_shape(preset.model, preset.blocks),
-                    "dtype": "float32",
-                }
-            ],
-            "params": {
-                "file": artifact.PARAMS,
-                "order": order,
-                "dtype": preset.dtype,
-                "packed_at_build": stored is not arrays,
-            },
-            # Parameters and computation; pixel values and features are float32 regardless.
+    executable.export_library(str(folder / kind.LIBRARY))
+    artifact.save_params(folder, order, stored)
+    manifest = {
+        "format": artifact.FORMAT,
+        "preset": preset.name,
+        "resolved_preset": preset.to_dict(),
+        "target": {"name": entry.name, "kind": entry.kind, "options": options},
+        "versions": {
+            "builder": __version__,
+            "tvm": tvm.__version__,
+            "tvm_ffi": tvm_ffi.__version__,
+        },
+        "cache_key": key,
+        "library": kind.LIBRARY,
+        "entry": ENTRY,
+        "inputs": [{"name": INPUT_NAME, "shape": input_shape(preset.model), "dtype": "float32"}],
+        "outputs": [
+            {
+                "name": preset.model.output,
+                "shape": output_shape(preset.model, preset.blocks),
+                "dtype": "float32",
+            }
+        ],
+        "params": {
+            "file": artifact.PARAMS,
+            "order": order,
             "dtype": preset.dtype,
-            "weights": source,
-            # What `Encoder.encode_images` and `build run` apply to an image file.
-            "preprocess": dataclasses.asdict(preset.preprocess.resolved(preset.model.image_size)),
-        }
-        artifact.write_manifest(tmp, manifest)
-    seconds = time.perf_counter() - t0
-    progress(f"[{entry.name}] wrote {final} [{seconds:.1f} s]")
-    return Built(entry.name, final, seconds)
+            "packed_at_build": stored is not arrays,
+        },
+        # Parameters and computation; pixel values and features are float32 regardless.
+        "dtype": preset.dtype,
+        "weights": source,
+        # What `Encoder.encode_images` and `build run` apply to an image file.
+        "preprocess": dataclasses.asdict(preset.preprocess.resolved(preset.model.image_size)),
+    }
+    artifact.write_manifest(folder, manifest)

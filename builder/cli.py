@@ -3,6 +3,7 @@
     build PRESET [KEY=VALUE ...] [--out DIR] [--target NAME ...]   build every listed target
     build show PRESET [KEY=VALUE ...]                               the resolved preset as YAML
     build check PRESET [PRESET ...] [KEY=VALUE ...]                 validate only
+    build verify ARTIFACT [ARTIFACT ...]                            hash an artifact's files
     build list                                                      presets and block types
     build import CONFIG.json --out PRESET.yaml [--force]            a preset from an HF config
 
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from . import __version__, registry, resources
+from . import __version__, artifact, registry, resources
 from .build import DEFAULT_OUT, build
 from .errors import BuilderError, InputError
 from .hf_import import import_config, render
@@ -32,7 +33,7 @@ from .plugins import load_plugins
 from .preset import RawPreset, find_preset, load_preset, read_preset, validate
 from .run import RunRequest, record_path, run_images
 
-COMMANDS = ("build", "show", "check", "list", "import", "run", "bench")
+COMMANDS = ("build", "show", "check", "list", "import", "run", "bench", "verify")
 
 
 def _err(*lines: str) -> None:
@@ -65,6 +66,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--target", action="append", metavar="NAME", help="build only this target (repeatable)"
+    )
+    p.add_argument(
+        "--force", action="store_true", help="rebuild even if the build cache holds the result"
+    )
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="hash a cached artifact's files before reusing it (default: sizes and times)",
     )
     p.add_argument("--verbose", action="store_true", help="show a traceback on a build failure")
     _plugin_option(p)
@@ -107,6 +116,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=8, help="images per call (default: %(default)s)")
     p.add_argument("--threads", type=int, help="CPU threads (default: every core available)")
     p.add_argument("--verbose", action="store_true", help="show a traceback on a failure")
+
+    p = sub.add_parser(
+        "verify", help="check artifact folders: every file's sha256, and the TVM version"
+    )
+    p.add_argument("artifacts", nargs="+", type=Path, metavar="ARTIFACT")
     return top
 
 
@@ -158,7 +172,10 @@ def _build(args: argparse.Namespace) -> int:
     )
     if preset.weights.is_random:
         _err(f"weights: RANDOM init (seed {preset.weights.seed}), not a trained model")
-    for b in build(preset, args.out, args.target, progress=_err):
+    found = build(
+        preset, args.out, args.target, progress=_err, force=args.force, verify=args.verify
+    )
+    for b in found:
         print(b.path)
     return 0
 
@@ -194,6 +211,19 @@ def _check(args: argparse.Namespace) -> int:
             _err(f"{f}: ok")
         except InputError as e:
             errors.extend(e.lines)
+    if errors:
+        raise InputError(errors)
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    errors: list[str] = []
+    for folder in args.artifacts:
+        try:
+            artifact.check(folder.resolve(), full=True)
+            _err(f"{folder}: ok")
+        except (InputError, FileNotFoundError, ValueError) as e:
+            errors.extend(e.lines if isinstance(e, InputError) else [str(e)])
     if errors:
         raise InputError(errors)
     return 0
@@ -266,6 +296,7 @@ COMMAND_FUNCTIONS = {
     "import": _import,
     "run": _run,
     "bench": _bench,
+    "verify": _verify,
 }
 
 if __name__ == "__main__":

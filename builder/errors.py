@@ -17,3 +17,8 @@ class InputError(BuilderError):
     def __init__(self, lines: list[str] | str):
         self.lines = [lines] if isinstance(lines, str) else list(lines)
         super().__init__("\n".join(self.lines))
+
+
+class ArtifactError(InputError, ValueError):
+    """An artifact folder that does not match its manifest (a file modified, truncated or
+    missing) or was built by another TVM version; the message names the file."""

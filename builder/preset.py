@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -76,7 +77,12 @@ class RawPreset:
 def format_path(path: Iterable[str | int]) -> str:
     out = ""
     for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        if isinstance(part, str) and (not part.isprintable() or not part.strip()):
+            out += f"[{part!r}]"  # a control character would break the line it is printed on
+        elif isinstance(part, int) or not isinstance(part, str):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else part
     return out or "(top level)"
 
 
@@ -166,8 +172,13 @@ def _read_file(path: Path) -> RawPreset:
         line = mark.line + 1 if mark else 1
         problem = " ".join(str(x) for x in (e.context, e.problem) if x)
         raise InputError(f"{file}:{line}: invalid YAML: {problem}") from e
+    except yaml.reader.ReaderError as e:
+        line = text.count("\n", 0, e.position) + 1
+        raise InputError(
+            f"{file}:{line}: invalid YAML: character {e.character!r} is not allowed"
+        ) from e
     except yaml.YAMLError as e:
-        raise InputError(f"{file}: invalid YAML: {e}") from e
+        raise InputError(f"{file}: invalid YAML: {' '.join(str(e).split())}") from e
     if not isinstance(data, dict):
         raise InputError(
             f"{file}:1: (top level): expected a mapping of fields, got {type(data).__name__}"
@@ -257,12 +268,40 @@ def schema() -> dict[str, Any]:
     return data
 
 
+def _strict_integer(checker: Any, instance: Any) -> bool:
+    # JSON Schema counts 1024.0 and 1e12 as integers; a float must never become a size.
+    return isinstance(instance, int) and not isinstance(instance, bool)
+
+
+_Validator = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator,
+    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine("integer", _strict_integer),
+)
+
+
+def _non_finite(node: Any, path: Path_ = ()) -> list[tuple[Path_, str]]:
+    # NaN passes every bound ('minimum', 'maximum') because it compares false.
+    if isinstance(node, float) and not math.isfinite(node):
+        return [(path, f"{node!r} is not a finite number")]
+    if isinstance(node, dict):
+        return [e for k, v in node.items() for e in _non_finite(v, path + (k,))]
+    if isinstance(node, list):
+        return [e for i, v in enumerate(node) for e in _non_finite(v, path + (i,))]
+    return []
+
+
 def _schema_errors(data: dict[str, Any]) -> list[tuple[Path_, str]]:
-    validator = jsonschema.Draft202012Validator(schema())
-    found: list[tuple[Path_, str]] = []
-    for err in validator.iter_errors(data):
-        found.extend(_describe(err))
-    return found
+    found = [(path, msg, True) for path, msg in _non_finite(data)]
+    for err in _Validator(schema()).iter_errors(data):
+        found.extend((path, msg, err.validator == "type") for path, msg in _describe(err))
+    # A value of the wrong kind gets one line, not its bounds too ("1e12" is not an integer).
+    typed = {path for path, _, is_type in found if is_type}
+    out: list[tuple[Path_, str]] = []
+    for path, msg, is_type in found:
+        if path in typed and (not is_type or any(path == p for p, _ in out)):
+            continue
+        out.append((path, msg))
+    return out
 
 
 def _describe(err: ValidationError) -> list[tuple[Path_, str]]:
@@ -283,6 +322,12 @@ def _describe(err: ValidationError) -> list[tuple[Path_, str]]:
             hint = f", did you mean {format_path(path + (near[0],))!r}?" if near else ""
             out.append((path + (key,), f"unknown key{hint or f'; allowed: {allowed}'}"))
         return out
+    if (
+        err.validator == "type"
+        and isinstance(err.instance, float)
+        and "integer" in str(err.validator_value)
+    ):
+        return [(path, f"{err.instance!r} is not an integer (write it without '.' or 'e')")]
     if err.validator == "enum":
         hint = registry.close_matches(str(err.instance), [str(x) for x in err.validator_value])
         return [(path, f"{err.instance!r} is not one of {err.validator_value}{hint}")]

@@ -35,25 +35,31 @@ def set_threads(threads: int | None) -> int:
 
 
 class Encoder:
-    """A loaded artifact. Call it with pixel values of shape (batch, C, H, W), float32."""
+    """A loaded artifact. Call it with pixel values of shape (batch, C, H, W), float32.
 
-    def __init__(self, folder: str | Path, threads: int | None = None):
+    Loading checks the artifact against its manifest (`artifact.verify`: sizes and times,
+    every byte with `verify=True`) and the TVM version it was built with, and raises
+    `ArtifactError` naming the file on a mismatch."""
+
+    def __init__(self, folder: str | Path, threads: int | None = None, verify: bool = False):
         self.folder = Path(folder)
-        self.manifest: dict[str, Any] = artifact.read_manifest(self.folder)
+        # Read one version: a build publishing meanwhile swaps the link, not these files.
+        here = self.folder.resolve()
         self.threads = set_threads(threads)
         import tvm  # after set_threads: the pool reads the variable when it starts
         from tvm import relax
 
+        self.manifest: dict[str, Any] = artifact.check(here, full=verify)
         target = self.manifest["target"]
         if target["kind"] != "llvm":
             raise ValueError(f"{self.folder}: a {target['kind']} artifact; this runtime runs llvm")
         self.device = tvm.cpu()
-        lib = tvm.runtime.load_module(str(self.folder / self.manifest["library"]))
+        lib = tvm.runtime.load_module(str(here / self.manifest["library"]))
         self.vm = relax.VirtualMachine(lib, self.device)
         self._fn = self.vm[self.manifest["entry"]]
         order = self.manifest["params"]["order"]
         self._params = [
-            tvm.runtime.tensor(a, self.device) for a in artifact.load_params(self.folder, order)
+            tvm.runtime.tensor(a, self.device) for a in artifact.load_params(here, order)
         ]
         spec = self.manifest["inputs"][0]
         self.input_shape: list[int | str] = spec["shape"]
@@ -123,6 +129,7 @@ class Encoder:
         )
 
 
-def load(folder: str | Path, threads: int | None = None) -> Encoder:
-    """Load an artifact folder written by `build` (e.g. `artifacts/llava-clip/llvm`)."""
-    return Encoder(folder, threads)
+def load(folder: str | Path, threads: int | None = None, verify: bool = False) -> Encoder:
+    """Load an artifact folder written by `build` (e.g. `artifacts/llava-clip/llvm`).
+    `verify=True` hashes every file instead of trusting unchanged sizes and times."""
+    return Encoder(folder, threads, verify)

@@ -29,6 +29,14 @@ TINY = {
 }
 
 
+@pytest.fixture(autouse=True)
+def build_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own empty build cache (never the user's), subprocesses included."""
+    folder = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("BUILDER_CACHE_DIR", str(folder))
+    return folder
+
+
 def tiny_overrides(**extra: Any) -> list[str]:
     fields = {**TINY, **extra}
     return [f"model.{k}={v}" for k, v in fields.items()]

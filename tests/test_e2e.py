@@ -21,6 +21,10 @@ from .conftest import REPO, expected_features, pixels, tiny_overrides
 pytestmark = pytest.mark.e2e
 
 
+def visible(folder) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+
+
 def cli(*argv: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "builder", *argv], capture_output=True, text=True, cwd=REPO
@@ -77,8 +81,12 @@ def test_manifest_records_what_was_built(tmp_path):
     assert set(manifest["files"]) == {"lib.so", "params.safetensors"}
     for name, entry in manifest["files"].items():
         blob = (art / name).read_bytes()
-        assert entry == {"bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
-    assert sorted(p.name for p in tmp_path.joinpath("clip-vit-b-32").iterdir()) == ["llvm"]
+        assert entry == {
+            "bytes": len(blob),
+            "sha256": hashlib.sha256(blob).hexdigest(),
+            "mtime_ns": (art / name).stat().st_mtime_ns,
+        }
+    assert visible(tmp_path / "clip-vit-b-32") == ["llvm"]
 
 
 def test_random_init_is_deterministic_and_seeded(tmp_path):
@@ -90,6 +98,7 @@ def test_random_init_is_deterministic_and_seeded(tmp_path):
                     "clip-vit-b-32",
                     *tiny_overrides(),
                     f"weights.seed={seed}",
+                    "--force",  # not the cached result of the same key
                     "--out",
                     str(tmp_path / name),
                 ]
@@ -124,9 +133,9 @@ def test_failed_write_keeps_the_old_artifact(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(builder.artifact, "save_params", broken)
-    assert main(["clip-vit-b-32", *tiny_overrides(), "--out", str(tmp_path)]) == 1
+    assert main(["clip-vit-b-32", *tiny_overrides(), "--out", str(tmp_path), "--force"]) == 1
     assert (art / "manifest.json").read_text() == before
-    assert sorted(p.name for p in art.parent.iterdir()) == ["llvm"]
+    assert visible(art.parent) == ["llvm"]
     assert builder.load(art)(pixels(1, 30)).shape == (1, 10, 32)
 
 

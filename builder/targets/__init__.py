@@ -3,7 +3,8 @@
 - `tvm_target(entry)`: the `tvm.target.Target` for a preset's target entry, and the resolved
   options to record in the manifest (`mcpu: host` becomes the detected CPU);
 - `compile(mod, target)`: the compile pipeline, IRModule -> `tvm.runtime.Executable`;
-- `LIBRARY`: the file name of the exported library.
+- `LIBRARY`: the file name of the exported library;
+- `PIPELINE_VERSION`: an integer in the build cache key, bumped when `compile` changes.
 
 The compile pipeline of a kind is one replaceable function.
 """

@@ -12,6 +12,8 @@ from ..config import TargetConfig
 from .cpu import compile_cpu
 
 LIBRARY = "lib.so"
+# Part of the build cache key: bump it whenever compile() changes what it produces.
+PIPELINE_VERSION = 1
 
 
 def host_cores() -> int:

@@ -63,6 +63,8 @@ class Checkpoint:
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
     """A checkpoint folder (single or sharded) or one .safetensors file."""
+    if "\x00" in str(path):
+        raise InputError(f"{str(path)!r}: a path cannot hold a NUL byte")
     root = Path(path)
     if root.is_file():
         if root.suffix != ".safetensors":
@@ -75,9 +77,13 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-                files = [root / name for name in sorted(set(weight_map.values()))]
+                names = sorted(set(weight_map.values()))
+                files = [root / name for name in names]
             except (ValueError, KeyError, TypeError, AttributeError) as e:
                 raise InputError(f"{index}: not a safetensors index (no 'weight_map')") from e
+            outside = [n for n in names if Path(n).name != n or n in ("", ".", "..")]
+            if outside:
+                raise InputError(f"{index}: shard names must be files beside it, got {outside}")
             missing = [str(f) for f in files if not f.is_file()]
             if missing:
                 raise InputError(f"{index}: lists shards that are not there: {missing}")
@@ -95,6 +101,14 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         for key in shard.entries:
             ckpt.keys[key] = shard
     return ckpt
+
+
+def checkpoint_files(path: str | Path) -> list[Path]:
+    """Every file a build reads from the checkpoint at `path`: its safetensors files, and its
+    index and config.json where present (the build cache hashes them)."""
+    ckpt = open_checkpoint(path)
+    extra = [ckpt.root / INDEX, ckpt.root / "config.json"]
+    return ckpt.files + [f for f in extra if f.is_file()]
 
 
 def tower_prefix(ckpt: Checkpoint) -> str:
@@ -219,7 +233,7 @@ def check_config(path: str | Path, model: CLIPVisionConfig, projector: str | Non
         if theirs is None:
             continue
         ours = getattr(model, ours_name)
-        if ours_name == "hidden_act":
+        if ours_name == "hidden_act" and isinstance(theirs, str):
             theirs = HF_ACTIVATIONS.get(theirs, theirs)
         numbers = all(
             isinstance(x, (int, float)) and not isinstance(x, bool) for x in (theirs, ours)

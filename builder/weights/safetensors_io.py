@@ -16,6 +16,23 @@ _FLOAT_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "BF16"
 MAX_HEADER = 100 << 20
 
 
+def _ints(value: object, count: int | None = None) -> bool:
+    return (
+        isinstance(value, list)
+        and (count is None or len(value) == count)
+        and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in value)
+    )
+
+
+def _well_formed(entry: object) -> bool:
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("dtype"), str)
+        and _ints(entry.get("shape"))
+        and _ints(entry.get("data_offsets"), 2)
+    )
+
+
 class SafetensorsFile:
     """The header of one file, read eagerly; tensors are read from a memory map on demand."""
 
@@ -43,7 +60,12 @@ class SafetensorsFile:
         self.file_size = path.stat().st_size
         self.entries: dict[str, dict] = meta
         for name, entry in meta.items():
-            begin, end = entry.get("data_offsets", (0, -1))
+            if not _well_formed(entry):
+                raise InputError(
+                    f"{path}: not a safetensors file (tensor {name!r} needs a dtype string, "
+                    "a shape of non-negative integers and two integer data_offsets)"
+                )
+            begin, end = entry["data_offsets"]
             if not 0 <= begin <= end or self.data_start + end > self.file_size:
                 raise InputError(
                     f"{path}: tensor {name!r} lies past the end of the file "

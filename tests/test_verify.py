@@ -1,0 +1,84 @@
+"""Verified loads: a modified, truncated or missing file, or another TVM version, is an
+`ArtifactError` naming the file; `build verify` reports it with exit 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import tvm
+
+import builder
+from builder import ArtifactError
+from builder.build import build
+from builder.cache import Cache
+from builder.cli import main
+from builder.preset import load_preset
+
+from .conftest import tiny_overrides
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("verify")
+    (b,) = build(
+        load_preset("clip-vit-b-32", tiny_overrides()), root / "out", cache=Cache(root / "c")
+    )
+    return b.path.resolve()
+
+
+@pytest.fixture
+def art(built, tmp_path):
+    # copy2 keeps modification times: the copy passes the fast path like the original.
+    return shutil.copytree(built, tmp_path / "llvm")
+
+
+def test_intact_artifact_loads(art, capsys):
+    assert builder.load(art, verify=True).manifest["files"]
+    assert main(["verify", str(art)]) == 0
+    assert capsys.readouterr().err == f"{art}: ok\n"
+
+
+def test_truncated_file(art, capsys):
+    params = art / "params.safetensors"
+    size = params.stat().st_size
+    os.truncate(params, size - 10)
+    with pytest.raises(ArtifactError, match=f"{params}: {size - 10} bytes, the manifest says"):
+        builder.load(art)
+    assert main(["verify", str(art)]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"{params}: ") and "truncated" in line
+
+
+def test_modified_file(art):
+    lib = art / "lib.so"
+    stat = lib.stat()
+    blob = bytearray(lib.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    lib.write_bytes(bytes(blob))
+    with pytest.raises(ArtifactError, match=f"{lib}: sha256 differs"):
+        builder.load(art)  # a new modification time: hashed even without verify
+    os.utime(lib, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    builder.load(art)  # same size and time: the fast path trusts it
+    with pytest.raises(ArtifactError, match=f"{lib}: sha256 differs"):
+        builder.load(art, verify=True)
+
+
+def test_missing_file_and_other_tvm(art, capsys):
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["versions"]["tvm"] = "0.26.0"
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=r"manifest.json: built with TVM 0.26.0, this is TVM"):
+        builder.load(art)
+    assert main(["verify", str(art)]) == 2
+    assert "built with TVM 0.26.0" in capsys.readouterr().err
+    manifest["versions"]["tvm"] = tvm.__version__
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    (art / "params.safetensors").unlink()
+    with pytest.raises(ArtifactError, match=r"params.safetensors: missing"):
+        builder.load(art)
+    assert isinstance(ArtifactError("x"), ValueError)
