@@ -12,7 +12,7 @@ import numpy as np
 import tvm
 import tvm_ffi
 
-from . import __version__, artifact, targets
+from . import __version__, artifact, precision, targets
 from .assemble import ENTRY, INPUT_NAME, export, input_shape, output_shape
 from .config import Preset, TargetConfig
 from .errors import BuilderError, InputError
@@ -27,6 +27,23 @@ class Built:
     target: str
     path: Path
     seconds: float
+
+
+@dataclass
+class Failed:
+    target: str
+    reason: str
+
+
+class TargetsFailed(BuilderError):
+    """Some targets could not be built; the others were written."""
+
+    def __init__(self, built: list[Built], failed: list[Failed]):
+        self.built, self.failed = built, failed
+        total = len(built) + len(failed)
+        lines = [f"{len(failed)} of {total} targets failed:"]
+        lines += [f"  [{f.target}] {f.reason}" for f in failed]
+        super().__init__("\n".join(lines))
 
 
 def _quiet(_: str) -> None:
@@ -63,9 +80,19 @@ def build(
     arrays, source = load_weights(preset, shapes)
     what = f"random init (seed {source['seed']})" if source["kind"] == "random" else source["path"]
     progress(f"weights: {what} [{time.perf_counter() - t0:.1f} s]")
-    return [
-        _build_target(preset, entry, mod, params, arrays, source, out, progress) for entry in chosen
-    ]
+    built: list[Built] = []
+    failed: list[Failed] = []
+    # Each target on its own: one that cannot be built does not stop the others.
+    for entry in chosen:
+        try:
+            built.append(_build_target(preset, entry, mod, params, arrays, source, out, progress))
+        except Exception as e:  # reported per target, then raised for them all
+            reason = str(e) if isinstance(e, BuilderError) else f"{type(e).__name__}: {e}"
+            progress(f"[{entry.name}] FAILED: {reason}")
+            failed.append(Failed(entry.name, reason))
+    if failed:
+        raise TargetsFailed(built, failed)
+    return built
 
 
 def _build_target(
@@ -80,23 +107,35 @@ def _build_target(
 ) -> Built:
     t0 = time.perf_counter()
     kind = targets.pipeline(entry.kind)
+    lacking = kind.missing(entry)
+    if lacking:
+        raise BuilderError(f"cannot build on this machine: {'; '.join(lacking)}")
     target, options = kind.tvm_target(entry)
-    progress(f"[{entry.name}] compiling for {options}")
+    progress(f"[{entry.name}] compiling for {options}, precision {entry.precision}")
     try:
-        executable = kind.compile(mod, target)
+        executable = kind.compile(precision.apply(mod, entry.precision), target)
     except Exception as e:  # TVM raises many types; the message is what matters
-        raise BuilderError(f"[{entry.name}] compile failed: {type(e).__name__}: {e}") from e
+        raise BuilderError(f"compile failed: {type(e).__name__}: {e}") from e
     progress(f"[{entry.name}] compiled [{time.perf_counter() - t0:.1f} s]")
     final = out / preset.name / entry.name
     order = [name for name, _ in params]
     with artifact.staging(final) as tmp:
-        executable.export_library(str(tmp / kind.LIBRARY))
+        try:
+            kind.export(executable, tmp / kind.LIBRARY, entry)
+        except Exception as e:
+            raise BuilderError(f"export failed: {type(e).__name__}: {e}") from e
         artifact.save_params(tmp, order, arrays)
         manifest = {
             "format": artifact.FORMAT,
             "preset": preset.name,
             "resolved_preset": preset.to_dict(),
-            "target": {"name": entry.name, "kind": entry.kind, "options": options},
+            "target": {
+                "name": entry.name,
+                "kind": entry.kind,
+                "precision": entry.precision,
+                "options": options,
+            },
+            "runs_on": kind.runs_on(entry, options, tmp / kind.LIBRARY),
             "versions": {
                 "builder": __version__,
                 "tvm": tvm.__version__,

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from . import artifact
+from . import artifact, devices
 
 THREADS_ENV = "TVM_NUM_THREADS"
 
@@ -43,10 +43,7 @@ class Encoder:
         import tvm  # after set_threads: the pool reads the variable when it starts
         from tvm import relax
 
-        target = self.manifest["target"]
-        if target["kind"] != "llvm":
-            raise ValueError(f"{self.folder}: a {target['kind']} artifact; this runtime runs llvm")
-        self.device = tvm.cpu()
+        self.device = devices.open_device(self.folder, self.manifest)
         lib = tvm.runtime.load_module(str(self.folder / self.manifest["library"]))
         self._vm = relax.VirtualMachine(lib, self.device)
         self._fn = self._vm[self.manifest["entry"]]
