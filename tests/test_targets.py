@@ -110,6 +110,33 @@ def test_gencode_has_a_cubin_per_arch_and_ptx_of_the_newest():
     ]
 
 
+def _packed(fmt: bytes, data: bytes) -> bytes:
+    """A packed module tree as TVM writes it: an executable, the library, a cuda module."""
+
+    def string(b: bytes) -> bytes:
+        return struct.pack("<Q", len(b)) + b
+
+    fmap = struct.pack("<Q", 1) + string(b"k") + string(b"k") + struct.pack("<Q", 0) * 3
+    tree = struct.pack("<8Q", 4, 0, 1, 2, 2, 2, 1, 2)  # row_ptr, child_indices
+    body = tree + string(b"relax.VMExecutable") + string(b"exec") + string(b"_lib")
+    body += string(b"cuda") + string(string(fmt) + fmap + string(data))
+    return struct.pack("<Q", len(body)) + body
+
+
+@pytest.mark.unit
+def test_rewrite_replaces_source_or_a_single_arch_binary():
+    def fake_nvcc(source: str) -> bytes:
+        return b"FATBIN(" + source.encode() + b")"
+
+    out = device_code.rewrite_cuda_modules(_packed(b"cuda", b"__global__ k"), fake_nvcc)
+    assert out == _packed(b"cubin", b"FATBIN(__global__ k)")
+    # A CUDA runtime that compiled for one arch already: the source comes from the module.
+    out = device_code.rewrite_cuda_modules(_packed(b"cubin", b"\x7fELF"), fake_nvcc, ["src"])
+    assert out == _packed(b"cubin", b"FATBIN(src)")
+    with pytest.raises(ValueError, match="holds 'ptx' and no CUDA source"):
+        device_code.rewrite_cuda_modules(_packed(b"ptx", b"//"), fake_nvcc)
+
+
 # --- the three artifacts -------------------------------------------------------------------
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import tvm
@@ -106,9 +106,13 @@ def _string(data: bytes) -> bytes:
     return _U64.pack(len(data)) + data
 
 
-def rewrite_cuda_modules(packed: bytes, compile_source: Callable[[str], bytes]) -> bytes:
-    """The packed module tree with every `cuda` module's source replaced by
-    `compile_source(source)`, labelled `cubin`."""
+def rewrite_cuda_modules(
+    packed: bytes, compile_source: Callable[[str], bytes], sources: Sequence[str] = ()
+) -> bytes:
+    """The packed module tree with every `cuda` module's device code replaced by
+    `compile_source(source)`, labelled `cubin`. The source is the module's own data when it
+    holds source (format `cuda`); else `sources[i]` for the i-th cuda module (a CUDA runtime
+    that compiled it already for one arch keeps the source beside the binary)."""
     r = _Reader(packed)
     size = r.u64()
     if size != len(packed) - 8:
@@ -118,6 +122,7 @@ def rewrite_cuda_modules(packed: bytes, compile_source: Callable[[str], bytes]) 
         count = r.u64()  # read before `r.pos +=`, which would use the old position
         r.pos += 8 * count
     out = [packed[head_start : r.pos]]
+    seen = 0
     while r.pos < len(packed):
         kind = r.bytes_()
         out.append(_string(kind))
@@ -125,29 +130,33 @@ def rewrite_cuda_modules(packed: bytes, compile_source: Callable[[str], bytes]) 
             continue
         payload = r.bytes_()
         if kind == b"cuda":
-            payload = _rewrite_cuda(payload, compile_source)
+            source = sources[seen] if seen < len(sources) else None
+            payload = _rewrite_cuda(payload, compile_source, source)
+            seen += 1
         out.append(_string(payload))
     body = b"".join(out)
     return _U64.pack(len(body)) + body
 
 
-def _rewrite_cuda(payload: bytes, compile_source: Callable[[str], bytes]) -> bytes:
+def _rewrite_cuda(
+    payload: bytes, compile_source: Callable[[str], bytes], source: str | None
+) -> bytes:
     r = _Reader(payload)
     fmt = r.bytes_()
     fmap_start = r.pos
-    # The function map's layout is TVM's; the source is the last string, so find it from
-    # the end: its u64 length must lead to exactly the end of the payload.
+    # The function map's layout is TVM's; the data is the last string, so find it from the
+    # end: its u64 length must lead to exactly the end of the payload.
     for start in range(fmap_start, len(payload) - 7):
         (n,) = _U64.unpack_from(payload, start)
         if start + 8 + n == len(payload):
             break
     else:
-        raise ValueError("cuda module: cannot find its source")
-    if fmt != b"cuda":
-        raise ValueError(f"cuda module holds {fmt.decode()!r}, expected CUDA source ('cuda')")
-    source = payload[start + 8 :].decode()
-    binary = compile_source(source)
-    return _string(b"cubin") + payload[fmap_start:start] + _string(binary)
+        raise ValueError("cuda module: cannot find its device code")
+    if fmt == b"cuda":
+        source = payload[start + 8 :].decode()
+    elif not source:
+        raise ValueError(f"cuda module holds {fmt.decode()!r} and no CUDA source to compile")
+    return _string(b"cubin") + payload[fmap_start:start] + _string(compile_source(source))
 
 
 def pack_imports_compiled(archs: list[str]) -> Callable[..., str]:
@@ -156,7 +165,12 @@ def pack_imports_compiled(archs: list[str]) -> Callable[..., str]:
 
     def pack(mod: tvm.runtime.Module, is_system_lib: bool, prefix: str, workspace: str) -> str:
         packed = tvm_ffi.get_global_func("runtime.ModulePackImportsToTensor")(mod)
-        blob = rewrite_cuda_modules(packed.numpy().tobytes(), lambda s: compile_fatbin(s, archs))
+        cuda = mod._collect_from_import_tree(lambda m: m.kind == "cuda")
+        blob = rewrite_cuda_modules(
+            packed.numpy().tobytes(),
+            lambda source: compile_fatbin(source, archs),
+            [m.inspect_source() for m in cuda] if len(cuda) == 1 else [],
+        )
         # TVM's own C packing gives the symbol names and attributes; only the array changes.
         c_text = tvm_ffi.get_global_func("runtime.ModulePackImportsToC")(mod, is_system_lib, prefix)
         head, rest = c_text.split("] = {", 1)
