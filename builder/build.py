@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ class Built:
 class Failed:
     target: str
     reason: str
+    error: Exception | None = field(default=None, repr=False)
 
 
 class TargetsFailed(BuilderError):
@@ -89,7 +90,7 @@ def build(
         except Exception as e:  # reported per target, then raised for them all
             reason = str(e) if isinstance(e, BuilderError) else f"{type(e).__name__}: {e}"
             progress(f"[{entry.name}] FAILED: {reason}")
-            failed.append(Failed(entry.name, reason))
+            failed.append(Failed(entry.name, reason, e))
     if failed:
         raise TargetsFailed(built, failed)
     return built

@@ -113,6 +113,10 @@ def _build(args: argparse.Namespace) -> int:
     except TargetsFailed as e:
         for b in e.built:  # what was written, before the failures are reported
             print(b.path)
+        if args.verbose:
+            for f in e.failed:
+                _err(f"[{f.target}] traceback:")
+                traceback.print_exception(f.error)
         raise
     for b in built:
         print(b.path)

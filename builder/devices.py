@@ -4,6 +4,7 @@ this machine cannot run it (another CPU architecture, no GPU, a GPU too old)."""
 from __future__ import annotations
 
 import platform
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,7 @@ def open_device(folder: Path, manifest: dict[str, Any]) -> Any:
                 f"CUDA). It needs: {needs}"
             )
         have = _sm(dev.compute_version)
-        oldest = int(runs_on["min_arch"].split("_")[1].rstrip("abcdefghijklmnopqrstuvwxyz"))
+        oldest = int(re.match(r"sm_(\d+)", runs_on["min_arch"]).group(1))
         if have < oldest:
             raise ValueError(
                 f"{folder}: compiled for {runs_on['min_arch']} and newer; tvm.cuda(0) "
