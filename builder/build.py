@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ import tvm
 import tvm_ffi
 from tvm import relax
 
-from . import __version__, artifact, targets
+from . import __version__, artifact, precision, targets
 from .assemble import ENTRY, INPUT_NAME, export, input_shape, output_shape
 from .cache import Cache
 from .config import Preset, TargetConfig
@@ -35,6 +35,24 @@ class Built:
     path: Path
     seconds: float
     cached: bool = False
+
+
+@dataclass
+class Failed:
+    target: str
+    reason: str
+    error: Exception | None = field(default=None, repr=False)
+
+
+class TargetsFailed(BuilderError):
+    """Some targets could not be built; the others were written."""
+
+    def __init__(self, built: list[Built], failed: list[Failed]):
+        self.built, self.failed = built, failed
+        total = len(built) + len(failed)
+        lines = [f"{len(failed)} of {total} targets failed:"]
+        lines += [f"  [{f.target}] {f.reason}" for f in failed]
+        super().__init__("\n".join(lines))
 
 
 def _quiet(_: str) -> None:
@@ -68,10 +86,24 @@ def build(
     cache.sweep()
     digest = cache.weights_digest(preset)  # a bad checkpoint path fails here, before any work
     inputs = _Inputs(preset, progress)
-    return [
-        _target(preset, entry, digest, inputs, cache, out, progress, force, verify)
-        for entry in chosen
-    ]
+    built: list[Built] = []
+    failed: list[Failed] = []
+    # Each target on its own: one that cannot be built does not stop the others. Bad input
+    # (a checkpoint that does not fit the preset) is not a target's failure: it stops all.
+    for entry in chosen:
+        try:
+            built.append(
+                _target(preset, entry, digest, inputs, cache, out, progress, force, verify)
+            )
+        except (InputError, KeyboardInterrupt):
+            raise
+        except Exception as e:  # reported per target, then raised for them all
+            reason = str(e) if isinstance(e, BuilderError) else f"{type(e).__name__}: {e}"
+            progress(f"[{entry.name}] FAILED: {reason}")
+            failed.append(Failed(entry.name, reason, e))
+    if failed:
+        raise TargetsFailed(built, failed)
+    return built
 
 
 class _Inputs:
@@ -127,6 +159,9 @@ def _target(
     with cache.lock(key, waiting):
         folder, why = (None, "--force") if force else cache.lookup(key, verify)
         if folder is None:
+            lacking = kind.missing(entry)
+            if lacking:
+                raise BuilderError(f"cannot build on this machine: {'; '.join(lacking)}")
             progress(f"[{entry.name}] building ({why}; cache key {key[:12]})")
             with cache.store(key) as tmp:
                 _compile_into(tmp, preset, entry, key, inputs, progress)
@@ -186,27 +221,38 @@ def _compile_into(
     kind = targets.pipeline(entry.kind)
     target, options = kind.tvm_target(entry)
     t0 = time.perf_counter()
-    progress(f"[{entry.name}] compiling for {options}")
+    progress(f"[{entry.name}] compiling for {options}, precision {entry.precision}")
     with _noting_interrupts() as interrupted:
         try:
-            executable = kind.compile(mod, target)
+            executable = kind.compile(precision.apply(mod, entry.precision), target)
         except Exception as e:  # TVM raises many types; the message is what matters
             if interrupted:
                 raise KeyboardInterrupt from e
-            raise BuilderError(f"[{entry.name}] compile failed: {type(e).__name__}: {e}") from e
+            raise BuilderError(f"compile failed: {type(e).__name__}: {e}") from e
     progress(f"[{entry.name}] compiled [{time.perf_counter() - t0:.1f} s]")
     # In the build's dtype before packing: `transform_params` takes what `forward` takes.
     arrays = artifact.cast_params(arrays, preset.dtype)
-    order, stored = pack_params(executable, [name for name, _ in params], arrays)
-    if stored is not arrays:
+    order, stored = [name for name, _ in params], arrays
+    packing = kind.params_packing(entry)
+    if packing == "build":
+        order, stored = pack_params(executable, order, arrays)
         progress(f"[{entry.name}] packed weights [{time.perf_counter() - t0:.1f} s]")
-    executable.export_library(str(folder / kind.LIBRARY))
+    try:
+        kind.export(executable, folder / kind.LIBRARY, entry)
+    except Exception as e:
+        raise BuilderError(f"export failed: {type(e).__name__}: {e}") from e
     artifact.save_params(folder, order, stored)
     manifest = {
         "format": artifact.FORMAT,
         "preset": preset.name,
         "resolved_preset": preset.to_dict(),
-        "target": {"name": entry.name, "kind": entry.kind, "options": options},
+        "target": {
+            "name": entry.name,
+            "kind": entry.kind,
+            "precision": entry.precision,
+            "options": options,
+        },
+        "runs_on": kind.runs_on(entry, options, folder / kind.LIBRARY),
         "versions": {
             "builder": __version__,
             "tvm": tvm.__version__,
@@ -227,7 +273,8 @@ def _compile_into(
             "file": artifact.PARAMS,
             "order": order,
             "dtype": preset.dtype,
-            "packed_at_build": stored is not arrays,
+            # "build": stored packed; "load": the runtime calls transform_params on load.
+            "packing": packing,
         },
         # Parameters and computation; pixel values and features are float32 regardless.
         "dtype": preset.dtype,

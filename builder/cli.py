@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 
 from . import __version__, artifact, registry, resources
-from .build import DEFAULT_OUT, build
+from .build import DEFAULT_OUT, TargetsFailed, build
 from .errors import BuilderError, InputError
 from .hf_import import import_config, render
 from .plugins import load_plugins
@@ -172,10 +172,19 @@ def _build(args: argparse.Namespace) -> int:
     )
     if preset.weights.is_random:
         _err(f"weights: RANDOM init (seed {preset.weights.seed}), not a trained model")
-    found = build(
-        preset, args.out, args.target, progress=_err, force=args.force, verify=args.verify
-    )
-    for b in found:
+    try:
+        built = build(
+            preset, args.out, args.target, progress=_err, force=args.force, verify=args.verify
+        )
+    except TargetsFailed as e:
+        for b in e.built:  # what was written, before the failures are reported
+            print(b.path)
+        if args.verbose:
+            for f in e.failed:
+                _err(f"[{f.target}] traceback:")
+                traceback.print_exception(f.error)
+        raise
+    for b in built:
         print(b.path)
     return 0
 
@@ -243,9 +252,16 @@ def _list(args: argparse.Namespace) -> int:
         for block in registry.all_blocks():
             if block.kind == kind:
                 print(f"  {kind}: {block.name:24} {block.summary}")
+    from .config import KNOWN_TARGETS
     from .targets import KINDS
 
-    print(f"targets: {', '.join(sorted(KINDS))}")
+    print("target kinds (what an artifact is, what builds and runs it):")
+    for name, kind in KINDS.items():
+        print(f"  {name:8} {kind.DESCRIPTION}")
+    print("target names a preset may list bare:")
+    for name, entry in KNOWN_TARGETS.items():
+        options = ", ".join(f"{k}: {v}" for k, v in entry.items() if k != "name")
+        print(f"  {name:8} {options}")
     return 0
 
 

@@ -179,6 +179,13 @@ class TargetConfig:
     mattr: list[str] = field(default_factory=list)
     # Threads the compiled code is tuned for; the runtime thread count is set when loading.
     num_cores: int | None = None
+    # cuda: the GPU architectures to compile for, a cubin each, plus PTX of the newest so that
+    # later GPUs can run it too. No default on purpose: a wrong-arch default builds code that
+    # a GPU refuses to load.
+    arch: list[str] = field(default_factory=list)
+    # "float16": TVM's mixed precision (matmuls and convolutions take float16 inputs and
+    # accumulate in float32); the artifact's inputs, outputs and parameters stay float32.
+    precision: str = "float32"
 
 
 @dataclass
@@ -200,13 +207,34 @@ class Preset:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["model"].pop("kwargs")
+        # Only the options a target's kind reads, so that the result is a valid preset again.
+        data["targets"] = [
+            {k: v for k, v in t.items() if k in COMMON_TARGET_FIELDS + KIND_FIELDS[t["kind"]]}
+            for t in data["targets"]
+        ]
         return data
 
 
 # A target written as a bare name in a preset (`targets: [llvm]`) expands to this entry.
 KNOWN_TARGETS: dict[str, dict[str, Any]] = {
     "llvm": {"name": "llvm", "kind": "llvm", "mcpu": "host"},
+    "cuda": {"name": "cuda", "kind": "cuda", "arch": ["sm_80", "sm_90"]},
+    "aarch64": {
+        "name": "aarch64",
+        "kind": "llvm",
+        "mtriple": "aarch64-linux-gnu",
+        "mcpu": "generic",
+    },
 }
+
+
+# The target options each kind reads, beside `name`, `kind` and `precision`; a preset that
+# sets another is told so rather than silently ignored.
+KIND_FIELDS: dict[str, tuple[str, ...]] = {
+    "llvm": ("mcpu", "mtriple", "mattr", "num_cores"),
+    "cuda": ("arch",),
+}
+COMMON_TARGET_FIELDS = ("name", "kind", "precision")
 
 
 def preset_from_dict(data: dict[str, Any]) -> Preset:

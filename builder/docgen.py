@@ -32,6 +32,11 @@ def _type(prop: dict[str, Any]) -> str:
     return t + (f" ({', '.join(bounds)})" if bounds else "")
 
 
+def _flow(value: Any) -> str:
+    """A value as YAML flow style writes it: `[sm_80, sm_90]`."""
+    return f"[{', '.join(map(str, value))}]" if isinstance(value, list) else str(value)
+
+
 def _rows(props: dict[str, Any], prefix: str) -> list[str]:
     rows = []
     for name, prop in props.items():
@@ -61,10 +66,13 @@ def preset_fields() -> str:
         out += _rows(props[section]["properties"], f"{section}.")
     target = next(b for b in props["targets"]["items"]["oneOf"] if b["type"] == "object")
     out += ["", "## targets", "", props["targets"]["description"], ""]
-    out += [
-        "A bare name expands to its entry: `llvm` is `{name: llvm, kind: llvm, mcpu: host}`.",
-        "",
-    ]
+    from .config import KNOWN_TARGETS
+
+    out += ["A bare name expands to its entry:", ""]
+    for name, entry in KNOWN_TARGETS.items():
+        fields = ", ".join(f"{k}: {_flow(v)}" for k, v in entry.items())
+        out.append(f"- `{name}` is `{{{fields}}}`")
+    out.append("")
     out += ["| field | type | default | meaning |", "|---|---|---|---|"]
     out += _rows(target["properties"], "targets[].")
     return "\n".join(out) + "\n"

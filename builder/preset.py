@@ -26,7 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from . import blocks as _blocks  # noqa: F401  (registers the built-in blocks)
 from . import inherit, plugins, registry, resources
-from .config import Preset, preset_from_dict
+from .config import COMMON_TARGET_FIELDS, KIND_FIELDS, Preset, preset_from_dict
 from .errors import InputError
 
 MAX_PRESET_BYTES = 1 << 20
@@ -390,6 +390,34 @@ def _semantic_errors(data: dict[str, Any]) -> list[tuple[Path_, str]]:
                 )
             )
         seen.setdefault(target.name, i)
+    found.extend(_target_field_errors(data.get("targets", [])))
+    return found
+
+
+def _target_field_errors(entries: list[Any]) -> list[tuple[Path_, str]]:
+    """Options that the entry's kind does not read, and a cuda entry without `arch`."""
+    found: list[tuple[Path_, str]] = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            continue
+        kind = entry.get("kind", "llvm")
+        allowed = COMMON_TARGET_FIELDS + KIND_FIELDS.get(kind, ())
+        for key in entry:
+            if key not in allowed:
+                found.append(
+                    (
+                        ("targets", i, key),
+                        f"does not apply to a {kind} target; its options: {sorted(allowed)}",
+                    )
+                )
+        if kind == "cuda" and not entry.get("arch"):
+            found.append(
+                (
+                    ("targets", i),
+                    "a cuda target needs arch, e.g. [sm_80, sm_90] (no default: code for the "
+                    "wrong architecture does not load)",
+                )
+            )
     return found
 
 

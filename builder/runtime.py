@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from . import artifact
+from . import artifact, devices
 
 THREADS_ENV = "TVM_NUM_THREADS"
 
@@ -50,10 +50,7 @@ class Encoder:
         from tvm import relax
 
         self.manifest: dict[str, Any] = artifact.check(here, full=verify)
-        target = self.manifest["target"]
-        if target["kind"] != "llvm":
-            raise ValueError(f"{self.folder}: a {target['kind']} artifact; this runtime runs llvm")
-        self.device = tvm.cpu()
+        self.device = devices.open_device(self.folder, self.manifest)
         lib = tvm.runtime.load_module(str(here / self.manifest["library"]))
         self.vm = relax.VirtualMachine(lib, self.device)
         self._fn = self.vm[self.manifest["entry"]]
@@ -61,6 +58,9 @@ class Encoder:
         self._params = [
             tvm.runtime.tensor(a, self.device) for a in artifact.load_params(here, order)
         ]
+        if self.manifest["params"].get("packing") == "load":
+            # A cross-compiled library: its pipeline's weight layouts are made here, once.
+            self._params = list(self.vm["transform_params"](*self._params))
         spec = self.manifest["inputs"][0]
         self.input_shape: list[int | str] = spec["shape"]
         self.output_shape: list[int | str] = self.manifest["outputs"][0]["shape"]

@@ -38,7 +38,7 @@ def test_check_reports_every_error_with_file_line_and_path(tmp_path, capsys):
           image_size: -3
         blocks:
           mlp: clip_mpl
-        targets: [cuda]
+        targets: [rocm]
         """,
     )
     code, out, err = run(capsys, "check", str(path))
@@ -49,7 +49,7 @@ def test_check_reports_every_error_with_file_line_and_path(tmp_path, capsys):
         f"{path}:3: model.hiden_size: unknown key, did you mean 'model.hidden_size'?",
         f"{path}:4: model.image_size: -3 is less than the minimum of 1",
         f"{path}:6: blocks.mlp: 'clip_mpl' is not one of ['clip_mlp'], did you mean 'clip_mlp'?",
-        f"{path}:7: targets[0]: 'cuda' is not one of ['llvm']",
+        f"{path}:7: targets[0]: 'rocm' is not one of ['llvm', 'cuda', 'aarch64']",
     ]
     assert "Traceback" not in err
 
@@ -137,6 +137,7 @@ def test_show_prints_the_merged_preset(capsys):
             "mtriple": None,
             "mattr": [],
             "num_cores": None,
+            "precision": "float32",
         }
     ]
 

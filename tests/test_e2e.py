@@ -118,7 +118,8 @@ def test_failed_build_leaves_nothing(tmp_path, monkeypatch, capsys):
     code = main(["clip-vit-b-32", *tiny_overrides(), "--out", str(tmp_path)])
     assert code == 1
     err = capsys.readouterr().err
-    assert "build failed: [llvm] compile failed: RuntimeError: simulated codegen failure" in err
+    assert "build failed: 1 of 1 targets failed:" in err
+    assert "  [llvm] compile failed: RuntimeError: simulated codegen failure" in err
     assert "Traceback" not in err
     assert not list(tmp_path.rglob("*.so")) and not list(tmp_path.rglob("manifest.json"))
 

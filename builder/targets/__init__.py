@@ -1,12 +1,23 @@
-"""One module per target kind, each with the same three functions:
+"""One module per target kind, each with the same interface:
 
 - `tvm_target(entry)`: the `tvm.target.Target` for a preset's target entry, and the resolved
   options to record in the manifest (`mcpu: host` becomes the detected CPU);
 - `compile(mod, target)`: the compile pipeline, IRModule -> `tvm.runtime.Executable`;
-- `LIBRARY`: the file name of the exported library;
-- `PIPELINE_VERSION`: an integer in the build cache key, bumped when `compile` changes.
+- `missing(entry)`: what the build machine lacks to build the entry (a compiler, a linker),
+  one line each; empty when it can;
+- `export(executable, path, entry)`: write the library to `path`;
+- `runs_on(entry, options, library)`: what running the artifact needs (device, CPU
+  architecture, OS, the device code it holds), for the manifest and the runtime's checks;
+- `LIBRARY`: the file name of the exported library; `DESCRIPTION`: one line for `build list`.
+- `PIPELINE_VERSION`: an integer in the build cache key, bumped when `compile` changes;
+- `params_packing(entry)`: "none", or where the `transform_params` that `compile` adds runs:
+  "build" (the builder stores the parameters in the layout `forward` takes) or "load" (a
+  cross-compiled library: the runtime packs them once when it loads the artifact).
 
 The compile pipeline of a kind is one replaceable function.
+
+TVM 0.27 also generates code for opencl, metal and webgpu, but neither their runtimes nor
+their linkers are here to prove an artifact, so they are not offered.
 """
 
 from __future__ import annotations
@@ -14,9 +25,9 @@ from __future__ import annotations
 from types import ModuleType
 
 from ..errors import BuilderError
-from . import llvm
+from . import cuda, llvm
 
-KINDS: dict[str, ModuleType] = {"llvm": llvm}
+KINDS: dict[str, ModuleType] = {"llvm": llvm, "cuda": cuda}
 
 
 def pipeline(kind: str) -> ModuleType:
