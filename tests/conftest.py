@@ -62,22 +62,9 @@ def hf_vision_config(**fields: Any) -> Any:
     return CLIPVisionConfig(**{**TINY, **fields})
 
 
-# The preset's model fields an HF CLIPVisionConfig shares, to make a matching checkpoint.
-HF_FIELDS = (
-    "hidden_size",
-    "intermediate_size",
-    "num_attention_heads",
-    "num_hidden_layers",
-    "image_size",
-    "patch_size",
-    "layer_norm_eps",
-    "hidden_act",
-    "projection_dim",
-)
-
-
 def hf_fields(model: Any) -> dict[str, Any]:
-    return {f: getattr(model, f) for f in HF_FIELDS}
+    """The preset's model fields an HF CLIPVisionConfig shares, to make a matching checkpoint."""
+    return {f: getattr(model, f) for f in (*HF_TOWER_FIELDS, "projection_dim")}
 
 
 def save_vision_model(folder: Path, seed: int = 0, **fields: Any) -> Any:
