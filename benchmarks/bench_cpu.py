@@ -32,9 +32,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 
-
-def threads_default() -> int:
-    return len(os.sched_getaffinity(0))
+from builder.runtime import available_cores  # noqa: E402  (imports no TVM)
 
 
 def fma_peak(threads: int) -> float:
@@ -73,16 +71,11 @@ def hf_model(model):
     import torch
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    config = CLIPVisionConfig(
-        hidden_size=model.hidden_size,
-        intermediate_size=model.intermediate_size,
-        num_attention_heads=model.num_attention_heads,
-        num_hidden_layers=model.num_layers_computed,
-        image_size=model.image_size,
-        patch_size=model.patch_size,
-        hidden_act=model.hidden_act,
-        layer_norm_eps=model.layer_norm_eps,
-    )
+    from builder.weights.hf import hf_tower_config
+
+    # Cut to the layers the artifact computes, so both do the same work.
+    fields = {**hf_tower_config(model), "num_hidden_layers": model.num_layers_computed}
+    config = CLIPVisionConfig(**fields)
     torch.manual_seed(0)
     return CLIPVisionModel(config).eval()
 
@@ -181,7 +174,7 @@ def main() -> int:
     parser.add_argument("--presets", nargs="+", default=["clip-vit-b-16", "llava-clip"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=threads_default())
+    parser.add_argument("--threads", type=int, default=available_cores())
     parser.add_argument("--out", type=Path, default=HERE.parent / "docs" / "benchmarks.md")
     args = parser.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)

@@ -90,20 +90,12 @@ def check(torch, name: str, overrides: list[str], arch: list[str], work: Path) -
     import builder
     from builder.build import build
     from builder.preset import load_preset
+    from builder.weights.hf import hf_tower_config
     from tests.conftest import randomize
 
     base = load_preset(name, overrides)
     m = base.model
-    hf_config = CLIPVisionConfig(
-        hidden_size=m.hidden_size,
-        intermediate_size=m.intermediate_size,
-        num_attention_heads=m.num_attention_heads,
-        num_hidden_layers=m.num_hidden_layers,
-        image_size=m.image_size,
-        patch_size=m.patch_size,
-        layer_norm_eps=m.layer_norm_eps,
-        hidden_act=m.hidden_act,
-    )
+    hf_config = CLIPVisionConfig(**hf_tower_config(m))
     checkpoint = work / f"{name}-hf"
     hf = randomize(CLIPVisionModel(hf_config))
     hf.save_pretrained(checkpoint)

@@ -17,7 +17,8 @@ from . import artifact, devices
 THREADS_ENV = "TVM_NUM_THREADS"
 
 
-def _default_threads() -> int:
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS has one)."""
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
@@ -30,7 +31,7 @@ def set_threads(threads: int | None) -> int:
     if threads is not None:
         os.environ[THREADS_ENV] = str(threads)
     else:
-        os.environ.setdefault(THREADS_ENV, str(_default_threads()))
+        os.environ.setdefault(THREADS_ENV, str(available_cores()))
     return int(os.environ[THREADS_ENV])
 
 

@@ -11,10 +11,11 @@ import pytest
 
 from builder.build import build
 from builder.preset import load_preset
-from builder.runtime import load
+from builder.runtime import available_cores, load
+from builder.weights.hf import hf_tower_config
 
 # Tests compare numbers; keep TVM and torch on the same thread count.
-os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+os.environ.setdefault("TVM_NUM_THREADS", str(available_cores()))
 
 REPO = Path(__file__).resolve().parent.parent
 PRESETS = sorted((REPO / "presets").glob("*.yaml"))
@@ -64,7 +65,7 @@ def hf_vision_config(**fields: Any) -> Any:
 
 def hf_fields(model: Any) -> dict[str, Any]:
     """The preset's model fields an HF CLIPVisionConfig shares, to make a matching checkpoint."""
-    return {f: getattr(model, f) for f in (*HF_TOWER_FIELDS, "projection_dim")}
+    return {**hf_tower_config(model), "projection_dim": model.projection_dim}
 
 
 def save_vision_model(folder: Path, seed: int = 0, **fields: Any) -> Any:
@@ -74,21 +75,6 @@ def save_vision_model(folder: Path, seed: int = 0, **fields: Any) -> Any:
     model = randomize(CLIPVisionModel(hf_vision_config(**fields)), seed)
     model.save_pretrained(folder)
     return model
-
-
-# Our activation names -> HF's ACT2FN names, where they differ.
-HF_ACT = {"gelu_tanh": "gelu_pytorch_tanh"}
-# Config fields that HF's CLIPVisionConfig and SiglipVisionConfig share with ours.
-HF_TOWER_FIELDS = (
-    "hidden_size",
-    "intermediate_size",
-    "num_attention_heads",
-    "num_hidden_layers",
-    "image_size",
-    "patch_size",
-    "layer_norm_eps",
-    "hidden_act",
-)
 
 
 def save_siglip_model(folder: Path, seed: int = 0, **fields: Any) -> Any:
@@ -105,8 +91,7 @@ def save_hf_tower(folder: Path, preset: Any, seed: int = 0) -> Any:
     """The HF model a preset describes (SiglipVisionModel for SigLIP's embeddings, else
     CLIPVisionModel), at the preset's widths, with random weights, saved to `folder`."""
     m = preset.model
-    fields = {f: getattr(m, f) for f in HF_TOWER_FIELDS}
-    fields["hidden_act"] = HF_ACT.get(m.hidden_act, m.hidden_act)
+    fields = hf_tower_config(m)
     if preset.blocks.embeddings == "siglip_embeddings":
         use_head = preset.blocks.head == "siglip_attention_pooling"
         return save_siglip_model(folder, seed, vision_use_head=use_head, **fields)

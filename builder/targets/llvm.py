@@ -11,6 +11,7 @@ import tvm
 from tvm.target import codegen
 
 from ..config import TargetConfig
+from ..runtime import available_cores
 from . import toolchain
 from .cpu import compile_cpu
 
@@ -23,10 +24,6 @@ DESCRIPTION = (
 PIPELINE_VERSION = 1
 
 
-def host_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def tvm_target(entry: TargetConfig) -> tuple[tvm.target.Target, dict[str, Any]]:
     options: dict[str, Any] = {"kind": "llvm"}
     options["mcpu"] = codegen.llvm_get_system_cpu() if entry.mcpu == "host" else entry.mcpu
@@ -36,7 +33,7 @@ def tvm_target(entry: TargetConfig) -> tuple[tvm.target.Target, dict[str, Any]]:
         options["mattr"] = list(entry.mattr)
     if entry.num_cores or not cross_linker(entry):
         # The build machine's cores mean nothing for code that runs on another machine.
-        options["num-cores"] = entry.num_cores or host_cores()
+        options["num-cores"] = entry.num_cores or available_cores()
     # A dict, not a string: TVM 0.27 rejected "-mcpu=..." in a target string.
     return tvm.target.Target(options), options
 

@@ -52,6 +52,8 @@ LLAVA_FIELDS = {
 # LlavaConfig fields that the `mlp2x_gelu` projector fixes.
 PROJECTOR_FIELDS = {"projector_hidden_act": "gelu", "multimodal_projector_bias": True}
 HF_ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
+# Ours -> the name HF writes for it.
+TO_HF_ACTIVATION = {"gelu_tanh": "gelu_pytorch_tanh"}
 
 
 @dataclass
@@ -198,6 +200,14 @@ def read_tower(
     if len(sections) > 1:
         info["projector_prefix"] = sections[0][0]
     return arrays, info
+
+
+def hf_tower_config(model: CLIPVisionConfig) -> dict[str, Any]:
+    """The tower fields of an HF CLIPVisionConfig / SiglipVisionConfig for this tower: what
+    `check_config` compares, the other way round (to make a matching HF model)."""
+    fields = {f: getattr(model, f) for f in TOWER_FIELDS}
+    fields["hidden_act"] = TO_HF_ACTIVATION.get(model.hidden_act, model.hidden_act)
+    return fields
 
 
 def check_config(path: str | Path, model: CLIPVisionConfig, projector: str | None = None) -> None:
