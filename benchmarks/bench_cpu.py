@@ -1,14 +1,19 @@
 """The llvm artifact against PyTorch eager and onnxruntime, in one process, on one input.
 
     python benchmarks/bench_cpu.py [--presets clip-vit-b-16 llava-clip] [--batches 1 8]
-                                   [--runs 5] [--threads N] [--out docs/benchmarks.md]
+                                   [--runs 5] [--seconds 30] [--threads N]
+                                   [--out docs/benchmarks.md]
 
 For each preset and batch: the artifact built by the builder (random init: the weights do not
 change the time), HF `CLIPVisionModel` with the same config cut to the layers the artifact
 computes (PyTorch eager, `torch.inference_mode`, same thread count), and that HF model
-exported to ONNX and run by onnxruntime (same thread count). Median of `--runs` runs after a
-warm-up. The FMA peak is measured by `fma_peak.c` on the same threads. Also a per-kernel
-breakdown of the artifact at batch 1. Writes a Markdown table.
+exported to ONNX and run by onnxruntime (same thread count). After one warm-up call each, the
+three run in turn, round after round, the first runner rotating: at least `--runs` rounds,
+and more until `--seconds` have passed. A slow spell of the machine so falls on all three
+alike; each time is the median of its rounds. The FMA peak is measured by `fma_peak.c` on
+the same threads before and after every preset: the table uses the highest sample and
+reports the range, which shows how steady the machine was. Also a per-kernel breakdown of
+the artifact at batch 1 (median of 5 instrumented forwards). Writes a Markdown table.
 
 Needs the `bench` extras (`pip install '.[bench]'`), and a C
 compiler with OpenMP for the FMA peak. Run it on an idle machine: TVM's parallel loops are
@@ -27,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -35,7 +41,8 @@ sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 from builder.runtime import available_cores  # noqa: E402  (imports no TVM)
 
 
-def fma_peak(threads: int) -> float:
+def fma_peak_sampler(threads: int):
+    """A function that measures the FMA peak (GFLOP/s) once more and returns it."""
     exe = Path(tempfile.mkdtemp()) / "fma_peak"
     subprocess.run(
         [
@@ -50,21 +57,36 @@ def fma_peak(threads: int) -> float:
         ],
         check=True,
     )
-    runs = [
-        float(
-            subprocess.run(
-                [str(exe), "200000000", str(threads)], check=True, capture_output=True, text=True
-            ).stdout
+
+    def sample() -> float:
+        out = subprocess.run(
+            [str(exe), "100000000", str(threads)], check=True, capture_output=True, text=True
         )
-        for _ in range(3)
-    ]
-    return max(runs)
+        return float(out.stdout)
+
+    return sample
 
 
-def median_time(fn, runs: int) -> float:
-    from builder.bench import time_call
-
-    return statistics.median(time_call(fn, runs))
+def interleaved_medians(
+    fns: dict[str, Callable[[], object]], runs: int, seconds: float
+) -> tuple[dict[str, float], int]:
+    """Median seconds of each function and the number of rounds: the functions are timed in
+    turn, round after round (after one warm-up call each) with the first runner rotating, so
+    machine noise falls on all of them alike; at least `runs` rounds, more until `seconds`
+    have passed."""
+    for fn in fns.values():
+        fn()
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    start_all = time.perf_counter()
+    r = 0
+    while r < runs or time.perf_counter() - start_all < seconds:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - start)
+        r += 1
+    return {name: statistics.median(ts) for name, ts in times.items()}, r
 
 
 def hf_model(model):
@@ -111,25 +133,31 @@ def onnx_session(hf, model, threads: int):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def kernel_breakdown(encoder, x) -> list[tuple[str, int, float]]:
-    """(kernel, calls, seconds) of one forward, from the VM's instrumentation hook."""
+def kernel_breakdown(encoder, x, forwards: int = 5) -> list[tuple[str, int, float]]:
+    """(kernel, calls, seconds) of one forward, from the VM's instrumentation hook: the
+    median over `forwards` forwards of each kernel's total."""
     from tvm import relax
 
-    totals: dict[str, float] = collections.defaultdict(float)
+    totals: dict[str, list[float]] = collections.defaultdict(lambda: [0.0] * forwards)
     calls: collections.Counter = collections.Counter()
     started = [0.0]
+    run = [0]
 
     def hook(func, name, before, ret, *args):
         if before:
             started[0] = time.perf_counter()
         else:
-            totals[name] += time.perf_counter() - started[0]
-            calls[name] += 1
+            totals[name][run[0]] += time.perf_counter() - started[0]
+            if run[0] == 0:
+                calls[name] += 1
         return relax.VMInstrumentReturnKind.NO_OP
 
     encoder.vm.set_instrument(hook)  # stays on: the breakdown is the encoder's last use
-    encoder(x)
-    return sorted(((n, calls[n], t) for n, t in totals.items()), key=lambda r: -r[2])
+    for run[0] in range(forwards):
+        encoder(x)
+    return sorted(
+        ((n, calls[n], statistics.median(ts)) for n, ts in totals.items()), key=lambda r: -r[2]
+    )
 
 
 def bench_preset(name: str, args: argparse.Namespace, workdir: Path):
@@ -156,13 +184,25 @@ def bench_preset(name: str, args: argparse.Namespace, workdir: Path):
         shape = (batch, 3, model.image_size, model.image_size)
         x = np.random.default_rng(batch).standard_normal(shape, dtype=np.float32)
         xt = torch.from_numpy(x)
-        ours = median_time(lambda: encoder(x), args.runs)  # noqa: B023 (called at once)
-        with torch.inference_mode():
-            eager = median_time(lambda: hf(pixel_values=xt), args.runs)  # noqa: B023
-        ort_s = median_time(lambda: session.run(None, {"pixel_values": x}), args.runs)  # noqa: B023
-        rows.append((name, batch, gflop(model, preset.blocks, batch), ours, eager, ort_s))
+
+        def eager(xt=xt):
+            with torch.inference_mode():
+                return hf(pixel_values=xt)
+
+        t, rounds = interleaved_medians(
+            {
+                "artifact": lambda x=x: encoder(x),
+                "torch": eager,
+                "ort": lambda x=x: session.run(None, {"pixel_values": x}),
+            },
+            args.runs,
+            args.seconds,
+        )
+        ours, eager_s, ort_s = t["artifact"], t["torch"], t["ort"]
+        rows.append((name, batch, gflop(model, preset.blocks, batch), ours, eager_s, ort_s, rounds))
         print(
-            f"{name} b{batch}: ours {ours:.3f} s, torch {eager:.3f} s, ort {ort_s:.3f} s",
+            f"{name} b{batch}: ours {ours:.3f} s, torch {eager_s:.3f} s, ort {ort_s:.3f} s "
+            f"({rounds} rounds)",
             file=sys.stderr,
         )
     x1 = np.zeros((1, 3, model.image_size, model.image_size), np.float32)
@@ -173,7 +213,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--presets", nargs="+", default=["clip-vit-b-16", "llava-clip"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=5, help="fewest timed rounds")
+    parser.add_argument(
+        "--seconds", type=float, default=30.0, help="go on with rounds until this much time"
+    )
     parser.add_argument("--threads", type=int, default=available_cores())
     parser.add_argument("--out", type=Path, default=HERE.parent / "docs" / "benchmarks.md")
     args = parser.parse_args()
@@ -182,8 +225,9 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    peak = fma_peak(args.threads)
-    print(f"FMA peak {peak:.1f} GFLOP/s on {args.threads} threads", file=sys.stderr)
+    sample_peak = fma_peak_sampler(args.threads)
+    peaks = [sample_peak() for _ in range(3)]
+    print(f"FMA peak {max(peaks):.1f} GFLOP/s on {args.threads} threads", file=sys.stderr)
     rows, notes, breakdowns = [], [], []
     workdir = Path(tempfile.mkdtemp())
     for name in args.presets:
@@ -191,25 +235,29 @@ def main() -> int:
         rows += preset_rows
         notes.append(note)
         breakdowns.append(breakdown)
+        peaks += [sample_peak() for _ in range(3)]
+    peak = max(peaks)
 
     lines = [
         "# CPU benchmark",
         "",
         f"Written by `benchmarks/bench_cpu.py` on {datetime.date.today()}: "
         f"{platform.processor() or platform.machine()}, {args.threads} threads, float32, "
-        f"median of {args.runs} runs after a warm-up. FMA peak measured by "
-        f"`benchmarks/fma_peak.c`: {peak:.1f} GFLOP/s. GFLOP counts the matmuls, attention and "
+        "medians of interleaved rounds after a warm-up. FMA peak measured by "
+        f"`benchmarks/fma_peak.c`: {peak:.1f} GFLOP/s (the highest of {len(peaks)} samples "
+        f"taken through the run; the lowest was {min(peaks):.1f}, the median "
+        f"{statistics.median(peaks):.1f}). GFLOP counts the matmuls, attention and "
         "patch conv of the layers computed (llava-clip: 23 of 24).",
         "",
         "| preset | batch | GFLOP | artifact s | PyTorch eager s | onnxruntime s | "
-        "artifact GFLOP/s | % of FMA peak | vs PyTorch | vs onnxruntime |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "artifact GFLOP/s | % of FMA peak | vs PyTorch | vs onnxruntime | rounds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, batch, work, ours, eager, ort_s in rows:
+    for name, batch, work, ours, eager, ort_s, rounds in rows:
         lines.append(
             f"| {name} | {batch} | {work:.1f} | {ours:.3f} | {eager:.3f} | {ort_s:.3f} | "
             f"{work / ours:.1f} | {100 * work / ours / peak:.0f}% | {ours / eager:.2f} | "
-            f"{ours / ort_s:.2f} |"
+            f"{ours / ort_s:.2f} | {rounds} |"
         )
     lines += ["", "Ratios are artifact time / peer time: below 1.0 the artifact is faster.", ""]
     from builder.flops import tokens
