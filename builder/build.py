@@ -185,7 +185,8 @@ def pack_params(
         return order, arrays
     packed = vm[PACK_FUNCTION](*(tvm.runtime.tensor(arrays[name]) for name in order))
     names = [f"packed.{i}" for i in range(len(packed))]
-    return names, {name: t.numpy() for name, t in zip(names, packed, strict=True)}
+    # Zero-copy views (`Tensor.numpy()` would copy: seconds for a ViT-L's 1.2 GB).
+    return names, {name: np.from_dlpack(t) for name, t in zip(names, packed, strict=True)}
 
 
 @contextmanager
