@@ -174,7 +174,10 @@ def bench_preset(name: str, args: argparse.Namespace, workdir: Path):
     start = time.perf_counter()
     (built,) = build(preset, workdir, only=["llvm"])
     note = (
-        f"{name}: build (random init, compile, weight packing) {time.perf_counter() - start:.1f} s"
+        f"{name}: the artifact came from the build cache"
+        if built.cached
+        else f"{name}: build (random init, compile, weight packing) "
+        f"{time.perf_counter() - start:.1f} s"
     )
     encoder = builder.load(built.path, threads=args.threads)
     hf = hf_model(model)

@@ -156,9 +156,11 @@ def gemm_kernel(cfg: KernelConfig, K: int, N: int, has_bias: bool, act, has_res:
     """Y[M, N] = epilogue(X[M, K] @ W + bias) (+ R), W packed as [NP, K, NB].
 
     Parallel over (N block, M tile) with the M tile innermost so one thread streams X rows
-    against a weight block (K * NB floats) that stays in L2.  M is symbolic; the last M tile
-    clamps its row index to M-1 (rows are recomputed, never read out of bounds) so no
-    padding copy is needed."""
+    against a weight block (K * NB floats) that stays in L2; while it does, the tiles
+    prefetch the next block into L2 (software prefetch, spread over the tiles), so a
+    block's first tile does not wait on memory. M is symbolic; the last M tile clamps its
+    row index to M-1 (rows are recomputed, never read out of bounds) so no padding copy is
+    needed."""
     mr, nb = cfg.mr, cfg.nb
     NP = -(-N // nb)
     args = [f'x: T.handle, w: T.Buffer(({_i(NP)}, {_i(K)}, {_i(nb)}), "float32")']
@@ -177,10 +179,18 @@ def gemm_kernel(cfg: KernelConfig, K: int, N: int, has_bias: bool, act, has_res:
     ]
     if has_res:
         L.append(f'    R = T.match_buffer(res, (M, {_i(N)}), "float32")')
+    mt = f"((M + {_i(mr - 1)}) // {_i(mr)})"
+    lines = -(-K * nb // 16)  # 64-byte lines in one weight block
+    unroll = next(u for u in (8, 4, 2, 1) if K % u == 0)
     L += [
-        f"    for t in T.parallel({_i(NP)} * ((M + {_i(mr - 1)}) // {_i(mr)})):",
-        f"        nbk: T.let[T.int64] = t // ((M + {_i(mr - 1)}) // {_i(mr)})",
-        f"        m0: T.let[T.int64] = t % ((M + {_i(mr - 1)}) // {_i(mr)}) * {_i(mr)}",
+        f"    for t in T.parallel({_i(NP)} * {mt}):",
+        f"        nbk: T.let[T.int64] = t // {mt}",
+        f"        mi: T.let[T.int64] = t % {mt}",
+        f"        m0: T.let[T.int64] = mi * {_i(mr)}",
+        # The M tiles of one weight block share the prefetch of the next block into L2:
+        # tile mi asks for its slice of `lp` lines, one line per `unroll` k steps.
+        f"        lp: T.let[T.int64] = ({_i(lines)} + {mt} - {_i(1)}) // {mt}",
+        f"        nxt: T.let[T.int64] = T.min(nbk + {_i(1)}, {_i(NP - 1)})",
     ]
     ind = " " * 8
     for i in range(mr):
@@ -188,11 +198,19 @@ def gemm_kernel(cfg: KernelConfig, K: int, N: int, has_bias: bool, act, has_res:
         L.append(ind + _local(f"acc{i}", nb))
     for i in range(mr):
         L += [f"{ind}for j in T.vectorized({_i(nb)}):", f"{ind}    acc{i}[j] = {_f(0.0)}"]
-    L.append(f"{ind}for k in range({_i(K)}):")
+    L += [
+        f"{ind}for ko in range({_i(K // unroll)}):",
+        f"{ind}    if ko < lp:",
+        f"{ind}        f16: T.let[T.int64] = T.min(mi * lp + ko, {_i(lines - 1)}) * {_i(16)}",
+        f"{ind}        T.evaluate(T.call_intrin('void', 'tirx.prefetch', "
+        f"T.address_of(w[nxt, f16 // {_i(nb)}, f16 % {_i(nb)}]), 0, 2, 1))",
+        f"{ind}    for ku in T.unroll({_i(unroll)}):",
+        f"{ind}        k: T.let[T.int64] = ko * {_i(unroll)} + ku",
+    ]
     for i in range(mr):
         L += [
-            f"{ind}    for j in T.vectorized({_i(nb)}):",
-            f"{ind}        acc{i}[j] = acc{i}[j] + X[r{i}, k] * w[nbk, k, j]",
+            f"{ind}        for j in T.vectorized({_i(nb)}):",
+            f"{ind}            acc{i}[j] = acc{i}[j] + X[r{i}, k] * w[nbk, k, j]",
         ]
 
     def epilogue(i, j_loop, ind2, guard):
