@@ -10,10 +10,12 @@ computes (PyTorch eager, `torch.inference_mode`, same thread count), and that HF
 exported to ONNX and run by onnxruntime (same thread count). After one warm-up call each, the
 three run in turn, round after round, the first runner rotating: at least `--runs` rounds,
 and more until `--seconds` have passed. A slow spell of the machine so falls on all three
-alike; each time is the median of its rounds. The FMA peak is measured by `fma_peak.c` on
-the same threads before and after every preset: the table uses the highest sample and
-reports the range, which shows how steady the machine was. Also a per-kernel breakdown of
-the artifact at batch 1 (median of 5 instrumented forwards). Writes a Markdown table.
+alike; each call starts 0.2 s after the previous one, once the pool threads of the last
+runner have stopped spinning. Each time is the median of its rounds. The FMA peak is
+measured by `fma_peak.c` on the same threads before and after every preset: the table uses
+the highest sample and reports the range, which shows how steady the machine was. Also a
+per-kernel breakdown of the artifact at batch 1 (median of 5 instrumented forwards). Writes
+a Markdown table.
 
 Needs the `bench` extras (`pip install '.[bench]'`), and a C
 compiler with OpenMP for the FMA peak. Run it on an idle machine: TVM's parallel loops are
@@ -67,13 +69,18 @@ def fma_peak_sampler(threads: int):
     return sample
 
 
+# After a parallel call, a runtime's pool threads keep spinning for a while (TVM's for about
+# 75 ms by default, OpenMP's for a few ms) and would slow whichever runner comes next.
+SETTLE_S = 0.2
+
+
 def interleaved_medians(
     fns: dict[str, Callable[[], object]], runs: int, seconds: float
 ) -> tuple[dict[str, float], int]:
     """Median seconds of each function and the number of rounds: the functions are timed in
     turn, round after round (after one warm-up call each) with the first runner rotating, so
     machine noise falls on all of them alike; at least `runs` rounds, more until `seconds`
-    have passed."""
+    have passed. Each call starts `SETTLE_S` after the previous one ended."""
     for fn in fns.values():
         fn()
     names = list(fns)
@@ -82,6 +89,7 @@ def interleaved_medians(
     r = 0
     while r < runs or time.perf_counter() - start_all < seconds:
         for name in names[r % len(names) :] + names[: r % len(names)]:
+            time.sleep(SETTLE_S)
             start = time.perf_counter()
             fns[name]()
             times[name].append(time.perf_counter() - start)

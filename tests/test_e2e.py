@@ -179,3 +179,17 @@ def test_bench_command(tmp_path, capsys):
     assert "--batch 0: must be at least 1" in capsys.readouterr().err
     assert main(["bench", str(tmp_path)]) == 2
     assert "not an artifact folder (no manifest.json)" in capsys.readouterr().err
+
+
+def test_thread_settings_default_and_yield_to_the_user(monkeypatch):
+    from builder import runtime
+
+    monkeypatch.delenv(runtime.THREADS_ENV, raising=False)
+    monkeypatch.delenv(runtime.SPIN_ENV, raising=False)
+    assert runtime.set_threads(None) == runtime.available_cores()
+    assert runtime.os.environ[runtime.SPIN_ENV] == runtime.SPIN_DEFAULT
+    monkeypatch.setenv(runtime.SPIN_ENV, "300000")
+    monkeypatch.setenv(runtime.THREADS_ENV, "1")
+    assert runtime.set_threads(None) == 1
+    assert runtime.set_threads(3) == 3
+    assert runtime.os.environ[runtime.SPIN_ENV] == "300000"
