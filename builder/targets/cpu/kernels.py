@@ -296,12 +296,18 @@ def attn_pack_v(v: T.handle, vp: T.handle):
 def attention_kernel(cfg: KernelConfig, S: int, H: int, D: int, scale: float):
     """O = softmax(Q K^T * scale) V for one (batch, head, mr-query tile) per task.
 
-    Scores for the tile live in a [mr, SP] stack buffer (<= ~20 KiB, L1); Q.K^T and P.V use
-    the same broadcast-FMA micro kernel as the GEMM; the 1/sum normalization is applied to
-    the output tile instead of P."""
+        Scores for the tile live in a [mr, SP] stack buffer (<= ~20 KiB, L1); Q.K^T and P.V use
+        the same broadcast-FMA micro kernel as the GEMM, each with its own accumulator buffer (one
+    buffer accessed at two widths is not promoted to registers: 20x slower at head dim 72). Q.K^T runs whole key blocks, then only
+        the vectors the last keys need (577 keys: 9 blocks of 64 and one vector, not 10 blocks);
+        the row maximum is taken as the blocks are stored; the scale goes into the exponent; the
+        1/sum normalization is applied to the output tile instead of P. Needs scale > 0."""
     nb, vec, mr = cfg.nb, cfg.vec, cfg.mr
     SP = -(-S // nb) * nb
     DP = -(-D // vec) * vec
+    full, rest = divmod(S, nb)
+    rv = -(-rest // vec) * vec  # lanes of the last, partial key block
+    SV = full * nb + rv  # scores computed (the rest of SP is never read)
     if DP // vec > 4:  # keep accumulators within the register file
         mr = 4
     MT = -(-S // mr)
@@ -323,33 +329,51 @@ def attention_kernel(cfg: KernelConfig, S: int, H: int, D: int, scale: float):
     for i in range(mr):
         L += [
             f"{ind}r{i}: T.let[T.int64] = T.min(m0 + {_i(i)}, {_i(S - 1)})",
-            ind + _local(f"s{i}", SP),
-            ind + _local(f"acc{i}", max(nb, DP)),
+            ind + _local(f"s{i}", SV),
+            ind + _local(f"acc{i}", nb),
+            ind + _local(f"out{i}", DP),
             ind + _local(f"red{i}", vec),
             ind + _local(f"sc{i}", 2),
         ]
-    # ---- scores: s_i[j] = scale * q_i . k_j, padded keys -> -1e30
-    L.append(f"{ind}for jb in range({_i(SP // nb)}):")
     for i in range(mr):
-        L += [f"{ind}    for j in T.vectorized({_i(nb)}):", f"{ind}        acc{i}[j] = {_f(0.0)}"]
-    L.append(f"{ind}    for d in range({_i(D)}):")
+        L += [f"{ind}for l in T.vectorized({_i(vec)}):", f"{ind}    red{i}[l] = {_f(-1e30)}"]
+
+    # ---- raw scores s_i[j] = q_i . k_j, keys [base, base + width)
+    def score_block(base: str, width: int, ind2: str, ragged: bool) -> list[str]:
+        out = []
+        for i in range(mr):
+            out += [
+                f"{ind2}for j in T.vectorized({_i(width)}):",
+                f"{ind2}    acc{i}[j] = {_f(0.0)}",
+            ]
+        out.append(f"{ind2}for d in range({_i(D)}):")
+        for i in range(mr):
+            out += [
+                f"{ind2}    for j in T.vectorized({_i(width)}):",
+                f"{ind2}        acc{i}[j] = acc{i}[j] + Q[b, r{i}, h, d] * KT[b, h, d, {base} + j]",
+            ]
+        for i in range(mr):
+            value = (
+                f"T.Select({base} + j < {_i(S)}, acc{i}[j], {_f(-1e30)})"
+                if ragged
+                else f"acc{i}[j]"
+            )
+            out += [
+                f"{ind2}for j in T.vectorized({_i(width)}):",
+                f"{ind2}    s{i}[{base} + j] = {value}",
+            ]
+        return out
+
+    if full:
+        L.append(f"{ind}for jb in range({_i(full)}):")
+        L += score_block(f"jb * {_i(nb)}", nb, ind + "    ", False)
+    if rv:
+        L += score_block(_i(full * nb), rv, ind, True)
+    # ---- softmax: row max (a pass of its own: folded into the score stores it was slower),
+    # p = exp(scale * (s - max)), vector sums, then horizontal
     for i in range(mr):
         L += [
-            f"{ind}        for j in T.vectorized({_i(nb)}):",
-            f"{ind}            acc{i}[j] = acc{i}[j] + Q[b, r{i}, h, d] * KT[b, h, d, jb * {_i(nb)} + j]",
-        ]
-    for i in range(mr):
-        L += [
-            f"{ind}    for j in T.vectorized({_i(nb)}):",
-            f"{ind}        s{i}[jb * {_i(nb)} + j] = T.Select(jb * {_i(nb)} + j < {_i(S)}, "
-            f"acc{i}[j] * {_f(scale)}, {_f(-1e30)})",
-        ]
-    # ---- softmax statistics (vector max / sum, then horizontal)
-    for i in range(mr):
-        L += [
-            f"{ind}for l in T.vectorized({_i(vec)}):",
-            f"{ind}    red{i}[l] = s{i}[l]",
-            f"{ind}for jv in range({_i(1)}, {_i(SP // vec)}):",
+            f"{ind}for jv in range({_i(SV // vec)}):",
             f"{ind}    for l in T.vectorized({_i(vec)}):",
             f"{ind}        red{i}[l] = T.max(red{i}[l], s{i}[jv * {_i(vec)} + l])",
             f"{ind}sc{i}[0] = red{i}[0]",
@@ -357,29 +381,36 @@ def attention_kernel(cfg: KernelConfig, S: int, H: int, D: int, scale: float):
             f"{ind}    sc{i}[0] = T.max(sc{i}[0], red{i}[l])",
             f"{ind}for l in T.vectorized({_i(vec)}):",
             f"{ind}    red{i}[l] = {_f(0.0)}",
-            f"{ind}for jv in range({_i(SP // vec)}):",
+            f"{ind}for jv in range({_i(SV // vec)}):",
             f"{ind}    for l in T.vectorized({_i(vec)}):",
         ]
-        L += _exp_lines(f"s{i}[jv * {_i(vec)} + l] - sc{i}[0]", "ex", ind + "        ", "e")
+        L += _exp_lines(
+            f"(s{i}[jv * {_i(vec)} + l] - sc{i}[0]) * {_f(scale)}", "ex", ind + "        ", "e"
+        )
         L += [
             f"{ind}        s{i}[jv * {_i(vec)} + l] = ex",
             f"{ind}        red{i}[l] = red{i}[l] + ex",
             f"{ind}sc{i}[1] = {_f(0.0)}",
             f"{ind}for l in range({_i(vec)}):",
             f"{ind}    sc{i}[1] = sc{i}[1] + red{i}[l]",
+            f"{ind}sc{i}[1] = {_f(1.0)} / sc{i}[1]",
         ]
-    # ---- O tile = P V
+    # ---- O tile = P V, scaled by 1/sum
     for i in range(mr):
-        L += [f"{ind}for l in T.vectorized({_i(DP)}):", f"{ind}    acc{i}[l] = {_f(0.0)}"]
+        L += [f"{ind}for l in T.vectorized({_i(DP)}):", f"{ind}    out{i}[l] = {_f(0.0)}"]
+    # P.V in whole vectors (an 80-lane vector, head dim 72, made LLVM shuffle through the
+    # stack: 20x slower), unrolled so the accumulators stay in registers.
     L.append(f"{ind}for j in range({_i(S)}):")
+    L.append(f"{ind}    for v in T.unroll({_i(DP // vec)}):")
     for i in range(mr):
         L += [
-            f"{ind}    for l in T.vectorized({_i(DP)}):",
-            f"{ind}        acc{i}[l] = acc{i}[l] + s{i}[j] * VP[b, h, j, l]",
+            f"{ind}        for l in T.vectorized({_i(vec)}):",
+            f"{ind}            out{i}[v * {_i(vec)} + l] = out{i}[v * {_i(vec)} + l]"
+            f" + s{i}[j] * VP[b, h, j, v * {_i(vec)} + l]",
         ]
     loop = f"for l in T.vectorized({_i(D)}):" if D == DP else f"for l in range({_i(D)}):"
     for i in range(mr):
-        L += [f"{ind}{loop}", f"{ind}    O[b, r{i}, h, l] = acc{i}[l] / sc{i}[1]"]
+        L += [f"{ind}{loop}", f"{ind}    O[b, r{i}, h, l] = out{i}[l] * sc{i}[1]"]
     return _parse("\n".join(L))
 
 

@@ -213,6 +213,8 @@ class _Plan:
         S, H, D = tail[0]
         scale = call.attrs.scale
         scale = float(scale) if scale is not None else 1.0 / math.sqrt(D)
+        if not scale > 0:  # the kernel takes the maximum of unscaled scores
+            return
         self.rewrites[var] = dict(
             kind="attention",
             q=call.args[0],
