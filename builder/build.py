@@ -235,6 +235,8 @@ def _compile_into(
             if interrupted:
                 raise KeyboardInterrupt from e
             raise BuilderError(f"compile failed: {type(e).__name__}: {e}") from e
+        if interrupted:  # a pass that tolerates errors may have swallowed it
+            raise KeyboardInterrupt
     progress(f"[{entry.name}] compiled [{time.perf_counter() - t0:.1f} s]")
     # In the build's dtype before packing: `transform_params` takes what `forward` takes.
     arrays = artifact.cast_params(arrays, preset.dtype)
