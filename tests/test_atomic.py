@@ -103,9 +103,25 @@ def test_sigkill_leaves_old_or_new(state, build_cache, name, when, nth, expected
     assert leftovers(state, build_cache) == []
 
 
+def _default_sigint() -> None:
+    # A job started in the background by a shell inherits SIGINT ignored, and Python then
+    # leaves it ignored: give the child the default, as in a terminal.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture
+def python_sigint():
+    """Python's own Ctrl-C handler in this process, whatever the runner inherited."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def test_sigint_while_compiling(state, build_cache):
     cmd = [sys.executable, "-m", "builder", *NEW, "--out", str(state)]
-    proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint
+    )
     for line in proc.stderr:
         if line.startswith("[llvm] compiling"):
             proc.send_signal(signal.SIGINT)
@@ -118,7 +134,7 @@ def test_sigint_while_compiling(state, build_cache):
 
 
 def test_sigint_swallowed_inside_compile_still_stops_the_build(
-    state, build_cache, monkeypatch, capsys
+    state, build_cache, monkeypatch, capsys, python_sigint
 ):
     """A Ctrl-C that reaches Python inside a TVM pass comes back as an ordinary error, which
     a pass may tolerate: the build must stop all the same."""
