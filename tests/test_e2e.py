@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -187,9 +188,9 @@ def test_thread_settings_default_and_yield_to_the_user(monkeypatch):
     monkeypatch.delenv(runtime.THREADS_ENV, raising=False)
     monkeypatch.delenv(runtime.SPIN_ENV, raising=False)
     assert runtime.set_threads(None) == runtime.available_cores()
-    assert runtime.os.environ[runtime.SPIN_ENV] == runtime.SPIN_DEFAULT
+    assert os.environ[runtime.SPIN_ENV] == runtime.SPIN_DEFAULT
     monkeypatch.setenv(runtime.SPIN_ENV, "300000")
     monkeypatch.setenv(runtime.THREADS_ENV, "1")
     assert runtime.set_threads(None) == 1
     assert runtime.set_threads(3) == 3
-    assert runtime.os.environ[runtime.SPIN_ENV] == "300000"
+    assert os.environ[runtime.SPIN_ENV] == "300000"

@@ -70,6 +70,16 @@ def _local(name: str, n: int) -> str:
     )
 
 
+def _tile_rows(mr: int, last: str, ind: str) -> list[str]:
+    """Row indices r0..r{mr-1} of the tile at m0, clamped to `last` (a partial last tile
+    recomputes the last row instead of reading out of bounds)."""
+    return [f"{ind}r{i}: T.let[T.int64] = T.min(m0 + {_i(i)}, {last})" for i in range(mr)]
+
+
+def _zero(name: str, n: int, ind: str) -> list[str]:
+    return [f"{ind}for j in T.vectorized({_i(n)}):", f"{ind}    {name}[j] = {_f(0.0)}"]
+
+
 def _exp_lines(src: str, dst: str, ind: str, tag: str) -> list[str]:
     """Vectorizable exp (Cephes expf polynomial + exponent bit trick): LLVM would scalarize
     llvm.exp.v16f32 into 16 libm calls.  Relative error ~1e-7 on the clamped range."""
@@ -193,11 +203,9 @@ def gemm_kernel(cfg: KernelConfig, K: int, N: int, has_bias: bool, act, has_res:
         f"        nxt: T.let[T.int64] = T.min(nbk + {_i(1)}, {_i(NP - 1)})",
     ]
     ind = " " * 8
+    L += _tile_rows(mr, f"M - {_i(1)}", ind)
     for i in range(mr):
-        L.append(f"{ind}r{i}: T.let[T.int64] = T.min(m0 + {_i(i)}, M - {_i(1)})")
-        L.append(ind + _local(f"acc{i}", nb))
-    for i in range(mr):
-        L += [f"{ind}for j in T.vectorized({_i(nb)}):", f"{ind}    acc{i}[j] = {_f(0.0)}"]
+        L += [ind + _local(f"acc{i}", nb), *_zero(f"acc{i}", nb, ind)]
     L += [
         f"{ind}for ko in range({_i(K // unroll)}):",
         f"{ind}    if ko < lp:",
@@ -258,13 +266,15 @@ def pack_weight(w: T.Buffer({shape}, "float32"), wp: T.Buffer(({_i(NP)}, {_i(K)}
     return _parse(src)
 
 
-def attn_pack_kernels(cfg: KernelConfig, S: int, H: int, D: int):
+def attn_padding(cfg: KernelConfig, S: int, D: int) -> tuple[int, int]:
+    """(SP, DP): keys padded to whole N blocks, head dim padded to whole vectors."""
+    return -(-S // cfg.nb) * cfg.nb, -(-D // cfg.vec) * cfg.vec
+
+
+def attn_pack_k_kernel(cfg: KernelConfig, S: int, H: int, D: int):
     """K [B,S,H,D] -> K^T [B,H,D,SP] (keys contiguous, zero padded to the N block; tiled by
-    16 keys so the 16 source rows stay in L1 across the head dim) and
-    V [B,S,H,D] -> [B,H,S,DP] (head dim padded to whole vectors)."""
-    nb, vec = cfg.nb, cfg.vec
-    SP = -(-S // nb) * nb
-    DP = -(-D // vec) * vec
+    16 keys so the 16 source rows stay in L1 across the head dim)."""
+    SP, _ = attn_padding(cfg, S, D)
     kt = f"""
 @T.prim_func(private=True, check_well_formed=False)
 def attn_pack_k(k: T.handle, kt: T.handle):
@@ -278,6 +288,12 @@ def attn_pack_k(k: T.handle, kt: T.handle):
                 for jj in range({_i(16)}):
                     KT[bh // {_i(H)}, bh % {_i(H)}, d, jb * {_i(16)} + jj] = T.if_then_else(jb * {_i(16)} + jj < {_i(S)}, Kb[bh // {_i(H)}, T.min(jb * {_i(16)} + jj, {_i(S - 1)}), bh % {_i(H)}, d], {_f(0.0)})
 """
+    return _parse(kt)
+
+
+def attn_pack_v_kernel(cfg: KernelConfig, S: int, H: int, D: int):
+    """V [B,S,H,D] -> [B,H,S,DP] (head dim padded to whole vectors)."""
+    _, DP = attn_padding(cfg, S, D)
     vp = f"""
 @T.prim_func(private=True, check_well_formed=False)
 def attn_pack_v(v: T.handle, vp: T.handle):
@@ -290,21 +306,20 @@ def attn_pack_v(v: T.handle, vp: T.handle):
             for d in range({_i(DP)}):
                 VP[bh // {_i(H)}, bh % {_i(H)}, j, d] = T.if_then_else(d < {_i(D)}, Vb[bh // {_i(H)}, j, bh % {_i(H)}, T.min(d, {_i(D - 1)})], {_f(0.0)})
 """
-    return _parse(kt), _parse(vp), SP, DP
+    return _parse(vp)
 
 
 def attention_kernel(cfg: KernelConfig, S: int, H: int, D: int, scale: float):
     """O = softmax(Q K^T * scale) V for one (batch, head, mr-query tile) per task.
 
-        Scores for the tile live in a [mr, SP] stack buffer (<= ~20 KiB, L1); Q.K^T and P.V use
-        the same broadcast-FMA micro kernel as the GEMM, each with its own accumulator buffer (one
-    buffer accessed at two widths is not promoted to registers: 20x slower at head dim 72). Q.K^T runs whole key blocks, then only
-        the vectors the last keys need (577 keys: 9 blocks of 64 and one vector, not 10 blocks);
-        the row maximum is taken as the blocks are stored; the scale goes into the exponent; the
-        1/sum normalization is applied to the output tile instead of P. Needs scale > 0."""
+    Scores for the tile live in a [mr, SV] stack buffer (<= ~20 KiB, L1); Q.K^T and P.V use
+    the same broadcast-FMA micro kernel as the GEMM. Q.K^T runs whole key blocks, then only
+    the vectors the last keys need (577 keys: 9 blocks of 64 and one vector, not 10 blocks).
+    P.V runs one vector at a time, unrolled: an 80-lane vector (head dim 72) made LLVM
+    shuffle through the stack, 17x slower. The scale goes into the exponent; the 1/sum
+    normalization is applied to the output tile instead of P. Needs scale > 0."""
     nb, vec, mr = cfg.nb, cfg.vec, cfg.mr
-    SP = -(-S // nb) * nb
-    DP = -(-D // vec) * vec
+    SP, DP = attn_padding(cfg, S, D)
     full, rest = divmod(S, nb)
     rv = -(-rest // vec) * vec  # lanes of the last, partial key block
     SV = full * nb + rv  # scores computed (the rest of SP is never read)
@@ -326,9 +341,9 @@ def attention_kernel(cfg: KernelConfig, S: int, H: int, D: int, scale: float):
         f"        m0: T.let[T.int64] = t % {_i(MT)} * {_i(mr)}",
     ]
     ind = " " * 8
+    L += _tile_rows(mr, _i(S - 1), ind)
     for i in range(mr):
         L += [
-            f"{ind}r{i}: T.let[T.int64] = T.min(m0 + {_i(i)}, {_i(S - 1)})",
             ind + _local(f"s{i}", SV),
             ind + _local(f"acc{i}", nb),
             ind + _local(f"out{i}", DP),
@@ -342,10 +357,7 @@ def attention_kernel(cfg: KernelConfig, S: int, H: int, D: int, scale: float):
     def score_block(base: str, width: int, ind2: str, ragged: bool) -> list[str]:
         out = []
         for i in range(mr):
-            out += [
-                f"{ind2}for j in T.vectorized({_i(width)}):",
-                f"{ind2}    acc{i}[j] = {_f(0.0)}",
-            ]
+            out += _zero(f"acc{i}", width, ind2)
         out.append(f"{ind2}for d in range({_i(D)}):")
         for i in range(mr):
             out += [
@@ -397,7 +409,7 @@ def attention_kernel(cfg: KernelConfig, S: int, H: int, D: int, scale: float):
         ]
     # ---- O tile = P V, scaled by 1/sum
     for i in range(mr):
-        L += [f"{ind}for l in T.vectorized({_i(DP)}):", f"{ind}    out{i}[l] = {_f(0.0)}"]
+        L += _zero(f"out{i}", DP, ind)
     # P.V in whole vectors (an 80-lane vector, head dim 72, made LLVM shuffle through the
     # stack: 20x slower), unrolled so the accumulators stay in registers.
     L.append(f"{ind}for j in range({_i(S)}):")

@@ -13,7 +13,9 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 from .kernels import (
     KernelConfig,
     attention_kernel,
-    attn_pack_kernels,
+    attn_pack_k_kernel,
+    attn_pack_v_kernel,
+    attn_padding,
     gemm_kernel,
     layer_norm_kernel,
     pack_weight_kernel,
@@ -292,14 +294,20 @@ class _KernelRewriter(PyExprMutator):
         M = _sinfo(x2).shape.values[0]
         return self._emit(relax.call_tir(gk, args, relax.TensorType([M, N], "float32")))
 
+    @staticmethod
+    def _rows(x):
+        """The product of x's leading dims: x as a [rows, last] matrix."""
+        lead = list(_sinfo(x).shape.values[:-1])
+        M = lead[0]
+        for d in lead[1:]:
+            M = M * d
+        return M
+
     def _rewrite(self, spec, out_sinfo):
         kind = spec["kind"]
         if kind == "linear":
             x = self._v(spec["x"])
-            lead = list(_sinfo(x).shape.values[:-1])
-            M = lead[0]
-            for d in lead[1:]:
-                M = M * d
+            M = self._rows(x)
             x2 = self._emit(relax.op.reshape(x, relax.ShapeExpr([M, spec["K"]])))
             res2 = None
             if spec["res"] is not None:
@@ -315,17 +323,25 @@ class _KernelRewriter(PyExprMutator):
             S, H, D = spec["S"], spec["H"], spec["D"]
             q, k, v = self._v(spec["q"]), self._v(spec["k"]), self._v(spec["v"])
             B = _sinfo(q).shape.values[0]
-            kpack, vpack, SP, DP = attn_pack_kernels(self.cfg, S, H, D)
+            SP, DP = attn_padding(self.cfg, S, D)
             kt = self._emit(
                 relax.call_tir(
-                    self._gv(("kpack", S, H, D), lambda: kpack, "attn_pack_k"),
+                    self._gv(
+                        ("kpack", S, H, D),
+                        lambda: attn_pack_k_kernel(self.cfg, S, H, D),
+                        "attn_pack_k",
+                    ),
                     [k],
                     relax.TensorType([B, H, D, SP], "float32"),
                 )
             )
             vp = self._emit(
                 relax.call_tir(
-                    self._gv(("vpack", S, H, D), lambda: vpack, "attn_pack_v"),
+                    self._gv(
+                        ("vpack", S, H, D),
+                        lambda: attn_pack_v_kernel(self.cfg, S, H, D),
+                        "attn_pack_v",
+                    ),
                     [v],
                     relax.TensorType([B, H, S, DP], "float32"),
                 )
@@ -338,10 +354,7 @@ class _KernelRewriter(PyExprMutator):
             return relax.call_tir(ak, [q, kt, vp], relax.TensorType([B, S, H, D], "float32"))
         if kind == "layer_norm":
             x = self._v(spec["x"])
-            lead = list(_sinfo(x).shape.values[:-1])
-            M = lead[0]
-            for d in lead[1:]:
-                M = M * d
+            M = self._rows(x)
             C = spec["C"]
             x2 = self._emit(relax.op.reshape(x, relax.ShapeExpr([M, C])))
             lk = self._gv(
