@@ -18,8 +18,9 @@ per-kernel breakdown of the artifact at batch 1 (median of 5 instrumented forwar
 a Markdown table.
 
 Needs the `bench` extras (`pip install '.[bench]'`), and a C
-compiler with OpenMP for the FMA peak. Run it on an idle machine: TVM's parallel loops are
-split statically across threads, so a busy core slows every kernel.
+compiler with OpenMP for the FMA peak. Run it on an idle machine: the GEMM and attention
+kernels share out their work, but the other kernels split theirs statically across threads,
+and a busy core slows them all.
 """
 
 from __future__ import annotations

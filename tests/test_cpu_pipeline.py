@@ -4,6 +4,10 @@ two, token counts that are not multiples of the row tile, several batch sizes.""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import tvm
@@ -12,10 +16,11 @@ from tvm import relax
 from builder.assemble import export
 from builder.build import pack_params
 from builder.config import BlocksConfig, CLIPVisionConfig, TargetConfig
+from builder.runtime import available_cores
 from builder.targets import llvm
 from builder.weights.random_init import random_weights
 
-from .conftest import assert_close, pixels
+from .conftest import REPO, assert_close, pixels
 
 pytestmark = pytest.mark.parity
 
@@ -61,3 +66,57 @@ def test_scheduled_equals_stock_pipeline(case):
     for batch in (1, 3, 7):
         x = tvm.runtime.tensor(pixels(batch, 30, seed=batch))
         assert_close(fast(x, *fast_params).numpy(), stock(x, *stock_params).numpy(), rel=1e-5)
+
+
+# The GEMM and attention kernels hand out their tasks from a shared atomic counter. With more
+# pool threads than cores, threads are preempted mid-task and take tasks in every order; an
+# output prefilled with NaN shows a task that was skipped.
+WORK_QUEUE = """
+import numpy as np, tvm
+from builder.targets import llvm
+from builder.targets.cpu import kernels as K
+from builder.config import TargetConfig
+
+target, _ = llvm.tvm_target(TargetConfig())
+cfg = K.kernel_config(target)
+
+def build(f):
+    mod = tvm.IRModule({"main": f.with_attr("global_symbol", "main")})
+    with tvm.transform.PassContext(opt_level=3, config={"tirx.disable_storage_rewrite": True}):
+        return tvm.compile(mod, target)["main"]
+
+def nan(shape):
+    return tvm.runtime.tensor(np.full(shape, np.nan, "float32"))
+
+rng = np.random.default_rng(0)
+M, KD, N = 1001, 72, 200  # 167 row tiles, 4 weight blocks (the last ragged): 16 tasks
+x, w, b = (rng.standard_normal(s).astype("float32") for s in ((M, KD), (N, KD), (N,)))
+wp = nan((-(-N // cfg.nb), KD, cfg.nb))
+build(K.pack_weight_kernel(cfg, N, KD, True))(tvm.runtime.tensor(w), wp)
+gemm = build(K.gemm_kernel(cfg, KD, N, True, None, False))
+B, S, H, D = 5, 50, 3, 72  # 13 query tiles of 4 per head: 2 tasks per (batch, head)
+q, k, v = (rng.standard_normal((B, S, H, D)).astype("float32") for _ in range(3))
+kt, vp = nan((B, H, D, K.attn_padding(cfg, S, D)[0])), nan((B, H, S, K.attn_padding(cfg, S, D)[1]))
+build(K.attn_pack_k_kernel(cfg, S, H, D))(tvm.runtime.tensor(k), kt)
+build(K.attn_pack_v_kernel(cfg, S, H, D))(tvm.runtime.tensor(v), vp)
+attention = build(K.attention_kernel(cfg, S, H, D, D ** -0.5))
+s = np.einsum("bshd,bthd->bhst", q, k) * D ** -0.5
+p = np.exp(s - s.max(-1, keepdims=True))
+ref_o = np.einsum("bhst,bthd->bshd", p / p.sum(-1, keepdims=True), v)
+ref_y = x @ w.T + b
+for _ in range(20):
+    y, o = nan((M, N)), nan((B, S, H, D))
+    gemm(tvm.runtime.tensor(x), wp, tvm.runtime.tensor(b), y)
+    attention(tvm.runtime.tensor(q), kt, vp, o)
+    np.testing.assert_allclose(y.numpy(), ref_y, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(o.numpy(), ref_o, rtol=1e-4, atol=1e-4)
+print("ok")
+"""
+
+
+def test_kernels_share_their_tasks_across_more_threads_than_cores():
+    env = {**os.environ, "TVM_NUM_THREADS": str(4 * available_cores())}
+    proc = subprocess.run(
+        [sys.executable, "-c", WORK_QUEUE], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]

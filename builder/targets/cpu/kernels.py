@@ -80,6 +80,49 @@ def _zero(name: str, n: int, ind: str) -> list[str]:
     return [f"{ind}for j in T.vectorized({_i(n)}):", f"{ind}    {name}[j] = {_f(0.0)}"]
 
 
+# Work queue. TIR's `parallel` splits a loop statically over the pool's threads, so a thread
+# that the OS or the hypervisor slows holds up every kernel. The kernels below instead run
+# `_WORKERS` static workers that take tasks from a shared counter until none are left: a
+# fast thread takes more. The counter's atomic add is written in LLVM IR and linked into the
+# module through TIR's `pragma_import_llvm` (the llvm CPU codegen has no atomic intrinsic);
+# it is inlined, so the library needs no runtime support (libatomic) for it.
+_TASK_NEXT = "builder_task_next"
+_TASK_IR = f"""
+define linkonce_odr i64 @{_TASK_NEXT}(ptr %p) alwaysinline {{
+  %r = atomicrmw add ptr %p, i64 1 monotonic, align 8
+  ret i64 %r
+}}
+"""
+_WORKERS = 256  # more than any pool's threads; a surplus worker costs one atomic add
+
+
+def _task_loop(ntask: str) -> list[str]:
+    """Lines that run a task loop over `ntask` tasks: the task index is `cur[0]`, the task
+    that this thread will take next (or >= ntask) is `nx[0]` (for prefetching). The task
+    body goes at 16 spaces of indentation."""
+    take = f"T.call_extern('int64', '{_TASK_NEXT}', T.address_of(cnt[0]))"
+    return [
+        f"    with T.attr(T.int32(0), 'pragma_import_llvm', {_TASK_IR!r}):",
+        '        cnt = T.alloc_buffer((1,), "int64", annotations={"disable_lower_builtin": True})',
+        "        cnt[0] = T.int64(0)",
+        f"        for worker in T.parallel({_i(_WORKERS)}):",
+        '            cur = T.alloc_buffer((1,), "int64", scope="local")',
+        '            nx = T.alloc_buffer((1,), "int64", scope="local")',
+        f"            nx[0] = {take}",
+        f"            while nx[0] < {ntask}:",
+        "                cur[0] = nx[0]",
+        f"                nx[0] = {take}",
+    ]
+
+
+def _tree(op, terms: list[str]) -> str:
+    """A balanced reduction expression over `terms` (a serial one is a chain of latencies)."""
+    while len(terms) > 1:
+        pairs = [op(terms[k], terms[k + 1]) for k in range(0, len(terms) - 1, 2)]
+        terms = pairs + ([terms[-1]] if len(terms) % 2 else [])
+    return terms[0]
+
+
 def _exp_lines(src: str, dst: str, ind: str, tag: str) -> list[str]:
     """Vectorizable exp (Cephes expf polynomial + exponent bit trick): LLVM would scalarize
     llvm.exp.v16f32 into 16 libm calls.  Relative error ~1e-7 on the clamped range."""
@@ -154,7 +197,7 @@ def _parse(src: str) -> tirx.PrimFunc:
     # body to be a root SBlockRealize ("s_tir" dialect): wrap the main loop nest in one
     # (match_buffer declarations must stay outside).
     lines = src.strip("\n").split("\n")
-    k = next(i for i, l in enumerate(lines) if l.startswith("    for "))
+    k = next(i for i, l in enumerate(lines) if l.startswith(("    for ", "    with ")))
     body = ["    " + l if l.strip() else l for l in lines[k:]]
     return tvm.script.from_source("\n".join(lines[:k] + ['    with T.sblock("root"):'] + body))
 
@@ -162,15 +205,18 @@ def _parse(src: str) -> tirx.PrimFunc:
 # --------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------
+_GEMM_CHUNKS = 4  # tasks per weight block (M split in 4): 2-10% faster than 1 or 8 at 2 threads
+
+
 def gemm_kernel(cfg: KernelConfig, K: int, N: int, has_bias: bool, act, has_res: bool):
     """Y[M, N] = epilogue(X[M, K] @ W + bias) (+ R), W packed as [NP, K, NB].
 
-    Parallel over (N block, M tile) with the M tile innermost so one thread streams X rows
-    against a weight block (K * NB floats) that stays in L2; while it does, the tiles
-    prefetch the next block into L2 (software prefetch, spread over the tiles), so a
-    block's first tile does not wait on memory. M is symbolic; the last M tile clamps its
-    row index to M-1 (rows are recomputed, never read out of bounds) so no padding copy is
-    needed."""
+    A task is one weight block (K * NB floats) and a quarter of the M tiles; the threads
+    take tasks from a work queue (`_task_loop`), in order, so a thread streams X rows
+    against a weight block that stays in L2. While it does, the tiles prefetch the block of
+    the thread's next task into L2 (software prefetch, spread over the tiles), so a task's
+    first tile does not wait on memory. M is symbolic; the last M tile clamps its row index
+    to M-1 (rows are recomputed, never read out of bounds) so no padding copy is needed."""
     mr, nb = cfg.mr, cfg.nb
     NP = -(-N // nb)
     args = [f'x: T.handle, w: T.Buffer(({_i(NP)}, {_i(K)}, {_i(nb)}), "float32")']
@@ -192,25 +238,31 @@ def gemm_kernel(cfg: KernelConfig, K: int, N: int, has_bias: bool, act, has_res:
     mt = f"((M + {_i(mr - 1)}) // {_i(mr)})"
     lines = -(-K * nb // 16)  # 64-byte lines in one weight block
     unroll = next(u for u in (8, 4, 2, 1) if K % u == 0)
+    C = _GEMM_CHUNKS
+    ct = f"(({mt} + {_i(C - 1)}) // {_i(C)})"  # M tiles per task
+    L += _task_loop(_i(NP * C))
+    ind = " " * 16
     L += [
-        f"    for t in T.parallel({_i(NP)} * {mt}):",
-        f"        nbk: T.let[T.int64] = t // {mt}",
-        f"        mi: T.let[T.int64] = t % {mt}",
-        f"        m0: T.let[T.int64] = mi * {_i(mr)}",
-        # The M tiles of one weight block share the prefetch of the next block into L2:
-        # tile mi asks for its slice of `lp` lines, one line per `unroll` k steps.
-        f"        lp: T.let[T.int64] = ({_i(lines)} + {mt} - {_i(1)}) // {mt}",
-        f"        nxt: T.let[T.int64] = T.min(nbk + {_i(1)}, {_i(NP - 1)})",
+        f"{ind}nbk: T.let[T.int64] = cur[0] // {_i(C)}",
+        f"{ind}mlo: T.let[T.int64] = cur[0] % {_i(C)} * {ct}",
+        # The M tiles of one task share the prefetch of the block of this thread's next
+        # task into L2: tile mi asks for its slice of `lp` lines, up to two per `unroll`
+        # k steps.
+        f"{ind}lp: T.let[T.int64] = ({_i(lines)} + {ct} - {_i(1)}) // {ct}",
+        f"{ind}nxt: T.let[T.int64] = T.min(nx[0] // {_i(C)}, {_i(NP - 1)})",
+        f"{ind}for mi in range(mlo, T.min(mlo + {ct}, {mt})):",
+        f"{ind}    m0: T.let[T.int64] = mi * {_i(mr)}",
     ]
-    ind = " " * 8
+    ind = " " * 20
     L += _tile_rows(mr, f"M - {_i(1)}", ind)
     for i in range(mr):
         L += [ind + _local(f"acc{i}", nb), *_zero(f"acc{i}", nb, ind)]
     L += [
         f"{ind}for ko in range({_i(K // unroll)}):",
-        f"{ind}    if ko < lp:",
-        f"{ind}        f16: T.let[T.int64] = T.min(mi * lp + ko, {_i(lines - 1)}) * {_i(16)}",
-        f"{ind}        T.evaluate(T.call_intrin('void', 'tirx.prefetch', "
+        f"{ind}    for pi in T.unroll({_i(2)}):",
+        f"{ind}        if ko * {_i(2)} + pi < lp:",
+        f"{ind}            f16: T.let[T.int64] = T.min((mi - mlo) * lp + ko * {_i(2)} + pi, {_i(lines - 1)}) * {_i(16)}",
+        f"{ind}            T.evaluate(T.call_intrin('void', 'tirx.prefetch', "
         f"T.address_of(w[nxt, f16 // {_i(nb)}, f16 % {_i(nb)}]), 0, 2, 1))",
         f"{ind}    for ku in T.unroll({_i(unroll)}):",
         f"{ind}        k: T.let[T.int64] = ko * {_i(unroll)} + ku",
@@ -309,8 +361,12 @@ def attn_pack_v(v: T.handle, vp: T.handle):
     return _parse(vp)
 
 
+_ATTN_TILES = 8  # query tiles per task
+
+
 def attention_kernel(cfg: KernelConfig, S: int, H: int, D: int, scale: float):
-    """O = softmax(Q K^T * scale) V for one (batch, head, mr-query tile) per task.
+    """O = softmax(Q K^T * scale) V; a task is `_ATTN_TILES` tiles of mr queries of one
+    (batch, head), taken from a work queue (`_task_loop`).
 
     Scores for the tile live in a [mr, SV] stack buffer (<= ~20 KiB, L1); Q.K^T and P.V use
     the same broadcast-FMA micro kernel as the GEMM. Q.K^T runs whole key blocks, then only
@@ -335,12 +391,19 @@ def attention_kernel(cfg: KernelConfig, S: int, H: int, D: int, scale: float):
         f'    KT = T.match_buffer(kt, (B, {_i(H)}, {_i(D)}, {_i(SP)}), "float32")',
         f'    VP = T.match_buffer(vp, (B, {_i(H)}, {_i(S)}, {_i(DP)}), "float32")',
         f'    O = T.match_buffer(o, (B, {_i(S)}, {_i(H)}, {_i(D)}), "float32")',
-        f"    for t in T.parallel(B * {_i(H * MT)}):",
-        f"        b: T.let[T.int64] = t // {_i(H * MT)}",
-        f"        h: T.let[T.int64] = t // {_i(MT)} % {_i(H)}",
-        f"        m0: T.let[T.int64] = t % {_i(MT)} * {_i(mr)}",
     ]
-    ind = " " * 8
+    G = _ATTN_TILES
+    CA = -(-MT // G)  # tasks per (batch, head)
+    L += _task_loop(f"B * {_i(H * CA)}")
+    ind = " " * 16
+    L += [
+        f"{ind}b: T.let[T.int64] = cur[0] // {_i(H * CA)}",
+        f"{ind}h: T.let[T.int64] = cur[0] // {_i(CA)} % {_i(H)}",
+        f"{ind}mlo: T.let[T.int64] = cur[0] % {_i(CA)} * {_i(G)}",
+        f"{ind}for mi in range(mlo, T.min(mlo + {_i(G)}, {_i(MT)})):",
+        f"{ind}    m0: T.let[T.int64] = mi * {_i(mr)}",
+    ]
+    ind = " " * 20
     L += _tile_rows(mr, _i(S - 1), ind)
     for i in range(mr):
         L += [
@@ -382,31 +445,38 @@ def attention_kernel(cfg: KernelConfig, S: int, H: int, D: int, scale: float):
     if rv:
         L += score_block(_i(full * nb), rv, ind, True)
     # ---- softmax: row max (a pass of its own: folded into the score stores it was slower),
-    # p = exp(scale * (s - max)), vector sums, then horizontal
+    # p = exp(scale * (s - max)), vector sums, then horizontal. Each pass walks the rows
+    # side by side so that their max/sum chains overlap (one row at a time, the chains'
+    # latency cost as much as the exps).
+    nv = SV // vec
+    L.append(f"{ind}for jv in range({_i(nv)}):")
     for i in range(mr):
         L += [
-            f"{ind}for jv in range({_i(SV // vec)}):",
             f"{ind}    for l in T.vectorized({_i(vec)}):",
             f"{ind}        red{i}[l] = T.max(red{i}[l], s{i}[jv * {_i(vec)} + l])",
-            f"{ind}sc{i}[0] = red{i}[0]",
-            f"{ind}for l in range({_i(1)}, {_i(vec)}):",
-            f"{ind}    sc{i}[0] = T.max(sc{i}[0], red{i}[l])",
-            f"{ind}for l in T.vectorized({_i(vec)}):",
-            f"{ind}    red{i}[l] = {_f(0.0)}",
-            f"{ind}for jv in range({_i(SV // vec)}):",
-            f"{ind}    for l in T.vectorized({_i(vec)}):",
         ]
+    for i in range(mr):
+        lanes = [f"red{i}[{l}]" for l in range(vec)]
+        L += [
+            f"{ind}sc{i}[0] = {_tree(lambda a, b: f'T.max({a}, {b})', lanes)}",
+            *_zero(f"red{i}", vec, ind),
+        ]
+    L.append(f"{ind}for jv in range({_i(nv)}):")
+    for i in range(mr):
+        L.append(f"{ind}    for l in T.vectorized({_i(vec)}):")
         L += _exp_lines(
-            f"(s{i}[jv * {_i(vec)} + l] - sc{i}[0]) * {_f(scale)}", "ex", ind + "        ", "e"
+            f"(s{i}[jv * {_i(vec)} + l] - sc{i}[0]) * {_f(scale)}",
+            f"ex{i}",
+            ind + "        ",
+            f"e{i}",
         )
         L += [
-            f"{ind}        s{i}[jv * {_i(vec)} + l] = ex",
-            f"{ind}        red{i}[l] = red{i}[l] + ex",
-            f"{ind}sc{i}[1] = {_f(0.0)}",
-            f"{ind}for l in range({_i(vec)}):",
-            f"{ind}    sc{i}[1] = sc{i}[1] + red{i}[l]",
-            f"{ind}sc{i}[1] = {_f(1.0)} / sc{i}[1]",
+            f"{ind}        s{i}[jv * {_i(vec)} + l] = ex{i}",
+            f"{ind}        red{i}[l] = red{i}[l] + ex{i}",
         ]
+    for i in range(mr):
+        lanes = [f"red{i}[{l}]" for l in range(vec)]
+        L.append(f"{ind}sc{i}[1] = {_f(1.0)} / {_tree(lambda a, b: f'({a} + {b})', lanes)}")
     # ---- O tile = P V, scaled by 1/sum
     for i in range(mr):
         L += _zero(f"out{i}", DP, ind)
