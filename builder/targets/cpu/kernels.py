@@ -93,7 +93,7 @@ define linkonce_odr i64 @{_TASK_NEXT}(ptr %p) alwaysinline {{
   ret i64 %r
 }}
 """
-_WORKERS = 256  # more than any pool's threads; a surplus worker costs one atomic add
+_WORKERS = 256  # the most threads that can share a kernel; a surplus worker costs one atomic add
 
 
 def _task_loop(ntask: str) -> list[str]:
