@@ -76,8 +76,8 @@ def _tile_rows(mr: int, last: str, ind: str) -> list[str]:
     return [f"{ind}r{i}: T.let[T.int64] = T.min(m0 + {_i(i)}, {last})" for i in range(mr)]
 
 
-def _zero(name: str, n: int, ind: str) -> list[str]:
-    return [f"{ind}for j in T.vectorized({_i(n)}):", f"{ind}    {name}[j] = {_f(0.0)}"]
+def _fill(name: str, n: int, ind: str, value: float = 0.0) -> list[str]:
+    return [f"{ind}for j in T.vectorized({_i(n)}):", f"{ind}    {name}[j] = {_f(value)}"]
 
 
 # Work queue. TIR's `parallel` splits a loop statically over the pool's threads, so a thread
@@ -211,8 +211,8 @@ _GEMM_CHUNKS = 4  # tasks per weight block (its row tiles in 4 parts); 1, 2 or 8
 def gemm_kernel(cfg: KernelConfig, K: int, N: int, has_bias: bool, act, has_res: bool):
     """Y[M, N] = epilogue(X[M, K] @ W + bias) (+ R), W packed as [NP, K, NB].
 
-    A task is one weight block (K * NB floats) and a quarter of the M tiles; the threads
-    take tasks from a work queue (`_task_loop`), in order, so a thread streams X rows
+    A task is one weight block (K * NB floats) and 1/`_GEMM_CHUNKS` of the M tiles; the
+    threads take tasks from a work queue (`_task_loop`), in order, so a thread streams X rows
     against a weight block that stays in L2. While it does, the tiles prefetch the block of
     the thread's next task into L2 (software prefetch, spread over the tiles), so a task's
     first tile does not wait on memory. M is symbolic; the last M tile clamps its row index
@@ -238,7 +238,7 @@ def gemm_kernel(cfg: KernelConfig, K: int, N: int, has_bias: bool, act, has_res:
     mt = f"((M + {_i(mr - 1)}) // {_i(mr)})"
     lines = -(-K * nb // 16)  # 64-byte lines in one weight block
     unroll = next(u for u in (8, 4, 2, 1) if K % u == 0)
-    C = _GEMM_CHUNKS
+    C, PF = _GEMM_CHUNKS, 2  # PF: prefetches per `unroll` k steps, at most
     ct = f"(({mt} + {_i(C - 1)}) // {_i(C)})"  # M tiles per task
     L += _task_loop(_i(NP * C))
     ind = " " * 16
@@ -246,7 +246,7 @@ def gemm_kernel(cfg: KernelConfig, K: int, N: int, has_bias: bool, act, has_res:
         f"{ind}nbk: T.let[T.int64] = cur[0] // {_i(C)}",
         f"{ind}mlo: T.let[T.int64] = cur[0] % {_i(C)} * {ct}",
         # The M tiles of one task share the prefetch of the block of this thread's next
-        # task into L2: tile mi asks for its slice of `lp` lines, up to two per `unroll`
+        # task into L2: tile mi asks for its slice of `lp` lines, up to PF per `unroll`
         # k steps.
         f"{ind}lp: T.let[T.int64] = ({_i(lines)} + {ct} - {_i(1)}) // {ct}",
         f"{ind}nxt: T.let[T.int64] = T.min(nx[0] // {_i(C)}, {_i(NP - 1)})",
@@ -256,12 +256,12 @@ def gemm_kernel(cfg: KernelConfig, K: int, N: int, has_bias: bool, act, has_res:
     ind = " " * 20
     L += _tile_rows(mr, f"M - {_i(1)}", ind)
     for i in range(mr):
-        L += [ind + _local(f"acc{i}", nb), *_zero(f"acc{i}", nb, ind)]
+        L += [ind + _local(f"acc{i}", nb), *_fill(f"acc{i}", nb, ind)]
     L += [
         f"{ind}for ko in range({_i(K // unroll)}):",
-        f"{ind}    for pi in T.unroll({_i(2)}):",
-        f"{ind}        if ko * {_i(2)} + pi < lp:",
-        f"{ind}            f16: T.let[T.int64] = T.min((mi - mlo) * lp + ko * {_i(2)} + pi, {_i(lines - 1)}) * {_i(16)}",
+        f"{ind}    for pi in T.unroll({_i(PF)}):",
+        f"{ind}        if ko * {_i(PF)} + pi < lp:",
+        f"{ind}            f16: T.let[T.int64] = T.min((mi - mlo) * lp + ko * {_i(PF)} + pi, {_i(lines - 1)}) * {_i(16)}",
         f"{ind}            T.evaluate(T.call_intrin('void', 'tirx.prefetch', "
         f"T.address_of(w[nxt, f16 // {_i(nb)}, f16 % {_i(nb)}]), 0, 2, 1))",
         f"{ind}    for ku in T.unroll({_i(unroll)}):",
@@ -414,13 +414,13 @@ def attention_kernel(cfg: KernelConfig, S: int, H: int, D: int, scale: float):
             ind + _local(f"sc{i}", 2),
         ]
     for i in range(mr):
-        L += [f"{ind}for l in T.vectorized({_i(vec)}):", f"{ind}    red{i}[l] = {_f(-1e30)}"]
+        L += _fill(f"red{i}", vec, ind, -1e30)
 
     # ---- raw scores s_i[j] = q_i . k_j, keys [base, base + width)
     def score_block(base: str, width: int, ind2: str, ragged: bool) -> list[str]:
         out = []
         for i in range(mr):
-            out += _zero(f"acc{i}", width, ind2)
+            out += _fill(f"acc{i}", width, ind2)
         out.append(f"{ind2}for d in range({_i(D)}):")
         for i in range(mr):
             out += [
@@ -459,7 +459,7 @@ def attention_kernel(cfg: KernelConfig, S: int, H: int, D: int, scale: float):
         lanes = [f"red{i}[{l}]" for l in range(vec)]
         L += [
             f"{ind}sc{i}[0] = {_tree(lambda a, b: f'T.max({a}, {b})', lanes)}",
-            *_zero(f"red{i}", vec, ind),
+            *_fill(f"red{i}", vec, ind),
         ]
     L.append(f"{ind}for jv in range({_i(nv)}):")
     for i in range(mr):
@@ -479,7 +479,7 @@ def attention_kernel(cfg: KernelConfig, S: int, H: int, D: int, scale: float):
         L.append(f"{ind}sc{i}[1] = {_f(1.0)} / {_tree(lambda a, b: f'({a} + {b})', lanes)}")
     # ---- O tile = P V, scaled by 1/sum
     for i in range(mr):
-        L += _zero(f"out{i}", DP, ind)
+        L += _fill(f"out{i}", DP, ind)
     # P.V in whole vectors (an 80-lane vector, head dim 72, made LLVM shuffle through the
     # stack: 20x slower), unrolled so the accumulators stay in registers.
     L.append(f"{ind}for j in range({_i(S)}):")
