@@ -120,3 +120,36 @@ def test_kernels_share_their_tasks_across_more_threads_than_cores():
         [sys.executable, "-c", WORK_QUEUE], cwd=REPO, env=env, capture_output=True, text=True
     )
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("upper", [True, False])
+def test_vector_exp_matches_numpy_over_its_range(upper):
+    from builder.targets.cpu import kernels as K
+
+    lo, hi = -87.0, 88.0 if upper else 0.0
+    x = np.concatenate(
+        [
+            np.linspace(lo, hi, 40_000, dtype=np.float32),
+            np.float32([0.0, -0.0, 1e-8, -1e-8, -87.5, -100.0, -1e30, np.log(2) / 2]),
+        ]
+        + ([np.float32([88.5, 100.0, 1e30])] if upper else [])
+    )
+    x = np.concatenate([x, np.zeros(-len(x) % 16, np.float32)])
+    n = len(x)
+    body = "\n".join(K._exp_lines("x[i * 16 + l]", "e", " " * 12, "q", upper=upper))
+    src = f"""
+@T.prim_func
+def main(x: T.Buffer(({n},), "float32"), y: T.Buffer(({n},), "float32")):
+    for i in range({n // 16}):
+        for l in T.vectorized(16):
+{body}
+            y[i * 16 + l] = e
+"""
+    target, _ = llvm.tvm_target(TargetConfig())
+    fn = tvm.compile(tvm.script.from_source(src), target)["main"]
+    y = tvm.runtime.tensor(np.zeros(n, np.float32))
+    fn(tvm.runtime.tensor(x), y)
+    got = y.numpy().astype(np.float64)
+    want = np.exp(np.clip(x.astype(np.float64), -87.0, 88.0))
+    assert np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, want, rtol=3e-7, atol=0)

@@ -7,6 +7,7 @@ generic schedule there. Sizes derive from the target's vector width (`kernel_con
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 import tvm
@@ -123,19 +124,31 @@ def _tree(op, terms: list[str]) -> str:
     return terms[0]
 
 
-def _exp_lines(src: str, dst: str, ind: str, tag: str) -> list[str]:
-    """Vectorizable exp (Cephes expf polynomial + exponent bit trick): LLVM would scalarize
-    llvm.exp.v16f32 into 16 libm calls.  Relative error ~1e-7 on the clamped range."""
+# exp's rounding constant: 1.5 * 2^23 + 127. Added to x / ln 2, the float sum rounds to an
+# integer, and its low mantissa bits hold n + 127 (n = round(x / ln 2)); shifted left by 23
+# they are the bits of 2^n (the bits above shift out). n itself is read back from the same
+# bits: `(t + M) - M` would not do, because LLVM folds it to `t` under TVM's fast-math flags.
+_EXP_MAGIC = 1.5 * 2**23 + 127
+_EXP_MAGIC_BITS = struct.unpack("<i", struct.pack("<f", _EXP_MAGIC))[0]
+
+
+def _exp_lines(src: str, dst: str, ind: str, tag: str, upper: bool = True) -> list[str]:
+    """Vectorizable exp (Cephes expf polynomial, 2^n from the exponent bits): LLVM would
+    scalarize llvm.exp.v16f32 into 16 libm calls. Relative error ~1e-7 on the clamped range,
+    [-87, 88]; `upper=False` drops the upper clamp where the caller knows that src <= 0."""
+    xc = f"T.min({src}, {_f(88.0)})" if upper else src
     return [
-        f"{ind}{tag}xc: T.let[T.float32] = T.max(T.min({src}, {_f(88.0)}), {_f(-87.0)})",
-        f"{ind}{tag}n: T.let[T.float32] = T.floor({tag}xc * {_f(1.4426950408889634)} + {_f(0.5)})",
+        f"{ind}{tag}xc: T.let[T.float32] = T.max({xc}, {_f(-87.0)})",
+        f"{ind}{tag}t: T.let[T.float32] = {tag}xc * {_f(1.4426950408889634)} + {_f(_EXP_MAGIC)}",
+        f'{ind}{tag}n: T.let[T.float32] = T.Cast("float32", T.reinterpret("int32", {tag}t)'
+        f" - {_EXP_MAGIC_BITS})",
         f"{ind}{tag}r: T.let[T.float32] = {tag}xc - {tag}n * {_f(0.693359375)} + {tag}n * {_f(2.12194440e-4)}",
         f"{ind}{tag}p: T.let[T.float32] = (((((({_f(1.9875691500e-4)} * {tag}r + {_f(1.3981999507e-3)}) * {tag}r"
         f" + {_f(8.3334519073e-3)}) * {tag}r + {_f(4.1665795894e-2)}) * {tag}r"
         f" + {_f(1.6666665459e-1)}) * {tag}r + {_f(5.0000001201e-1)}) * {tag}r * {tag}r"
         f" + {tag}r + {_f(1.0)})",
-        f'{ind}{dst}: T.let[T.float32] = {tag}p * T.reinterpret("float32", T.shift_left(T.Cast("int32", {tag}n)'
-        f" + 127, 23))",
+        f'{ind}{dst}: T.let[T.float32] = {tag}p * T.reinterpret("float32", T.shift_left('
+        f'T.reinterpret("int32", {tag}t), 23))',
     ]
 
 
@@ -253,49 +266,70 @@ def gemm_kernel(cfg: KernelConfig, K: int, N: int, has_bias: bool, act, has_res:
         f"{ind}for mi in range(mlo, T.min(mlo + {ct}, {mt})):",
         f"{ind}    m0: T.let[T.int64] = mi * {_i(mr)}",
     ]
-    ind = " " * 20
-    L += _tile_rows(mr, f"M - {_i(1)}", ind)
-    for i in range(mr):
-        L += [ind + _local(f"acc{i}", nb), *_fill(f"acc{i}", nb, ind)]
-    L += [
-        f"{ind}for ko in range({_i(K // unroll)}):",
-        f"{ind}    for pi in T.unroll({_i(PF)}):",
-        f"{ind}        if ko * {_i(PF)} + pi < lp:",
-        f"{ind}            f16: T.let[T.int64] = T.min((mi - mlo) * lp + ko * {_i(PF)} + pi, {_i(lines - 1)}) * {_i(16)}",
-        f"{ind}            T.evaluate(T.call_intrin('void', 'tirx.prefetch', "
-        f"T.address_of(w[nxt, f16 // {_i(nb)}, f16 % {_i(nb)}]), 0, 2, 1))",
-        f"{ind}    for ku in T.unroll({_i(unroll)}):",
-        f"{ind}        k: T.let[T.int64] = ko * {_i(unroll)} + ku",
-    ]
-    for i in range(mr):
-        L += [
-            f"{ind}        for j in T.vectorized({_i(nb)}):",
-            f"{ind}            acc{i}[j] = acc{i}[j] + X[r{i}, k] * w[nbk, k, j]",
-        ]
 
-    def epilogue(i, j_loop, ind2, guard):
-        col = f"nbk * {_i(nb)} + j"
-        out = [f"{ind2}{j_loop}"]
-        body = ind2 + "    "
-        if guard:
-            out.append(f"{body}if {col} < {_i(N)}:")
-            body += "    "
-        v = f"acc{i}[j]" + (f" + bias[{col}]" if has_bias else "")
-        out.append(f"{body}v: T.let[T.float32] = {v}")
-        out += _act_lines(act, "v", "o", body)
-        out.append(f"{body}Y[r{i}, {col}] = o" + (f" + R[r{i}, {col}]" if has_res else ""))
+    def tile(rows: int, ind: str, pre: str, prefetch: bool) -> list[str]:
+        """One tile: `rows` rows (row indices r0.. bound by the caller) x one weight block."""
+        out = []
+        for i in range(rows):
+            out += [ind + _local(f"{pre}acc{i}", nb), *_fill(f"{pre}acc{i}", nb, ind)]
+        out.append(f"{ind}for ko in range({_i(K // unroll)}):")
+        if prefetch:
+            out += [
+                f"{ind}    for pi in T.unroll({_i(PF)}):",
+                f"{ind}        if ko * {_i(PF)} + pi < lp:",
+                f"{ind}            f16: T.let[T.int64] = T.min((mi - mlo) * lp + ko * {_i(PF)} + pi, {_i(lines - 1)}) * {_i(16)}",
+                f"{ind}            T.evaluate(T.call_intrin('void', 'tirx.prefetch', "
+                f"T.address_of(w[nxt, f16 // {_i(nb)}, f16 % {_i(nb)}]), 0, 2, 1))",
+            ]
+        out += [
+            f"{ind}    for ku in T.unroll({_i(unroll)}):",
+            f"{ind}        k: T.let[T.int64] = ko * {_i(unroll)} + ku",
+        ]
+        for i in range(rows):
+            out += [
+                f"{ind}        for j in T.vectorized({_i(nb)}):",
+                f"{ind}            {pre}acc{i}[j] = {pre}acc{i}[j] + X[r{i}, k] * w[nbk, k, j]",
+            ]
+
+        def epilogue(i, j_loop, ind2, guard):
+            col = f"nbk * {_i(nb)} + j"
+            lines_ = [f"{ind2}{j_loop}"]
+            body = ind2 + "    "
+            if guard:
+                lines_.append(f"{body}if {col} < {_i(N)}:")
+                body += "    "
+            v = f"{pre}acc{i}[j]" + (f" + bias[{col}]" if has_bias else "")
+            lines_.append(f"{body}v: T.let[T.float32] = {v}")
+            lines_ += _act_lines(act, "v", "o", body)
+            lines_.append(f"{body}Y[r{i}, {col}] = o" + (f" + R[r{i}, {col}]" if has_res else ""))
+            return lines_
+
+        if N % nb == 0:
+            for i in range(rows):
+                out += epilogue(i, f"for j in T.vectorized({_i(nb)}):", ind, False)
+        else:  # ragged last N block: scalar, guarded stores (zero-padded weights keep K clean)
+            out.append(f"{ind}if nbk < {_i(NP - 1)}:")
+            for i in range(rows):
+                out += epilogue(i, f"for j in T.vectorized({_i(nb)}):", ind + "    ", False)
+            out.append(f"{ind}else:")
+            for i in range(rows):
+                out += epilogue(i, f"for j in range({_i(nb)}):", ind + "    ", True)
         return out
 
-    if N % nb == 0:
-        for i in range(mr):
-            L += epilogue(i, f"for j in T.vectorized({_i(nb)}):", ind, False)
-    else:  # ragged last N block: scalar, guarded stores (zero-padded weights keep K-loop clean)
-        L.append(f"{ind}if nbk < {_i(NP - 1)}:")
-        for i in range(mr):
-            L += epilogue(i, f"for j in T.vectorized({_i(nb)}):", ind + "    ", False)
-        L.append(f"{ind}else:")
-        for i in range(mr):
-            L += epilogue(i, f"for j in range({_i(nb)}):", ind + "    ", True)
+    # A last tile of at most `short` rows runs them one at a time: a lone row's 4 FMA chains
+    # are latency bound, a third of a full tile's time, where the full tile would recompute
+    # the missing rows (577 rows: 96 tiles and 1 row).
+    short = mr // 3
+    ind = " " * 20
+    L.append(f"{ind}if M - m0 > {_i(short)}:")
+    L += _tile_rows(mr, f"M - {_i(1)}", ind + "    ")
+    L += tile(mr, ind + "    ", "", True)
+    L += [
+        f"{ind}else:",
+        f"{ind}    for rr in range(M - m0):",
+        f"{ind}        r0: T.let[T.int64] = m0 + rr",
+    ]
+    L += tile(1, ind + "        ", "t", False)
     return _parse("\n".join(L))
 
 
@@ -458,17 +492,18 @@ def attention_kernel(cfg: KernelConfig, S: int, H: int, D: int, scale: float):
     for i in range(mr):
         lanes = [f"red{i}[{l}]" for l in range(vec)]
         L += [
-            f"{ind}sc{i}[0] = {_tree(lambda a, b: f'T.max({a}, {b})', lanes)}",
+            f"{ind}sc{i}[0] = {_tree(lambda a, b: f'T.max({a}, {b})', lanes)} * {_f(scale)}",
             *_fill(f"red{i}", vec, ind),
         ]
     L.append(f"{ind}for jv in range({_i(nv)}):")
     for i in range(mr):
         L.append(f"{ind}    for l in T.vectorized({_i(vec)}):")
         L += _exp_lines(
-            f"(s{i}[jv * {_i(vec)} + l] - sc{i}[0]) * {_f(scale)}",
+            f"s{i}[jv * {_i(vec)} + l] * {_f(scale)} - sc{i}[0]",
             f"ex{i}",
             ind + "        ",
             f"e{i}",
+            upper=False,
         )
         L += [
             f"{ind}        s{i}[jv * {_i(vec)} + l] = ex{i}",
