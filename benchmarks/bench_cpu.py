@@ -14,8 +14,8 @@ alike; each call starts 0.2 s after the previous one, once the pool threads of t
 runner have stopped spinning. Each time is the median of its rounds. The FMA peak is
 measured by `fma_peak.c` on the same threads before and after every preset: the table uses
 the highest sample and reports the range, which shows how steady the machine was. Also a
-per-kernel breakdown of the artifact at batch 1 (median of 5 instrumented forwards). Writes
-a Markdown table.
+per-kernel breakdown of the artifact at batch 1 (median of 5 instrumented forwards), and each
+GEMM kernel alone against FMA samples taken between its calls. Writes a Markdown table.
 
 Needs the `bench` extras (`pip install '.[bench]'`), and a C
 compiler with OpenMP for the FMA peak. Run it on an idle machine: the GEMM and attention
@@ -61,9 +61,9 @@ def fma_peak_sampler(threads: int):
         check=True,
     )
 
-    def sample() -> float:
+    def sample(iterations: int = 100_000_000) -> float:
         out = subprocess.run(
-            [str(exe), "100000000", str(threads)], check=True, capture_output=True, text=True
+            [str(exe), str(iterations), str(threads)], check=True, capture_output=True, text=True
         )
         return float(out.stdout)
 
@@ -169,7 +169,52 @@ def kernel_breakdown(encoder, x, forwards: int = 5) -> list[tuple[str, int, floa
     )
 
 
-def bench_preset(name: str, args: argparse.Namespace, workdir: Path):
+def first_calls(encoder, x, prefix: str) -> dict[str, tuple]:
+    """(function, arguments) of the first call of each kernel named `prefix...` in one
+    forward, from the VM's instrumentation hook (the arguments stay alive with the dict)."""
+    from tvm import relax
+
+    calls: dict[str, tuple] = {}
+
+    def hook(func, name, before, ret, *args):
+        if not before and name.startswith(prefix) and name not in calls:
+            calls[name] = (func, args)
+        return relax.VMInstrumentReturnKind.NO_OP
+
+    encoder.vm.set_instrument(hook)
+    encoder(x)
+    return calls
+
+
+def gemms_alone(encoder, x, sample_peak, rounds: int = 7, window: float = 0.2):
+    """Each GEMM kernel of one forward, called alone on the arguments of its first call, in
+    rounds that alternate a short FMA peak sample with `window` seconds of calls, so each
+    kernel is compared with the FMA rate of the same moments: a slow spell of the machine
+    lowers both. Rows: (kernel, M, K, N, median GFLOP/s, best GFLOP/s, the median of the
+    rounds' ratios to their FMA sample)."""
+    rows = []
+    for name, (func, args) in sorted(first_calls(encoder, x, "gemm").items()):
+        (m, k), n = args[0].shape, args[-1].shape[-1]
+        work = 2 * m * k * n / 1e9
+        rates, ratios = [], []
+        for _ in range(rounds):
+            time.sleep(SETTLE_S)
+            fma = sample_peak(30_000_000)
+            round_rates = []
+            start = time.perf_counter()
+            while time.perf_counter() - start < window:
+                t = time.perf_counter()
+                func(*args)
+                round_rates.append(work / (time.perf_counter() - t))
+            rates += round_rates
+            ratios.append(statistics.median(round_rates) / fma)
+        rows.append(
+            (name, m, k, n, statistics.median(rates), max(rates), statistics.median(ratios))
+        )
+    return rows
+
+
+def bench_preset(name: str, args: argparse.Namespace, workdir: Path, sample_peak):
     import numpy as np
     import torch
 
@@ -218,7 +263,8 @@ def bench_preset(name: str, args: argparse.Namespace, workdir: Path):
             file=sys.stderr,
         )
     x1 = np.zeros((1, 3, model.image_size, model.image_size), np.float32)
-    return rows, note, (name, preset, kernel_breakdown(encoder, x1))
+    alone = gemms_alone(encoder, x1, sample_peak)
+    return rows, note, (name, preset, kernel_breakdown(encoder, x1), alone)
 
 
 def main() -> int:
@@ -243,7 +289,7 @@ def main() -> int:
     rows, notes, breakdowns = [], [], []
     workdir = Path(tempfile.mkdtemp())
     for name in args.presets:
-        preset_rows, note, breakdown = bench_preset(name, args, workdir)
+        preset_rows, note, breakdown = bench_preset(name, args, workdir, sample_peak)
         rows += preset_rows
         notes.append(note)
         breakdowns.append(breakdown)
@@ -274,7 +320,7 @@ def main() -> int:
     lines += ["", "Ratios are artifact time / peer time: below 1.0 the artifact is faster.", ""]
     from builder.flops import tokens
 
-    for name, preset, kernels in breakdowns:
+    for name, preset, kernels, alone in breakdowns:
         model = preset.model
         total = sum(t for _, _, t in kernels)
         layers = model.num_layers_computed
@@ -300,6 +346,24 @@ def main() -> int:
             lines.append(
                 f"| {kernel} | {calls} | {1e3 * seconds / layers:.2f} | "
                 f"{100 * seconds / total:.1f}% |"
+            )
+        lines += [
+            "",
+            f"## GEMM kernels alone, {name}, batch 1",
+            "",
+            "Each GEMM kernel called alone on the arguments of its first call in a forward, in "
+            "rounds that alternate a short FMA sample with 0.2 s of calls. The FMA rate "
+            "alongside is each round's median GFLOP/s over its own FMA sample, median over the "
+            "rounds; best is the fastest single call over the run's FMA peak.",
+            "",
+            "| kernel | M x K x N | GFLOP/s, median | % of the FMA rate alongside | "
+            "best GFLOP/s | best, % of FMA peak |",
+            "|---|---|---|---|---|---|",
+        ]
+        for kernel, m, k, n, median, best, ratio in alone:
+            lines.append(
+                f"| {kernel} | {m} x {k} x {n} | {median:.1f} | {100 * ratio:.0f}% | "
+                f"{best:.1f} | {100 * best / peak:.0f}% |"
             )
         lines.append("")
     lines += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
