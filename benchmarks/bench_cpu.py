@@ -1,7 +1,7 @@
 """The llvm artifact against PyTorch eager and onnxruntime, in one process, on one input.
 
     python benchmarks/bench_cpu.py [--presets clip-vit-b-16 llava-clip] [--batches 1 8]
-                                   [--runs 5] [--seconds 30] [--threads N]
+                                   [--runs 5] [--seconds 60] [--threads N]
                                    [--out docs/benchmarks.md]
 
 For each preset and batch: the artifact built by the builder (random init: the weights do not
@@ -11,11 +11,13 @@ exported to ONNX and run by onnxruntime (same thread count). After one warm-up c
 three run in turn, round after round, the first runner rotating: at least `--runs` rounds,
 and more until `--seconds` have passed. A slow spell of the machine so falls on all three
 alike; each call starts 0.2 s after the previous one, once the pool threads of the last
-runner have stopped spinning. Each time is the median of its rounds. The FMA peak is
+runner have stopped spinning. Each time is the median of its rounds; the ratios to the
+peers are given both as the ratio of the medians and as the median of the rounds' ratios
+(paired: a slow spell that spans a round cancels). The FMA peak is
 measured by `fma_peak.c` on the same threads before and after every preset: the table uses
 the highest sample and reports the range, which shows how steady the machine was. Also a
 per-kernel breakdown of the artifact at batch 1 (median of 5 instrumented forwards), and each
-GEMM kernel alone against FMA samples taken between its calls. Writes a Markdown table.
+GEMM kernel alone against FMA samples taken around its calls. Writes a Markdown table.
 
 Needs the `bench` extras (`pip install '.[bench]'`), and a C
 compiler with OpenMP for the FMA peak. Run it on an idle machine: the GEMM and attention
@@ -75,13 +77,13 @@ def fma_peak_sampler(threads: int):
 SETTLE_S = 0.2
 
 
-def interleaved_medians(
+def interleaved_times(
     fns: dict[str, Callable[[], object]], runs: int, seconds: float
-) -> tuple[dict[str, float], int]:
-    """Median seconds of each function and the number of rounds: the functions are timed in
-    turn, round after round (after one warm-up call each) with the first runner rotating, so
-    machine noise falls on all of them alike; at least `runs` rounds, more until `seconds`
-    have passed. Each call starts `SETTLE_S` after the previous one ended."""
+) -> dict[str, list[float]]:
+    """Seconds of each function, one per round: the functions are timed in turn, round
+    after round (after one warm-up call each) with the first runner rotating, so machine
+    noise falls on all of them alike; at least `runs` rounds, more until `seconds` have
+    passed. Each call starts `SETTLE_S` after the previous one ended."""
     for fn in fns.values():
         fn()
     names = list(fns)
@@ -95,7 +97,13 @@ def interleaved_medians(
             fns[name]()
             times[name].append(time.perf_counter() - start)
         r += 1
-    return {name: statistics.median(ts) for name, ts in times.items()}, r
+    return times
+
+
+def paired_ratio(ours: list[float], theirs: list[float]) -> float:
+    """The median over rounds of the round's time ratio: within a round the runners follow
+    each other by seconds, so a slow spell of the machine that spans a round cancels."""
+    return statistics.median(a / b for a, b in zip(ours, theirs, strict=True))
 
 
 def hf_model(model):
@@ -188,10 +196,10 @@ def first_calls(encoder, x, prefix: str) -> dict[str, tuple]:
 
 def gemms_alone(encoder, x, sample_peak, rounds: int = 7, window: float = 0.2):
     """Each GEMM kernel of one forward, called alone on the arguments of its first call, in
-    rounds that alternate a short FMA peak sample with `window` seconds of calls, so each
-    kernel is compared with the FMA rate of the same moments: a slow spell of the machine
-    lowers both. Rows: (kernel, M, K, N, median GFLOP/s, best GFLOP/s, the median of the
-    rounds' ratios to their FMA sample)."""
+    rounds of `window` seconds of calls between two short FMA peak samples, so each kernel
+    is compared with the FMA rate of the same moments: a slow spell of the machine lowers
+    both. Rows: (kernel, M, K, N, median GFLOP/s, best GFLOP/s, the median over the rounds
+    of the round's median rate over the faster of its two FMA samples)."""
     rows = []
     for name, (func, args) in sorted(first_calls(encoder, x, "gemm").items()):
         (m, k), n = args[0].shape, args[-1].shape[-1]
@@ -199,7 +207,7 @@ def gemms_alone(encoder, x, sample_peak, rounds: int = 7, window: float = 0.2):
         rates, ratios = [], []
         for _ in range(rounds):
             time.sleep(SETTLE_S)
-            fma = sample_peak(30_000_000)
+            before = sample_peak(30_000_000)
             round_rates = []
             start = time.perf_counter()
             while time.perf_counter() - start < window:
@@ -207,7 +215,10 @@ def gemms_alone(encoder, x, sample_peak, rounds: int = 7, window: float = 0.2):
                 func(*args)
                 round_rates.append(work / (time.perf_counter() - t))
             rates += round_rates
-            ratios.append(statistics.median(round_rates) / fma)
+            time.sleep(SETTLE_S)
+            after = sample_peak(30_000_000)
+            # Against the faster of the two samples around the calls: the conservative side.
+            ratios.append(statistics.median(round_rates) / max(before, after))
         rows.append(
             (name, m, k, n, statistics.median(rates), max(rates), statistics.median(ratios))
         )
@@ -246,7 +257,7 @@ def bench_preset(name: str, args: argparse.Namespace, workdir: Path, sample_peak
             with torch.inference_mode():
                 return hf(pixel_values=xt)
 
-        t, rounds = interleaved_medians(
+        times = interleaved_times(
             {
                 "artifact": lambda x=x: encoder(x),
                 "torch": eager,
@@ -255,8 +266,11 @@ def bench_preset(name: str, args: argparse.Namespace, workdir: Path, sample_peak
             args.runs,
             args.seconds,
         )
-        ours, eager_s, ort_s = t["artifact"], t["torch"], t["ort"]
-        rows.append((name, batch, gflop(model, preset.blocks, batch), ours, eager_s, ort_s, rounds))
+        ours, eager_s, ort_s = (statistics.median(times[k]) for k in ("artifact", "torch", "ort"))
+        paired = tuple(paired_ratio(times["artifact"], times[k]) for k in ("torch", "ort"))
+        rounds = len(times["artifact"])
+        work = gflop(model, preset.blocks, batch)
+        rows.append((name, batch, work, ours, eager_s, ort_s, paired, rounds))
         print(
             f"{name} b{batch}: ours {ours:.3f} s, torch {eager_s:.3f} s, ort {ort_s:.3f} s "
             f"({rounds} rounds)",
@@ -273,7 +287,7 @@ def main() -> int:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--runs", type=int, default=5, help="fewest timed rounds")
     parser.add_argument(
-        "--seconds", type=float, default=30.0, help="go on with rounds until this much time"
+        "--seconds", type=float, default=60.0, help="go on with rounds until this much time"
     )
     parser.add_argument("--threads", type=int, default=available_cores())
     parser.add_argument("--out", type=Path, default=HERE.parent / "docs" / "benchmarks.md")
@@ -308,16 +322,24 @@ def main() -> int:
         "patch conv of the layers computed (llava-clip: 23 of 24).",
         "",
         "| preset | batch | GFLOP | artifact s | PyTorch eager s | onnxruntime s | "
-        "artifact GFLOP/s | % of FMA peak | vs PyTorch | vs onnxruntime | rounds |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "artifact GFLOP/s | % of FMA peak | vs PyTorch | vs onnxruntime | "
+        "vs PyTorch, paired | vs onnxruntime, paired | rounds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, batch, work, ours, eager, ort_s, rounds in rows:
+    for name, batch, work, ours, eager, ort_s, (p_eager, p_ort), rounds in rows:
         lines.append(
             f"| {name} | {batch} | {work:.1f} | {ours:.3f} | {eager:.3f} | {ort_s:.3f} | "
             f"{work / ours:.1f} | {100 * work / ours / peak:.0f}% | {ours / eager:.2f} | "
-            f"{ours / ort_s:.2f} | {rounds} |"
+            f"{ours / ort_s:.2f} | {p_eager:.2f} | {p_ort:.2f} | {rounds} |"
         )
-    lines += ["", "Ratios are artifact time / peer time: below 1.0 the artifact is faster.", ""]
+    lines += [
+        "",
+        "Ratios are artifact time / peer time: below 1.0 the artifact is faster. The first two "
+        "divide the medians; the paired ones are the median over rounds of each round's "
+        "ratio (the three runners of a round follow each other within seconds, so a slow "
+        "spell of the machine that spans a round cancels).",
+        "",
+    ]
     from builder.flops import tokens
 
     for name, preset, kernels, alone in breakdowns:
@@ -352,9 +374,9 @@ def main() -> int:
             f"## GEMM kernels alone, {name}, batch 1",
             "",
             "Each GEMM kernel called alone on the arguments of its first call in a forward, in "
-            "rounds that alternate a short FMA sample with 0.2 s of calls. The FMA rate "
-            "alongside is each round's median GFLOP/s over its own FMA sample, median over the "
-            "rounds; best is the fastest single call over the run's FMA peak.",
+            "rounds of 0.2 s of calls between two short FMA samples. The FMA rate alongside is "
+            "each round's median GFLOP/s over the faster of its two FMA samples, median over "
+            "the rounds; best is the fastest single call over the run's FMA peak.",
             "",
             "| kernel | M x K x N | GFLOP/s, median | % of the FMA rate alongside | "
             "best GFLOP/s | best, % of FMA peak |",

@@ -127,7 +127,8 @@ def _tree(op, terms: list[str]) -> str:
 # exp's rounding constant: 1.5 * 2^23 + 127. Added to x / ln 2, the float sum rounds to an
 # integer, and its low mantissa bits hold n + 127 (n = round(x / ln 2)); shifted left by 23
 # they are the bits of 2^n (the bits above shift out). n itself is read back from the same
-# bits: `(t + M) - M` would not do, because LLVM folds it to `t` under TVM's fast-math flags.
+# bits: `(t + M) - M` would not do, because TIR's simplifier treats float arithmetic as exact
+# and folds it to `t`.
 _EXP_MAGIC = 1.5 * 2**23 + 127
 _EXP_MAGIC_BITS = struct.unpack("<i", struct.pack("<f", _EXP_MAGIC))[0]
 
