@@ -229,8 +229,9 @@ def gemm_kernel(cfg: KernelConfig, K: int, N: int, has_bias: bool, act, has_res:
     threads take tasks from a work queue (`_task_loop`), in order, so a thread streams X rows
     against a weight block that stays in L2. While it does, the tiles prefetch the block of
     the thread's next task into L2 (software prefetch, spread over the tiles), so a task's
-    first tile does not wait on memory. M is symbolic; the last M tile clamps its row index
-    to M-1 (rows are recomputed, never read out of bounds) so no padding copy is needed."""
+    first tile does not wait on memory. M is symbolic and needs no padding copy: a last,
+    partial M tile either clamps its row index to M-1 (rows are recomputed, never read out
+    of bounds) or, when only a row or two are left, runs them one at a time."""
     mr, nb = cfg.mr, cfg.nb
     NP = -(-N // nb)
     args = [f'x: T.handle, w: T.Buffer(({_i(NP)}, {_i(K)}, {_i(nb)}), "float32")']
@@ -294,16 +295,16 @@ def gemm_kernel(cfg: KernelConfig, K: int, N: int, has_bias: bool, act, has_res:
 
         def epilogue(i, j_loop, ind2, guard):
             col = f"nbk * {_i(nb)} + j"
-            lines_ = [f"{ind2}{j_loop}"]
+            ep = [f"{ind2}{j_loop}"]
             body = ind2 + "    "
             if guard:
-                lines_.append(f"{body}if {col} < {_i(N)}:")
+                ep.append(f"{body}if {col} < {_i(N)}:")
                 body += "    "
             v = f"{pre}acc{i}[j]" + (f" + bias[{col}]" if has_bias else "")
-            lines_.append(f"{body}v: T.let[T.float32] = {v}")
-            lines_ += _act_lines(act, "v", "o", body)
-            lines_.append(f"{body}Y[r{i}, {col}] = o" + (f" + R[r{i}, {col}]" if has_res else ""))
-            return lines_
+            ep.append(f"{body}v: T.let[T.float32] = {v}")
+            ep += _act_lines(act, "v", "o", body)
+            ep.append(f"{body}Y[r{i}, {col}] = o" + (f" + R[r{i}, {col}]" if has_res else ""))
+            return ep
 
         if N % nb == 0:
             for i in range(rows):
@@ -317,10 +318,11 @@ def gemm_kernel(cfg: KernelConfig, K: int, N: int, has_bias: bool, act, has_res:
                 out += epilogue(i, f"for j in range({_i(nb)}):", ind + "    ", True)
         return out
 
-    # A last tile of at most `short` rows runs them one at a time: a lone row's 4 FMA chains
-    # are latency bound, a third of a full tile's time, where the full tile would recompute
-    # the missing rows (577 rows: 96 tiles and 1 row).
-    short = mr // 3
+    # A last tile of at most `short` rows runs them one at a time (577 rows: 96 tiles and 1
+    # row), where the clamped full tile would recompute the missing rows. A lone row's FMA
+    # chains are latency bound, about 4 cycles per k step; a full tile takes mr * nv / 2
+    # cycles (two FMA ports): with AVX-512 a row costs a third of a tile, so up to 2 rows pay.
+    short = (mr * cfg.nv - 1) // 8
     ind = " " * 20
     L.append(f"{ind}if M - m0 > {_i(short)}:")
     L += _tile_rows(mr, f"M - {_i(1)}", ind + "    ")
