@@ -195,7 +195,10 @@ def first_calls(encoder, x, prefix: str) -> dict[str, tuple]:
     return calls
 
 
-def gemms_alone(encoder, x, sample_peak, rounds: int = 7, window: float = 0.2):
+ALONE_WINDOW_S = 0.2  # seconds of calls between two FMA samples
+
+
+def gemms_alone(encoder, x, sample_peak, rounds: int = 7, window: float = ALONE_WINDOW_S):
     """Each GEMM kernel of one forward, called alone on the arguments of its first call, in
     rounds of `window` seconds of calls between two short FMA peak samples, so each kernel
     is compared with the FMA rate of the same moments: a slow spell of the machine lowers
@@ -382,7 +385,8 @@ def main() -> int:
             f"## GEMM kernels alone, {name}, batch 1",
             "",
             "Each GEMM kernel called alone on the arguments of its first call in a forward, in "
-            "rounds of 0.2 s of calls between two short FMA samples. The FMA rate alongside is "
+            f"rounds of {ALONE_WINDOW_S} s of calls between two short FMA samples. The FMA rate "
+            "alongside is "
             "each round's median GFLOP/s over the faster of its two FMA samples, median over "
             "the rounds; best is the fastest single call over the run's FMA peak.",
             "",

@@ -322,6 +322,7 @@ def gemm_kernel(cfg: KernelConfig, K: int, N: int, has_bias: bool, act, has_res:
     # row), where the clamped full tile would recompute the missing rows. A lone row's FMA
     # chains are latency bound, about 4 cycles per k step; a full tile takes mr * nv / 2
     # cycles (two FMA ports): with AVX-512 a row costs a third of a tile, so up to 2 rows pay.
+    # These rows skip their tile's share of the next block's prefetch (one tile per block).
     short = (mr * cfg.nv - 1) // 8
     ind = " " * 20
     L.append(f"{ind}if M - m0 > {_i(short)}:")
@@ -482,7 +483,7 @@ def attention_kernel(cfg: KernelConfig, S: int, H: int, D: int, scale: float):
     if rv:
         L += score_block(_i(full * nb), rv, ind, True)
     # ---- softmax: row max (a pass of its own: folded into the score stores it was slower),
-    # p = exp(scale * (s - max)), vector sums, then horizontal. Each pass walks the rows
+    # p = exp(s * scale - max * scale) (one FMA, always <= 0), vector sums, then horizontal. Each pass walks the rows
     # side by side so that their max/sum chains overlap (one row at a time, the chains'
     # latency cost as much as the exps).
     nv = SV // vec
