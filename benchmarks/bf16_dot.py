@@ -75,6 +75,7 @@ def main(argv: list[str]) -> int:
     import tvm
 
     from builder.config import TargetConfig
+    from builder.targets.cpu.pipeline import compile_kernel
     from builder.targets.llvm import tvm_target
 
     target, options = tvm_target(TargetConfig())
@@ -85,10 +86,7 @@ def main(argv: list[str]) -> int:
     print(f"{options.get('mcpu')}, one thread, {ACCUMULATORS} accumulators")
     print("| instruction | flops each | GFLOP/s |\n|---|---|---|")
     for kind, flops in (("float32", 32), ("bfloat16", 64)):
-        func = tvm.script.from_source(loop_source(kind))
-        config = {"tirx.disable_storage_rewrite": True}  # keeps the accumulators apart
-        with tvm.transform.PassContext(opt_level=3, config=config):
-            f = tvm.compile(tvm.IRModule({"f": func}), target)["f"]
+        f = compile_kernel(tvm.script.from_source(loop_source(kind)), target)
         a, b = tvm.runtime.tensor(ones), tvm.runtime.tensor(ones)
         c = tvm.runtime.tensor(np.zeros(16 * ACCUMULATORS, np.float32))
         n = 100_000

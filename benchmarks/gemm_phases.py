@@ -50,14 +50,12 @@ def gemm_runner(m: int, k: int, n: int):
 
     from builder.config import TargetConfig
     from builder.targets.cpu.kernels import gemm_kernel, kernel_config
+    from builder.targets.cpu.pipeline import compile_kernel
     from builder.targets.llvm import tvm_target
 
     target = tvm_target(TargetConfig())[0]
     cfg = kernel_config(target)
-    func = gemm_kernel(cfg, k, n, True, None, False).with_attr("global_symbol", "gemm")
-    # As the pipeline builds it (compile_cpu): StorageRewrite would spill the accumulators.
-    with tvm.transform.PassContext(opt_level=3, config={"tirx.disable_storage_rewrite": True}):
-        fn = tvm.compile(tvm.IRModule({"gemm": func}), target)["gemm"]
+    fn = compile_kernel(gemm_kernel(cfg, k, n, True, None, False), target)
     rng = np.random.default_rng(0)
     shapes = [(m, k), (-(-n // cfg.nb), k, cfg.nb), (n,), (m, n)]
     args = [tvm.runtime.tensor(rng.standard_normal(s, dtype="float32")) for s in shapes]

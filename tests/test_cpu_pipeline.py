@@ -75,15 +75,14 @@ WORK_QUEUE = """
 import numpy as np, tvm
 from builder.targets import llvm
 from builder.targets.cpu import kernels as K
+from builder.targets.cpu.pipeline import compile_kernel
 from builder.config import TargetConfig
 
 target, _ = llvm.tvm_target(TargetConfig())
 cfg = K.kernel_config(target)
 
 def build(f):
-    mod = tvm.IRModule({"main": f.with_attr("global_symbol", "main")})
-    with tvm.transform.PassContext(opt_level=3, config={"tirx.disable_storage_rewrite": True}):
-        return tvm.compile(mod, target)["main"]
+    return compile_kernel(f, target)
 
 def nan(shape):
     return tvm.runtime.tensor(np.full(shape, np.nan, "float32"))

@@ -3,6 +3,7 @@
 API
 ---
     compile_cpu(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.runtime.Executable
+    compile_kernel(func: tvm.tirx.PrimFunc, target) -> callable   (one kernel alone)
 
 Calling convention of the returned executable (load it with relax.VirtualMachine):
 
@@ -91,6 +92,11 @@ def get_pipeline(target: tvm.target.Target, cfg: KernelConfig):
     return _pipeline
 
 
+# StorageRewrite would merge the kernels' register accumulators into one buffer of over
+# 1 KiB, which is then heap-allocated and never promoted to registers.
+PASS_CONFIG = {"tirx.disable_storage_rewrite": True}
+
+
 def compile_cpu(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.runtime.Executable:
     """Compile a ViT/CLIP vision IRModule (see module docstring for the calling convention)."""
     if isinstance(target, (str, dict)):
@@ -98,5 +104,13 @@ def compile_cpu(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.runtime.Exe
     cfg = kernel_config(target)
     mod = rewrite_to_kernels(mod, cfg)
     mod = _lift_params(mod)
-    with tvm.transform.PassContext(opt_level=3, config={"tirx.disable_storage_rewrite": True}):
+    with tvm.transform.PassContext(opt_level=3, config=PASS_CONFIG):
         return tvm.compile(mod, target, relax_pipeline=get_pipeline(target, cfg))
+
+
+def compile_kernel(func: tvm.tirx.PrimFunc, target: tvm.target.Target):
+    """One kernel (a PrimFunc from `kernels`) alone, built with the pipeline's TIR settings:
+    the callable, for tests and benchmarks."""
+    mod = tvm.IRModule({"kernel": func.with_attr("global_symbol", "kernel")})
+    with tvm.transform.PassContext(opt_level=3, config=PASS_CONFIG):
+        return tvm.compile(mod, target)["kernel"]
