@@ -61,9 +61,18 @@ class Encoder:
         lib = tvm.runtime.load_module(str(here / self.manifest["library"]))
         self.vm = relax.VirtualMachine(lib, self.device)
         self._fn = self.vm[self.manifest["entry"]]
-        order = self.manifest["params"]["order"]
+        on_cpu = self.device.dlpack_device_type() == tvm.cpu().dlpack_device_type()
+
+        def empty(shape: tuple[int, ...], dtype: str) -> Any:
+            # On the CPU, the file is read straight into the tensors the VM takes. numpy
+            # cannot view a bfloat16 tensor: those (and a GPU's) come as numpy arrays.
+            if on_cpu and dtype != "bfloat16":
+                return tvm.runtime.empty(shape, dtype, self.device)
+            return None
+
         self._params = [
-            tvm.runtime.tensor(a, self.device) for a in artifact.load_params(here, order)
+            p if isinstance(p, tvm.runtime.Tensor) else tvm.runtime.tensor(p, self.device)
+            for p in artifact.load_params(here, self.manifest["params"]["order"], empty)
         ]
         if self.manifest["params"].get("packing") == "load":
             # A cross-compiled library: its pipeline's weight layouts are made here, once.

@@ -48,6 +48,7 @@ def test_cli_build_then_fresh_process_matches_hf(tiny_checkpoint, tmp_path):
         import sys
         sys.modules["torch"] = None
         import numpy as np, builder
+        assert "tvm" not in sys.modules, "import builder imported tvm (seconds; load does it)"
         enc = builder.load({str(art)!r})
         np.save({str(tmp_path / "y.npy")!r}, enc(np.load({str(tmp_path / "x.npy")!r})))
         """

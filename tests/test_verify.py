@@ -7,11 +7,14 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
+import safetensors.numpy
 import tvm
 
 import builder
 from builder import ArtifactError
+from builder.artifact import load_params
 from builder.build import build
 from builder.cache import Cache
 from builder.cli import main
@@ -82,3 +85,29 @@ def test_missing_file_and_other_tvm(art, capsys):
     with pytest.raises(ArtifactError, match=r"params.safetensors: missing"):
         builder.load(art)
     assert isinstance(ArtifactError("x"), ValueError)
+
+
+def test_params_are_read_into_the_vm_tensors(art):
+    stored = safetensors.numpy.load_file(str(art / "params.safetensors"))
+    encoder = builder.load(art)
+    order = encoder.manifest["params"]["order"]
+    assert len(encoder._params) == len(order) > 0
+    for name, tensor in zip(order, encoder._params, strict=True):
+        assert isinstance(tensor, tvm.runtime.Tensor)  # TVM's own buffer: no copy to make
+        np.testing.assert_array_equal(tensor.numpy(), stored[name])
+    # The numpy path (another device, or bfloat16) reads the same values.
+    for name, array in zip(order, load_params(art, order), strict=True):
+        np.testing.assert_array_equal(array, stored[name])
+
+
+def test_params_header_damaged_in_place(art):
+    # Same size and modification time: the fast path trusts the file, the read does not.
+    params = art / "params.safetensors"
+    stat = params.stat()
+    blob = bytearray(params.read_bytes())
+    at = blob.index(b'"F32"')
+    blob[at : at + 5] = b'"F16"'
+    params.write_bytes(bytes(blob))
+    os.utime(params, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(ArtifactError, match=f"{params}: tensor .*, float16 .*, takes .* bytes;"):
+        builder.load(art)

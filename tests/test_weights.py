@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from builder.assemble import parameter_shapes
 from builder.errors import InputError
 from builder.preset import load_preset
+from builder.safetensors_io import SafetensorsFile
 from builder.weights import load_weights
 
 from .conftest import (
@@ -266,3 +267,28 @@ def test_siglip_model_saved_by_transformers(tmp_path):
     wrong_eps = load_preset("siglip-so400m-14-384", [*overrides, "model.layer_norm_eps=1e-5"])
     (line,) = _errors(wrong_eps)
     assert "vision_config.layer_norm_eps is 1e-06 but the preset has" in line
+
+
+def test_read_into_takes_each_dtype_as_stored(tmp_path):
+    import ml_dtypes
+    import safetensors.numpy
+
+    rng = np.random.default_rng(0)
+    arrays = {
+        "f32": rng.standard_normal((3, 4)).astype(np.float32),
+        "f16": rng.standard_normal(5).astype(np.float16),
+        "bf16": rng.standard_normal((2, 2)).astype(ml_dtypes.bfloat16),
+    }
+    path = tmp_path / "p.safetensors"
+    safetensors.numpy.save_file(arrays, str(path))
+    stored = SafetensorsFile(path)
+    for name, array in arrays.items():
+        assert stored.dtype(name) == array.dtype.name
+        out = np.full_like(array, 7)
+        stored.read_into(name, out)
+        np.testing.assert_array_equal(out.view(np.uint8), array.view(np.uint8))
+    wrong = r"tensor 'f32' is float32 \[3, 4\]; expected float32 \[4, 3\]"
+    with pytest.raises(InputError, match=wrong):
+        stored.read_into("f32", np.empty((4, 3), np.float32))
+    with pytest.raises(InputError, match=r"tensor 'f16' is float16 \[5\]; expected float32 \[5\]"):
+        stored.read_into("f16", np.empty(5, np.float32))

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..config import CLIPVisionConfig
 from ..errors import InputError
-from .safetensors_io import SafetensorsFile
+from ..safetensors_io import SafetensorsFile
 
 ANCHOR = "embeddings.patch_embedding.weight"
 OUR_PREFIX = "vision_model."

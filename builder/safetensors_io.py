@@ -1,5 +1,6 @@
 """A small safetensors reader that returns float32 numpy arrays, bfloat16 included (which
-`safetensors.numpy` cannot read), and names the file and tensor when a file is damaged."""
+`safetensors.numpy` cannot read), or reads a tensor as stored straight into a buffer of the
+caller's, and names the file and tensor when a file is damaged."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
+from .errors import InputError
 
 _FLOAT_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "BF16": np.uint16}
+_STORED_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # read_into
 MAX_HEADER = 100 << 20
 
 
@@ -78,6 +80,11 @@ class SafetensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.entries[name]["shape"])
 
+    def dtype(self, name: str) -> str:
+        """The tensor's dtype as numpy (and ml_dtypes) name it: "float32", "bfloat16"..."""
+        stored = self.entries[name]["dtype"]
+        return _STORED_DTYPES.get(stored, stored)
+
     def read(self, name: str) -> np.ndarray:
         entry = self.entries[name]
         dtype = entry["dtype"]
@@ -106,3 +113,27 @@ class SafetensorsFile:
                 out = raw.astype(np.float32)
             del raw  # release the buffer before the map closes
         return out.reshape(shape)
+
+    def read_into(self, name: str, out: np.ndarray) -> None:
+        """Tensor `name`'s bytes, as stored, into `out` (C-contiguous and writable, with the
+        tensor's dtype and shape): one read from the file, no array in between, so a buffer
+        that is a view of another runtime's tensor gets the values where that runtime reads
+        them."""
+        entry = self.entries[name]
+        begin, end = entry["data_offsets"]
+        stored = self.dtype(name)
+        if (stored, tuple(entry["shape"])) != (out.dtype.name, out.shape):
+            raise InputError(
+                f"{self.path}: tensor {name!r} is {stored} {entry['shape']}; expected "
+                f"{out.dtype.name} {list(out.shape)}"
+            )
+        if end - begin != out.nbytes:
+            raise InputError(
+                f"{self.path}: tensor {name!r}, {stored} {entry['shape']}, takes {out.nbytes} "
+                f"bytes; the file holds {end - begin} for it"
+            )
+        with self.path.open("rb", buffering=0) as f:
+            f.seek(self.data_start + begin)
+            got = f.readinto(memoryview(out.reshape(-1).view(np.uint8)))
+        if got != out.nbytes:
+            raise InputError(f"{self.path}: tensor {name!r} is cut short: the file is truncated")
