@@ -74,7 +74,7 @@ def load_params(
     own: what `empty(shape, dtype)` returns (a tensor of another runtime whose host memory
     `np.from_dlpack` views), or where that is None or not given, a numpy array. The values
     so land where they are used. Read into numpy and then copied into TVM tensors,
-    llava-clip's 1.2 GB took 5.5-7.3 s here (fresh memory is slow to fault in, and that
+    llava-clip's 1.2 GB took 4.3-8.4 s here (fresh memory is slow to fault in, and that
     touched it twice); this way, 0.8-0.9 s."""
     buffers = []
     try:
