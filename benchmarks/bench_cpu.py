@@ -209,9 +209,9 @@ def gemms_alone(encoder, x, sample_peak, rounds: int = 7, window: float = ALONE_
         (m, k), n = args[0].shape, args[-1].shape[-1]
         work = 2 * m * k * n / 1e9
         rates, ratios = [], []
+        time.sleep(SETTLE_S)
+        before = sample_peak(30_000_000)
         for _ in range(rounds):
-            time.sleep(SETTLE_S)
-            before = sample_peak(30_000_000)
             round_rates = []
             start = time.perf_counter()
             while time.perf_counter() - start < window:
@@ -220,9 +220,10 @@ def gemms_alone(encoder, x, sample_peak, rounds: int = 7, window: float = ALONE_
                 round_rates.append(work / (time.perf_counter() - t))
             rates += round_rates
             time.sleep(SETTLE_S)
-            after = sample_peak(30_000_000)
+            after = sample_peak(30_000_000)  # also the next round's sample before
             # Against the faster of the two samples around the calls: the conservative side.
             ratios.append(statistics.median(round_rates) / max(before, after))
+            before = after
         rows.append(
             (name, m, k, n, statistics.median(rates), max(rates), statistics.median(ratios))
         )

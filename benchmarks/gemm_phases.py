@@ -72,9 +72,10 @@ def gemm_runner(m: int, k: int, n: int):
     return run
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+def deciles(values: list[float]) -> tuple[float, float, float]:
+    """p10, median and p90."""
+    cuts = statistics.quantiles(values, n=10, method="inclusive")
+    return cuts[0], cuts[4], cuts[8]
 
 
 def measure(threads: int, seconds: float) -> dict[str, list[float]]:
@@ -107,10 +108,10 @@ def table(threads: int, seconds: float, series: dict[str, list[float]]) -> list[
     ]
     for name, rates in series.items():
         shape = " x ".join(map(str, SHAPES[name])) if name in SHAPES else "-"
-        cells = [f"{percentile(rates, q):.1f}" for q in (0.1, 0.5, 0.9)] + [f"{max(rates):.1f}"]
+        cells = [f"{q:.1f}" for q in deciles(rates)] + [f"{max(rates):.1f}"]
         if name in SHAPES:
             shares = [g / f for g, f in zip(rates, fma, strict=True)]
-            cells += [f"{100 * percentile(shares, q):.0f}%" for q in (0.1, 0.5, 0.9)]
+            cells += [f"{100 * q:.0f}%" for q in deciles(shares)]
             cells.append(f"{100 * sum(s < 0.85 for s in shares) / len(shares):.0f}%")
         else:
             cells += ["-"] * 4

