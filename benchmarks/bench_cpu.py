@@ -2,7 +2,7 @@
 
     python benchmarks/bench_cpu.py [--presets clip-vit-b-16 llava-clip] [--batches 1 8]
                                    [--runs 5] [--seconds 60] [--threads N]
-                                   [--out docs/benchmarks.md]
+                                   [--out docs/benchmarks.md] [--no-half]
 
 For each preset and batch: the artifact built by the builder (random init: the weights do not
 change the time), HF `CLIPVisionModel` with the same config cut to the layers the artifact
@@ -18,7 +18,9 @@ measured by `fma_peak.c` on the same threads before and after every preset and a
 kernel breakdown: the table uses the highest sample and reports the range, which shows how
 steady the machine was. Also a per-kernel breakdown of the artifact at batch 1 (median of 5
 instrumented forwards), its GEMMs also against the FMA samples just around it, and each GEMM
-kernel alone against FMA samples taken around its calls. Writes a Markdown table.
+kernel alone against FMA samples taken around its calls. Where the CPU has AVX-512 FP16, a
+`precision: float16` artifact of the same preset runs in the same rounds, as a fourth runner,
+with its error against the float32 artifact and its own kernel breakdown. Writes Markdown.
 
 Needs the `bench` extras (`pip install '.[bench]'`), and a C
 compiler with OpenMP for the FMA peak. Run it on an idle machine: the GEMM and attention
@@ -230,6 +232,19 @@ def gemms_alone(encoder, x, sample_peak, rounds: int = 7, window: float = ALONE_
     return rows
 
 
+HALF = "llvm-fp16"  # the float16 artifact's target name
+HALF_TARGETS = f"targets=[llvm, {{name: {HALF}, kind: llvm, precision: float16}}]"
+
+
+def host_has_half_gemms() -> bool:
+    import tvm
+    from tvm.target import codegen
+
+    from builder.targets.cpu.kernels import half_gemms
+
+    return half_gemms(tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()}))
+
+
 def bench_preset(name: str, args: argparse.Namespace, workdir: Path, sample_peak):
     import numpy as np
     import torch
@@ -239,17 +254,19 @@ def bench_preset(name: str, args: argparse.Namespace, workdir: Path, sample_peak
     from builder.flops import gflop
     from builder.preset import load_preset
 
-    preset = load_preset(name)
+    half = args.half
+    preset = load_preset(name, [HALF_TARGETS] if half else [])
     model = preset.model
     start = time.perf_counter()
-    (built,) = build(preset, workdir, only=["llvm"])
+    built = build(preset, workdir, only=["llvm", HALF] if half else ["llvm"])
     note = (
-        f"{name}: the artifact came from the build cache"
-        if built.cached
+        f"{name}: the artifacts came from the build cache"
+        if all(b.cached for b in built)
         else f"{name}: build (random init, compile, weight packing) "
-        f"{time.perf_counter() - start:.1f} s"
+        f"{time.perf_counter() - start:.1f} s" + (", both artifacts" if half else "")
     )
-    encoder = builder.load(built.path, threads=args.threads)
+    encoder = builder.load(built[0].path, threads=args.threads)
+    half_encoder = builder.load(built[1].path, threads=args.threads) if half else None
     hf = hf_model(model)
     session = onnx_session(hf, model, args.threads)
     rows = []
@@ -262,20 +279,29 @@ def bench_preset(name: str, args: argparse.Namespace, workdir: Path, sample_peak
             with torch.inference_mode():
                 return hf(pixel_values=xt)
 
-        times = interleaved_times(
-            {
-                "artifact": lambda x=x: encoder(x),
-                "torch": eager,
-                "ort": lambda x=x: session.run(None, {"pixel_values": x}),
-            },
-            args.runs,
-            args.seconds,
-        )
+        runners = {
+            "artifact": lambda x=x: encoder(x),
+            "torch": eager,
+            "ort": lambda x=x: session.run(None, {"pixel_values": x}),
+        }
+        if half:
+            runners["half"] = lambda x=x: half_encoder(x)
+        times = interleaved_times(runners, args.runs, args.seconds)
         ours, eager_s, ort_s = (statistics.median(times[k]) for k in ("artifact", "torch", "ort"))
         paired = tuple(paired_ratio(times["artifact"], times[k]) for k in ("torch", "ort"))
         rounds = len(times["artifact"])
         work = gflop(model, preset.blocks, batch)
-        rows.append((name, batch, work, ours, eager_s, ort_s, paired, rounds))
+        half_row = None
+        if half:
+            # Same weights (the same seeded init); the float32 artifact is HF's to ~1e-5.
+            full = encoder(x)
+            error = float(np.abs(half_encoder(x) - full).max() / np.abs(full).max())
+            half_row = (
+                statistics.median(times["half"]),
+                tuple(paired_ratio(times["half"], times[k]) for k in ("artifact", "torch", "ort")),
+                error,
+            )
+        rows.append((name, batch, work, ours, eager_s, ort_s, paired, rounds, half_row))
         print(
             f"{name} b{batch}: ours {ours:.3f} s, torch {eager_s:.3f} s, ort {ort_s:.3f} s "
             f"({rounds} rounds)",
@@ -288,7 +314,9 @@ def bench_preset(name: str, args: argparse.Namespace, workdir: Path, sample_peak
     kernels = kernel_breakdown(encoder, x1)
     time.sleep(SETTLE_S)
     after = sample_peak()
-    return rows, note, (name, preset, kernels, max(before, after), alone), [before, after]
+    half_kernels = kernel_breakdown(half_encoder, x1) if half else None
+    breakdown = (name, preset, kernels, max(before, after), alone, half_kernels)
+    return rows, note, breakdown, [before, after]
 
 
 def main() -> int:
@@ -301,8 +329,15 @@ def main() -> int:
     )
     parser.add_argument("--threads", type=int, default=available_cores())
     parser.add_argument("--out", type=Path, default=HERE.parent / "docs" / "benchmarks.md")
+    parser.add_argument(
+        "--no-half",
+        dest="half",
+        action="store_false",
+        help="skip the float16 artifact (timed only where the CPU has AVX-512 FP16)",
+    )
     args = parser.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
+    args.half = args.half and host_has_half_gemms()
 
     import torch
 
@@ -336,7 +371,7 @@ def main() -> int:
         "vs PyTorch, paired | vs onnxruntime, paired | rounds |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, batch, work, ours, eager, ort_s, (p_eager, p_ort), rounds in rows:
+    for name, batch, work, ours, eager, ort_s, (p_eager, p_ort), rounds, _ in rows:
         lines.append(
             f"| {name} | {batch} | {work:.1f} | {ours:.3f} | {eager:.3f} | {ort_s:.3f} | "
             f"{work / ours:.1f} | {100 * work / ours / peak:.0f}% | {ours / eager:.2f} | "
@@ -346,13 +381,37 @@ def main() -> int:
         "",
         "Ratios are artifact time / peer time: below 1.0 the artifact is faster. The first two "
         "divide the medians; the paired ones are the median over rounds of each round's "
-        "ratio (the three runners of a round follow each other within seconds, so a slow "
+        "ratio (the runners of a round follow each other within seconds, so a slow "
         "spell of the machine that spans a round cancels).",
         "",
     ]
+    if args.half:
+        lines += [
+            "## The float16 artifact",
+            "",
+            "`precision: float16` on this CPU (AVX-512 FP16): the GEMMs multiply float16 "
+            "operands, the rest runs in float32 (see docs/cpu-pipeline.md). Timed in the same "
+            "rounds as the runners above; error: max |float16 - float32 artifact| over "
+            "max |float32 artifact|, same weights and input.",
+            "",
+            "| preset | batch | float16 s | GFLOP/s | vs float32 artifact | vs PyTorch | "
+            "vs onnxruntime | vs float32, paired | vs PyTorch, paired | "
+            "vs onnxruntime, paired | error |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name, batch, work, ours, eager, ort_s, _, _, (half_s, paired, error) in rows:
+            lines.append(
+                f"| {name} | {batch} | {half_s:.3f} | {work / half_s:.1f} | "
+                f"{half_s / ours:.2f} | {half_s / eager:.2f} | {half_s / ort_s:.2f} | "
+                + " | ".join(f"{r:.2f}" for r in paired)
+                + f" | {error:.1e} |"
+            )
+        lines.append("")
+    else:
+        lines += ["No float16 artifact: this CPU has no AVX-512 FP16.", ""]
     from builder.flops import tokens
 
-    for name, preset, kernels, around, alone in breakdowns:
+    for name, preset, kernels, around, alone, half_kernels in breakdowns:
         model = preset.model
         total = sum(t for _, _, t in kernels)
         layers = model.num_layers_computed
@@ -381,6 +440,21 @@ def main() -> int:
                 f"| {kernel} | {calls} | {1e3 * seconds / layers:.2f} | "
                 f"{100 * seconds / total:.1f}% |"
             )
+        if half_kernels:
+            half_total = sum(t for _, _, t in half_kernels)
+            lines += [
+                "",
+                f"The float16 artifact, {name}, batch 1: {1e3 * half_total / layers:.2f} ms per "
+                f"layer, against {1e3 * total / layers:.2f}.",
+                "",
+                "| kernel | calls | ms per layer | share |",
+                "|---|---|---|---|",
+            ]
+            for kernel, calls, seconds in half_kernels[:12]:
+                lines.append(
+                    f"| {kernel} | {calls} | {1e3 * seconds / layers:.2f} | "
+                    f"{100 * seconds / half_total:.1f}% |"
+                )
         lines += [
             "",
             f"## GEMM kernels alone, {name}, batch 1",

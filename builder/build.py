@@ -17,7 +17,7 @@ import tvm
 import tvm_ffi
 from tvm import relax
 
-from . import __version__, artifact, precision, targets
+from . import __version__, artifact, targets
 from .assemble import ENTRY, INPUT_NAME, export, input_shape, output_shape
 from .cache import Cache
 from .config import Preset, TargetConfig
@@ -230,7 +230,7 @@ def _compile_into(
     progress(f"[{entry.name}] compiling for {options}, precision {entry.precision}")
     with _noting_interrupts() as interrupted:
         try:
-            executable = kind.compile(precision.apply(mod, entry.precision), target)
+            executable = kind.compile(mod, target, entry.precision)
         except Exception as e:  # TVM raises many types; the message is what matters
             if interrupted:
                 raise KeyboardInterrupt from e

@@ -183,8 +183,9 @@ class TargetConfig:
     # later GPUs can run it too. No default on purpose: a wrong-arch default builds code that
     # a GPU refuses to load.
     arch: list[str] = field(default_factory=list)
-    # "float16": TVM's mixed precision (matmuls and convolutions take float16 inputs and
-    # accumulate in float32); the artifact's inputs, outputs and parameters stay float32.
+    # "float16": matmuls and convolutions take float16 inputs; the artifact's inputs, outputs
+    # and parameters stay float32. Each kind applies it (`targets.*.compile`): llvm with
+    # AVX-512 FP16 through its float16 GEMM kernels, otherwise TVM's mixed precision.
     precision: str = "float32"
 
 

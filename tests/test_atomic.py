@@ -146,13 +146,13 @@ def test_sigint_swallowed_inside_compile_still_stops_the_build(
     llvm = targets.pipeline("llvm")
     real = llvm.compile
 
-    def compile_that_swallows(mod, target):
+    def compile_that_swallows(mod, target, precision):
         try:
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)  # the handler raises here
         except BaseException:  # noqa: BLE001 (what a tolerant pass does to a converted error)
             pass
-        return real(mod, target)
+        return real(mod, target, precision)
 
     monkeypatch.setattr(llvm, "compile", compile_that_swallows)
     assert main([*NEW, "--out", str(state)]) == 130

@@ -113,7 +113,7 @@ def test_random_init_is_deterministic_and_seeded(tmp_path):
 
 
 def test_failed_build_leaves_nothing(tmp_path, monkeypatch, capsys):
-    def broken(mod, target):
+    def broken(mod, target, precision):
         raise RuntimeError("simulated codegen failure")
 
     monkeypatch.setattr(targets.llvm, "compile", broken)

@@ -17,9 +17,9 @@ import builder
 from builder.build import build
 from builder.cli import main
 from builder.preset import load_preset
-from builder.targets import device_code, toolchain
+from builder.targets import device_code, llvm, toolchain
 
-from .conftest import assert_close, expected_features, pixels, tiny_overrides
+from .conftest import assert_close, expected_features, needs_half, pixels, tiny_overrides
 
 ALL = "targets=[llvm,cuda,aarch64]"
 EM_AARCH64 = 183
@@ -265,13 +265,27 @@ def test_arch_nvcc_cannot_compile_is_named():
 # --- precision -----------------------------------------------------------------------------
 
 
-@pytest.mark.parity
-def test_float16_precision_matches_hf_loosely(tiny_checkpoint, tmp_path):
-    folder, hf_model = tiny_checkpoint
+def gemm_panels(folder) -> set[tuple[int, ...]]:
+    """Shapes of the packed GEMM weights an artifact stores: [blocks, K rows (K/2 rows of
+    float16 pairs), 64 columns]."""
+    import safetensors.numpy
+
+    stored = safetensors.numpy.load_file(str(folder / "params.safetensors"))
+    return {
+        a.shape
+        for n, a in stored.items()
+        if n.startswith("packed") and a.ndim == 3 and a.shape[-1] == 64
+    }
+
+
+def float16_build(hf_checkpoint, tmp_path, **options) -> tuple[float, set]:
+    """A tiny float16 llvm artifact against HF float32: (max error / max|ref|, its panels)."""
+    folder, hf_model = hf_checkpoint
+    fields = ", ".join(f"{k}: {v}" for k, v in {"precision": "float16", **options}.items())
     overrides = [
         *tiny_overrides(),
         f"weights.path={folder}",
-        "targets=[{name: half, kind: llvm, precision: float16}]",
+        f"targets=[{{name: half, kind: llvm, {fields}}}]",
     ]
     preset = load_preset("clip-vit-b-32", overrides)
     (built,) = build(preset, tmp_path)
@@ -281,14 +295,30 @@ def test_float16_precision_matches_hf_loosely(tiny_checkpoint, tmp_path):
     ref = expected_features(hf_model, preset.model, x)
     rel = assert_close(ours, ref, rel=1e-2)  # float16 has 11 significant bits
     assert rel > 1e-6  # float16 really was used
+    return rel, gemm_panels(built.path)
+
+
+@pytest.mark.parity
+@needs_half
+def test_float16_multiplies_in_float16_where_the_cpu_can(tiny_checkpoint, tmp_path):
+    """On a CPU with AVX-512 FP16 the GEMM weights are packed as float16 pairs: K/2 rows
+    (tiny tower: K = 32 -> 16 rows; K = 64 -> 32)."""
+    _, panels = float16_build(tiny_checkpoint, tmp_path)
+    assert (1, 16, 64) in panels and (1, 64, 64) not in panels, panels
+
+
+@pytest.mark.parity
+def test_float16_without_avx512_fp16_is_tvm_mixed_precision(tiny_checkpoint, tmp_path):
+    """Elsewhere (here: an AVX2 target, which this CPU also runs) TVM's mixed precision
+    casts the matmuls' operands, and no GEMM kernel with packed panels is used."""
+    _, panels = float16_build(tiny_checkpoint, tmp_path, mcpu="x86-64-v3")
+    assert panels == set()
 
 
 @pytest.mark.e2e
 def test_weights_packed_at_load_equal_packed_at_build(tmp_path, monkeypatch):
     """A cross-compiled library stores its weights unpacked and the runtime packs them when it
     loads the artifact; shown here on the host by forcing that path."""
-    from builder.targets import llvm
-
     base = ["clip-vit-b-32", *tiny_overrides()]
     assert main([*base, "--out", str(tmp_path / "build")]) == 0
     monkeypatch.setattr(llvm, "params_packing", lambda entry: "load")

@@ -14,6 +14,7 @@ from typing import Any
 import tvm
 
 from ..config import TargetConfig
+from ..precision import apply as apply_precision
 from . import device_code, toolchain
 
 # Part of the build cache key: bump it whenever compile() changes what it produces.
@@ -39,9 +40,12 @@ def tvm_target(entry: TargetConfig) -> tuple[tvm.target.Target, dict[str, Any]]:
     return target, options
 
 
-def compile(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.runtime.Executable:
-    """TVM's default GPU pipeline: legalize, fuse, dlight schedules."""
-    return tvm.compile(mod, target)
+def compile(
+    mod: tvm.IRModule, target: tvm.target.Target, precision: str = "float32"
+) -> tvm.runtime.Executable:
+    """TVM's default GPU pipeline: legalize, fuse, dlight schedules; `precision` through
+    TVM's mixed precision (`builder.precision`)."""
+    return tvm.compile(apply_precision(mod, precision), target)
 
 
 def params_packing(entry: TargetConfig) -> str:

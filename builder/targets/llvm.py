@@ -11,9 +11,11 @@ import tvm
 from tvm.target import codegen
 
 from ..config import TargetConfig
+from ..precision import apply as apply_precision
 from ..runtime import available_cores
 from . import toolchain
 from .cpu import compile_cpu
+from .cpu.kernels import half_gemms
 
 LIBRARY = "lib.so"
 DESCRIPTION = (
@@ -21,7 +23,7 @@ DESCRIPTION = (
     "(aarch64: linked by aarch64-linux-gnu-g++, runs on aarch64 Linux)"
 )
 # Part of the build cache key: bump it whenever compile() changes what it produces.
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2
 
 
 def tvm_target(entry: TargetConfig) -> tuple[tvm.target.Target, dict[str, Any]]:
@@ -38,10 +40,18 @@ def tvm_target(entry: TargetConfig) -> tuple[tvm.target.Target, dict[str, Any]]:
     return tvm.target.Target(options), options
 
 
-def compile(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.runtime.Executable:
+def compile(
+    mod: tvm.IRModule, target: tvm.target.Target, precision: str = "float32"
+) -> tvm.runtime.Executable:
     """Scheduled kernels for the hot ops, a parallel fallback for the rest. The executable
-    also holds `transform_params`, which packs the weights once at build time."""
-    return compile_cpu(mod, target)
+    also holds `transform_params`, which packs the weights once at build time.
+
+    `precision: float16` on a CPU with AVX-512 FP16: the GEMMs multiply float16 operands
+    (weights packed as float16, activations converted on the way in) and the rest stays
+    float32. On other CPUs: TVM's mixed precision (`builder.precision`)."""
+    if precision == "float16" and half_gemms(target):
+        return compile_cpu(mod, target, half=True)
+    return compile_cpu(apply_precision(mod, precision), target)
 
 
 def cross_linker(entry: TargetConfig) -> str | None:

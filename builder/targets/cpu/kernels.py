@@ -24,25 +24,39 @@ class KernelConfig:
     vec: int  # fp32 lanes per SIMD register
     nv: int  # SIMD registers per accumulator row (N block = vec * nv)
     mr: int  # rows per micro tile
+    half: bool = False  # GEMMs multiply in float16 (AVX-512 FP16), see `gemm_kernel`
 
     @property
     def nb(self) -> int:
         return self.vec * self.nv
 
 
-def kernel_config(target: tvm.target.Target) -> KernelConfig:
+def _has(target: tvm.target.Target, feature: str) -> bool:
+    try:
+        return bool(tvm.target.codegen.target_has_features(feature, target))
+    except Exception:  # pylint: disable=broad-except
+        return False
+
+
+def half_gemms(target: tvm.target.Target) -> bool:
+    """Whether the target multiplies float16 vectors natively (AVX-512 FP16:
+    `vfmadd231ph`, 32 lanes at the float32 FMA's rate)."""
+    return _has(target, "avx512fp16") and _has(target, "avx512f")
+
+
+def kernel_config(target: tvm.target.Target, half: bool = False) -> KernelConfig:
     """Register-tile shape from the target: 6 x (4 vectors) needs 24 accumulators + 2
-    scratch registers -> only with 32 vector registers (AVX-512); otherwise 6 x 2."""
+    scratch registers -> only with 32 vector registers (AVX-512); otherwise 6 x 2.
+    `half`: float16 GEMMs, where `half_gemms(target)`."""
     try:
         bits = int(tvm.target.codegen.llvm_get_vector_width(target))
     except Exception:  # pylint: disable=broad-except
         bits = 128
     vec = max(bits // 32, 4)
-    try:
-        has32 = bool(tvm.target.codegen.target_has_features("avx512f", target))
-    except Exception:  # pylint: disable=broad-except
-        has32 = False
-    return KernelConfig(vec=vec, nv=4 if (has32 or vec >= 16) else 2, mr=6)
+    if half and not half_gemms(target):
+        raise ValueError(f"float16 GEMMs need AVX-512 FP16, which {target} does not have")
+    nv = 4 if (_has(target, "avx512f") or vec >= 16) else 2
+    return KernelConfig(vec=vec, nv=nv, mr=6, half=half)
 
 
 # --------------------------------------------------------------------------------------
@@ -62,11 +76,11 @@ _ATTRS = (
 )
 
 
-def _local(name: str, n: int) -> str:
+def _local(name: str, n: int, dtype: str = "float32") -> str:
     # disable_lower_builtin keeps the buffer a stack alloca (LowerTVMBuiltin would otherwise
     # turn anything >= 1 KiB, or whatever it cannot size, into TVMBackendAllocWorkspace).
     return (
-        f'{name} = T.alloc_buffer(({_i(n)},), "float32", scope="local", '
+        f'{name} = T.alloc_buffer(({_i(n)},), "{dtype}", scope="local", '
         'annotations={"disable_lower_builtin": True})'
     )
 
@@ -77,8 +91,19 @@ def _tile_rows(mr: int, last: str, ind: str) -> list[str]:
     return [f"{ind}r{i}: T.let[T.int64] = T.min(m0 + {_i(i)}, {last})" for i in range(mr)]
 
 
-def _fill(name: str, n: int, ind: str, value: float = 0.0) -> list[str]:
-    return [f"{ind}for j in T.vectorized({_i(n)}):", f"{ind}    {name}[j] = {_f(value)}"]
+def _fill(name: str, n: int, ind: str, value: float = 0.0, dtype: str = "float32") -> list[str]:
+    return [f"{ind}for j in T.vectorized({_i(n)}):", f"{ind}    {name}[j] = T.{dtype}({value!r})"]
+
+
+def _half_pair(lo: str, hi: str) -> str:
+    """A float32-typed word holding two float16 values (`lo` in the low bits): the float16
+    operands of the half GEMM travel as such words, so a pair of k steps is one 32-bit
+    load or broadcast."""
+    bits = lambda v: f'T.Cast("uint32", T.reinterpret("uint16", T.Cast("float16", {v})))'  # noqa: E731
+    return (
+        f'T.reinterpret("float32", T.bitwise_or({bits(lo)}, '
+        f"T.shift_left({bits(hi)}, T.uint32(16))))"
+    )
 
 
 # Work queue. TIR's `parallel` splits a loop statically over the pool's threads, so a thread
@@ -220,6 +245,10 @@ def _parse(src: str) -> tirx.PrimFunc:
 # Kernels
 # --------------------------------------------------------------------------------------
 _GEMM_CHUNKS = 4  # tasks per weight block (its row tiles in 4 parts); 1, 2 or 8 were no better
+# Half GEMMs: k pairs summed in float16 before each float32 add. 32 pairs (64 products) cost
+# about 10% of the FMA time in those adds and double the error of float32 sums of float16
+# products; 16 pairs cost 25%, 64 pairs 5% (see docs/cpu-pipeline.md, "float16 GEMMs").
+_HALF_BLOCK = 32
 
 
 def gemm_kernel(cfg: KernelConfig, K: int, N: int, has_bias: bool, act, has_res: bool):
@@ -231,10 +260,17 @@ def gemm_kernel(cfg: KernelConfig, K: int, N: int, has_bias: bool, act, has_res:
     the thread's next task into L2 (software prefetch, spread over the tiles), so a task's
     first tile does not wait on memory. M is symbolic and needs no padding copy: a last,
     partial M tile either clamps its row index to M-1 (rows are recomputed, never read out
-    of bounds) or, when only a row or two are left, runs them one at a time."""
-    mr, nb = cfg.mr, cfg.nb
+    of bounds) or, when only a row or two are left, runs them one at a time.
+
+    With `cfg.half`, X and W hold float16 pairs of k steps in float32-typed words
+    (`half_pairs_kernel`, `pack_weight_kernel`): X [M, K/2], W [NP, K/2, NB]. One broadcast
+    word of X times one vector of W is then 2 k steps for NB/2 columns, lanes 2j and 2j+1
+    holding column j's even and odd k. Every `_HALF_BLOCK` pairs, each column's two float16
+    partial sums are added and go into its float32 accumulator."""
+    mr, nb, vec = cfg.mr, cfg.nb, cfg.vec
     NP = -(-N // nb)
-    args = [f'x: T.handle, w: T.Buffer(({_i(NP)}, {_i(K)}, {_i(nb)}), "float32")']
+    KW = -(-K // 2) if cfg.half else K  # rows of a weight block (k pairs with cfg.half)
+    args = [f'x: T.handle, w: T.Buffer(({_i(NP)}, {_i(KW)}, {_i(nb)}), "float32")']
     if has_bias:
         args.append(f'bias: T.Buffer(({_i(N)},), "float32")')
     if has_res:
@@ -245,14 +281,14 @@ def gemm_kernel(cfg: KernelConfig, K: int, N: int, has_bias: bool, act, has_res:
         f"def gemm({', '.join(args)}):",
         _ATTRS,
         "    M = T.int64()",
-        f'    X = T.match_buffer(x, (M, {_i(K)}), "float32")',
+        f'    X = T.match_buffer(x, (M, {_i(KW)}), "float32")',
         f'    Y = T.match_buffer(y, (M, {_i(N)}), "float32")',
     ]
     if has_res:
         L.append(f'    R = T.match_buffer(res, (M, {_i(N)}), "float32")')
     mt = f"((M + {_i(mr - 1)}) // {_i(mr)})"
-    lines = -(-K * nb // 16)  # 64-byte lines in one weight block
-    unroll = next(u for u in (8, 4, 2, 1) if K % u == 0)
+    lines = -(-KW * nb // 16)  # 64-byte lines in one weight block
+    unroll = 8 if cfg.half else next(u for u in (8, 4, 2, 1) if K % u == 0)
     C, PF = _GEMM_CHUNKS, 2  # PF: prefetches per `unroll` k steps, at most
     ct = f"(({mt} + {_i(C - 1)}) // {_i(C)})"  # M tiles per task
     L += _task_loop(_i(NP * C))
@@ -269,20 +305,21 @@ def gemm_kernel(cfg: KernelConfig, K: int, N: int, has_bias: bool, act, has_res:
         f"{ind}    m0: T.let[T.int64] = mi * {_i(mr)}",
     ]
 
-    def tile(rows: int, ind: str, pre: str, prefetch: bool) -> list[str]:
-        """One tile: `rows` rows (row indices r0.. bound by the caller) x one weight block."""
-        out = []
-        for i in range(rows):
-            out += [ind + _local(f"{pre}acc{i}", nb), *_fill(f"{pre}acc{i}", nb, ind)]
-        out.append(f"{ind}for ko in range({_i(K // unroll)}):")
-        if prefetch:
-            out += [
-                f"{ind}    for pi in T.unroll({_i(PF)}):",
-                f"{ind}        if ko * {_i(PF)} + pi < lp:",
-                f"{ind}            f16: T.let[T.int64] = T.min((mi - mlo) * lp + ko * {_i(PF)} + pi, {_i(lines - 1)}) * {_i(16)}",
-                f"{ind}            T.evaluate(T.call_intrin('void', 'tirx.prefetch', "
-                f"T.address_of(w[nxt, f16 // {_i(nb)}, f16 % {_i(nb)}]), 0, 2, 1))",
-            ]
+    def prefetch(ind: str, ko: str) -> list[str]:
+        """This tile's share of the next block's lines for step group `ko`."""
+        return [
+            f"{ind}for pi in T.unroll({_i(PF)}):",
+            f"{ind}    if {ko} * {_i(PF)} + pi < lp:",
+            f"{ind}        f16: T.let[T.int64] = T.min((mi - mlo) * lp + {ko} * {_i(PF)} + pi, {_i(lines - 1)}) * {_i(16)}",
+            f"{ind}        T.evaluate(T.call_intrin('void', 'tirx.prefetch', "
+            f"T.address_of(w[nxt, f16 // {_i(nb)}, f16 % {_i(nb)}]), 0, 2, 1))",
+        ]
+
+    def k_loop(rows: int, ind: str, pre: str, pf: bool) -> list[str]:
+        """float32: acc{i}[j] accumulates row i, column j over all of K."""
+        out = [f"{ind}for ko in range({_i(K // unroll)}):"]
+        if pf:
+            out += prefetch(ind + "    ", "ko")
         out += [
             f"{ind}    for ku in T.unroll({_i(unroll)}):",
             f"{ind}        k: T.let[T.int64] = ko * {_i(unroll)} + ku",
@@ -292,6 +329,71 @@ def gemm_kernel(cfg: KernelConfig, K: int, N: int, has_bias: bool, act, has_res:
                 f"{ind}        for j in T.vectorized({_i(nb)}):",
                 f"{ind}            {pre}acc{i}[j] = {pre}acc{i}[j] + X[r{i}, k] * w[nbk, k, j]",
             ]
+        return out
+
+    def k_loop_half(rows: int, ind: str, pre: str, pf: bool) -> list[str]:
+        """float16: h{i}[2j + p] sums row i, column j over the block's k steps of parity p;
+        acc{i}[j], over all of K."""
+        hl = 2 * vec  # float16 lanes per vector
+        out = [ind + _local(f"{pre}h{i}", 2 * nb, "float16") for i in range(rows)]
+
+        def steps(ind: str, kp: str) -> list[str]:
+            o = [f"{ind}kp: T.let[T.int64] = {kp}"]
+            o += [
+                f'{ind}xb{i}: T.let[T.float16x{hl}] = T.reinterpret("float16x{hl}", '
+                f"T.Broadcast(X[r{i}, kp], {vec}))"
+                for i in range(rows)
+            ]
+            o += [
+                f'{ind}wv{v}: T.let[T.float16x{hl}] = T.reinterpret("float16x{hl}", '
+                f"w[nbk, kp, T.Ramp({_i(v * vec)}, {_i(1)}, {vec})])"
+                for v in range(cfg.nv)
+            ]
+            for i in range(rows):
+                for v in range(cfg.nv):
+                    h = f"{pre}h{i}[T.Ramp({_i(v * hl)}, {_i(1)}, {hl})]"
+                    o.append(f"{ind}{h} = {h} + xb{i} * wv{v}")
+            return o
+
+        def block(ind: str, base: str, n: int, group: str) -> list[str]:
+            """n pairs from `base` into h, then h into acc; `group`: the first step group."""
+            o = []
+            for i in range(rows):
+                o += _fill(f"{pre}h{i}", 2 * nb, ind, 0.0, "float16")
+            groups, tail = divmod(n, unroll)
+            if groups:
+                o.append(f"{ind}for kg in range({_i(groups)}):")
+                if pf:
+                    o += prefetch(ind + "    ", f"({group} + kg)")
+                o.append(f"{ind}    for ku in T.unroll({_i(unroll)}):")
+                o += steps(ind + "        ", f"{base} + kg * {_i(unroll)} + ku")
+            if tail:
+                o.append(f"{ind}for ku in T.unroll({_i(tail)}):")
+                o += steps(ind + "    ", f"{base} + {_i(groups * unroll)} + ku")
+            for i in range(rows):
+                h = f"{pre}h{i}"
+                o += [
+                    f"{ind}for j in T.vectorized({_i(nb)}):",
+                    f'{ind}    {pre}acc{i}[j] = {pre}acc{i}[j] + T.Cast("float32", {h}[j * {_i(2)}] + {h}[j * {_i(2)} + {_i(1)}])',
+                ]
+            return o
+
+        full, rest = divmod(KW, _HALF_BLOCK)
+        per = _HALF_BLOCK // unroll
+        if full:
+            out.append(f"{ind}for kb in range({_i(full)}):")
+            out += block(ind + "    ", f"kb * {_i(_HALF_BLOCK)}", _HALF_BLOCK, f"kb * {_i(per)}")
+        if rest:
+            out += block(ind, _i(full * _HALF_BLOCK), rest, _i(full * per))
+        return out
+
+    def tile(rows: int, ind: str, pre: str, pf: bool) -> list[str]:
+        """One tile: `rows` rows (row indices r0.. bound by the caller) x one weight block."""
+        width = nb
+        out = []
+        for i in range(rows):
+            out += [ind + _local(f"{pre}acc{i}", width), *_fill(f"{pre}acc{i}", width, ind)]
+        out += (k_loop_half if cfg.half else k_loop)(rows, ind, pre, pf)
 
         def epilogue(i, j_loop, ind2, guard):
             col = f"nbk * {_i(nb)} + j"
@@ -300,7 +402,9 @@ def gemm_kernel(cfg: KernelConfig, K: int, N: int, has_bias: bool, act, has_res:
             if guard:
                 ep.append(f"{body}if {col} < {_i(N)}:")
                 body += "    "
-            v = f"{pre}acc{i}[j]" + (f" + bias[{col}]" if has_bias else "")
+            acc = f"{pre}acc{i}"
+            v = f"{acc}[j]"
+            v += f" + bias[{col}]" if has_bias else ""
             ep.append(f"{body}v: T.let[T.float32] = {v}")
             ep += _act_lines(act, "v", "o", body)
             ep.append(f"{body}Y[r{i}, {col}] = o" + (f" + R[r{i}, {col}]" if has_res else ""))
@@ -338,20 +442,57 @@ def gemm_kernel(cfg: KernelConfig, K: int, N: int, has_bias: bool, act, has_res:
 
 
 def pack_weight_kernel(cfg: KernelConfig, N: int, K: int, nk: bool):
-    """W ([N, K] if nk else [K, N]) -> [NP, K, NB] zero-padded panels (run once, lifted)."""
+    """W ([N, K] if nk else [K, N]) -> [NP, K, NB] zero-padded panels (run once, lifted);
+    with `cfg.half`, [NP, K/2, NB] words of float16 pairs (k even, k odd)."""
     nb = cfg.nb
     NP = -(-N // nb)
+    KW = -(-K // 2) if cfg.half else K
     shape = f"({_i(N)}, {_i(K)})" if nk else f"({_i(K)}, {_i(N)})"
-    idx = f"T.min(p * {_i(nb)} + j, {_i(N - 1)})"
-    load = f"w[{idx}, k]" if nk else f"w[k, {idx}]"
+
+    def elem(k: str) -> str:
+        n = f"p * {_i(nb)} + j"
+        load = f"w[T.min({n}, {_i(N - 1)}), T.min({k}, {_i(K - 1)})]"
+        if not nk:
+            load = f"w[T.min({k}, {_i(K - 1)}), T.min({n}, {_i(N - 1)})]"
+        return f"T.if_then_else({n} < {_i(N)} and {k} < {_i(K)}, {load}, {_f(0.0)})"
+
+    value = (
+        _half_pair(elem(f"k * {_i(2)}"), elem(f"k * {_i(2)} + {_i(1)}")) if cfg.half else elem("k")
+    )
     src = f"""
 @T.prim_func(private=True, check_well_formed=False)
-def pack_weight(w: T.Buffer({shape}, "float32"), wp: T.Buffer(({_i(NP)}, {_i(K)}, {_i(nb)}), "float32")):
+def pack_weight(w: T.Buffer({shape}, "float32"), wp: T.Buffer(({_i(NP)}, {_i(KW)}, {_i(nb)}), "float32")):
 {_ATTRS}
     for p in T.parallel({_i(NP)}):
-        for k in range({_i(K)}):
+        for k in range({_i(KW)}):
             for j in range({_i(nb)}):
-                wp[p, k, j] = T.if_then_else(p * {_i(nb)} + j < {_i(N)}, {load}, {_f(0.0)})
+                wp[p, k, j] = {value}
+"""
+    return _parse(src)
+
+
+def half_pairs_kernel(cfg: KernelConfig, K: int):
+    """X [M, K] float32 -> [M, K/2] words of float16 pairs (k even, k odd; an odd K's last
+    word has a zero high half): the X operand of a half GEMM (`gemm_kernel`)."""
+    vec = cfg.vec
+    KW = -(-K // 2)
+    full = K // (2 * vec)  # whole vectors: 2 * vec floats -> vec words
+    tail = _half_pair(
+        f"X[r, kp * {_i(2)}]",
+        f"T.if_then_else(kp * {_i(2)} + {_i(1)} < {_i(K)}, X[r, T.min(kp * {_i(2)} + {_i(1)}, {_i(K - 1)})], {_f(0.0)})",
+    )
+    src = f"""
+@T.prim_func(private=True, check_well_formed=False)
+def half_pairs(x: T.handle, xw: T.handle):
+{_ATTRS}
+    M = T.int64()
+    X = T.match_buffer(x, (M, {_i(K)}), "float32")
+    XW = T.match_buffer(xw, (M, {_i(KW)}), "float32")
+    for r in T.parallel(M):
+        for q in range({_i(full)}):
+            XW[r, T.Ramp(q * {_i(vec)}, {_i(1)}, {vec})] = T.reinterpret("float32x{vec}", T.Cast("float16x{2 * vec}", X[r, T.Ramp(q * {_i(2 * vec)}, {_i(1)}, {2 * vec})]))
+        for kp in range({_i(full * vec)}, {_i(KW)}):
+            XW[r, kp] = {tail}
 """
     return _parse(src)
 

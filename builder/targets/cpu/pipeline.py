@@ -97,11 +97,14 @@ def get_pipeline(target: tvm.target.Target, cfg: KernelConfig):
 PASS_CONFIG = {"tirx.disable_storage_rewrite": True}
 
 
-def compile_cpu(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.runtime.Executable:
-    """Compile a ViT/CLIP vision IRModule (see module docstring for the calling convention)."""
+def compile_cpu(
+    mod: tvm.IRModule, target: tvm.target.Target, half: bool = False
+) -> tvm.runtime.Executable:
+    """Compile a ViT/CLIP vision IRModule (see module docstring for the calling convention).
+    `half`: the GEMMs multiply in float16 (needs AVX-512 FP16, `kernels.half_gemms`)."""
     if isinstance(target, (str, dict)):
         target = tvm.target.Target(target)
-    cfg = kernel_config(target)
+    cfg = kernel_config(target, half)
     mod = rewrite_to_kernels(mod, cfg)
     mod = _lift_params(mod)
     with tvm.transform.PassContext(opt_level=3, config=PASS_CONFIG):

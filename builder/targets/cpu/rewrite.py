@@ -17,6 +17,7 @@ from .kernels import (
     attn_pack_v_kernel,
     attn_padding,
     gemm_kernel,
+    half_pairs_kernel,
     layer_norm_kernel,
     pack_weight_kernel,
 )
@@ -264,6 +265,7 @@ class _KernelRewriter(PyExprMutator):
         self.cfg = cfg
         self.plan = None
         self.cache = {}
+        self.halves = {}  # a GEMM input -> its float16 pairs (Q, K and V share theirs)
 
     # -- helpers
     def _gv(self, key, make, name):
@@ -277,12 +279,15 @@ class _KernelRewriter(PyExprMutator):
     def _v(self, e):
         return self.visit_expr(e)
 
-    def _gemm(self, x2, w, nk, K, N, bias=None, act=None, res2=None):
-        """x2: [M, K] var; returns [M, N] var."""
+    def _gemm(self, x2, w, nk, K, N, bias=None, act=None, res2=None, source=None):
+        """x2: [M, K] var (a view of `source`, if given); returns [M, N] var."""
         cfg = self.cfg
         NP = -(-N // cfg.nb)
+        KW = -(-K // 2) if cfg.half else K
         pk = self._gv(("pack", N, K, nk), lambda: pack_weight_kernel(cfg, N, K, nk), "pack_weight")
-        wp = self._emit(relax.call_tir(pk, [w], relax.TensorType([NP, K, cfg.nb], "float32")))
+        wp = self._emit(relax.call_tir(pk, [w], relax.TensorType([NP, KW, cfg.nb], "float32")))
+        if cfg.half:
+            x2 = self._half_pairs(x2, K, source)
         gk = self._gv(
             ("gemm", K, N, bias is not None, act, res2 is not None),
             lambda: gemm_kernel(cfg, K, N, bias is not None, act, res2 is not None),
@@ -293,6 +298,18 @@ class _KernelRewriter(PyExprMutator):
         )
         M = _sinfo(x2).shape.values[0]
         return self._emit(relax.call_tir(gk, args, relax.TensorType([M, N], "float32")))
+
+    def _half_pairs(self, x2, K, source):
+        """x2 [M, K] as the [M, K/2] float16 pairs a half GEMM takes, converted once per
+        `source`."""
+        if source is not None and source in self.halves:
+            return self.halves[source]
+        hk = self._gv(("half", K), lambda: half_pairs_kernel(self.cfg, K), "half_pairs")
+        M = _sinfo(x2).shape.values[0]
+        xw = self._emit(relax.call_tir(hk, [x2], relax.TensorType([M, -(-K // 2)], "float32")))
+        if source is not None:
+            self.halves[source] = xw
+        return xw
 
     @staticmethod
     def _rows(x):
@@ -316,7 +333,7 @@ class _KernelRewriter(PyExprMutator):
                 )
             bias = self._v(spec["bias"]) if spec["bias"] is not None else None
             y2 = self._gemm(
-                x2, self._v(spec["w"]), spec["nk"], spec["K"], spec["N"], bias, spec["act"], res2
+                x2, self._v(spec["w"]), spec["nk"], spec["K"], spec["N"], bias, spec["act"], res2, x
             )
             return relax.op.reshape(y2, out_sinfo.shape)
         if kind == "attention":
@@ -388,9 +405,9 @@ class _KernelRewriter(PyExprMutator):
     # -- visitor hooks
     def visit_dataflow_block_(self, block):
         saved = self.plan
-        self.plan = _Plan(block, self._outputs, self.cfg.vec)
+        self.plan, self.halves = _Plan(block, self._outputs, self.cfg.vec), {}
         out = super().visit_dataflow_block_(block)
-        self.plan = saved
+        self.plan, self.halves = saved, {}
         return out
 
     def visit_var_binding_(self, binding):
