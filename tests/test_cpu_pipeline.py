@@ -16,7 +16,7 @@ from tvm import relax
 
 from builder.assemble import export
 from builder.build import pack_params
-from builder.config import BlocksConfig, CLIPVisionConfig
+from builder.config import BlocksConfig, CLIPVisionConfig, TargetConfig
 from builder.runtime import available_cores
 from builder.targets import llvm
 from builder.targets.cpu import kernels
@@ -50,11 +50,21 @@ CASES = {
 HALF_TOLERANCE = 1e-2
 
 
+# (target options, precision): this CPU, its float16 GEMMs, and AVX2 code (8-lane vectors,
+# 6 x 2-vector tiles), which this CPU also runs.
+BUILDS = {
+    "float32": ({}, "float32"),
+    "float16": ({}, "float16"),
+    "avx2": ({"mcpu": "x86-64-v3"}, "float32"),
+}
+
+
 @pytest.mark.parametrize(
-    "precision", ["float32", pytest.param("float16", marks=needs_half)], ids=str
+    "build", ["float32", pytest.param("float16", marks=needs_half), "avx2"], ids=str
 )
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_scheduled_equals_stock_pipeline(case, precision):
+def test_scheduled_equals_stock_pipeline(case, build):
+    options, precision = BUILDS[build]
     config = CLIPVisionConfig(
         num_hidden_layers=2, image_size=30, patch_size=6, **{"feature_layer": -1, **CASES[case]}
     )
@@ -66,7 +76,7 @@ def test_scheduled_equals_stock_pipeline(case, precision):
         k: v + rng.standard_normal(v.shape).astype(np.float32) * 0.1 for k, v in arrays.items()
     }
     order = [name for name, _ in params]
-    target = HOST
+    target = llvm.tvm_target(TargetConfig(**options))[0] if options else HOST
     scheduled = llvm.compile(mod, target, precision)
     packed_order, packed = pack_params(scheduled, order, arrays)
     assert packed is not arrays  # the pipeline packs weights at build time
@@ -81,6 +91,24 @@ def test_scheduled_equals_stock_pipeline(case, precision):
             assert_close(ours, ref, rel=1e-5)
         else:
             assert assert_close(ours, ref, rel=HALF_TOLERANCE) > 1e-5  # float16 was used
+
+
+@pytest.mark.parametrize(
+    "mcpu,lanes,vectors",
+    [("skylake-avx512", 16, 4), ("x86-64-v3", 8, 2), ("x86-64", 4, 2), ("generic", 4, 2)],
+)
+def test_kernel_config_follows_the_target(mcpu, lanes, vectors):
+    """Vector lanes and tile width from the target's features (TVM 0.27's
+    llvm_get_vector_width says 512 bits for every x86 CPU); float16 GEMMs only with
+    AVX-512 FP16."""
+    triple = {"mtriple": "aarch64-linux-gnu"} if mcpu == "generic" else {}
+    target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu, **triple})
+    cfg = kernels.kernel_config(target)
+    assert (cfg.vec, cfg.nv) == (lanes, vectors)
+    with pytest.raises(ValueError, match="float16 GEMMs need AVX-512 FP16"):
+        kernels.kernel_config(target, half=True)
+    sapphire = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids"})
+    assert kernels.kernel_config(sapphire, half=True).half
 
 
 def half_words(a: np.ndarray) -> np.ndarray:

@@ -48,10 +48,13 @@ def kernel_config(target: tvm.target.Target, half: bool = False) -> KernelConfig
     """Register-tile shape from the target: 6 x (4 vectors) needs 24 accumulators + 2
     scratch registers -> only with 32 vector registers (AVX-512); otherwise 6 x 2.
     `half`: float16 GEMMs, where `half_gemms(target)`."""
-    try:
-        bits = int(tvm.target.codegen.llvm_get_vector_width(target))
-    except Exception:  # pylint: disable=broad-except
-        bits = 128
+    if _has(target, "sse2"):  # x86: TVM 0.27 reports 512 bits for every x86 mcpu
+        bits = 512 if _has(target, "avx512f") else 256 if _has(target, "avx") else 128
+    else:
+        try:
+            bits = int(tvm.target.codegen.llvm_get_vector_width(target))
+        except Exception:  # pylint: disable=broad-except
+            bits = 128
     vec = max(bits // 32, 4)
     if half and not half_gemms(target):
         raise ValueError(f"float16 GEMMs need AVX-512 FP16, which {target} does not have")
