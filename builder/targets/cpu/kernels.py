@@ -98,6 +98,11 @@ def _fill(name: str, n: int, ind: str, value: float = 0.0, dtype: str = "float32
     return [f"{ind}for j in T.vectorized({_i(n)}):", f"{ind}    {name}[j] = T.{dtype}({value!r})"]
 
 
+def _as_pairs(vector: str, lanes: int) -> str:
+    """A float32 vector expression of `lanes` lanes as lanes / 2 words of float16 pairs."""
+    return f'T.reinterpret("float32x{lanes // 2}", T.Cast("float16x{lanes}", {vector}))'
+
+
 def _half_pair(lo: str, hi: str) -> str:
     """A float32-typed word holding two float16 values (`lo` in the low bits): the float16
     operands of the half GEMM travel as such words, so a pair of k steps is one 32-bit
@@ -254,7 +259,9 @@ _GEMM_CHUNKS = 4  # tasks per weight block (its row tiles in 4 parts); 1, 2 or 8
 _HALF_BLOCK = 32
 
 
-def gemm_kernel(cfg: KernelConfig, K: int, N: int, has_bias: bool, act, has_res: bool):
+def gemm_kernel(
+    cfg: KernelConfig, K: int, N: int, has_bias: bool, act, has_res: bool, half_out: bool = False
+):
     """Y[M, N] = epilogue(X[M, K] @ W + bias) (+ R), W packed as [NP, K, NB].
 
     A task is one weight block (K * NB floats) and 1/`_GEMM_CHUNKS` of the M tiles; the
@@ -269,7 +276,9 @@ def gemm_kernel(cfg: KernelConfig, K: int, N: int, has_bias: bool, act, has_res:
     (`half_pairs_kernel`, `pack_weight_kernel`): X [M, K/2], W [NP, K/2, NB]. One broadcast
     word of X times one vector of W is then 2 k steps for NB/2 columns, lanes 2j and 2j+1
     holding column j's even and odd k. Every `_HALF_BLOCK` pairs, each column's two float16
-    partial sums are added and go into its float32 accumulator."""
+    partial sums are added and go into its float32 accumulator. `half_out` (N a multiple of
+    NB, no residual): Y is written as [M, N/2] words of float16 pairs, the next half GEMM's
+    X."""
     mr, nb, vec = cfg.mr, cfg.nb, cfg.vec
     NP = -(-N // nb)
     KW = -(-K // 2) if cfg.half else K  # rows of a weight block (k pairs with cfg.half)
@@ -285,8 +294,9 @@ def gemm_kernel(cfg: KernelConfig, K: int, N: int, has_bias: bool, act, has_res:
         _ATTRS,
         "    M = T.int64()",
         f'    X = T.match_buffer(x, (M, {_i(KW)}), "float32")',
-        f'    Y = T.match_buffer(y, (M, {_i(N)}), "float32")',
+        f'    Y = T.match_buffer(y, (M, {_i(N // 2 if half_out else N)}), "float32")',
     ]
+    assert not half_out or (cfg.half and N % nb == 0 and not has_res)
     if has_res:
         L.append(f'    R = T.match_buffer(res, (M, {_i(N)}), "float32")')
     mt = f"((M + {_i(mr - 1)}) // {_i(mr)})"
@@ -398,7 +408,8 @@ def gemm_kernel(cfg: KernelConfig, K: int, N: int, has_bias: bool, act, has_res:
             out += [ind + _local(f"{pre}acc{i}", width), *_fill(f"{pre}acc{i}", width, ind)]
         out += (k_loop_half if cfg.half else k_loop)(rows, ind, pre, pf)
 
-        def epilogue(i, j_loop, ind2, guard):
+        def epilogue(i, j_loop, ind2, guard, dst=None):
+            """Row i's outputs into Y, or into the stack vector `dst`."""
             col = f"nbk * {_i(nb)} + j"
             ep = [f"{ind2}{j_loop}"]
             body = ind2 + "    "
@@ -410,10 +421,22 @@ def gemm_kernel(cfg: KernelConfig, K: int, N: int, has_bias: bool, act, has_res:
             v += f" + bias[{col}]" if has_bias else ""
             ep.append(f"{body}v: T.let[T.float32] = {v}")
             ep += _act_lines(act, "v", "o", body)
-            ep.append(f"{body}Y[r{i}, {col}] = o" + (f" + R[r{i}, {col}]" if has_res else ""))
+            if dst:
+                ep.append(f"{body}{dst}[j] = o")
+            else:
+                ep.append(f"{body}Y[r{i}, {col}] = o" + (f" + R[r{i}, {col}]" if has_res else ""))
             return ep
 
-        if N % nb == 0:
+        if half_out:  # each row's outputs through a stack vector, stored as float16 pairs
+            out.append(ind + _local(f"{pre}ob", nb))
+            for i in range(rows):
+                out += epilogue(i, f"for j in T.vectorized({_i(nb)}):", ind, False, f"{pre}ob")
+                ob = f"{pre}ob[T.Ramp({_i(0)}, {_i(1)}, {nb})]"
+                out.append(
+                    f"{ind}Y[r{i}, T.Ramp(nbk * {_i(nb // 2)}, {_i(1)}, {nb // 2})] = "
+                    + _as_pairs(ob, nb)
+                )
+        elif N % nb == 0:
             for i in range(rows):
                 out += epilogue(i, f"for j in T.vectorized({_i(nb)}):", ind, False)
         else:  # ragged last N block: scalar, guarded stores (zero-padded weights keep K clean)
@@ -493,7 +516,7 @@ def half_pairs(x: T.handle, xw: T.handle):
     XW = T.match_buffer(xw, (M, {_i(KW)}), "float32")
     for r in T.parallel(M):
         for q in range({_i(full)}):
-            XW[r, T.Ramp(q * {_i(vec)}, {_i(1)}, {vec})] = T.reinterpret("float32x{vec}", T.Cast("float16x{2 * vec}", X[r, T.Ramp(q * {_i(2 * vec)}, {_i(1)}, {2 * vec})]))
+            XW[r, T.Ramp(q * {_i(vec)}, {_i(1)}, {vec})] = {_as_pairs(f"X[r, T.Ramp(q * {_i(2 * vec)}, {_i(1)}, {2 * vec})]", 2 * vec)}
         for kp in range({_i(full * vec)}, {_i(KW)}):
             XW[r, kp] = {tail}
 """
@@ -679,10 +702,11 @@ def attention_kernel(cfg: KernelConfig, S: int, H: int, D: int, scale: float):
     return _parse("\n".join(L))
 
 
-def layer_norm_kernel(cfg: KernelConfig, C: int, eps: float):
+def layer_norm_kernel(cfg: KernelConfig, C: int, eps: float, half_out: bool = False):
     """Row-parallel LayerNorm over the last axis (C % vec == 0): vector partial sums, two
     passes (mean, then centered variance) for accuracy, fused scale/shift on the store.
-    The legalized version reduces with a serial scalar chain (~4 cycles per element)."""
+    The legalized version reduces with a serial scalar chain (~4 cycles per element).
+    `half_out` (C % (2 vec) == 0): Y is [M, C/2] words of float16 pairs, a half GEMM's X."""
     vec = cfg.vec
     nvec = C // vec
     L = [
@@ -692,7 +716,7 @@ def layer_norm_kernel(cfg: KernelConfig, C: int, eps: float):
         _ATTRS,
         "    M = T.int64()",
         f'    X = T.match_buffer(x, (M, {_i(C)}), "float32")',
-        f'    Y = T.match_buffer(y, (M, {_i(C)}), "float32")',
+        f'    Y = T.match_buffer(y, (M, {_i(C // 2 if half_out else C)}), "float32")',
         "    for r in T.parallel(M):",
         "        " + _local("red", vec),
         "        " + _local("sc", 2),
@@ -715,8 +739,28 @@ def layer_norm_kernel(cfg: KernelConfig, C: int, eps: float):
         f"        for l in range({_i(vec)}):",
         "            sc[1] = sc[1] + red[l]",
         f"        sc[1] = {_f(1.0)} / T.sqrt(sc[1] * {_f(1.0 / C)} + {_f(eps)})",
-        f"        for jv in range({_i(nvec)}):",
-        f"            for l in T.vectorized({_i(vec)}):",
-        f"                Y[r, jv * {_i(vec)} + l] = (X[r, jv * {_i(vec)} + l] - sc[0]) * sc[1] * gamma[jv * {_i(vec)} + l] + beta[jv * {_i(vec)} + l]",
+    ]
+    norm = "(X[r, c] - sc[0]) * sc[1] * gamma[c] + beta[c]"
+    if not half_out:
+        return _parse(
+            "\n".join(
+                L
+                + [
+                    f"        for jv in range({_i(nvec)}):",
+                    f"            for l in T.vectorized({_i(vec)}):",
+                    f"                c: T.let[T.int64] = jv * {_i(vec)} + l",
+                    f"                Y[r, c] = {norm}",
+                ]
+            )
+        )
+    assert cfg.half and C % (2 * vec) == 0
+    L += [
+        "        " + _local("ob", 2 * vec),
+        f"        for jw in range({_i(C // (2 * vec))}):",
+        f"            for l in T.vectorized({_i(2 * vec)}):",
+        f"                c: T.let[T.int64] = jw * {_i(2 * vec)} + l",
+        f"                ob[l] = {norm}",
+        f"            Y[r, T.Ramp(jw * {_i(vec)}, {_i(1)}, {vec})] = "
+        + _as_pairs(f"ob[T.Ramp({_i(0)}, {_i(1)}, {2 * vec})]", 2 * vec),
     ]
     return _parse("\n".join(L))

@@ -79,6 +79,7 @@ class _Plan:
         for v in func_outputs:
             self.uses[v] = self.uses.get(v, 0) + 1
         self.rewrites = {}  # var -> spec dict
+        self.gemm_x = {}  # a linear layer's matmul var -> its X
         for b in block.bindings:
             if isinstance(b, relax.VarBinding):
                 self._match(b.var, b.value)
@@ -146,6 +147,7 @@ class _Plan:
             if axes is None or [int(a) for a in axes] == [1, 0]:
                 w, nk = pd.args[0], True
         spec = dict(kind="linear", x=x, w=w, nk=nk, K=K, N=N, bias=None, act=None, res=None)
+        self.gemm_x[var] = x
         cur = var
         bias = self._fused_add(cur, lambda shape: _static(shape.values) == [N])
         if bias:
@@ -165,6 +167,16 @@ class _Plan:
         if residual:
             spec["res"], cur = residual
         self.rewrites[cur] = spec
+
+    def only_gemm_input(self, var) -> bool:
+        """Whether every use of `var` is as the X of a linear layer (which a half GEMM then
+        takes as float16 pairs)."""
+        users = self.consumers.get(var, [])
+        return (
+            bool(users)
+            and self.uses.get(var, 0) == len(users)
+            and all(u in self.gemm_x and self.gemm_x[u].same_as(var) for u in users)
+        )
 
     def _fused_add(self, cur, fits):
         """(other operand, result) when `cur`'s only consumer adds one float32 tensor whose
@@ -279,8 +291,9 @@ class _KernelRewriter(PyExprMutator):
     def _v(self, e):
         return self.visit_expr(e)
 
-    def _gemm(self, x2, w, nk, K, N, bias=None, act=None, res2=None, source=None):
-        """x2: [M, K] var (a view of `source`, if given); returns [M, N] var."""
+    def _gemm(self, x2, w, nk, K, N, bias=None, act=None, res2=None, source=None, half_out=False):
+        """x2: [M, K] var (a view of `source`, if given); returns [M, N] var, or with
+        `half_out` [M, N/2] float16 pairs."""
         cfg = self.cfg
         NP = -(-N // cfg.nb)
         KW = -(-K // 2) if cfg.half else K
@@ -289,15 +302,16 @@ class _KernelRewriter(PyExprMutator):
         if cfg.half:
             x2 = self._half_pairs(x2, K, source)
         gk = self._gv(
-            ("gemm", K, N, bias is not None, act, res2 is not None),
-            lambda: gemm_kernel(cfg, K, N, bias is not None, act, res2 is not None),
+            ("gemm", K, N, bias is not None, act, res2 is not None, half_out),
+            lambda: gemm_kernel(cfg, K, N, bias is not None, act, res2 is not None, half_out),
             "gemm",
         )
         args = (
             [x2, wp] + ([bias] if bias is not None else []) + ([res2] if res2 is not None else [])
         )
         M = _sinfo(x2).shape.values[0]
-        return self._emit(relax.call_tir(gk, args, relax.TensorType([M, N], "float32")))
+        out = relax.TensorType([M, N // 2 if half_out else N], "float32")
+        return self._emit(relax.call_tir(gk, args, out))
 
     def _half_pairs(self, x2, K, source):
         """x2 [M, K] as the [M, K/2] float16 pairs a half GEMM takes, converted once per
@@ -320,7 +334,13 @@ class _KernelRewriter(PyExprMutator):
             M = M * d
         return M
 
-    def _rewrite(self, spec, out_sinfo):
+    def _to_half_gemms(self, var) -> bool:
+        """Whether `var`'s producer should write it as float16 pairs for the half GEMMs that
+        are its only users (the float32 value then goes unused, and DeadCodeElimination
+        drops it)."""
+        return self.cfg.half and self.plan.only_gemm_input(var)
+
+    def _rewrite(self, spec, out_sinfo, var):
         kind = spec["kind"]
         if kind == "linear":
             x = self._v(spec["x"])
@@ -332,10 +352,11 @@ class _KernelRewriter(PyExprMutator):
                     relax.op.reshape(self._v(spec["res"]), relax.ShapeExpr([M, spec["N"]]))
                 )
             bias = self._v(spec["bias"]) if spec["bias"] is not None else None
-            y2 = self._gemm(
-                x2, self._v(spec["w"]), spec["nk"], spec["K"], spec["N"], bias, spec["act"], res2, x
-            )
-            return relax.op.reshape(y2, out_sinfo.shape)
+            w, K, N = self._v(spec["w"]), spec["K"], spec["N"]
+            args = (x2, w, spec["nk"], K, N, bias, spec["act"], res2, x)
+            if res2 is None and N % self.cfg.nb == 0 and self._to_half_gemms(var):
+                self.halves[var] = self._gemm(*args, half_out=True)
+            return relax.op.reshape(self._gemm(*args), out_sinfo.shape)
         if kind == "attention":
             S, H, D = spec["S"], spec["H"], spec["D"]
             q, k, v = self._v(spec["q"]), self._v(spec["k"]), self._v(spec["v"])
@@ -379,13 +400,17 @@ class _KernelRewriter(PyExprMutator):
                 lambda: layer_norm_kernel(self.cfg, C, spec["eps"]),
                 "layer_norm",
             )
-            y2 = self._emit(
-                relax.call_tir(
-                    lk,
-                    [x2, self._v(spec["g"]), self._v(spec["b"])],
-                    relax.TensorType([M, C], "float32"),
+            args = [x2, self._v(spec["g"]), self._v(spec["b"])]
+            if C % (2 * self.cfg.vec) == 0 and self._to_half_gemms(var):
+                lh = self._gv(
+                    ("ln", C, spec["eps"], "half"),
+                    lambda: layer_norm_kernel(self.cfg, C, spec["eps"], half_out=True),
+                    "layer_norm",
                 )
-            )
+                self.halves[var] = self._emit(
+                    relax.call_tir(lh, args, relax.TensorType([M, C // 2], "float32"))
+                )
+            y2 = self._emit(relax.call_tir(lk, args, relax.TensorType([M, C], "float32")))
             return relax.op.reshape(y2, out_sinfo.shape)
         if kind == "conv":
             x, w = self._v(spec["x"]), self._v(spec["w"])
@@ -412,7 +437,7 @@ class _KernelRewriter(PyExprMutator):
 
     def visit_var_binding_(self, binding):
         if self.plan is not None and binding.var in self.plan.rewrites:
-            new = self._rewrite(self.plan.rewrites[binding.var], binding.var.ty)
+            new = self._rewrite(self.plan.rewrites[binding.var], binding.var.ty, binding.var)
             new = self.builder_.normalize(new)
             self.builder_.emit_normalized(relax.VarBinding(binding.var, new))
             return
@@ -447,4 +472,6 @@ class _KernelRewriter(PyExprMutator):
 
 
 def rewrite_to_kernels(mod: tvm.IRModule, cfg: KernelConfig) -> tvm.IRModule:
-    return _KernelRewriter(mod, cfg).run()
+    # DeadCodeElimination drops the float32 values that float16 pairs replaced, and their
+    # kernels.
+    return relax.transform.DeadCodeElimination()(_KernelRewriter(mod, cfg).run())
