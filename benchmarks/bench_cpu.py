@@ -49,9 +49,9 @@ sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 from builder.runtime import available_cores  # noqa: E402  (imports no TVM)
 
 
-def fma_peak_sampler(threads: int):
+def fma_peak_sampler(threads: int, scratch: Path):
     """A function that measures the FMA peak (GFLOP/s) once more and returns it."""
-    exe = Path(tempfile.mkdtemp()) / "fma_peak"
+    exe = scratch / "fma_peak"
     subprocess.run(
         [
             "cc",
@@ -122,7 +122,7 @@ def hf_model(model):
     return CLIPVisionModel(config).eval()
 
 
-def onnx_session(hf, model, threads: int):
+def onnx_session(hf, model, threads: int, path: Path):
     import onnxruntime as ort
     import torch
 
@@ -134,7 +134,6 @@ def onnx_session(hf, model, threads: int):
         def forward(self, pixel_values):
             return self.inner(pixel_values=pixel_values).last_hidden_state
 
-    path = Path(tempfile.mkdtemp()) / "tower.onnx"
     x = torch.zeros(1, 3, model.image_size, model.image_size)
     with torch.inference_mode():
         torch.onnx.export(
@@ -268,7 +267,7 @@ def bench_preset(name: str, args: argparse.Namespace, workdir: Path, sample_peak
     encoder = builder.load(built[0].path, threads=args.threads)
     half_encoder = builder.load(built[1].path, threads=args.threads) if half else None
     hf = hf_model(model)
-    session = onnx_session(hf, model, args.threads)
+    session = onnx_session(hf, model, args.threads, workdir / f"{name}.onnx")
     rows = []
     for batch in args.batches:
         shape = (batch, 3, model.image_size, model.image_size)
@@ -342,17 +341,19 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    sample_peak = fma_peak_sampler(args.threads)
-    peaks = [sample_peak() for _ in range(3)]
-    print(f"FMA peak {max(peaks):.1f} GFLOP/s on {args.threads} threads", file=sys.stderr)
     rows, notes, breakdowns = [], [], []
-    workdir = Path(tempfile.mkdtemp())
-    for name in args.presets:
-        preset_rows, note, breakdown, samples = bench_preset(name, args, workdir, sample_peak)
-        rows += preset_rows
-        notes.append(note)
-        breakdowns.append(breakdown)
-        peaks += samples + [sample_peak() for _ in range(3)]
+    # The artifacts, ONNX files and the FMA loop's binary: gigabytes for llava-clip.
+    with tempfile.TemporaryDirectory(prefix="bench-cpu-") as scratch:
+        workdir = Path(scratch)
+        sample_peak = fma_peak_sampler(args.threads, workdir)
+        peaks = [sample_peak() for _ in range(3)]
+        print(f"FMA peak {max(peaks):.1f} GFLOP/s on {args.threads} threads", file=sys.stderr)
+        for name in args.presets:
+            preset_rows, note, breakdown, samples = bench_preset(name, args, workdir, sample_peak)
+            rows += preset_rows
+            notes.append(note)
+            breakdowns.append(breakdown)
+            peaks += samples + [sample_peak() for _ in range(3)]
     peak = max(peaks)
 
     lines = [

@@ -476,11 +476,11 @@ def pack_weight_kernel(cfg: KernelConfig, N: int, K: int, nk: bool):
     shape = f"({_i(N)}, {_i(K)})" if nk else f"({_i(K)}, {_i(N)})"
 
     def elem(k: str) -> str:
+        """W at (k, column p * nb + j), zero past N (and past K: an odd K's last pair)."""
         n = f"p * {_i(nb)} + j"
-        load = f"w[T.min({n}, {_i(N - 1)}), T.min({k}, {_i(K - 1)})]"
-        if not nk:
-            load = f"w[T.min({k}, {_i(K - 1)}), T.min({n}, {_i(N - 1)})]"
-        return f"T.if_then_else({n} < {_i(N)} and {k} < {_i(K)}, {load}, {_f(0.0)})"
+        kk, ok = (f"T.min({k}, {_i(K - 1)})", f" and {k} < {_i(K)}") if cfg.half else (k, "")
+        load = f"w[T.min({n}, {_i(N - 1)}), {kk}]" if nk else f"w[{kk}, T.min({n}, {_i(N - 1)})]"
+        return f"T.if_then_else({n} < {_i(N)}{ok}, {load}, {_f(0.0)})"
 
     value = (
         _half_pair(elem(f"k * {_i(2)}"), elem(f"k * {_i(2)} + {_i(1)}")) if cfg.half else elem("k")
