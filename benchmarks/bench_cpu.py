@@ -236,12 +236,11 @@ HALF_TARGETS = f"targets=[llvm, {{name: {HALF}, kind: llvm, precision: float16}}
 
 
 def host_has_half_gemms() -> bool:
-    import tvm
-    from tvm.target import codegen
-
+    from builder.config import TargetConfig
+    from builder.targets import llvm
     from builder.targets.cpu.kernels import half_gemms
 
-    return half_gemms(tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()}))
+    return half_gemms(llvm.tvm_target(TargetConfig())[0])  # the default target: this CPU
 
 
 def bench_preset(name: str, args: argparse.Namespace, workdir: Path, sample_peak):

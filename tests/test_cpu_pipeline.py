@@ -111,6 +111,40 @@ def test_kernel_config_follows_the_target(mcpu, lanes, vectors):
     assert kernels.kernel_config(sapphire, half=True).half
 
 
+def test_half_rewrite_computes_each_value_once():
+    """With float16 GEMMs, LayerNorm and fc1 write float16 pairs for the GEMMs that read
+    them, and their float32 values are dropped, with the kernels only those made: one kernel
+    call per matmul, LayerNorm and conversion of the model, none twice."""
+    import collections
+    import re
+
+    from builder.targets.cpu.rewrite import rewrite_to_kernels
+
+    layers = 2
+    config = CLIPVisionConfig(
+        num_hidden_layers=layers,
+        image_size=30,
+        patch_size=6,
+        feature_layer=-1,
+        **CASES["quick_gelu"],
+    )
+    mod, _ = export(config, BlocksConfig())
+    ops = collections.Counter(re.findall(r"R\.(matmul|nn\.layer_norm|nn\.conv2d)\(", mod.script()))
+    cfg = kernels.KernelConfig(vec=16, nv=4, mr=6, half=True)  # no compile: any CPU
+    rewritten = rewrite_to_kernels(mod, cfg)
+    called = re.findall(r"call_tir\((\w+)", rewritten["forward"].script())
+    kernel_names = {
+        gv.name_hint for gv, f in rewritten.functions_items() if isinstance(f, tvm.tirx.PrimFunc)
+    }
+    assert kernel_names == set(called)  # no kernel left in the module that nothing calls
+    calls = collections.Counter(re.sub(r"\d+$", "", name) for name in called)
+    assert calls["gemm"] == ops["matmul"] + ops["nn.conv2d"] == 6 * layers + 1
+    assert calls["pack_weight"] == calls["gemm"]
+    assert calls["layer_norm"] == ops["nn.layer_norm"]
+    # Converted on their own: the patch conv's im2col and each attention output.
+    assert calls["half_pairs"] == 1 + layers
+
+
 def half_words(a: np.ndarray) -> np.ndarray:
     """numpy's float16 rounding of `a` [R, K], as the kernels' words: [R, K/2] uint32 of
     (even k, odd k) pairs, an odd K's last word padded with a zero half."""

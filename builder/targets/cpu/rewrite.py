@@ -336,8 +336,7 @@ class _KernelRewriter(PyExprMutator):
 
     def _to_half_gemms(self, var) -> bool:
         """Whether `var`'s producer should write it as float16 pairs for the half GEMMs that
-        are its only users (the float32 value then goes unused, and DeadCodeElimination
-        drops it)."""
+        are its only users (the float32 value then goes unused and is dropped)."""
         return self.cfg.half and self.plan.only_gemm_input(var)
 
     def _rewrite(self, spec, out_sinfo, var):
@@ -429,10 +428,10 @@ class _KernelRewriter(PyExprMutator):
 
     # -- visitor hooks
     def visit_dataflow_block_(self, block):
-        saved = self.plan
+        saved = self.plan, self.halves
         self.plan, self.halves = _Plan(block, self._outputs, self.cfg.vec), {}
         out = super().visit_dataflow_block_(block)
-        self.plan, self.halves = saved, {}
+        self.plan, self.halves = saved
         return out
 
     def visit_var_binding_(self, binding):
@@ -472,6 +471,6 @@ class _KernelRewriter(PyExprMutator):
 
 
 def rewrite_to_kernels(mod: tvm.IRModule, cfg: KernelConfig) -> tvm.IRModule:
-    # DeadCodeElimination drops the float32 values that float16 pairs replaced, and their
-    # kernels.
+    # The float32 values that float16 pairs replaced go unused (`run` drops their bindings);
+    # DeadCodeElimination drops the kernels that only they called.
     return relax.transform.DeadCodeElimination()(_KernelRewriter(mod, cfg).run())
