@@ -2,9 +2,10 @@
 
     python benchmarks/cache_hit.py [PRESET] [KEY=VALUE ...]     (default: llava-clip)
 
-Uses a fresh cache and output folder under a temporary directory (or BENCH_DIR). Prints the
-miss, the in-process hit (`builder.build.build`: key, lock, check, publish) and the whole
-`python -m builder` command on a hit (interpreter start and `import tvm` included).
+Uses a fresh cache and output folder in a temporary directory that it deletes (or in
+BENCH_DIR, kept). Prints the miss, the in-process hit (`builder.build.build`: key, lock,
+check, publish) and the whole `python -m builder` command on a hit (interpreter start and
+`import tvm` included).
 """
 
 from __future__ import annotations
@@ -21,9 +22,16 @@ sys.path.insert(0, str(REPO))
 
 
 def main(argv: list[str]) -> None:
+    if os.environ.get("BENCH_DIR"):
+        measure(argv, Path(os.environ["BENCH_DIR"]))
+        return
+    with tempfile.TemporaryDirectory(prefix="cache-bench-") as root:
+        measure(argv, Path(root))
+
+
+def measure(argv: list[str], root: Path) -> None:
     preset_arg = argv[0] if argv else "llava-clip"
     overrides = argv[1:]
-    root = Path(os.environ.get("BENCH_DIR") or tempfile.mkdtemp(prefix="cache-bench-"))
     os.environ["BUILDER_CACHE_DIR"] = str(root / "cache")
     out = root / "out"
 

@@ -6,7 +6,7 @@ forward call, on a tower with random weights (norms and biases included).
 
 Prints one Markdown table row per dtype: max abs error / max |reference| of the artifact and
 of HF's model run by torch in that dtype, and the artifact's seconds per image (batch 1, one
-call).
+call after a warm-up). Works in a temporary folder that it deletes.
 """
 
 from __future__ import annotations
@@ -30,11 +30,15 @@ from tests.conftest import (
 
 
 def main(preset_name: str | None, layers: int) -> None:
+    with tempfile.TemporaryDirectory(prefix="dtype-error-") as work:
+        measure(preset_name, layers, Path(work))
+
+
+def measure(preset_name: str | None, layers: int, work: Path) -> None:
     if preset_name is None:
         preset_name, overrides = "clip-vit-b-32", tiny_overrides()
     else:
         overrides = [f"model.num_hidden_layers={layers}"]
-    work = Path(tempfile.mkdtemp())
     model = load_preset(preset_name, overrides).model
     hf = save_vision_model(work / "ckpt", seed=3, **hf_fields(model))
     overrides.append(f"weights.path={work / 'ckpt'}")
@@ -45,6 +49,7 @@ def main(preset_name: str | None, layers: int) -> None:
     print("|---|---|---|---|")
     for dtype in ("float32", "float16", "bfloat16"):
         enc = build_and_load(preset_name, [*overrides, f"dtype={dtype}"], work / dtype)
+        enc(x)  # warm-up
         t0 = time.perf_counter()
         out = enc(x)
         seconds = time.perf_counter() - t0

@@ -130,6 +130,19 @@ def assert_close(ours: np.ndarray, ref: np.ndarray, rel: float = 1e-4) -> float:
     return err / scale
 
 
+def gemm_panels(folder: Path) -> set[tuple[int, ...]]:
+    """Shapes of the packed GEMM weights an artifact stores: [blocks, K rows (K/2 rows of
+    float16 pairs), 64 columns]."""
+    import safetensors.numpy
+
+    stored = safetensors.numpy.load_file(str(folder / "params.safetensors"))
+    return {
+        a.shape
+        for n, a in stored.items()
+        if n.startswith("packed") and a.ndim == 3 and a.shape[-1] == 64
+    }
+
+
 def build_and_load(preset: str | Path, overrides: list[str], out: Path) -> Any:
     resolved = load_preset(preset, overrides)
     (built,) = build(resolved, out, only=["llvm"])  # the one this machine runs

@@ -145,6 +145,75 @@ def test_half_rewrite_computes_each_value_once():
     assert calls["half_pairs"] == 1 + layers
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_dtype_model_becomes_the_float32_graph(dtype):
+    """A float16 / bfloat16 model reaches the kernel rewrite as the float32 graph: each
+    parameter cast once, no value computed in the half dtype, and the same kernel calls as
+    the float32 model (without the widening, only the patch conv's: about 100x slower)."""
+    import collections
+    import re
+
+    from builder.targets.cpu.rewrite import rewrite_to_kernels
+    from builder.targets.cpu.widen import widen_to_float32
+
+    config = CLIPVisionConfig(
+        num_hidden_layers=2, image_size=30, patch_size=6, feature_layer=-1, **CASES["quick_gelu"]
+    )
+    cfg = kernels.KernelConfig(vec=16, nv=4, mr=6)  # no compile: any CPU
+
+    def kernel_calls(mod):
+        called = re.findall(r"call_tir\((\w+)", rewrite_to_kernels(mod, cfg)["forward"].script())
+        return collections.Counter(re.sub(r"\d+$", "", name) for name in called)
+
+    float32, _ = export(config, BlocksConfig())
+    half, params = export(config, BlocksConfig(), dtype)
+    widened = widen_to_float32(half)
+    func = widened["forward"]
+    assert all(str(p.ty.dtype) == dtype for p in func.params[1:])  # the signature stays
+    casts = collections.Counter()
+    for block in func.body.blocks:
+        for b in block.bindings:
+            assert str(b.var.ty.dtype) == "float32", b.var
+            if getattr(b.value, "op", None) == tvm.ir.Op.get("relax.astype"):
+                casts[b.value.args[0].name] += 1
+    assert casts == {name: 1 for name, _ in params}
+    assert kernel_calls(widened) == kernel_calls(float32)
+    assert kernel_calls(half)["gemm"] == 1  # unwidened: only the patch conv (in float32)
+
+
+def test_widening_keeps_what_the_graph_computes():
+    """A hand-made float16 graph with each case the widening handles: a cast of the input
+    and back, a parameter used directly, a float16 constant, an op whose attribute names
+    float16 (`zeros`), and the function's output bound to a dropped cast; run by TVM's stock
+    pipeline, it computes the float32 graph of the float16 parameter."""
+    from builder.targets.cpu.widen import widen_to_float32
+
+    x = relax.Var("x", relax.TensorType((2, 4), "float32"))
+    w = relax.Var("w", relax.TensorType((2, 4), "float16"))
+    bb = relax.BlockBuilder()
+    with bb.function("forward", [x, w]):
+        with bb.dataflow():
+            h = bb.emit(relax.op.astype(x, "float16"))
+            h = bb.emit(relax.op.multiply(h, w))
+            h = bb.emit(relax.op.add(h, relax.const(1.7, "float16")))
+            h = bb.emit(relax.op.add(h, relax.op.zeros((2, 4), "float16")))
+            out = bb.emit_output(relax.op.astype(h, "float32"))
+        bb.emit_func_output(out)
+    widened = widen_to_float32(bb.finalize())
+    bindings = widened["forward"].body.blocks[0].bindings
+    half = [b.value.op.name for b in bindings if str(b.var.ty.dtype) != "float32"]
+    assert half == ["relax.zeros"]  # its attribute says float16; a cast follows it
+    rng = np.random.default_rng(0)
+    xs = rng.standard_normal((2, 4)).astype(np.float32)
+    ws = rng.standard_normal((2, 4)).astype(np.float16)
+    vm = relax.VirtualMachine(tvm.compile(widened, "llvm"), tvm.cpu())
+    got = vm["forward"](tvm.runtime.tensor(xs), tvm.runtime.tensor(ws)).numpy()
+    want = xs * ws.astype(np.float32) + np.float32(np.float16(1.7))
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    in_float16 = (xs.astype(np.float16) * ws + np.float16(1.7)).astype(np.float32)
+    assert not np.allclose(got, in_float16, rtol=1e-6)  # the inputs tell the two apart
+
+
 def half_words(a: np.ndarray) -> np.ndarray:
     """numpy's float16 rounding of `a` [R, K], as the kernels' words: [R, K/2] uint32 of
     (even k, odd k) pairs, an odd K's last word padded with a zero half."""

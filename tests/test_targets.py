@@ -19,7 +19,14 @@ from builder.cli import main
 from builder.preset import load_preset
 from builder.targets import device_code, llvm, toolchain
 
-from .conftest import assert_close, expected_features, needs_half, pixels, tiny_overrides
+from .conftest import (
+    assert_close,
+    expected_features,
+    gemm_panels,
+    needs_half,
+    pixels,
+    tiny_overrides,
+)
 
 ALL = "targets=[llvm,cuda,aarch64]"
 EM_AARCH64 = 183
@@ -263,19 +270,6 @@ def test_arch_nvcc_cannot_compile_is_named():
 
 
 # --- precision -----------------------------------------------------------------------------
-
-
-def gemm_panels(folder) -> set[tuple[int, ...]]:
-    """Shapes of the packed GEMM weights an artifact stores: [blocks, K rows (K/2 rows of
-    float16 pairs), 64 columns]."""
-    import safetensors.numpy
-
-    stored = safetensors.numpy.load_file(str(folder / "params.safetensors"))
-    return {
-        a.shape
-        for n, a in stored.items()
-        if n.startswith("packed") and a.ndim == 3 and a.shape[-1] == 64
-    }
 
 
 def float16_build(hf_checkpoint, tmp_path, **options) -> set[tuple[int, ...]]:

@@ -11,11 +11,9 @@ import tvm
 from tvm.target import codegen
 
 from ..config import TargetConfig
-from ..precision import apply as apply_precision
 from ..runtime import available_cores
 from . import toolchain
 from .cpu import compile_cpu
-from .cpu.kernels import half_gemms
 
 LIBRARY = "lib.so"
 DESCRIPTION = (
@@ -23,7 +21,7 @@ DESCRIPTION = (
     "(aarch64: linked by aarch64-linux-gnu-g++, runs on aarch64 Linux)"
 )
 # Part of the build cache key: bump it whenever compile() changes what it produces.
-PIPELINE_VERSION = 2
+PIPELINE_VERSION = 3
 
 
 def tvm_target(entry: TargetConfig) -> tuple[tvm.target.Target, dict[str, Any]]:
@@ -44,14 +42,10 @@ def compile(
     mod: tvm.IRModule, target: tvm.target.Target, precision: str = "float32"
 ) -> tvm.runtime.Executable:
     """Scheduled kernels for the hot ops, a parallel fallback for the rest. The executable
-    also holds `transform_params`, which packs the weights once at build time.
-
-    `precision: float16` on a CPU with AVX-512 FP16: the GEMMs multiply float16 operands
-    (weights packed as float16, activations converted on the way in) and the rest stays
-    float32. On other CPUs: TVM's mixed precision (`builder.precision`)."""
-    if precision == "float16" and half_gemms(target):
-        return compile_cpu(mod, target, half=True)
-    return compile_cpu(apply_precision(mod, precision), target)
+    also holds `transform_params`, which packs the weights once at build time. A float16 or
+    bfloat16 model computes in float32 from its rounded parameters; `precision: float16`
+    runs float16 GEMMs on a CPU with AVX-512 FP16 (see `cpu.pipeline.compile_cpu`)."""
+    return compile_cpu(mod, target, precision)
 
 
 def cross_linker(entry: TargetConfig) -> str | None:

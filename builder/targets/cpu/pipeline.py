@@ -2,7 +2,8 @@
 
 API
 ---
-    compile_cpu(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.runtime.Executable
+    compile_cpu(mod: tvm.IRModule, target: tvm.target.Target, precision="float32")
+        -> tvm.runtime.Executable
     compile_kernel(func: tvm.tirx.PrimFunc, target) -> callable   (one kernel alone)
 
 Calling convention of the returned executable (load it with relax.VirtualMachine):
@@ -51,9 +52,11 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from .kernels import KernelConfig, kernel_config
+from ...precision import apply as apply_precision
+from .kernels import KernelConfig, half_gemms, kernel_config
 from .rewrite import rewrite_to_kernels
 from .schedule import fallback_schedule_pass
+from .widen import widen_to_float32
 
 
 def _lift_params(mod: tvm.IRModule) -> tvm.IRModule:
@@ -98,12 +101,20 @@ PASS_CONFIG = {"tirx.disable_storage_rewrite": True}
 
 
 def compile_cpu(
-    mod: tvm.IRModule, target: tvm.target.Target, half: bool = False
+    mod: tvm.IRModule, target: tvm.target.Target, precision: str = "float32"
 ) -> tvm.runtime.Executable:
     """Compile a ViT/CLIP vision IRModule (see module docstring for the calling convention).
-    `half`: the GEMMs multiply in float16 (needs AVX-512 FP16, `kernels.half_gemms`)."""
+
+    A model in float16 or bfloat16 computes in float32 from its rounded parameters
+    (`widen.py`). `precision: float16` on a CPU with AVX-512 FP16 (`kernels.half_gemms`):
+    the GEMMs multiply float16 operands and the rest stays float32; on other CPUs it is
+    TVM's mixed precision (`builder.precision`)."""
     if isinstance(target, (str, dict)):
         target = tvm.target.Target(target)
+    mod = widen_to_float32(mod)
+    half = precision == "float16" and half_gemms(target)
+    if not half:
+        mod = apply_precision(mod, precision)
     cfg = kernel_config(target, half)
     mod = rewrite_to_kernels(mod, cfg)
     mod = _lift_params(mod)
