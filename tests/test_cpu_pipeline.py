@@ -145,6 +145,35 @@ def test_half_rewrite_computes_each_value_once():
     assert calls["half_pairs"] == 1 + layers
 
 
+def test_rounded_operands_once_per_value():
+    """`precision: float16` without float16 arithmetic: every GEMM weight and every GEMM
+    input value is rounded to float16 once (Q, K and V share theirs), and the GEMMs stay
+    the float32 kernels."""
+    import collections
+    import re
+
+    from builder.targets.cpu.rewrite import rewrite_to_kernels
+
+    layers = 2
+    config = CLIPVisionConfig(
+        num_hidden_layers=layers,
+        image_size=30,
+        patch_size=6,
+        feature_layer=-1,
+        **CASES["quick_gelu"],
+    )
+    mod, _ = export(config, BlocksConfig())
+    cfg = kernels.KernelConfig(vec=16, nv=4, mr=6)  # no compile: any CPU
+    text = rewrite_to_kernels(mod, cfg, rounded=True)["forward"].script()
+    calls = collections.Counter(
+        re.sub(r"\d+$", "", n) for n in re.findall(r"call_tir\((\w+)", text)
+    )
+    assert calls["gemm"] == 6 * layers + 1 and calls["half_pairs"] == 0
+    weights = 6 * layers + 1
+    inputs = 1 + 4 * layers  # im2col; per layer LayerNorm 1 (Q, K, V), attention, LayerNorm 2, fc1
+    assert len(re.findall(r'R\.astype\(\w+, dtype="float16"\)', text)) == weights + inputs
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_half_dtype_model_becomes_the_float32_graph(dtype):
     """A float16 / bfloat16 model reaches the kernel rewrite as the float32 graph: each

@@ -3,7 +3,8 @@
 - `tvm_target(entry)`: the `tvm.target.Target` for a preset's target entry, and the resolved
   options to record in the manifest (`mcpu: host` becomes the detected CPU);
 - `compile(mod, target, precision)`: the compile pipeline, IRModule -> `tvm.runtime.Executable`,
-  with the entry's `precision` applied as the kind sees fit (`builder.precision` is TVM's way);
+  with the entry's `precision` applied as the kind sees fit (cuda: TVM's way,
+  `builder.precision`; llvm: its own kernels);
 - `missing(entry)`: what the build machine lacks to build the entry (a compiler, a linker),
   one line each; empty when it can;
 - `export(executable, path, entry)`: write the library to `path`;

@@ -52,7 +52,6 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from ...precision import apply as apply_precision
 from .kernels import KernelConfig, half_gemms, kernel_config
 from .rewrite import rewrite_to_kernels
 from .schedule import fallback_schedule_pass
@@ -106,17 +105,17 @@ def compile_cpu(
     """Compile a ViT/CLIP vision IRModule (see module docstring for the calling convention).
 
     A model in float16 or bfloat16 computes in float32 from its rounded parameters
-    (`widen.py`). `precision: float16` on a CPU with AVX-512 FP16 (`kernels.half_gemms`):
-    the GEMMs multiply float16 operands and the rest stays float32; on other CPUs it is
-    TVM's mixed precision (`builder.precision`)."""
+    (`widen.py`). `precision: float16`: the GEMMs take float16 operands and the rest stays
+    float32; on a CPU with AVX-512 FP16 (`kernels.half_gemms`) they multiply in float16,
+    on others the float32 GEMMs take operands rounded to float16."""
     if isinstance(target, (str, dict)):
         target = tvm.target.Target(target)
+    if precision not in ("float32", "float16"):
+        raise ValueError(f"unknown precision {precision!r}")
     mod = widen_to_float32(mod)
     half = precision == "float16" and half_gemms(target)
-    if not half:
-        mod = apply_precision(mod, precision)
     cfg = kernel_config(target, half)
-    mod = rewrite_to_kernels(mod, cfg)
+    mod = rewrite_to_kernels(mod, cfg, rounded=precision == "float16" and not half)
     mod = _lift_params(mod)
     with tvm.transform.PassContext(opt_level=3, config=PASS_CONFIG):
         return tvm.compile(mod, target, relax_pipeline=get_pipeline(target, cfg))

@@ -271,13 +271,16 @@ class _Plan:
 
 @mutator
 class _KernelRewriter(PyExprMutator):
-    def __init__(self, mod, cfg: KernelConfig):
+    def __init__(self, mod, cfg: KernelConfig, rounded: bool):
         super().__init__(mod)
         self.mod_ = mod
         self.cfg = cfg
+        self.rounded = rounded
         self.plan = None
         self.cache = {}
-        self.halves = {}  # a GEMM input -> its float16 pairs (Q, K and V share theirs)
+        # a GEMM input -> its float16 pairs, or with `rounded` its float16-rounded values
+        # (Q, K and V share theirs)
+        self.halves = {}
 
     # -- helpers
     def _gv(self, key, make, name):
@@ -298,9 +301,13 @@ class _KernelRewriter(PyExprMutator):
         NP = -(-N // cfg.nb)
         KW = -(-K // 2) if cfg.half else K
         pk = self._gv(("pack", N, K, nk), lambda: pack_weight_kernel(cfg, N, K, nk), "pack_weight")
+        if self.rounded:
+            w = self._round_to_half(w)  # depends on the weight only: rounded at build time
         wp = self._emit(relax.call_tir(pk, [w], relax.TensorType([NP, KW, cfg.nb], "float32")))
         if cfg.half:
             x2 = self._half_pairs(x2, K, source)
+        elif self.rounded:
+            x2 = self._once(source, lambda: self._round_to_half(x2))
         gk = self._gv(
             ("gemm", K, N, bias is not None, act, res2 is not None, half_out),
             lambda: gemm_kernel(cfg, K, N, bias is not None, act, res2 is not None, half_out),
@@ -316,14 +323,22 @@ class _KernelRewriter(PyExprMutator):
     def _half_pairs(self, x2, K, source):
         """x2 [M, K] as the [M, K/2] float16 pairs a half GEMM takes, converted once per
         `source`."""
-        if source is not None and source in self.halves:
-            return self.halves[source]
         hk = self._gv(("half", K), lambda: half_pairs_kernel(self.cfg, K), "half_pairs")
         M = _sinfo(x2).shape.values[0]
-        xw = self._emit(relax.call_tir(hk, [x2], relax.TensorType([M, -(-K // 2)], "float32")))
-        if source is not None:
-            self.halves[source] = xw
-        return xw
+        out = relax.TensorType([M, -(-K // 2)], "float32")
+        return self._once(source, lambda: self._emit(relax.call_tir(hk, [x2], out)))
+
+    def _once(self, source, convert):
+        """A GEMM input's half form, made once per `source` (None: not shared)."""
+        if source is None:
+            return convert()
+        if source not in self.halves:
+            self.halves[source] = convert()
+        return self.halves[source]
+
+    def _round_to_half(self, x):
+        """x's values rounded to float16, as float32."""
+        return self._emit(relax.op.astype(self._emit(relax.op.astype(x, "float16")), "float32"))
 
     @staticmethod
     def _rows(x):
@@ -470,7 +485,9 @@ class _KernelRewriter(PyExprMutator):
         return outs
 
 
-def rewrite_to_kernels(mod: tvm.IRModule, cfg: KernelConfig) -> tvm.IRModule:
+def rewrite_to_kernels(mod: tvm.IRModule, cfg: KernelConfig, rounded: bool = False) -> tvm.IRModule:
+    """`rounded`: the float32 GEMMs take operands rounded to float16 (`precision: float16`
+    on a CPU without float16 arithmetic)."""
     # The float32 values that float16 pairs replaced go unused (`run` drops their bindings);
     # DeadCodeElimination drops the kernels that only they called.
-    return relax.transform.DeadCodeElimination()(_KernelRewriter(mod, cfg).run())
+    return relax.transform.DeadCodeElimination()(_KernelRewriter(mod, cfg, rounded).run())
