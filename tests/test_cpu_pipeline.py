@@ -4,8 +4,11 @@ two, token counts that are not multiples of the row tile, several batch sizes.""
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -21,6 +24,8 @@ from builder.runtime import available_cores
 from builder.targets import llvm
 from builder.targets.cpu import kernels
 from builder.targets.cpu.pipeline import compile_kernel
+from builder.targets.cpu.rewrite import rewrite_to_kernels
+from builder.targets.cpu.widen import widen_to_float32
 from builder.weights.random_init import random_weights
 
 from .conftest import HOST, REPO, assert_close, needs_half, pixels
@@ -32,8 +37,12 @@ CASES = {
     "gelu-mlp100": dict(
         hidden_size=64, intermediate_size=100, num_attention_heads=4, hidden_act="gelu"
     ),
-    "gelu_tanh-head72": dict(
-        hidden_size=144, intermediate_size=200, num_attention_heads=2, hidden_act="gelu_tanh"
+    "gelu_tanh-head72": dict(  # and, like SigLIP so400m, an image side that patches do not fill
+        hidden_size=144,
+        intermediate_size=200,
+        num_attention_heads=2,
+        hidden_act="gelu_tanh",
+        image_size=32,
     ),
     "hidden40-final-postln": dict(
         hidden_size=40,
@@ -66,7 +75,7 @@ BUILDS = {
 def test_scheduled_equals_stock_pipeline(case, build):
     options, precision = BUILDS[build]
     config = CLIPVisionConfig(
-        num_hidden_layers=2, image_size=30, patch_size=6, **{"feature_layer": -1, **CASES[case]}
+        num_hidden_layers=2, patch_size=6, **{"feature_layer": -1, "image_size": 30, **CASES[case]}
     )
     mod, params = export(config, BlocksConfig())
     arrays = random_weights(dict(params), seed=5)
@@ -85,7 +94,7 @@ def test_scheduled_equals_stock_pipeline(case, build):
     fast_params = [tvm.runtime.tensor(packed[n]) for n in packed_order]
     stock_params = [tvm.runtime.tensor(arrays[n]) for n in order]
     for batch in (1, 3, 7):
-        x = tvm.runtime.tensor(pixels(batch, 30, seed=batch))
+        x = tvm.runtime.tensor(pixels(batch, config.image_size, seed=batch))
         ours, ref = fast(x, *fast_params).numpy(), stock(x, *stock_params).numpy()
         if precision == "float32":
             assert_close(ours, ref, rel=1e-5)
@@ -111,67 +120,72 @@ def test_kernel_config_follows_the_target(mcpu, lanes, vectors):
     assert kernels.kernel_config(sapphire, half=True).half
 
 
+LAYERS = 2
+FLOAT32_KERNELS = kernels.KernelConfig(vec=16, nv=4, mr=6)  # for rewrites only: any CPU
+
+
+def small_tower(dtype: str = "float32", **fields) -> tuple[tvm.IRModule, list]:
+    """A 2-layer quick_gelu tower, exported: the module and its parameters."""
+    fields = {"image_size": 30, "patch_size": 6, **CASES["quick_gelu"], **fields}
+    config = CLIPVisionConfig(num_hidden_layers=LAYERS, feature_layer=-1, **fields)
+    return export(config, BlocksConfig(), dtype)
+
+
+def op_calls(mod: tvm.IRModule) -> collections.Counter:
+    """The Relax ops that the rewrite turns into kernels, as called in `forward`."""
+    ops = r"R\.(matmul|nn\.layer_norm|nn\.conv2d|nn\.attention)\("
+    return collections.Counter(re.findall(ops, mod["forward"].script()))
+
+
+def kernel_calls(mod: tvm.IRModule) -> collections.Counter:
+    """The kernels that `forward` calls, by kind (gemm, pack_weight, layer_norm, ...)."""
+    called = re.findall(r"call_tir\((\w+)", mod["forward"].script())
+    return collections.Counter(re.sub(r"\d+$", "", name) for name in called)
+
+
 def test_half_rewrite_computes_each_value_once():
     """With float16 GEMMs, LayerNorm and fc1 write float16 pairs for the GEMMs that read
     them, and their float32 values are dropped, with the kernels only those made: one kernel
     call per matmul, LayerNorm and conversion of the model, none twice."""
-    import collections
-    import re
-
-    from builder.targets.cpu.rewrite import rewrite_to_kernels
-
-    layers = 2
-    config = CLIPVisionConfig(
-        num_hidden_layers=layers,
-        image_size=30,
-        patch_size=6,
-        feature_layer=-1,
-        **CASES["quick_gelu"],
-    )
-    mod, _ = export(config, BlocksConfig())
-    ops = collections.Counter(re.findall(r"R\.(matmul|nn\.layer_norm|nn\.conv2d)\(", mod.script()))
-    cfg = kernels.KernelConfig(vec=16, nv=4, mr=6, half=True)  # no compile: any CPU
-    rewritten = rewrite_to_kernels(mod, cfg)
-    called = re.findall(r"call_tir\((\w+)", rewritten["forward"].script())
+    mod, _ = small_tower()
+    ops = op_calls(mod)
+    rewritten = rewrite_to_kernels(mod, dataclasses.replace(FLOAT32_KERNELS, half=True))
     kernel_names = {
         gv.name_hint for gv, f in rewritten.functions_items() if isinstance(f, tvm.tirx.PrimFunc)
     }
-    assert kernel_names == set(called)  # no kernel left in the module that nothing calls
-    calls = collections.Counter(re.sub(r"\d+$", "", name) for name in called)
-    assert calls["gemm"] == ops["matmul"] + ops["nn.conv2d"] == 6 * layers + 1
+    called = set(re.findall(r"call_tir\((\w+)", rewritten["forward"].script()))
+    assert kernel_names == called  # no kernel left in the module that nothing calls
+    calls = kernel_calls(rewritten)
+    assert calls["gemm"] == ops["matmul"] + ops["nn.conv2d"] == 6 * LAYERS + 1
     assert calls["pack_weight"] == calls["gemm"]
     assert calls["layer_norm"] == ops["nn.layer_norm"]
     # Converted on their own: the patch conv's im2col and each attention output.
-    assert calls["half_pairs"] == 1 + layers
+    assert calls["half_pairs"] == 1 + LAYERS
 
 
 def test_rounded_operands_once_per_value():
     """`precision: float16` without float16 arithmetic: every GEMM weight and every GEMM
     input value is rounded to float16 once (Q, K and V share theirs), and the GEMMs stay
     the float32 kernels."""
-    import collections
-    import re
+    rewritten = rewrite_to_kernels(small_tower()[0], FLOAT32_KERNELS, rounded=True)
+    calls = kernel_calls(rewritten)
+    assert calls["gemm"] == 6 * LAYERS + 1 and calls["half_pairs"] == 0
+    weights = 6 * LAYERS + 1
+    inputs = 1 + 4 * LAYERS  # im2col; per layer LayerNorm 1 (Q, K, V), attention, LayerNorm 2, fc1
+    rounded = re.findall(r'R\.astype\(\w+, dtype="float16"\)', rewritten["forward"].script())
+    assert len(rounded) == weights + inputs
 
-    from builder.targets.cpu.rewrite import rewrite_to_kernels
 
-    layers = 2
-    config = CLIPVisionConfig(
-        num_hidden_layers=layers,
-        image_size=30,
-        patch_size=6,
-        feature_layer=-1,
-        **CASES["quick_gelu"],
-    )
-    mod, _ = export(config, BlocksConfig())
-    cfg = kernels.KernelConfig(vec=16, nv=4, mr=6)  # no compile: any CPU
-    text = rewrite_to_kernels(mod, cfg, rounded=True)["forward"].script()
-    calls = collections.Counter(
-        re.sub(r"\d+$", "", n) for n in re.findall(r"call_tir\((\w+)", text)
-    )
-    assert calls["gemm"] == 6 * layers + 1 and calls["half_pairs"] == 0
-    weights = 6 * layers + 1
-    inputs = 1 + 4 * layers  # im2col; per layer LayerNorm 1 (Q, K, V), attention, LayerNorm 2, fc1
-    assert len(re.findall(r'R\.astype\(\w+, dtype="float16"\)', text)) == weights + inputs
+def test_patch_conv_with_a_remainder_is_a_gemm():
+    """An image side that is not a multiple of the patch (SigLIP so400m: 384 px, patch 14)
+    still makes the patch conv a GEMM: the conv drops the remainder, and so does the crop
+    before the im2col. (The stock pipeline's result is compared in
+    test_scheduled_equals_stock_pipeline's 'gelu_tanh-head72' case, 32 px.)"""
+    mod, _ = small_tower(image_size=32)  # 5 x 5 patches of 6, 2 px left over
+    assert op_calls(mod)["nn.conv2d"] == 1
+    rewritten = rewrite_to_kernels(mod, FLOAT32_KERNELS)
+    assert op_calls(rewritten) == {}
+    assert kernel_calls(rewritten)["gemm"] == 6 * LAYERS + 1
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -179,23 +193,7 @@ def test_half_dtype_model_becomes_the_float32_graph(dtype):
     """A float16 / bfloat16 model reaches the kernel rewrite as the float32 graph: each
     parameter cast once, no value computed in the half dtype, and the same kernel calls as
     the float32 model (without the widening, only the patch conv's: about 100x slower)."""
-    import collections
-    import re
-
-    from builder.targets.cpu.rewrite import rewrite_to_kernels
-    from builder.targets.cpu.widen import widen_to_float32
-
-    config = CLIPVisionConfig(
-        num_hidden_layers=2, image_size=30, patch_size=6, feature_layer=-1, **CASES["quick_gelu"]
-    )
-    cfg = kernels.KernelConfig(vec=16, nv=4, mr=6)  # no compile: any CPU
-
-    def kernel_calls(mod):
-        called = re.findall(r"call_tir\((\w+)", rewrite_to_kernels(mod, cfg)["forward"].script())
-        return collections.Counter(re.sub(r"\d+$", "", name) for name in called)
-
-    float32, _ = export(config, BlocksConfig())
-    half, params = export(config, BlocksConfig(), dtype)
+    half, params = small_tower(dtype)
     widened = widen_to_float32(half)
     func = widened["forward"]
     assert all(str(p.ty.dtype) == dtype for p in func.params[1:])  # the signature stays
@@ -206,8 +204,12 @@ def test_half_dtype_model_becomes_the_float32_graph(dtype):
             if getattr(b.value, "op", None) == tvm.ir.Op.get("relax.astype"):
                 casts[b.value.args[0].name] += 1
     assert casts == {name: 1 for name, _ in params}
-    assert kernel_calls(widened) == kernel_calls(float32)
-    assert kernel_calls(half)["gemm"] == 1  # unwidened: only the patch conv (in float32)
+
+    def rewritten(mod):
+        return kernel_calls(rewrite_to_kernels(mod, FLOAT32_KERNELS))
+
+    assert rewritten(widened) == rewritten(small_tower()[0])
+    assert rewritten(half)["gemm"] == 1  # unwidened: only the patch conv (in float32)
 
 
 def test_widening_keeps_what_the_graph_computes():
@@ -215,8 +217,6 @@ def test_widening_keeps_what_the_graph_computes():
     and back, a parameter used directly, a float16 constant, an op whose attribute names
     float16 (`zeros`), and the function's output bound to a dropped cast; run by TVM's stock
     pipeline, it computes the float32 graph of the float16 parameter."""
-    from builder.targets.cpu.widen import widen_to_float32
-
     x = relax.Var("x", relax.TensorType((2, 4), "float32"))
     w = relax.Var("w", relax.TensorType((2, 4), "float16"))
     bb = relax.BlockBuilder()

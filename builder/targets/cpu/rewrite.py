@@ -261,8 +261,8 @@ class _Plan:
             and all(int(p) == 0 for p in a.padding)
             and all(int(d) == 1 for d in a.dilation)
             and Cx == C
-            and Hh % kh == 0
-            and Ww % kw == 0
+            and Hh >= kh
+            and Ww >= kw
             and a.out_dtype in (None, "", "float32")
         )
         if ok:
@@ -432,6 +432,8 @@ class _KernelRewriter(PyExprMutator):
             O, C, kh, kw = spec["O"], spec["C"], spec["kh"], spec["kw"]
             Hp, Wp = spec["H"] // kh, spec["W"] // kw
             K = C * kh * kw
+            if (Hp * kh, Wp * kw) != (spec["H"], spec["W"]):  # the conv drops the remainder
+                x = self._emit(relax.op.strided_slice(x, [2, 3], [0, 0], [Hp * kh, Wp * kw]))
             xr = self._emit(relax.op.reshape(x, relax.ShapeExpr([B, C, Hp, kh, Wp, kw])))
             xp = self._emit(relax.op.permute_dims(xr, [0, 2, 4, 1, 3, 5]))
             x2 = self._emit(relax.op.reshape(xp, relax.ShapeExpr([B * Hp * Wp, K])))
