@@ -263,8 +263,9 @@ def bench_preset(name: str, args: argparse.Namespace, workdir: Path, sample_peak
         else f"{name}: build (random init, compile, weight packing) "
         f"{time.perf_counter() - start:.1f} s" + (", both artifacts" if half else "")
     )
-    encoder = builder.load(built[0].path, threads=args.threads)
-    half_encoder = builder.load(built[1].path, threads=args.threads) if half else None
+    paths = {b.target: b.path for b in built}
+    encoder = builder.load(paths["llvm"], threads=args.threads)
+    half_encoder = builder.load(paths[HALF], threads=args.threads) if half else None
     hf = hf_model(model)
     session = onnx_session(hf, model, args.threads, workdir / f"{name}.onnx")
     rows = []
