@@ -24,6 +24,8 @@ hardware threads.
 
 How it works
 ------------
+0. A float16 / bfloat16 model becomes the float32 graph of its rounded parameters
+   (``widen.py``): the kernels below are float32 kernels.
 1. Relax-level rewrite (before legalization) of the hot ops into calls of hand-written,
    pre-scheduled TensorIR kernels (``call_tir``):
      * ``matmul(x, permute_dims(W))`` (+ bias add, + quick_gelu/SiLU/gelu/gelu_tanh,
