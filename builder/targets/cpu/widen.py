@@ -16,6 +16,8 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from .rewrite import _op_name
+
 HALF = ("float16", "bfloat16")
 
 
@@ -24,18 +26,12 @@ def _dtype(e) -> str | None:
     return str(ty.dtype) if isinstance(ty, relax.TensorType) else None
 
 
-def _is_astype(e) -> bool:
-    return (
-        isinstance(e, tvm.ir.Call) and isinstance(e.op, tvm.ir.Op) and e.op.name == "relax.astype"
-    )
-
-
 @mutator
 class _Widener(PyExprMutator):
     def __init__(self, mod: tvm.IRModule):
         super().__init__(mod)
         self.mod_ = mod
-        self.params: list = []
+        self.params: set = set()  # the current function's
         self.casts: dict = {}  # half parameter -> its float32 cast, in the current block
 
     def _in_block(self, visit, block):
@@ -51,7 +47,7 @@ class _Widener(PyExprMutator):
         return self._in_block(super().visit_binding_block_, block)
 
     def visit_var_(self, var):
-        if _dtype(var) in HALF and any(var.same_as(p) for p in self.params):
+        if _dtype(var) in HALF and var in self.params:
             if var not in self.casts:
                 self.casts[var] = self.builder_.emit(relax.op.astype(var, "float32"))
             return self.casts[var]
@@ -59,7 +55,7 @@ class _Widener(PyExprMutator):
 
     def visit_var_binding_(self, binding):
         value = binding.value
-        if _is_astype(value) and str(value.attrs.dtype) in HALF + ("float32",):
+        if _op_name(value) == "relax.astype" and str(value.attrs.dtype) in HALF + ("float32",):
             x = self.visit_expr(value.args[0])
             if _dtype(x) == "float32":  # the value is float32 already: the cast goes
                 if not isinstance(binding.var, relax.DataflowVar):  # a block output: bound anew
@@ -85,7 +81,7 @@ class _Widener(PyExprMutator):
     def run(self) -> tvm.IRModule:
         for gv, func in self.mod_.functions_items():
             if isinstance(func, relax.Function):
-                self.params = list(func.params)
+                self.params = set(func.params)
                 self.builder_.update_func(gv, self.visit_expr(func))
         return self.builder_.finalize()
 
