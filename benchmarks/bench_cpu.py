@@ -339,6 +339,7 @@ def main() -> int:
     args.half = args.half and host_has_half_gemms()
 
     import torch
+    from tvm.target.codegen import llvm_get_system_cpu
 
     torch.set_num_threads(args.threads)
     rows, notes, breakdowns = [], [], []
@@ -360,8 +361,8 @@ def main() -> int:
         "# CPU benchmark",
         "",
         f"Written by `benchmarks/bench_cpu.py` on {datetime.date.today()}: "
-        f"{platform.processor() or platform.machine()}, {args.threads} threads, float32, "
-        "medians of interleaved rounds after a warm-up. FMA peak measured by "
+        f"{platform.machine()}, LLVM's CPU `{llvm_get_system_cpu()}`, {args.threads} threads, "
+        "float32, medians of interleaved rounds after a warm-up. FMA peak measured by "
         f"`benchmarks/fma_peak.c`: {peak:.1f} GFLOP/s (the highest of {len(peaks)} samples "
         f"taken through the run; the lowest was {min(peaks):.1f}, the median "
         f"{statistics.median(peaks):.1f}). GFLOP counts the matmuls, attention and "

@@ -108,12 +108,15 @@ def test_scheduled_equals_stock_pipeline(case, build):
 )
 def test_kernel_config_follows_the_target(mcpu, lanes, vectors):
     """Vector lanes and tile width from the target's features (TVM 0.27's
-    llvm_get_vector_width says 512 bits for every x86 CPU); float16 GEMMs only with
-    AVX-512 FP16."""
+    llvm_get_vector_width says 512 bits for every x86 CPU), the cores from its num-cores,
+    the L2 the smallest of AVX-512 server cores for a CPU other than the build machine's;
+    float16 GEMMs only with AVX-512 FP16."""
     triple = {"mtriple": "aarch64-linux-gnu"} if mcpu == "generic" else {}
-    target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu, **triple})
+    target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "num-cores": 3, **triple})
     cfg = kernels.kernel_config(target)
-    assert (cfg.vec, cfg.nv) == (lanes, vectors)
+    assert (cfg.vec, cfg.nv, cfg.cores) == (lanes, vectors, 3)
+    if mcpu != tvm.target.codegen.llvm_get_system_cpu():
+        assert cfg.l2 == 1 << 20
     with pytest.raises(ValueError, match="float16 GEMMs need AVX-512 FP16"):
         kernels.kernel_config(target, half=True)
     sapphire = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids"})
@@ -249,6 +252,41 @@ def half_words(a: np.ndarray) -> np.ndarray:
     h = np.zeros((a.shape[0], a.shape[1] + a.shape[1] % 2), np.float16)
     h[:, : a.shape[1]] = a.astype(np.float16)
     return h.view(np.uint32)
+
+
+@pytest.mark.parametrize(
+    "M,K,N,act,steps",
+    [(13, 2304, 128, ("gelu",), 2), (8, 4304, 64, None, 3), (7, 75, 70, ("silu", 1.702), 1)],
+    ids=str,
+)
+def test_gemm_against_numpy(M, K, N, act, steps):
+    """The float32 GEMM against float64 sums: weight blocks of over 512 KiB in k steps (the
+    partial sums kept in Y between them), a full row tile, a last tile of 1 or 2 rows (run
+    row by row), a ragged last weight block, and the residual epilogue. The L2 is set to
+    1 MiB (Zen 4 and 5), where the host's may be larger."""
+    cfg = dataclasses.replace(kernels.kernel_config(HOST), l2=1 << 20)
+    assert len(kernels.gemm_k_steps(cfg, K, N)) == steps
+    rng = np.random.default_rng(K)
+    x = rng.standard_normal((M, K), dtype=np.float32)
+    w = (rng.standard_normal((N, K)) / np.sqrt(K)).astype(np.float32)
+    bias, res = rng.standard_normal(N).astype(np.float32), rng.standard_normal((M, N))
+    wp = tvm.runtime.empty((-(-N // cfg.nb), K, cfg.nb), "float32")
+    compile_kernel(kernels.pack_weight_kernel(cfg, N, K, True), HOST)(tvm.runtime.tensor(w), wp)
+    gemm = compile_kernel(kernels.gemm_kernel(cfg, K, N, True, act, True), HOST)
+    y = tvm.runtime.empty((M, N), "float32")
+    gemm(
+        tvm.runtime.tensor(x),
+        wp,
+        tvm.runtime.tensor(bias),
+        tvm.runtime.tensor(res.astype(np.float32)),
+        y,
+    )
+    v = x.astype(np.float64) @ w.astype(np.float64).T + bias
+    if act == ("silu", 1.702):
+        v = v / (1 + np.exp(-1.702 * v))
+    elif act == ("gelu",):
+        v = 0.5 * v * (1 + np.vectorize(math.erf)(v / np.sqrt(2)))
+    assert_close(y.numpy(), v + res, rel=1e-5)
 
 
 @needs_half

@@ -7,6 +7,7 @@ generic schedule there. Sizes derive from the target's vector width (`kernel_con
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 
@@ -25,6 +26,8 @@ class KernelConfig:
     nv: int  # SIMD registers per accumulator row (N block = vec * nv)
     mr: int  # rows per micro tile
     half: bool = False  # GEMMs multiply in float16 (AVX-512 FP16), see `gemm_kernel`
+    cores: int = 1  # threads the work is split for: the target's num-cores
+    l2: int = 1 << 20  # bytes of L2 per core (`l2_bytes`)
 
     @property
     def nb(self) -> int:
@@ -44,6 +47,31 @@ def half_gemms(target: tvm.target.Target) -> bool:
     return _has(target, "avx512fp16")  # which implies AVX-512F
 
 
+_L2_PATH = "/sys/devices/system/cpu/cpu0/cache"
+
+
+def l2_bytes(target: tvm.target.Target) -> int:
+    """L2 per core of the CPU the kernels are for: the build machine's (from sysfs) where
+    the target's mcpu is the build machine's CPU, else 1 MiB, the smallest L2 of the
+    AVX-512 server cores (Skylake-SP, Zen 4 and 5; Sapphire Rapids has 2 MiB)."""
+    default = 1 << 20
+    if str(target.attrs.get("mcpu", "")) != tvm.target.codegen.llvm_get_system_cpu():
+        return default
+    try:
+        for index in sorted(os.listdir(_L2_PATH)):
+            folder = os.path.join(_L2_PATH, index)
+            with open(os.path.join(folder, "level")) as level:
+                if level.read().strip() != "2":
+                    continue
+            with open(os.path.join(folder, "size")) as size:
+                text = size.read().strip().upper()
+            scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
+            return int(text.rstrip("KM")) * scale
+    except (OSError, ValueError):
+        pass
+    return default
+
+
 def kernel_config(target: tvm.target.Target, half: bool = False) -> KernelConfig:
     """Register-tile shape from the target: 6 x (4 vectors) needs 24 accumulators + 2
     scratch registers -> only with 32 vector registers (AVX-512); otherwise 6 x 2.
@@ -59,7 +87,8 @@ def kernel_config(target: tvm.target.Target, half: bool = False) -> KernelConfig
     if half and not half_gemms(target):
         raise ValueError(f"float16 GEMMs need AVX-512 FP16, which {target} does not have")
     nv = 4 if vec >= 16 else 2
-    return KernelConfig(vec=vec, nv=nv, mr=6, half=half)
+    cores = int(target.attrs.get("num-cores", 1))
+    return KernelConfig(vec=vec, nv=nv, mr=6, half=half, cores=cores, l2=l2_bytes(target))
 
 
 # --------------------------------------------------------------------------------------
@@ -252,11 +281,38 @@ def _parse(src: str) -> tirx.PrimFunc:
 # --------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------
-_GEMM_CHUNKS = 4  # tasks per weight block (its row tiles in 4 parts); 1, 2 or 8 were no better
+# Tasks: each weight block's row tiles in `_gemm_chunks` parts. A thread prefetches the block
+# of its next task while it works on the current one, so a task that is long enough to cover
+# that prefetch matters more than a fine split: with 2 threads, 2 parts ran 3% faster than 4
+# at batch 1 (ViT-B/16, weights from memory), and as fast as 1.
+_GEMM_TASKS_PER_THREAD = 4  # at least, where the blocks alone are too few for the threads
+
+
+def _gemm_chunks(cfg: KernelConfig, blocks: int) -> int:
+    return min(max(2, -(-_GEMM_TASKS_PER_THREAD * cfg.cores // blocks)), 16)
+
+
+# Largest weight panel (k steps x one N block) that a tile streams from L2, as a share of the
+# L2: half, so that the panel stays there beside the X rows and the next panel's prefetch.
+# Longer K runs in steps: llava-clip's fc2 (K 4096, 1 MiB blocks) in two on a 1 MiB L2,
+# 8% faster (Zen 5); on a 2 MiB L2, K steps had made it 6-15% slower.
+_GEMM_PANEL_SHARE = 0.5
+_GEMM_PF = 2  # prefetches per `unroll` k steps, at most
 # Half GEMMs: k pairs summed in float16 before each float32 add. Against the float32 kernel
 # on one thread, 16 / 32 / 64 pairs ran 1.37-1.52x / 1.70-1.87x / 1.89-1.96x as fast, and put
 # llava-clip (2 layers) 7.8e-3 / 1.0e-2 / 1.6e-2 off HF (docs/cpu-pipeline.md, "float16 GEMMs").
 _HALF_BLOCK = 32
+
+
+def gemm_k_steps(cfg: KernelConfig, K: int, N: int, unroll: int = 1) -> list[tuple[int, int]]:
+    """(first k, k count) of each k step of the GEMM's tiles: one, unless a weight block is
+    larger than `_GEMM_PANEL_SHARE` of the L2 (float32 and whole N blocks only: the partial
+    sums go through Y); steps are whole multiples of `unroll`."""
+    KW = -(-K // 2) if cfg.half else K
+    panel = int(cfg.l2 * _GEMM_PANEL_SHARE)
+    steps = 1 if cfg.half or N % cfg.nb else -(-K * cfg.nb * 4 // panel)
+    kc = -(-KW // (steps * unroll)) * unroll
+    return [(k0, min(kc, KW - k0)) for k0 in range(0, KW, kc)]
 
 
 def gemm_kernel(
@@ -264,11 +320,13 @@ def gemm_kernel(
 ):
     """Y[M, N] = epilogue(X[M, K] @ W + bias) (+ R), W packed as [NP, K, NB].
 
-    A task is one weight block (K * NB floats) and 1/`_GEMM_CHUNKS` of the M tiles; the
-    threads take tasks from a work queue (`_task_loop`), in order, so a thread streams X rows
-    against a weight block that stays in L2. While it does, the tiles prefetch the block of
-    the thread's next task into L2 (software prefetch, spread over the tiles), so a task's
-    first tile does not wait on memory. M is symbolic and needs no padding copy: a last,
+    A task is one weight block (K * NB floats) and a part of the M tiles (`_gemm_chunks`);
+    the threads take tasks from a work queue (`_task_loop`), in order, so a thread streams X
+    rows against a weight block that stays in L2. While it does, the tiles prefetch the block
+    of the thread's next task into L2 (software prefetch, spread over the tiles), so a task's
+    first tile does not wait on memory. A block larger than half the L2 runs in k
+    steps: all the task's tiles over the first panel of k, their partial sums stored in Y,
+    then over the next (which the tiles of the step before prefetch). M is symbolic and needs no padding copy: a last,
     partial M tile either clamps its row index to M-1 (rows are recomputed, never read out
     of bounds) or, when only a row or two are left, runs them one at a time.
 
@@ -300,42 +358,39 @@ def gemm_kernel(
     if has_res:
         L.append(f'    R = T.match_buffer(res, (M, {_i(N)}), "float32")')
     mt = f"((M + {_i(mr - 1)}) // {_i(mr)})"
-    lines = -(-KW * nb // 16)  # 64-byte lines in one weight block
     unroll = 8 if cfg.half else next(u for u in (8, 4, 2, 1) if K % u == 0)
-    C, PF = _GEMM_CHUNKS, 2  # PF: prefetches per `unroll` k steps, at most
+    ksteps = gemm_k_steps(cfg, K, N, unroll)
+    C, PF = _gemm_chunks(cfg, NP), _GEMM_PF
     ct = f"(({mt} + {_i(C - 1)}) // {_i(C)})"  # M tiles per task
     L += _task_loop(_i(NP * C))
     ind = " " * 16
     L += [
         f"{ind}nbk: T.let[T.int64] = cur[0] // {_i(C)}",
         f"{ind}mlo: T.let[T.int64] = cur[0] % {_i(C)} * {ct}",
-        # The M tiles of one task share the prefetch of the block of this thread's next
-        # task into L2: tile mi asks for its slice of `lp` lines, up to PF per `unroll`
-        # k steps.
-        f"{ind}lp: T.let[T.int64] = ({_i(lines)} + {ct} - {_i(1)}) // {ct}",
         f"{ind}nxt: T.let[T.int64] = T.min(nx[0] // {_i(C)}, {_i(NP - 1)})",
-        f"{ind}for mi in range(mlo, T.min(mlo + {ct}, {mt})):",
-        f"{ind}    m0: T.let[T.int64] = mi * {_i(mr)}",
     ]
 
-    def prefetch(ind: str, ko: str) -> list[str]:
-        """This tile's share of the next block's lines for step group `ko`."""
+    def prefetch(ind: str, ko: str, panel: tuple[str, int, int]) -> list[str]:
+        """This tile's share of the lines of the next weight panel, `panel` (block, first
+        k, k steps), for step group `ko`."""
+        block, k0, kn = panel
+        lines = -(-kn * nb // 16)
         return [
             f"{ind}for pi in T.unroll({_i(PF)}):",
             f"{ind}    if {ko} * {_i(PF)} + pi < lp:",
             f"{ind}        f16: T.let[T.int64] = T.min((mi - mlo) * lp + {ko} * {_i(PF)} + pi, {_i(lines - 1)}) * {_i(16)}",
             f"{ind}        T.evaluate(T.call_intrin('void', 'tirx.prefetch', "
-            f"T.address_of(w[nxt, f16 // {_i(nb)}, f16 % {_i(nb)}]), 0, 2, 1))",
+            f"T.address_of(w[{block}, {_i(k0)} + f16 // {_i(nb)}, f16 % {_i(nb)}]), 0, 2, 1))",
         ]
 
-    def k_loop(rows: int, ind: str, pre: str, pf: bool) -> list[str]:
-        """float32: acc{i}[j] accumulates row i, column j over all of K."""
-        out = [f"{ind}for ko in range({_i(K // unroll)}):"]
+    def k_loop(rows: int, ind: str, pre: str, pf, k0: int, kn: int) -> list[str]:
+        """float32: acc{i}[j] accumulates row i, column j over k in [k0, k0 + kn)."""
+        out = [f"{ind}for ko in range({_i(kn // unroll)}):"]
         if pf:
-            out += prefetch(ind + "    ", "ko")
+            out += prefetch(ind + "    ", "ko", pf)
         out += [
             f"{ind}    for ku in T.unroll({_i(unroll)}):",
-            f"{ind}        k: T.let[T.int64] = ko * {_i(unroll)} + ku",
+            f"{ind}        k: T.let[T.int64] = {_i(k0)} + ko * {_i(unroll)} + ku",
         ]
         for i in range(rows):
             out += [
@@ -344,7 +399,7 @@ def gemm_kernel(
             ]
         return out
 
-    def k_loop_half(rows: int, ind: str, pre: str, pf: bool) -> list[str]:
+    def k_loop_half(rows: int, ind: str, pre: str, pf, k0: int, kn: int) -> list[str]:
         """float16: h{i}[2j + p] sums row i, column j over the block's k steps of parity p;
         acc{i}[j], over all of K."""
         hl = 2 * vec  # float16 lanes per vector
@@ -377,7 +432,7 @@ def gemm_kernel(
             if groups:
                 o.append(f"{ind}for kg in range({_i(groups)}):")
                 if pf:
-                    o += prefetch(ind + "    ", f"({group} + kg)")
+                    o += prefetch(ind + "    ", f"({group} + kg)", pf)
                 o.append(f"{ind}    for ku in T.unroll({_i(unroll)}):")
                 o += steps(ind + "        ", f"{base} + kg * {_i(unroll)} + ku")
             if tail:
@@ -400,12 +455,28 @@ def gemm_kernel(
             out += block(ind, _i(full * _HALF_BLOCK), rest, _i(full * per))
         return out
 
-    def tile(rows: int, ind: str, pre: str, pf: bool) -> list[str]:
-        """One tile: `rows` rows (row indices r0.. bound by the caller) x one weight block."""
+    def tile(rows: int, ind: str, pre: str, pf, step: int) -> list[str]:
+        """One tile: `rows` rows (row indices r0.. bound by the caller) x one weight block,
+        over the k steps of `ksteps[step]`; `pf`: the panel to prefetch, or None."""
+        (k0, kn), first, last = ksteps[step], step == 0, step == len(ksteps) - 1
         out = []
         for i in range(rows):
-            out += [ind + _local(f"{pre}acc{i}", nb), *_fill(f"{pre}acc{i}", nb, ind)]
-        out += (k_loop_half if cfg.half else k_loop)(rows, ind, pre, pf)
+            out.append(ind + _local(f"{pre}acc{i}", nb))
+            if first:
+                out += _fill(f"{pre}acc{i}", nb, ind)
+            else:  # the partial sums of the steps before
+                out += [
+                    f"{ind}for j in T.vectorized({_i(nb)}):",
+                    f"{ind}    {pre}acc{i}[j] = Y[r{i}, nbk * {_i(nb)} + j]",
+                ]
+        out += (k_loop_half if cfg.half else k_loop)(rows, ind, pre, pf, k0, kn)
+        if not last:
+            for i in range(rows):
+                out += [
+                    f"{ind}for j in T.vectorized({_i(nb)}):",
+                    f"{ind}    Y[r{i}, nbk * {_i(nb)} + j] = {pre}acc{i}[j]",
+                ]
+            return out
 
         def epilogue(i, j_loop, ind2, guard, dst=None):
             """Row i's outputs into Y, or into the stack vector `dst`."""
@@ -451,16 +522,28 @@ def gemm_kernel(
     # cycles (two FMA ports): with AVX-512 a row costs a third of a tile, so up to 2 rows pay.
     # These rows skip their tile's share of the next block's prefetch (one tile per block).
     short = (mr * cfg.nv - 1) // 8
-    ind = " " * 20
-    L.append(f"{ind}if M - m0 > {_i(short)}:")
-    L += _tile_rows(mr, f"M - {_i(1)}", ind + "    ")
-    L += tile(mr, ind + "    ", "", True)
-    L += [
-        f"{ind}else:",
-        f"{ind}    for rr in range(M - m0):",
-        f"{ind}        r0: T.let[T.int64] = m0 + rr",
-    ]
-    L += tile(1, ind + "        ", "t", False)
+    for step in range(len(ksteps)):
+        # The M tiles of one task share the prefetch of the next weight panel into L2: the
+        # next k step's, else the first of the block of this thread's next task. Tile mi
+        # asks for its slice of `lp` lines, up to PF per `unroll` k steps.
+        panel = ("nbk", *ksteps[step + 1]) if step + 1 < len(ksteps) else ("nxt", *ksteps[0])
+        ind = " " * 16
+        L += [
+            f"{ind}lp{step}: T.let[T.int64] = ({_i(-(-panel[2] * nb // 16))} + {ct} - {_i(1)}) // {ct}",
+            f"{ind}for mi in range(mlo, T.min(mlo + {ct}, {mt})):",
+            f"{ind}    lp: T.let[T.int64] = lp{step}",
+            f"{ind}    m0: T.let[T.int64] = mi * {_i(mr)}",
+        ]
+        ind = " " * 20
+        L.append(f"{ind}if M - m0 > {_i(short)}:")
+        L += _tile_rows(mr, f"M - {_i(1)}", ind + "    ")
+        L += tile(mr, ind + "    ", "", panel, step)
+        L += [
+            f"{ind}else:",
+            f"{ind}    for rr in range(M - m0):",
+            f"{ind}        r0: T.let[T.int64] = m0 + rr",
+        ]
+        L += tile(1, ind + "        ", "t", None, step)
     return _parse("\n".join(L))
 
 
