@@ -20,7 +20,8 @@ steady the machine was. Also a per-kernel breakdown of the artifact at batch 1 (
 instrumented forwards), its GEMMs also against the FMA samples just around it, and each GEMM
 kernel alone against FMA samples taken around its calls. Where the CPU has AVX-512 FP16, a
 `precision: float16` artifact of the same preset runs in the same rounds, as a fourth runner,
-with its error against the float32 artifact and its own kernel breakdown. Writes Markdown.
+with its error against the float32 artifact and its own kernel breakdown; where it has
+AVX-512 BF16 instead, a `precision: bfloat16` one. Writes Markdown.
 
 Needs the `bench` extras (`pip install '.[bench]'`), and a C
 compiler with OpenMP for the FMA peak. Run it on an idle machine: the GEMM and attention
@@ -231,16 +232,22 @@ def gemms_alone(encoder, x, sample_peak, rounds: int = 7, window: float = ALONE_
     return rows
 
 
-HALF = "llvm-fp16"  # the float16 artifact's target name
-HALF_TARGETS = f"targets=[llvm, {{name: {HALF}, kind: llvm, precision: float16}}]"
+HALF = "llvm-half"  # the 16-bit artifact's target name
 
 
-def host_has_half_gemms() -> bool:
+def half_targets(precision: str) -> str:
+    return f"targets=[llvm, {{name: {HALF}, kind: llvm, precision: {precision}}}]"
+
+
+def host_half_precision() -> str | None:
+    """The 16-bit precision whose GEMMs this CPU runs natively: float16 (AVX-512 FP16), else
+    bfloat16 (AVX-512 BF16), else None."""
     from builder.config import TargetConfig
     from builder.targets import llvm
-    from builder.targets.cpu.kernels import half_gemms
+    from builder.targets.cpu.kernels import bf16_gemms, half_gemms
 
-    return half_gemms(llvm.tvm_target(TargetConfig())[0])  # the default target: this CPU
+    target = llvm.tvm_target(TargetConfig())[0]  # the default target: this CPU
+    return "float16" if half_gemms(target) else "bfloat16" if bf16_gemms(target) else None
 
 
 def bench_preset(name: str, args: argparse.Namespace, workdir: Path, sample_peak):
@@ -253,7 +260,7 @@ def bench_preset(name: str, args: argparse.Namespace, workdir: Path, sample_peak
     from builder.preset import load_preset
 
     half = args.half
-    preset = load_preset(name, [HALF_TARGETS] if half else [])
+    preset = load_preset(name, [half_targets(half)] if half else [])
     model = preset.model
     start = time.perf_counter()
     built = build(preset, workdir, only=["llvm", HALF] if half else ["llvm"])
@@ -332,11 +339,12 @@ def main() -> int:
         "--no-half",
         dest="half",
         action="store_false",
-        help="skip the float16 artifact (timed only where the CPU has AVX-512 FP16)",
+        help="skip the 16-bit artifact (float16 where the CPU has AVX-512 FP16, else bfloat16 "
+        "where it has AVX-512 BF16)",
     )
     args = parser.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
-    args.half = args.half and host_has_half_gemms()
+    args.half = host_half_precision() if args.half else None
 
     import torch
     from tvm.target.codegen import llvm_get_system_cpu
@@ -388,15 +396,20 @@ def main() -> int:
         "",
     ]
     if args.half:
+        how = {
+            "float16": "AVX-512 FP16): the GEMMs multiply float16 operands",
+            "bfloat16": "AVX-512 BF16): the GEMMs sum products of bfloat16 operands in "
+            "float32 (vdpbf16ps)",
+        }[args.half]
         lines += [
-            "## The float16 artifact",
+            f"## The {args.half} artifact",
             "",
-            "`precision: float16` on this CPU (AVX-512 FP16): the GEMMs multiply float16 "
-            "operands, the rest runs in float32 (see docs/cpu-pipeline.md). Timed in the same "
-            "rounds as the runners above; error: max |float16 - float32 artifact| over "
-            "max |float32 artifact|, same weights and input.",
+            f"`precision: {args.half}` on this CPU ({how}, the rest runs in float32 (see "
+            "docs/cpu-pipeline.md). Timed in the same rounds as the runners above; error: "
+            f"max |{args.half} - float32 artifact| over max |float32 artifact|, same weights "
+            "and input.",
             "",
-            "| preset | batch | float16 s | GFLOP/s | vs float32 artifact | vs PyTorch | "
+            f"| preset | batch | {args.half} s | GFLOP/s | vs float32 artifact | vs PyTorch | "
             "vs onnxruntime | vs float32, paired | vs PyTorch, paired | "
             "vs onnxruntime, paired | error |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -410,7 +423,7 @@ def main() -> int:
             )
         lines.append("")
     else:
-        lines += ["No float16 artifact: this CPU has no AVX-512 FP16.", ""]
+        lines += ["No 16-bit artifact: this CPU has neither AVX-512 FP16 nor BF16.", ""]
     from builder.flops import tokens
 
     for name, preset, kernels, around, alone, half_kernels in breakdowns:
@@ -446,8 +459,9 @@ def main() -> int:
             half_total = sum(t for _, _, t in half_kernels)
             lines += [
                 "",
-                f"The float16 artifact, {name}, batch 1: {1e3 * half_total / layers:.2f} ms per "
-                f"layer, against {1e3 * total / layers:.2f}.",
+                f"The {args.half} artifact, {name}, batch 1: "
+                f"{1e3 * half_total / layers:.2f} ms per layer, against "
+                f"{1e3 * total / layers:.2f}.",
                 "",
                 "| kernel | calls | ms per layer | share |",
                 "|---|---|---|---|",

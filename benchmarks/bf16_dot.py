@@ -5,9 +5,10 @@
 One thread runs 24 independent accumulators in registers: `acc += a * b` on float32x16
 (one FMA: 32 flops) or `vdpbf16ps acc, a, b` on bfloat16 pairs (64 flops). TIR cannot pass
 a bfloat16 vector to the intrinsic (TVM's BF16 legalization widens it to float32), so the
-call goes through a small LLVM IR function linked in with `pragma_import_llvm` that takes
-int32x16 words and bitcasts them (see docs/tvm-notes.md). Prints GFLOP/s for each; a
-bfloat16 build with `vdpbf16ps` only pays where the second is well above the first.
+call goes through the GEMM kernels' LLVM IR function (`BF16_DOT_IR`, linked in with
+`pragma_import_llvm`), which takes int32x16 words and bitcasts them (see
+docs/tvm-notes.md). Prints GFLOP/s for each; a `precision: bfloat16` build only pays where
+the second is well above the first.
 """
 
 from __future__ import annotations
@@ -21,18 +22,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from builder.targets.cpu.kernels import BF16_DOT, BF16_DOT_IR  # noqa: E402
+
 ACCUMULATORS = 24
-DOT_IR = """
-define linkonce_odr <16 x float> @bf16_dot(<16 x float> %c, <16 x i32> %a,
-                                           <16 x i32> %b) alwaysinline {
-  %x = bitcast <16 x i32> %a to <32 x bfloat>
-  %y = bitcast <16 x i32> %b to <32 x bfloat>
-  %r = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %c,
-                                                          <32 x bfloat> %x, <32 x bfloat> %y)
-  ret <16 x float> %r
-}
-declare <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float>, <32 x bfloat>, <32 x bfloat>)
-"""
 
 
 def loop_source(kind: str) -> str:
@@ -44,7 +36,7 @@ def loop_source(kind: str) -> str:
         "def f(a: T.Buffer((16,), 'int32'), b: T.Buffer((16,), 'int32'),"
         f" c: T.Buffer(({16 * ACCUMULATORS},), 'float32'), n: T.int32):",
         "    T.func_attr({'global_symbol': 'f', 'tir.noalias': True})",
-        f"    with T.attr(T.int32(0), 'pragma_import_llvm', {DOT_IR!r}):",
+        f"    with T.attr(T.int32(0), 'pragma_import_llvm', {BF16_DOT_IR!r}):",
     ]
     for i, name in enumerate(acc):
         lines += [
@@ -56,7 +48,9 @@ def loop_source(kind: str) -> str:
     for name in acc:
         w = vec("b", 0)  # one operand pair for all: 24 + 2 registers of 32
         if kind == "bfloat16":
-            update = f"T.call_extern('float32x16', 'bf16_dot', {vec(name, 0)}, {vec('a', 0)}, {w})"
+            update = (
+                f"T.call_extern('float32x16', '{BF16_DOT}', {vec(name, 0)}, {vec('a', 0)}, {w})"
+            )
         else:
             update = (
                 f"{vec(name, 0)} + T.reinterpret('float32x16', {vec('a', 0)})"

@@ -183,10 +183,11 @@ class TargetConfig:
     # later GPUs can run it too. No default on purpose: a wrong-arch default builds code that
     # a GPU refuses to load.
     arch: list[str] = field(default_factory=list)
-    # "float16": matmuls and convolutions take float16 inputs; the artifact's inputs and
-    # outputs stay float32. Each kind applies it (`targets.*.compile`): llvm with AVX-512
-    # FP16 through its float16 GEMM kernels, llvm elsewhere as float32 GEMMs of operands
-    # rounded to float16, cuda through TVM's mixed precision.
+    # "float16" / "bfloat16": matmuls and convolutions take inputs of that type; the
+    # artifact's inputs and outputs stay float32. Each kind applies it
+    # (`targets.*.compile`): llvm with AVX-512 FP16 / BF16 through its float16 / bfloat16
+    # GEMM kernels, llvm elsewhere as float32 GEMMs of operands rounded to the type, cuda
+    # (float16 only) through TVM's mixed precision.
     precision: str = "float32"
 
 

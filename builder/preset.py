@@ -410,6 +410,13 @@ def _target_field_errors(entries: list[Any]) -> list[tuple[Path_, str]]:
                         f"does not apply to a {kind} target; its options: {sorted(allowed)}",
                     )
                 )
+        if kind == "cuda" and entry.get("precision") == "bfloat16":
+            found.append(
+                (
+                    ("targets", i, "precision"),
+                    "bfloat16 is for llvm targets; a cuda target takes float32 or float16",
+                )
+            )
         if kind == "cuda" and not entry.get("arch"):
             found.append(
                 (

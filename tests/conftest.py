@@ -14,7 +14,7 @@ from builder.config import TargetConfig
 from builder.preset import load_preset
 from builder.runtime import available_cores, load
 from builder.targets import llvm
-from builder.targets.cpu.kernels import half_gemms
+from builder.targets.cpu.kernels import bf16_gemms, half_gemms
 from builder.weights.hf import hf_tower_config
 
 # Tests compare numbers; keep TVM and torch on the same thread count.
@@ -24,6 +24,9 @@ REPO = Path(__file__).resolve().parent.parent
 HOST, _ = llvm.tvm_target(TargetConfig())  # the default llvm target: this machine's CPU
 needs_half = pytest.mark.skipif(
     not half_gemms(HOST), reason="float16 GEMMs need a CPU with AVX-512 FP16"
+)
+needs_bf16 = pytest.mark.skipif(
+    not bf16_gemms(HOST), reason="bfloat16 GEMMs need a CPU with AVX-512 BF16"
 )
 PRESETS = sorted((REPO / "presets").glob("*.yaml"))
 

@@ -28,7 +28,7 @@ from builder.targets.cpu.rewrite import rewrite_to_kernels
 from builder.targets.cpu.widen import widen_to_float32
 from builder.weights.random_init import random_weights
 
-from .conftest import HOST, REPO, assert_close, needs_half, pixels
+from .conftest import HOST, REPO, assert_close, needs_bf16, needs_half, pixels
 
 pytestmark = pytest.mark.parity
 
@@ -54,9 +54,10 @@ CASES = {
 }
 
 
-# float16 GEMMs: relative to max|stock float32|. Measured 1.1-2.7e-3 on these cases (float16
-# operands, float16 partial sums of 64 products).
-HALF_TOLERANCE = 1e-2
+# float16 and bfloat16 GEMMs: relative to max|stock float32|. Measured 1.1-2.7e-3 on these
+# cases for float16 (float16 operands, float16 partial sums of 64 products), 2.9-6.1e-3
+# for bfloat16 (8 significant bits, float32 sums).
+HALF_TOLERANCE = {"float16": 1e-2, "bfloat16": 3e-2}
 
 
 # (target options, precision): this CPU, its float16 GEMMs, and AVX2 code (8-lane vectors,
@@ -64,12 +65,20 @@ HALF_TOLERANCE = 1e-2
 BUILDS = {
     "float32": ({}, "float32"),
     "float16": ({}, "float16"),
+    "bfloat16": ({}, "bfloat16"),
     "avx2": ({"mcpu": "x86-64-v3"}, "float32"),
 }
 
 
 @pytest.mark.parametrize(
-    "build", ["float32", pytest.param("float16", marks=needs_half), "avx2"], ids=str
+    "build",
+    [
+        "float32",
+        pytest.param("float16", marks=needs_half),
+        pytest.param("bfloat16", marks=needs_bf16),
+        "avx2",
+    ],
+    ids=str,
 )
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_scheduled_equals_stock_pipeline(case, build):
@@ -99,7 +108,8 @@ def test_scheduled_equals_stock_pipeline(case, build):
         if precision == "float32":
             assert_close(ours, ref, rel=1e-5)
         else:
-            assert assert_close(ours, ref, rel=HALF_TOLERANCE) > 1e-5  # float16 was used
+            # the 16-bit type was used
+            assert assert_close(ours, ref, rel=HALF_TOLERANCE[precision]) > 1e-5
 
 
 @pytest.mark.parametrize(
@@ -166,17 +176,20 @@ def test_half_rewrite_computes_each_value_once():
     assert calls["half_pairs"] == 1 + LAYERS
 
 
-def test_rounded_operands_once_per_value():
-    """`precision: float16` without float16 arithmetic: every GEMM weight and every GEMM
-    input value is rounded to float16 once (Q, K and V share theirs), and the GEMMs stay
-    the float32 kernels."""
-    rewritten = rewrite_to_kernels(small_tower()[0], FLOAT32_KERNELS, rounded=True)
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_rounded_operands_once_per_value(dtype):
+    """`precision: float16` or `bfloat16` without the arithmetic: every GEMM weight and
+    every GEMM input value is rounded to the type once (Q, K and V share theirs; float16 by
+    a cast and back, bfloat16 by its rounding kernel), and the GEMMs stay the float32
+    kernels."""
+    rewritten = rewrite_to_kernels(small_tower()[0], FLOAT32_KERNELS, rounded=dtype)
     calls = kernel_calls(rewritten)
     assert calls["gemm"] == 6 * LAYERS + 1 and calls["half_pairs"] == 0
     weights = 6 * LAYERS + 1
     inputs = 1 + 4 * LAYERS  # im2col; per layer LayerNorm 1 (Q, K, V), attention, LayerNorm 2, fc1
-    rounded = re.findall(r'R\.astype\(\w+, dtype="float16"\)', rewritten["forward"].script())
-    assert len(rounded) == weights + inputs
+    casts = re.findall(r'R\.astype\(\w+, dtype="float16"\)', rewritten["forward"].script())
+    rounded = len(casts) if dtype == "float16" else calls["bf16_round"]
+    assert rounded == weights + inputs
 
 
 def test_patch_conv_with_a_remainder_is_a_gemm():
@@ -246,12 +259,33 @@ def test_widening_keeps_what_the_graph_computes():
     assert not np.allclose(got, in_float16, rtol=1e-6)  # the inputs tell the two apart
 
 
-def half_words(a: np.ndarray) -> np.ndarray:
-    """numpy's float16 rounding of `a` [R, K], as the kernels' words: [R, K/2] uint32 of
-    (even k, odd k) pairs, an odd K's last word padded with a zero half."""
-    h = np.zeros((a.shape[0], a.shape[1] + a.shape[1] % 2), np.float16)
-    h[:, : a.shape[1]] = a.astype(np.float16)
+def rounded(a: np.ndarray, pairs: str) -> np.ndarray:
+    """`a` rounded to float16 (numpy's rounding) or bfloat16 (to nearest even, from the
+    float32 bits), as float32."""
+    if pairs == "float16":
+        return a.astype(np.float16).astype(np.float32)
+    b = a.astype(np.float32).view(np.uint32).astype(np.uint64)
+    return (((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16).astype(np.uint32).view(np.float32)
+
+
+def pair_words(a: np.ndarray, pairs: str = "float16") -> np.ndarray:
+    """`a` [R, K] rounded to `pairs`, as the kernels' words: [R, K/2] uint32 of (even k,
+    odd k) pairs, an odd K's last word padded with a zero half."""
+    r = rounded(a, pairs)
+    bits = r.astype(np.float16).view(np.uint16) if pairs == "float16" else r.view(np.uint32) >> 16
+    h = np.zeros((a.shape[0], a.shape[1] + a.shape[1] % 2), np.uint16)
+    h[:, : a.shape[1]] = bits
     return h.view(np.uint32)
+
+
+def with_epilogue(v: np.ndarray, act) -> np.ndarray:
+    """The GEMM kernels' activation, in float64."""
+    if act == ("silu", 1.702):
+        return v / (1 + np.exp(-1.702 * v))
+    if act == ("gelu",):
+        return 0.5 * v * (1 + np.vectorize(math.erf)(v / np.sqrt(2)))
+    assert act is None
+    return v
 
 
 @pytest.mark.parametrize(
@@ -281,26 +315,51 @@ def test_gemm_against_numpy(M, K, N, act, steps):
         tvm.runtime.tensor(res.astype(np.float32)),
         y,
     )
-    v = x.astype(np.float64) @ w.astype(np.float64).T + bias
-    if act == ("silu", 1.702):
-        v = v / (1 + np.exp(-1.702 * v))
-    elif act == ("gelu",):
-        v = 0.5 * v * (1 + np.vectorize(math.erf)(v / np.sqrt(2)))
+    v = with_epilogue(x.astype(np.float64) @ w.astype(np.float64).T + bias, act)
     assert_close(y.numpy(), v + res, rel=1e-5)
 
 
-@needs_half
+def test_bfloat16_rounding_is_to_nearest_even():
+    """The float32 GEMMs' operands under `precision: bfloat16` without AVX-512 BF16
+    (`bf16_round_kernel`, the same bit operations as the bfloat16 GEMMs' conversions): the
+    nearest bfloat16, ties to the even one, bit for bit; whole vectors and a scalar tail."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 75)).astype(np.float32)
+    bits = x.view(np.uint32)
+    bits[0, :40] = (bits[0, :40] & 0xFFFF0000) | 0x8000  # exact ties, odd and even
+    bits[1, :40] = (bits[1, :40] & 0xFFFF0000) | 0x7FFF  # just below a tie
+    y = tvm.runtime.empty(x.shape, "float32")
+    compile_kernel(kernels.bf16_round_kernel(kernels.kernel_config(HOST), 75), HOST)(
+        tvm.runtime.tensor(x), y
+    )
+    want = rounded(x, "bfloat16")
+    np.testing.assert_array_equal(y.numpy().view(np.uint32), want.view(np.uint32))
+    odd = (bits[0, :40] >> 16) & 1 == 1
+    assert odd.any() and (~odd).any()  # ties both ways: up from odd, down from even
+    assert (want.view(np.uint32)[0, :40][odd] >> 16 == (bits[0, :40][odd] >> 16) + 1).all()
+
+
+# The float16 GEMM sums 64 products in float16 (measured 5.4-6.0e-4); the bfloat16 one sums
+# in float32 (measured 5e-8 to 1e-6).
+PAIR_GEMM_TOLERANCE = {"float16": 2e-3, "bfloat16": 1e-5}
+
+
+@pytest.mark.parametrize(
+    "pairs",
+    [pytest.param("float16", marks=needs_half), pytest.param("bfloat16", marks=needs_bf16)],
+)
 @pytest.mark.parametrize(
     "M,K,N,act",
     [(577, 1024, 256, ("silu", 1.702)), (7, 75, 70, ("gelu",)), (2, 130, 64, None)],
     ids=str,
 )
-def test_half_gemm_against_numpy(M, K, N, act):
-    """The float16 GEMM's operands are numpy's float16 roundings, bit for bit (weights packed
-    in panels of k pairs, the activations converted on the way in), and its result that of
-    float64 sums of their products, within the float16 partial sums' rounding; odd K, a
-    ragged last weight block, a last row tile of 1 row and every epilogue."""
-    cfg = kernels.kernel_config(HOST, half=True)
+def test_pair_gemm_against_numpy(M, K, N, act, pairs):
+    """The float16 and bfloat16 GEMMs' operands are the roundings to that type, bit for bit
+    (weights packed in panels of k pairs, the activations converted on the way in), and their
+    results those of float64 sums of their products, within the float16 partial sums'
+    rounding; odd K, a ragged last weight block, a last row tile of 1 row and every
+    epilogue."""
+    cfg = kernels.kernel_config(HOST, half=pairs == "float16", bf16=pairs == "bfloat16")
     rng = np.random.default_rng(K)
     x = rng.standard_normal((M, K), dtype=np.float32)
     w = (rng.standard_normal((N, K)) / np.sqrt(K)).astype(np.float32)
@@ -310,22 +369,17 @@ def test_half_gemm_against_numpy(M, K, N, act):
     compile_kernel(kernels.pack_weight_kernel(cfg, N, K, True), HOST)(tvm.runtime.tensor(w), wp)
     panels = np.zeros((NP * cfg.nb, K), np.float32)
     panels[:N] = w
-    words = half_words(panels).reshape(NP, cfg.nb, KW).transpose(0, 2, 1)
+    words = pair_words(panels, pairs).reshape(NP, cfg.nb, KW).transpose(0, 2, 1)
     np.testing.assert_array_equal(wp.numpy().view(np.uint32), words)
     xw = tvm.runtime.empty((M, KW), "float32")
     compile_kernel(kernels.half_pairs_kernel(cfg, K), HOST)(tvm.runtime.tensor(x), xw)
-    np.testing.assert_array_equal(xw.numpy().view(np.uint32), half_words(x))
+    np.testing.assert_array_equal(xw.numpy().view(np.uint32), pair_words(x, pairs))
     gemm = compile_kernel(kernels.gemm_kernel(cfg, K, N, True, act, True), HOST)
     y = tvm.runtime.empty((M, N), "float32")
     gemm(xw, wp, tvm.runtime.tensor(bias), tvm.runtime.tensor(res.astype(np.float32)), y)
-    v = x.astype(np.float16).astype(np.float64) @ w.astype(np.float16).astype(np.float64).T
-    v += bias
-    if act == ("silu", 1.702):
-        v = v / (1 + np.exp(-1.702 * v))
-    elif act == ("gelu",):
-        v = 0.5 * v * (1 + np.vectorize(math.erf)(v / np.sqrt(2)))
-    v += res
-    assert_close(y.numpy(), v, rel=2e-3)  # measured 5.4-6.0e-4
+    v = rounded(x, pairs).astype(np.float64) @ rounded(w, pairs).astype(np.float64).T
+    v = with_epilogue(v + bias, act) + res
+    assert_close(y.numpy(), v, rel=PAIR_GEMM_TOLERANCE[pairs])
 
 
 # The GEMM and attention kernels hand out their tasks from a shared atomic counter. With more

@@ -13,6 +13,7 @@ from .conftest import (
     build_and_load,
     expected_features,
     expected_output,
+    needs_bf16,
     needs_half,
     pixels,
     save_hf_tower,
@@ -116,18 +117,22 @@ def test_preset_real_widths(path, tmp_path):
     assert_close(enc(x), expected_output(hf_model, preset.model, x))
 
 
-@needs_half
-def test_float16_gemms_at_real_widths(tmp_path):
-    """llava-clip at its real widths (2 layers) with `precision: float16`: the float16 GEMMs
-    against HF float32. Measured 1.0e-2 x max|ref| here, where HF's own model cast to float16
-    (norms, attention and all) is 5.1e-3 off; see docs/cpu-pipeline.md."""
+@pytest.mark.parametrize(
+    "precision",
+    [pytest.param("float16", marks=needs_half), pytest.param("bfloat16", marks=needs_bf16)],
+)
+def test_half_precision_gemms_at_real_widths(tmp_path, precision):
+    """llava-clip at its real widths (2 layers) with `precision: float16` or `bfloat16`: the
+    float16 / bfloat16 GEMMs against HF float32. Measured 1.0e-2 x max|ref| for float16
+    (HF's own model cast to float16, norms, attention and all: 4.9-5.1e-3) and 2.6e-2 for
+    bfloat16 (HF's model in bfloat16: 3.6e-2); see docs/cpu-pipeline.md."""
     overrides = ["model.num_hidden_layers=2"]
     preset = load_preset("llava-clip", overrides)
     hf_model = save_hf_tower(tmp_path / "ckpt", preset, seed=3)
     overrides += [
         f"weights.path={tmp_path / 'ckpt'}",
-        "targets=[{name: llvm, kind: llvm, precision: float16}]",
+        f"targets=[{{name: llvm, kind: llvm, precision: {precision}}}]",
     ]
     enc = build_and_load("llava-clip", overrides, tmp_path / "out")
     x = pixels(1, preset.model.image_size)
-    assert assert_close(enc(x), expected_output(hf_model, preset.model, x), rel=2e-2) > 1e-4
+    assert assert_close(enc(x), expected_output(hf_model, preset.model, x), rel=5e-2) > 1e-4

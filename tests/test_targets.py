@@ -25,6 +25,7 @@ from .conftest import (
     assert_close,
     expected_features,
     gemm_panels,
+    needs_bf16,
     needs_half,
     pixels,
     tiny_overrides,
@@ -78,6 +79,7 @@ def test_options_of_another_kind_and_cuda_without_arch_are_errors(tmp_path, caps
             targets:
               - {name: gpu, kind: cuda, mcpu: znver4}
               - {name: cpu, arch: [sm_80]}
+              - {name: gpu16, kind: cuda, arch: [sm_80], precision: bfloat16}
             """
         )
     )
@@ -89,6 +91,8 @@ def test_options_of_another_kind_and_cuda_without_arch_are_errors(tmp_path, caps
         "code for the wrong architecture does not load)",
         f"{path}:3: targets[1].arch: does not apply to a llvm target; its options: "
         "['kind', 'mattr', 'mcpu', 'mtriple', 'name', 'num_cores', 'precision']",
+        f"{path}:4: targets[2].precision: bfloat16 is for llvm targets; a cuda target takes "
+        "float32 or float16",
     ]
     code = main(["check", "clip-vit-b-32", "targets=[{name: old, kind: cuda, arch: [sm80]}]"])
     assert code == 2
@@ -274,10 +278,16 @@ def test_arch_nvcc_cannot_compile_is_named():
 # --- precision -----------------------------------------------------------------------------
 
 
-def float16_build(hf_checkpoint, tmp_path, **options) -> Path:
-    """A tiny float16 llvm artifact, checked against HF float32: its folder."""
+# A tiny tower's error against HF float32 with 16-bit GEMM operands: float16 has 11
+# significant bits, bfloat16 8.
+PAIR_TOLERANCE = {"float16": 1e-2, "bfloat16": 5e-2}
+
+
+def float16_build(hf_checkpoint, tmp_path, precision="float16", **options) -> Path:
+    """A tiny llvm artifact of `precision` float16 or bfloat16, checked against HF float32:
+    its folder."""
     folder, hf_model = hf_checkpoint
-    fields = ", ".join(f"{k}: {v}" for k, v in {"precision": "float16", **options}.items())
+    fields = ", ".join(f"{k}: {v}" for k, v in {"precision": precision, **options}.items())
     overrides = [
         *tiny_overrides(),
         f"weights.path={folder}",
@@ -289,8 +299,8 @@ def float16_build(hf_checkpoint, tmp_path, **options) -> Path:
     ours = builder.load(built.path)(x)
     assert ours.dtype == np.float32
     ref = expected_features(hf_model, preset.model, x)
-    rel = assert_close(ours, ref, rel=1e-2)  # float16 has 11 significant bits
-    assert rel > 1e-6  # float16 really was used
+    rel = assert_close(ours, ref, rel=PAIR_TOLERANCE[precision])
+    assert rel > 1e-6  # the 16-bit type really was used
     return built.path
 
 
@@ -304,17 +314,41 @@ def test_float16_multiplies_in_float16_where_the_cpu_can(tiny_checkpoint, tmp_pa
 
 
 @pytest.mark.parity
-def test_float16_without_avx512_fp16_rounds_the_operands(tiny_checkpoint, tmp_path):
-    """Elsewhere (here: AMD Zen 4, whose code this CPU also runs) the float32 GEMMs take
-    operands rounded to float16: float32 panels holding float16 values. (TVM's mixed
-    precision missed the GEMM kernels: ViT-B/16 with 2 layers took 2.7 s, not 16 ms.)"""
-    folder = float16_build(tiny_checkpoint, tmp_path, mcpu="znver4")
+@needs_bf16
+def test_bfloat16_multiplies_in_bfloat16_where_the_cpu_can(tiny_checkpoint, tmp_path):
+    """On a CPU with AVX-512 BF16 the GEMM weights are packed as bfloat16 pairs (K/2 rows)
+    whose halves are the weights rounded to bfloat16."""
+    folder = float16_build(tiny_checkpoint, tmp_path, precision="bfloat16")
+    panels = gemm_panels(folder)
+    assert (1, 16, 64) in panels and (1, 64, 64) not in panels, panels
+    stored = safetensors.numpy.load_file(str(folder / "params.safetensors"))
+    halves = next(a for a in stored.values() if a.shape == (1, 16, 64)).view(np.uint32)
+    lo, hi = (halves << 16).view(np.float32), (halves & 0xFFFF0000).view(np.float32)
+    assert np.abs(lo).max() > 0 and np.abs(hi).max() > 0  # both k of each pair are weights
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("precision,mcpu", [("float16", "znver4"), ("bfloat16", "x86-64-v4")])
+def test_16_bit_precision_without_the_arithmetic_rounds_the_operands(
+    tiny_checkpoint, tmp_path, precision, mcpu
+):
+    """Elsewhere (here: AMD Zen 4 for float16, an AVX-512 CPU without BF16 for bfloat16,
+    whose code this CPU also runs) the float32 GEMMs take operands rounded to the type:
+    float32 panels holding its values. (TVM's mixed precision missed the GEMM kernels:
+    ViT-B/16 with 2 layers took 2.7 s, not 16 ms.)"""
+    folder = float16_build(tiny_checkpoint, tmp_path, precision, mcpu=mcpu)
     panels = gemm_panels(folder)
     assert (1, 32, 64) in panels and (1, 16, 64) not in panels, panels
     stored = safetensors.numpy.load_file(str(folder / "params.safetensors"))
+    checked = 0
     for name, a in stored.items():
         if a.shape in panels:
-            assert np.array_equal(a.astype(np.float16).astype(np.float32), a), name
+            if precision == "float16":
+                assert np.array_equal(a.astype(np.float16).astype(np.float32), a), name
+            else:  # the low 16 bits of a bfloat16 value are zero
+                assert not (a.view(np.uint32) & 0xFFFF).any(), name
+            checked += 1
+    assert checked
 
 
 @pytest.mark.e2e

@@ -26,12 +26,18 @@ class KernelConfig:
     nv: int  # SIMD registers per accumulator row (N block = vec * nv)
     mr: int  # rows per micro tile
     half: bool = False  # GEMMs multiply in float16 (AVX-512 FP16), see `gemm_kernel`
+    bf16: bool = False  # GEMMs multiply in bfloat16 (AVX-512 BF16's vdpbf16ps)
     cores: int = 1  # threads the work is split for: the target's num-cores
     l2: int = 1 << 20  # bytes of L2 per core (`l2_bytes`)
 
     @property
     def nb(self) -> int:
         return self.vec * self.nv
+
+    @property
+    def pairs(self) -> str | None:
+        """The GEMM operands' 16-bit type, held in pairs of k steps per 32-bit word."""
+        return "float16" if self.half else "bfloat16" if self.bf16 else None
 
 
 def _has(target: tvm.target.Target, feature: str) -> bool:
@@ -45,6 +51,13 @@ def half_gemms(target: tvm.target.Target) -> bool:
     """Whether the target multiplies float16 vectors natively (AVX-512 FP16:
     `vfmadd231ph`, 32 lanes at the float32 FMA's rate)."""
     return _has(target, "avx512fp16")  # which implies AVX-512F
+
+
+def bf16_gemms(target: tvm.target.Target) -> bool:
+    """Whether the target has AVX-512 BF16's `vdpbf16ps` (bfloat16 pair dot products into
+    float32 lanes). Its rate is the CPU's: twice the float32 FMA's flops on Zen 5, half of
+    them on Intel's Sapphire and Emerald Rapids (`benchmarks/bf16_dot.py`)."""
+    return _has(target, "avx512bf16") and _has(target, "avx512f")
 
 
 _L2_PATH = "/sys/devices/system/cpu/cpu0/cache"
@@ -72,10 +85,13 @@ def l2_bytes(target: tvm.target.Target) -> int:
     return default
 
 
-def kernel_config(target: tvm.target.Target, half: bool = False) -> KernelConfig:
+def kernel_config(
+    target: tvm.target.Target, half: bool = False, bf16: bool = False
+) -> KernelConfig:
     """Register-tile shape from the target: 6 x (4 vectors) needs 24 accumulators + 2
     scratch registers -> only with 32 vector registers (AVX-512); otherwise 6 x 2.
-    `half`: float16 GEMMs, where `half_gemms(target)`."""
+    `half`: float16 GEMMs, where `half_gemms(target)`; `bf16`: bfloat16 GEMMs, where
+    `bf16_gemms(target)`."""
     if _has(target, "sse2"):  # x86: TVM 0.27 reports 512 bits for every x86 mcpu
         bits = 512 if _has(target, "avx512f") else 256 if _has(target, "avx") else 128
     else:
@@ -86,9 +102,13 @@ def kernel_config(target: tvm.target.Target, half: bool = False) -> KernelConfig
     vec = max(bits // 32, 4)
     if half and not half_gemms(target):
         raise ValueError(f"float16 GEMMs need AVX-512 FP16, which {target} does not have")
+    if bf16 and not bf16_gemms(target):
+        raise ValueError(f"bfloat16 GEMMs need AVX-512 BF16, which {target} does not have")
     nv = 4 if vec >= 16 else 2
     cores = int(target.attrs.get("num-cores", 1))
-    return KernelConfig(vec=vec, nv=nv, mr=6, half=half, cores=cores, l2=l2_bytes(target))
+    return KernelConfig(
+        vec=vec, nv=nv, mr=6, half=half, bf16=bf16, cores=cores, l2=l2_bytes(target)
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -127,16 +147,31 @@ def _fill(name: str, n: int, ind: str, value: float = 0.0, dtype: str = "float32
     return [f"{ind}for j in T.vectorized({_i(n)}):", f"{ind}    {name}[j] = T.{dtype}({value!r})"]
 
 
-def _as_pairs(vector: str, lanes: int) -> str:
-    """A float32 vector expression of `lanes` lanes as lanes / 2 words of float16 pairs."""
-    return f'T.reinterpret("float32x{lanes // 2}", T.Cast("float16x{lanes}", {vector}))'
+def _bf16_bits(value: str, dtype: str) -> str:
+    """The bfloat16 bits of a float32 expression, rounded to nearest even, in the low half
+    of `dtype` (uint32 lanes). Written with integer operations: TVM's bfloat16 legalization
+    would widen a bfloat16 vector back to float32."""
+    b = f'T.reinterpret("{dtype}", {value})'
+    return f"T.shift_right({b} + T.shift_right({b}, 16) % 2 + 32767, 16)"
 
 
-def _half_pair(lo: str, hi: str) -> str:
-    """A float32-typed word holding two float16 values (`lo` in the low bits): the float16
-    operands of the half GEMM travel as such words, so a pair of k steps is one 32-bit
-    load or broadcast."""
-    bits = lambda v: f'T.Cast("uint32", T.reinterpret("uint16", T.Cast("float16", {v})))'  # noqa: E731
+def _as_pairs(vector: str, lanes: int, pairs: str = "float16") -> str:
+    """A float32 vector expression of `lanes` lanes as lanes / 2 words of `pairs` pairs."""
+    if pairs == "bfloat16":
+        half = f'T.Cast("uint16x{lanes}", {_bf16_bits(vector, f"uint32x{lanes}")})'
+    else:
+        half = f'T.Cast("float16x{lanes}", {vector})'
+    return f'T.reinterpret("float32x{lanes // 2}", {half})'
+
+
+def _half_pair(lo: str, hi: str, pairs: str = "float16") -> str:
+    """A float32-typed word holding two 16-bit values of type `pairs` (`lo` in the low
+    bits): the operands of the float16 and bfloat16 GEMMs travel as such words, so a pair of
+    k steps is one 32-bit load or broadcast."""
+    if pairs == "bfloat16":
+        bits = lambda v: _bf16_bits(f'T.Cast("float32", {v})', "uint32")  # noqa: E731
+    else:
+        bits = lambda v: f'T.Cast("uint32", T.reinterpret("uint16", T.Cast("float16", {v})))'  # noqa: E731
     return (
         f'T.reinterpret("float32", T.bitwise_or({bits(lo)}, '
         f"T.shift_left({bits(hi)}, T.uint32(16))))"
@@ -156,16 +191,30 @@ define linkonce_odr i64 @{_TASK_NEXT}(ptr %p) alwaysinline {{
   ret i64 %r
 }}
 """
+# vdpbf16ps on 16 float32 lanes: TIR cannot hand a bfloat16 vector to the LLVM intrinsic (its
+# bfloat16 legalization widens it), so the words go in as int32 lanes and are bitcast here.
+BF16_DOT = "builder_bf16_dot"
+BF16_DOT_IR = f"""
+define linkonce_odr <16 x float> @{BF16_DOT}(<16 x float> %c, <16 x i32> %a,
+                                              <16 x i32> %b) alwaysinline {{
+  %x = bitcast <16 x i32> %a to <32 x bfloat>
+  %y = bitcast <16 x i32> %b to <32 x bfloat>
+  %r = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %c,
+                                                          <32 x bfloat> %x, <32 x bfloat> %y)
+  ret <16 x float> %r
+}}
+declare <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float>, <32 x bfloat>, <32 x bfloat>)
+"""
 _WORKERS = 256  # the most threads that can share a kernel; a surplus worker costs one atomic add
 
 
-def _task_loop(ntask: str) -> list[str]:
+def _task_loop(ntask: str, ir: str = "") -> list[str]:
     """Lines that run a task loop over `ntask` tasks: the task index is `cur[0]`, the task
     that this thread will take next (or >= ntask) is `nx[0]` (for prefetching). The task
-    body goes at 16 spaces of indentation."""
+    body goes at 16 spaces of indentation. `ir`: more LLVM IR for the module."""
     take = f"T.call_extern('int64', '{_TASK_NEXT}', T.address_of(cnt[0]))"
     return [
-        f"    with T.attr(T.int32(0), 'pragma_import_llvm', {_TASK_IR!r}):",
+        f"    with T.attr(T.int32(0), 'pragma_import_llvm', {_TASK_IR + ir!r}):",
         '        cnt = T.alloc_buffer((1,), "int64", annotations={"disable_lower_builtin": True})',
         "        cnt[0] = T.int64(0)",
         f"        for worker in T.parallel({_i(_WORKERS)}):",
@@ -308,9 +357,9 @@ def gemm_k_steps(cfg: KernelConfig, K: int, N: int, unroll: int = 1) -> list[tup
     """(first k, k count) of each k step of the GEMM's tiles: one, unless a weight block is
     larger than `_GEMM_PANEL_SHARE` of the L2 (float32 and whole N blocks only: the partial
     sums go through Y); steps are whole multiples of `unroll`."""
-    KW = -(-K // 2) if cfg.half else K
+    KW = -(-K // 2) if cfg.pairs else K
     panel = int(cfg.l2 * _GEMM_PANEL_SHARE)
-    steps = 1 if cfg.half or N % cfg.nb else -(-K * cfg.nb * 4 // panel)
+    steps = 1 if cfg.pairs or N % cfg.nb else -(-K * cfg.nb * 4 // panel)
     kc = -(-KW // (steps * unroll)) * unroll
     return [(k0, min(kc, KW - k0)) for k0 in range(0, KW, kc)]
 
@@ -339,7 +388,7 @@ def gemm_kernel(
     X."""
     mr, nb, vec = cfg.mr, cfg.nb, cfg.vec
     NP = -(-N // nb)
-    KW = -(-K // 2) if cfg.half else K  # rows of a weight block (k pairs with cfg.half)
+    KW = -(-K // 2) if cfg.pairs else K  # rows of a weight block (k pairs with cfg.pairs)
     args = [f'x: T.handle, w: T.Buffer(({_i(NP)}, {_i(KW)}, {_i(nb)}), "float32")']
     if has_bias:
         args.append(f'bias: T.Buffer(({_i(N)},), "float32")')
@@ -354,15 +403,15 @@ def gemm_kernel(
         f'    X = T.match_buffer(x, (M, {_i(KW)}), "float32")',
         f'    Y = T.match_buffer(y, (M, {_i(N // 2 if half_out else N)}), "float32")',
     ]
-    assert not half_out or (cfg.half and N % nb == 0 and not has_res)
+    assert not half_out or (cfg.pairs and N % nb == 0 and not has_res)
     if has_res:
         L.append(f'    R = T.match_buffer(res, (M, {_i(N)}), "float32")')
     mt = f"((M + {_i(mr - 1)}) // {_i(mr)})"
-    unroll = 8 if cfg.half else next(u for u in (8, 4, 2, 1) if K % u == 0)
+    unroll = 8 if cfg.pairs else next(u for u in (8, 4, 2, 1) if K % u == 0)
     ksteps = gemm_k_steps(cfg, K, N, unroll)
     C, PF = _gemm_chunks(cfg, NP), _GEMM_PF
     ct = f"(({mt} + {_i(C - 1)}) // {_i(C)})"  # M tiles per task
-    L += _task_loop(_i(NP * C))
+    L += _task_loop(_i(NP * C), BF16_DOT_IR if cfg.bf16 else "")
     ind = " " * 16
     L += [
         f"{ind}nbk: T.let[T.int64] = cur[0] // {_i(C)}",
@@ -399,45 +448,55 @@ def gemm_kernel(
             ]
         return out
 
+    def pair_steps(rows: int, ind: str, kp: str, lanes: str, update) -> list[str]:
+        """One k pair, `kp`: the broadcast X words xb{i} and the weight vectors wv{v} as
+        vectors of `lanes`, then `update(i, v)` for each row and vector."""
+        o = [f"{ind}kp: T.let[T.int64] = {kp}"]
+        o += [
+            f'{ind}xb{i}: T.let[T.{lanes}] = T.reinterpret("{lanes}", '
+            f"T.Broadcast(X[r{i}, kp], {vec}))"
+            for i in range(rows)
+        ]
+        o += [
+            f'{ind}wv{v}: T.let[T.{lanes}] = T.reinterpret("{lanes}", '
+            f"w[nbk, kp, T.Ramp({_i(v * vec)}, {_i(1)}, {vec})])"
+            for v in range(cfg.nv)
+        ]
+        return o + [ind + update(i, v) for i in range(rows) for v in range(cfg.nv)]
+
+    def pair_loop(ind: str, base: str, n: int, group: str, pf, steps) -> list[str]:
+        """`n` k pairs from `base`, in unrolled groups (the first is step group `group`, for
+        the prefetch) and a tail; `steps(ind, kp)`: one pair's lines."""
+        o = []
+        groups, tail = divmod(n, unroll)
+        if groups:
+            o.append(f"{ind}for kg in range({_i(groups)}):")
+            if pf:
+                o += prefetch(ind + "    ", f"({group} + kg)", pf)
+            o.append(f"{ind}    for ku in T.unroll({_i(unroll)}):")
+            o += steps(ind + "        ", f"{base} + kg * {_i(unroll)} + ku")
+        if tail:
+            o.append(f"{ind}for ku in T.unroll({_i(tail)}):")
+            o += steps(ind + "    ", f"{base} + {_i(groups * unroll)} + ku")
+        return o
+
     def k_loop_half(rows: int, ind: str, pre: str, pf, k0: int, kn: int) -> list[str]:
         """float16: h{i}[2j + p] sums row i, column j over the block's k steps of parity p;
         acc{i}[j], over all of K."""
         hl = 2 * vec  # float16 lanes per vector
         out = [ind + _local(f"{pre}h{i}", 2 * nb, "float16") for i in range(rows)]
 
-        def steps(ind: str, kp: str) -> list[str]:
-            o = [f"{ind}kp: T.let[T.int64] = {kp}"]
-            o += [
-                f'{ind}xb{i}: T.let[T.float16x{hl}] = T.reinterpret("float16x{hl}", '
-                f"T.Broadcast(X[r{i}, kp], {vec}))"
-                for i in range(rows)
-            ]
-            o += [
-                f'{ind}wv{v}: T.let[T.float16x{hl}] = T.reinterpret("float16x{hl}", '
-                f"w[nbk, kp, T.Ramp({_i(v * vec)}, {_i(1)}, {vec})])"
-                for v in range(cfg.nv)
-            ]
-            for i in range(rows):
-                for v in range(cfg.nv):
-                    h = f"{pre}h{i}[T.Ramp({_i(v * hl)}, {_i(1)}, {hl})]"
-                    o.append(f"{ind}{h} = {h} + xb{i} * wv{v}")
-            return o
+        def update(i: int, v: int) -> str:
+            h = f"{pre}h{i}[T.Ramp({_i(v * hl)}, {_i(1)}, {hl})]"
+            return f"{h} = {h} + xb{i} * wv{v}"
 
         def block(ind: str, base: str, n: int, group: str) -> list[str]:
             """n pairs from `base` into h, then h into acc; `group`: the first step group."""
             o = []
             for i in range(rows):
                 o += _fill(f"{pre}h{i}", 2 * nb, ind, 0.0, "float16")
-            groups, tail = divmod(n, unroll)
-            if groups:
-                o.append(f"{ind}for kg in range({_i(groups)}):")
-                if pf:
-                    o += prefetch(ind + "    ", f"({group} + kg)", pf)
-                o.append(f"{ind}    for ku in T.unroll({_i(unroll)}):")
-                o += steps(ind + "        ", f"{base} + kg * {_i(unroll)} + ku")
-            if tail:
-                o.append(f"{ind}for ku in T.unroll({_i(tail)}):")
-                o += steps(ind + "    ", f"{base} + {_i(groups * unroll)} + ku")
+            steps = lambda ind, kp: pair_steps(rows, ind, kp, f"float16x{hl}", update)  # noqa: E731
+            o += pair_loop(ind, base, n, group, pf, steps)
             for i in range(rows):
                 h = f"{pre}h{i}"
                 o += [
@@ -455,6 +514,17 @@ def gemm_kernel(
             out += block(ind, _i(full * _HALF_BLOCK), rest, _i(full * per))
         return out
 
+    def k_loop_bf16(rows: int, ind: str, pre: str, pf, k0: int, kn: int) -> list[str]:
+        """bfloat16: acc{i}[j] accumulates row i, column j over the k pairs [k0, k0 + kn),
+        one vdpbf16ps (2 k steps for `vec` columns) per row and vector."""
+
+        def update(i: int, v: int) -> str:
+            a = f"{pre}acc{i}[T.Ramp({_i(v * vec)}, {_i(1)}, {vec})]"
+            return f"{a} = T.call_extern('float32x{vec}', '{BF16_DOT}', {a}, xb{i}, wv{v})"
+
+        steps = lambda ind, kp: pair_steps(rows, ind, kp, f"int32x{vec}", update)  # noqa: E731
+        return pair_loop(ind, _i(k0), kn, _i(0), pf, steps)
+
     def tile(rows: int, ind: str, pre: str, pf, step: int) -> list[str]:
         """One tile: `rows` rows (row indices r0.. bound by the caller) x one weight block,
         over the k steps of `ksteps[step]`; `pf`: the panel to prefetch, or None."""
@@ -469,7 +539,8 @@ def gemm_kernel(
                     f"{ind}for j in T.vectorized({_i(nb)}):",
                     f"{ind}    {pre}acc{i}[j] = Y[r{i}, nbk * {_i(nb)} + j]",
                 ]
-        out += (k_loop_half if cfg.half else k_loop)(rows, ind, pre, pf, k0, kn)
+        loop = k_loop_half if cfg.half else k_loop_bf16 if cfg.bf16 else k_loop
+        out += loop(rows, ind, pre, pf, k0, kn)
         if not last:
             for i in range(rows):
                 out += [
@@ -502,7 +573,7 @@ def gemm_kernel(
                 ob = f"{pre}ob[T.Ramp({_i(0)}, {_i(1)}, {nb})]"
                 out.append(
                     f"{ind}Y[r{i}, T.Ramp(nbk * {_i(nb // 2)}, {_i(1)}, {nb // 2})] = "
-                    + _as_pairs(ob, nb)
+                    + _as_pairs(ob, nb, cfg.pairs)
                 )
         elif N % nb == 0:
             for i in range(rows):
@@ -549,21 +620,23 @@ def gemm_kernel(
 
 def pack_weight_kernel(cfg: KernelConfig, N: int, K: int, nk: bool):
     """W ([N, K] if nk else [K, N]) -> [NP, K, NB] zero-padded panels (run once, lifted);
-    with `cfg.half`, [NP, K/2, NB] words of float16 pairs (k even, k odd)."""
+    with `cfg.pairs`, [NP, K/2, NB] words of float16 or bfloat16 pairs (k even, k odd)."""
     nb = cfg.nb
     NP = -(-N // nb)
-    KW = -(-K // 2) if cfg.half else K
+    KW = -(-K // 2) if cfg.pairs else K
     shape = f"({_i(N)}, {_i(K)})" if nk else f"({_i(K)}, {_i(N)})"
 
     def elem(k: str) -> str:
         """W at (k, column p * nb + j), zero past N (and past K: an odd K's last pair)."""
         n = f"p * {_i(nb)} + j"
-        kk, ok = (f"T.min({k}, {_i(K - 1)})", f" and {k} < {_i(K)}") if cfg.half else (k, "")
+        kk, ok = (f"T.min({k}, {_i(K - 1)})", f" and {k} < {_i(K)}") if cfg.pairs else (k, "")
         load = f"w[T.min({n}, {_i(N - 1)}), {kk}]" if nk else f"w[{kk}, T.min({n}, {_i(N - 1)})]"
         return f"T.if_then_else({n} < {_i(N)}{ok}, {load}, {_f(0.0)})"
 
     value = (
-        _half_pair(elem(f"k * {_i(2)}"), elem(f"k * {_i(2)} + {_i(1)}")) if cfg.half else elem("k")
+        _half_pair(elem(f"k * {_i(2)}"), elem(f"k * {_i(2)} + {_i(1)}"), cfg.pairs)
+        if cfg.pairs
+        else elem("k")
     )
     src = f"""
 @T.prim_func(private=True, check_well_formed=False)
@@ -578,14 +651,16 @@ def pack_weight(w: T.Buffer({shape}, "float32"), wp: T.Buffer(({_i(NP)}, {_i(KW)
 
 
 def half_pairs_kernel(cfg: KernelConfig, K: int):
-    """X [M, K] float32 -> [M, K/2] words of float16 pairs (k even, k odd; an odd K's last
-    word has a zero high half): the X operand of a half GEMM (`gemm_kernel`)."""
+    """X [M, K] float32 -> [M, K/2] words of `cfg.pairs` pairs (k even, k odd; an odd K's
+    last word has a zero high half): the X operand of a float16 or bfloat16 GEMM
+    (`gemm_kernel`)."""
     vec = cfg.vec
     KW = -(-K // 2)
     full = K // (2 * vec)  # whole vectors: 2 * vec floats -> vec words
     tail = _half_pair(
         f"X[r, kp * {_i(2)}]",
         f"T.if_then_else(kp * {_i(2)} + {_i(1)} < {_i(K)}, X[r, T.min(kp * {_i(2)} + {_i(1)}, {_i(K - 1)})], {_f(0.0)})",
+        cfg.pairs,
     )
     src = f"""
 @T.prim_func(private=True, check_well_formed=False)
@@ -596,9 +671,36 @@ def half_pairs(x: T.handle, xw: T.handle):
     XW = T.match_buffer(xw, (M, {_i(KW)}), "float32")
     for r in T.parallel(M):
         for q in range({_i(full)}):
-            XW[r, T.Ramp(q * {_i(vec)}, {_i(1)}, {vec})] = {_as_pairs(f"X[r, T.Ramp(q * {_i(2 * vec)}, {_i(1)}, {2 * vec})]", 2 * vec)}
+            XW[r, T.Ramp(q * {_i(vec)}, {_i(1)}, {vec})] = {_as_pairs(f"X[r, T.Ramp(q * {_i(2 * vec)}, {_i(1)}, {2 * vec})]", 2 * vec, cfg.pairs)}
         for kp in range({_i(full * vec)}, {_i(KW)}):
             XW[r, kp] = {tail}
+"""
+    return _parse(src)
+
+
+def bf16_round_kernel(cfg: KernelConfig, C: int):
+    """X [M, C] float32 -> its values rounded to bfloat16 (to nearest even), as float32: the
+    operands of float32 GEMMs under `precision: bfloat16` on a CPU without AVX-512 BF16.
+    (Relax's astype to bfloat16 and back does not do it on llvm: fused into one kernel,
+    TVM's bfloat16 legalization computes the pair in float32 and drops the rounding.)"""
+    vec = cfg.vec
+    full = C // vec
+
+    def rounded(x: str, dtype: str) -> str:
+        return f'T.reinterpret("{dtype.replace("uint32", "float32")}", T.shift_left({_bf16_bits(x, dtype)}, 16))'
+
+    src = f"""
+@T.prim_func(private=True, check_well_formed=False)
+def bf16_round(x: T.handle, y: T.handle):
+{_ATTRS}
+    M = T.int64()
+    X = T.match_buffer(x, (M, {_i(C)}), "float32")
+    Y = T.match_buffer(y, (M, {_i(C)}), "float32")
+    for r in T.parallel(M):
+        for q in range({_i(full)}):
+            Y[r, T.Ramp(q * {_i(vec)}, {_i(1)}, {vec})] = {rounded(f"X[r, T.Ramp(q * {_i(vec)}, {_i(1)}, {vec})]", f"uint32x{vec}")}
+        for c in range({_i(full * vec)}, {_i(C)}):
+            Y[r, c] = {rounded("X[r, c]", "uint32")}
 """
     return _parse(src)
 
@@ -833,7 +935,7 @@ def layer_norm_kernel(cfg: KernelConfig, C: int, eps: float, half_out: bool = Fa
                 ]
             )
         )
-    assert cfg.half and C % (2 * vec) == 0
+    assert cfg.pairs and C % (2 * vec) == 0
     L += [
         "        " + _local("ob", 2 * vec),
         f"        for jw in range({_i(C // (2 * vec))}):",
@@ -841,6 +943,6 @@ def layer_norm_kernel(cfg: KernelConfig, C: int, eps: float, half_out: bool = Fa
         f"                c: T.let[T.int64] = jw * {_i(2 * vec)} + l",
         f"                ob[l] = {norm}",
         f"            Y[r, T.Ramp(jw * {_i(vec)}, {_i(1)}, {vec})] = "
-        + _as_pairs(f"ob[T.Ramp({_i(0)}, {_i(1)}, {2 * vec})]", 2 * vec),
+        + _as_pairs(f"ob[T.Ramp({_i(0)}, {_i(1)}, {2 * vec})]", 2 * vec, cfg.pairs),
     ]
     return _parse("\n".join(L))

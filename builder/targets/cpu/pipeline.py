@@ -54,7 +54,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from .kernels import KernelConfig, half_gemms, kernel_config
+from .kernels import KernelConfig, bf16_gemms, half_gemms, kernel_config
 from .rewrite import rewrite_to_kernels
 from .schedule import fallback_schedule_pass
 from .widen import widen_to_float32
@@ -107,17 +107,20 @@ def compile_cpu(
     """Compile a ViT/CLIP vision IRModule (see module docstring for the calling convention).
 
     A model in float16 or bfloat16 computes in float32 from its rounded parameters
-    (`widen.py`). `precision: float16`: the GEMMs take float16 operands and the rest stays
-    float32; on a CPU with AVX-512 FP16 (`kernels.half_gemms`) they multiply in float16,
-    on others the float32 GEMMs take operands rounded to float16."""
+    (`widen.py`). `precision: float16` or `bfloat16`: the GEMMs take operands of that type
+    and the rest stays float32; on a CPU with AVX-512 FP16 (`kernels.half_gemms`) they
+    multiply in float16, with AVX-512 BF16 (`kernels.bf16_gemms`) in bfloat16 pairs into
+    float32, on others the float32 GEMMs take operands rounded to the type."""
     if isinstance(target, (str, dict)):
         target = tvm.target.Target(target)
-    if precision not in ("float32", "float16"):
+    if precision not in ("float32", "float16", "bfloat16"):
         raise ValueError(f"unknown precision {precision!r}")
     mod = widen_to_float32(mod)
     half = precision == "float16" and half_gemms(target)
-    cfg = kernel_config(target, half)
-    mod = rewrite_to_kernels(mod, cfg, rounded=precision == "float16" and not half)
+    bf16 = precision == "bfloat16" and bf16_gemms(target)
+    cfg = kernel_config(target, half, bf16)
+    native = half or bf16 or precision == "float32"
+    mod = rewrite_to_kernels(mod, cfg, rounded=None if native else precision)
     mod = _lift_params(mod)
     with tvm.transform.PassContext(opt_level=3, config=PASS_CONFIG):
         return tvm.compile(mod, target, relax_pipeline=get_pipeline(target, cfg))

@@ -16,6 +16,7 @@ from .kernels import (
     attn_pack_k_kernel,
     attn_pack_v_kernel,
     attn_padding,
+    bf16_round_kernel,
     gemm_kernel,
     half_pairs_kernel,
     layer_norm_kernel,
@@ -271,14 +272,14 @@ class _Plan:
 
 @mutator
 class _KernelRewriter(PyExprMutator):
-    def __init__(self, mod, cfg: KernelConfig, rounded: bool):
+    def __init__(self, mod, cfg: KernelConfig, rounded: str | None):
         super().__init__(mod)
         self.mod_ = mod
         self.cfg = cfg
         self.rounded = rounded
         self.plan = None
         self.cache = {}
-        # a GEMM input -> its float16 pairs, or with `rounded` its float16-rounded values
+        # a GEMM input -> its float16 or bfloat16 pairs, or with `rounded` its rounded values
         # (Q, K and V share theirs)
         self.halves = {}
 
@@ -296,15 +297,15 @@ class _KernelRewriter(PyExprMutator):
 
     def _gemm(self, x2, w, nk, K, N, bias=None, act=None, res2=None, source=None, half_out=False):
         """x2: [M, K] var (a view of `source`, if given); returns [M, N] var, or with
-        `half_out` [M, N/2] float16 pairs."""
+        `half_out` [M, N/2] float16 or bfloat16 pairs."""
         cfg = self.cfg
         NP = -(-N // cfg.nb)
-        KW = -(-K // 2) if cfg.half else K
+        KW = -(-K // 2) if cfg.pairs else K
         pk = self._gv(("pack", N, K, nk), lambda: pack_weight_kernel(cfg, N, K, nk), "pack_weight")
         if self.rounded:
             w = self._round_to_half(w)  # depends on the weight only: rounded at build time
         wp = self._emit(relax.call_tir(pk, [w], relax.TensorType([NP, KW, cfg.nb], "float32")))
-        if cfg.half:
+        if cfg.pairs:
             x2 = self._half_pairs(x2, K, source)
         elif self.rounded:
             x2 = self._once(source, lambda: self._round_to_half(x2))
@@ -321,7 +322,7 @@ class _KernelRewriter(PyExprMutator):
         return self._emit(relax.call_tir(gk, args, out))
 
     def _half_pairs(self, x2, K, source):
-        """x2 [M, K] as the [M, K/2] float16 pairs a half GEMM takes, converted once per
+        """x2 [M, K] as the [M, K/2] 16-bit pairs a half GEMM takes, converted once per
         `source`."""
         hk = self._gv(("half", K), lambda: half_pairs_kernel(self.cfg, K), "half_pairs")
         M = _sinfo(x2).shape.values[0]
@@ -337,8 +338,16 @@ class _KernelRewriter(PyExprMutator):
         return self.halves[source]
 
     def _round_to_half(self, x):
-        """x's values rounded to float16, as float32."""
-        return self._emit(relax.op.astype(self._emit(relax.op.astype(x, "float16")), "float32"))
+        """x's values (a matrix) rounded to `self.rounded` (float16 or bfloat16), as
+        float32."""
+        if self.rounded == "bfloat16":
+            rows, C = _sinfo(x).shape.values
+            rk = self._gv(
+                ("bf16_round", C), lambda: bf16_round_kernel(self.cfg, int(C)), "bf16_round"
+            )
+            return self._emit(relax.call_tir(rk, [x], relax.TensorType([rows, C], "float32")))
+        rounded = self._emit(relax.op.astype(x, self.rounded))
+        return self._emit(relax.op.astype(rounded, "float32"))
 
     @staticmethod
     def _rows(x):
@@ -350,9 +359,9 @@ class _KernelRewriter(PyExprMutator):
         return M
 
     def _to_half_gemms(self, var) -> bool:
-        """Whether `var`'s producer should write it as float16 pairs for the half GEMMs that
+        """Whether `var`'s producer should write it as 16-bit pairs for the half GEMMs that
         are its only users (the float32 value then goes unused and is dropped)."""
-        return self.cfg.half and self.plan.only_gemm_input(var)
+        return bool(self.cfg.pairs) and self.plan.only_gemm_input(var)
 
     def _rewrite(self, spec, out_sinfo, var):
         kind = spec["kind"]
@@ -487,9 +496,11 @@ class _KernelRewriter(PyExprMutator):
         return outs
 
 
-def rewrite_to_kernels(mod: tvm.IRModule, cfg: KernelConfig, rounded: bool = False) -> tvm.IRModule:
-    """`rounded`: the float32 GEMMs take operands rounded to float16 (`precision: float16`
-    on a CPU without float16 arithmetic)."""
-    # The float32 values that float16 pairs replaced go unused (`run` drops their bindings);
+def rewrite_to_kernels(
+    mod: tvm.IRModule, cfg: KernelConfig, rounded: str | None = None
+) -> tvm.IRModule:
+    """`rounded` (float16 or bfloat16): the float32 GEMMs take operands rounded to it
+    (`precision` on a CPU without arithmetic in that type)."""
+    # The float32 values that 16-bit pairs replaced go unused (`run` drops their bindings);
     # DeadCodeElimination drops the kernels that only they called.
     return relax.transform.DeadCodeElimination()(_KernelRewriter(mod, cfg, rounded).run())
