@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 
+import ml_dtypes
 import numpy as np
 import pytest
 import tvm
@@ -179,17 +180,14 @@ def test_half_rewrite_computes_each_value_once():
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_rounded_operands_once_per_value(dtype):
     """`precision: float16` or `bfloat16` without the arithmetic: every GEMM weight and
-    every GEMM input value is rounded to the type once (Q, K and V share theirs; float16 by
-    a cast and back, bfloat16 by its rounding kernel), and the GEMMs stay the float32
-    kernels."""
+    every GEMM input value is rounded to the type once (Q, K and V share theirs), by the
+    rounding kernel, and the GEMMs stay the float32 kernels."""
     rewritten = rewrite_to_kernels(small_tower()[0], FLOAT32_KERNELS, rounded=dtype)
     calls = kernel_calls(rewritten)
     assert calls["gemm"] == 6 * LAYERS + 1 and calls["half_pairs"] == 0
     weights = 6 * LAYERS + 1
     inputs = 1 + 4 * LAYERS  # im2col; per layer LayerNorm 1 (Q, K, V), attention, LayerNorm 2, fc1
-    casts = re.findall(r'R\.astype\(\w+, dtype="float16"\)', rewritten["forward"].script())
-    rounded = len(casts) if dtype == "float16" else calls["bf16_round"]
-    assert rounded == weights + inputs
+    assert calls["round"] == weights + inputs
 
 
 def test_patch_conv_with_a_remainder_is_a_gemm():
@@ -260,12 +258,9 @@ def test_widening_keeps_what_the_graph_computes():
 
 
 def rounded(a: np.ndarray, pairs: str) -> np.ndarray:
-    """`a` rounded to float16 (numpy's rounding) or bfloat16 (to nearest even, from the
-    float32 bits), as float32."""
-    if pairs == "float16":
-        return a.astype(np.float16).astype(np.float32)
-    b = a.astype(np.float32).view(np.uint32).astype(np.uint64)
-    return (((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16).astype(np.uint32).view(np.float32)
+    """`a` rounded to float16 (numpy's rounding) or bfloat16 (ml_dtypes', to nearest even),
+    as float32."""
+    return a.astype(np.float16 if pairs == "float16" else ml_dtypes.bfloat16).astype(np.float32)
 
 
 def pair_words(a: np.ndarray, pairs: str = "float16") -> np.ndarray:
@@ -319,21 +314,25 @@ def test_gemm_against_numpy(M, K, N, act, steps):
     assert_close(y.numpy(), v + res, rel=1e-5)
 
 
-def test_bfloat16_rounding_is_to_nearest_even():
-    """The float32 GEMMs' operands under `precision: bfloat16` without AVX-512 BF16
-    (`bf16_round_kernel`, the same bit operations as the bfloat16 GEMMs' conversions): the
-    nearest bfloat16, ties to the even one, bit for bit; whole vectors and a scalar tail."""
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_rounding_kernel_matches_numpy(dtype):
+    """The float32 GEMMs' operands under a 16-bit `precision` without its arithmetic
+    (`round_kernel`; for bfloat16 the same bit operations as the bfloat16 GEMMs'
+    conversions): numpy's float16, ml_dtypes' bfloat16 (nearest, ties to even), bit for bit;
+    whole vectors and a scalar tail."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((5, 75)).astype(np.float32)
     bits = x.view(np.uint32)
-    bits[0, :40] = (bits[0, :40] & 0xFFFF0000) | 0x8000  # exact ties, odd and even
-    bits[1, :40] = (bits[1, :40] & 0xFFFF0000) | 0x7FFF  # just below a tie
+    bits[0, :40] = (bits[0, :40] & 0xFFFF0000) | 0x8000  # bfloat16's exact ties, odd and even
+    bits[1, :40] = (bits[1, :40] & 0xFFFF0000) | 0x7FFF  # just below them
     y = tvm.runtime.empty(x.shape, "float32")
-    compile_kernel(kernels.bf16_round_kernel(kernels.kernel_config(HOST), 75), HOST)(
+    compile_kernel(kernels.round_kernel(kernels.kernel_config(HOST), 75, dtype), HOST)(
         tvm.runtime.tensor(x), y
     )
-    want = rounded(x, "bfloat16")
+    want = rounded(x, dtype)
     np.testing.assert_array_equal(y.numpy().view(np.uint32), want.view(np.uint32))
+    if dtype == "float16":
+        return
     odd = (bits[0, :40] >> 16) & 1 == 1
     assert odd.any() and (~odd).any()  # ties both ways: up from odd, down from even
     assert (want.view(np.uint32)[0, :40][odd] >> 16 == (bits[0, :40][odd] >> 16) + 1).all()

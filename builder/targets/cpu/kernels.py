@@ -338,6 +338,7 @@ _GEMM_TASKS_PER_THREAD = 4  # at least, where the blocks alone are too few for t
 
 
 def _gemm_chunks(cfg: KernelConfig, blocks: int) -> int:
+    # At most 16 parts: a bound on the split for many cores, not a tuned figure.
     return min(max(2, -(-_GEMM_TASKS_PER_THREAD * cfg.cores // blocks)), 16)
 
 
@@ -432,21 +433,36 @@ def gemm_kernel(
             f"T.address_of(w[{block}, {_i(k0)} + f16 // {_i(nb)}, f16 % {_i(nb)}]), 0, 2, 1))",
         ]
 
+    def k_groups(ind: str, base: str, n: int, group: str, pf, steps) -> list[str]:
+        """`n` k steps (k pairs with cfg.pairs) from `base`, in unrolled groups (the first
+        is step group `group`, for the prefetch) and a tail; `steps(ind, k)`: one step's
+        lines."""
+        o = []
+        groups, tail = divmod(n, unroll)
+        if groups:
+            o.append(f"{ind}for kg in range({_i(groups)}):")
+            if pf:
+                o += prefetch(ind + "    ", f"({group} + kg)", pf)
+            o.append(f"{ind}    for ku in T.unroll({_i(unroll)}):")
+            o += steps(ind + "        ", f"{base} + kg * {_i(unroll)} + ku")
+        if tail:
+            o.append(f"{ind}for ku in T.unroll({_i(tail)}):")
+            o += steps(ind + "    ", f"{base} + {_i(groups * unroll)} + ku")
+        return o
+
     def k_loop(rows: int, ind: str, pre: str, pf, k0: int, kn: int) -> list[str]:
         """float32: acc{i}[j] accumulates row i, column j over k in [k0, k0 + kn)."""
-        out = [f"{ind}for ko in range({_i(kn // unroll)}):"]
-        if pf:
-            out += prefetch(ind + "    ", "ko", pf)
-        out += [
-            f"{ind}    for ku in T.unroll({_i(unroll)}):",
-            f"{ind}        k: T.let[T.int64] = {_i(k0)} + ko * {_i(unroll)} + ku",
-        ]
-        for i in range(rows):
-            out += [
-                f"{ind}        for j in T.vectorized({_i(nb)}):",
-                f"{ind}            {pre}acc{i}[j] = {pre}acc{i}[j] + X[r{i}, k] * w[nbk, k, j]",
-            ]
-        return out
+
+        def steps(ind: str, k: str) -> list[str]:
+            o = [f"{ind}k: T.let[T.int64] = {k}"]
+            for i in range(rows):
+                o += [
+                    f"{ind}for j in T.vectorized({_i(nb)}):",
+                    f"{ind}    {pre}acc{i}[j] = {pre}acc{i}[j] + X[r{i}, k] * w[nbk, k, j]",
+                ]
+            return o
+
+        return k_groups(ind, _i(k0), kn, _i(0), pf, steps)
 
     def pair_steps(rows: int, ind: str, kp: str, lanes: str, update) -> list[str]:
         """One k pair, `kp`: the broadcast X words xb{i} and the weight vectors wv{v} as
@@ -464,22 +480,6 @@ def gemm_kernel(
         ]
         return o + [ind + update(i, v) for i in range(rows) for v in range(cfg.nv)]
 
-    def pair_loop(ind: str, base: str, n: int, group: str, pf, steps) -> list[str]:
-        """`n` k pairs from `base`, in unrolled groups (the first is step group `group`, for
-        the prefetch) and a tail; `steps(ind, kp)`: one pair's lines."""
-        o = []
-        groups, tail = divmod(n, unroll)
-        if groups:
-            o.append(f"{ind}for kg in range({_i(groups)}):")
-            if pf:
-                o += prefetch(ind + "    ", f"({group} + kg)", pf)
-            o.append(f"{ind}    for ku in T.unroll({_i(unroll)}):")
-            o += steps(ind + "        ", f"{base} + kg * {_i(unroll)} + ku")
-        if tail:
-            o.append(f"{ind}for ku in T.unroll({_i(tail)}):")
-            o += steps(ind + "    ", f"{base} + {_i(groups * unroll)} + ku")
-        return o
-
     def k_loop_half(rows: int, ind: str, pre: str, pf, k0: int, kn: int) -> list[str]:
         """float16: h{i}[2j + p] sums row i, column j over the block's k steps of parity p;
         acc{i}[j], over all of K."""
@@ -496,7 +496,7 @@ def gemm_kernel(
             for i in range(rows):
                 o += _fill(f"{pre}h{i}", 2 * nb, ind, 0.0, "float16")
             steps = lambda ind, kp: pair_steps(rows, ind, kp, f"float16x{hl}", update)  # noqa: E731
-            o += pair_loop(ind, base, n, group, pf, steps)
+            o += k_groups(ind, base, n, group, pf, steps)
             for i in range(rows):
                 h = f"{pre}h{i}"
                 o += [
@@ -523,7 +523,7 @@ def gemm_kernel(
             return f"{a} = T.call_extern('float32x{vec}', '{BF16_DOT}', {a}, xb{i}, wv{v})"
 
         steps = lambda ind, kp: pair_steps(rows, ind, kp, f"int32x{vec}", update)  # noqa: E731
-        return pair_loop(ind, _i(k0), kn, _i(0), pf, steps)
+        return k_groups(ind, _i(k0), kn, _i(0), pf, steps)
 
     def tile(rows: int, ind: str, pre: str, pf, step: int) -> list[str]:
         """One tile: `rows` rows (row indices r0.. bound by the caller) x one weight block,
@@ -678,29 +678,32 @@ def half_pairs(x: T.handle, xw: T.handle):
     return _parse(src)
 
 
-def bf16_round_kernel(cfg: KernelConfig, C: int):
-    """X [M, C] float32 -> its values rounded to bfloat16 (to nearest even), as float32: the
-    operands of float32 GEMMs under `precision: bfloat16` on a CPU without AVX-512 BF16.
-    (Relax's astype to bfloat16 and back does not do it on llvm: fused into one kernel,
-    TVM's bfloat16 legalization computes the pair in float32 and drops the rounding.)"""
+def round_kernel(cfg: KernelConfig, C: int, dtype: str):
+    """X [M, C] float32 -> its values rounded to `dtype` (float16, or bfloat16 to nearest
+    even), as float32: the operands of the float32 GEMMs under a 16-bit `precision` on a CPU
+    without that arithmetic. (Relax's astype to bfloat16 and back does not round on llvm:
+    fused into one kernel, TVM's bfloat16 legalization computes the pair in float32.)"""
     vec = cfg.vec
     full = C // vec
 
-    def rounded(x: str, dtype: str) -> str:
-        return f'T.reinterpret("{dtype.replace("uint32", "float32")}", T.shift_left({_bf16_bits(x, dtype)}, 16))'
+    def rounded(x: str, lanes: str) -> str:
+        if dtype == "bfloat16":
+            bits = _bf16_bits(x, f"uint32{lanes}")
+            return f'T.reinterpret("float32{lanes}", T.shift_left({bits}, 16))'
+        return f'T.Cast("float32{lanes}", T.Cast("float16{lanes}", {x}))'
 
     src = f"""
 @T.prim_func(private=True, check_well_formed=False)
-def bf16_round(x: T.handle, y: T.handle):
+def round16(x: T.handle, y: T.handle):
 {_ATTRS}
     M = T.int64()
     X = T.match_buffer(x, (M, {_i(C)}), "float32")
     Y = T.match_buffer(y, (M, {_i(C)}), "float32")
     for r in T.parallel(M):
         for q in range({_i(full)}):
-            Y[r, T.Ramp(q * {_i(vec)}, {_i(1)}, {vec})] = {rounded(f"X[r, T.Ramp(q * {_i(vec)}, {_i(1)}, {vec})]", f"uint32x{vec}")}
+            Y[r, T.Ramp(q * {_i(vec)}, {_i(1)}, {vec})] = {rounded(f"X[r, T.Ramp(q * {_i(vec)}, {_i(1)}, {vec})]", f"x{vec}")}
         for c in range({_i(full * vec)}, {_i(C)}):
-            Y[r, c] = {rounded("X[r, c]", "uint32")}
+            Y[r, c] = {rounded("X[r, c]", "")}
 """
     return _parse(src)
 

@@ -16,11 +16,11 @@ from .kernels import (
     attn_pack_k_kernel,
     attn_pack_v_kernel,
     attn_padding,
-    bf16_round_kernel,
     gemm_kernel,
     half_pairs_kernel,
     layer_norm_kernel,
     pack_weight_kernel,
+    round_kernel,
 )
 
 
@@ -340,14 +340,10 @@ class _KernelRewriter(PyExprMutator):
     def _round_to_half(self, x):
         """x's values (a matrix) rounded to `self.rounded` (float16 or bfloat16), as
         float32."""
-        if self.rounded == "bfloat16":
-            rows, C = _sinfo(x).shape.values
-            rk = self._gv(
-                ("bf16_round", C), lambda: bf16_round_kernel(self.cfg, int(C)), "bf16_round"
-            )
-            return self._emit(relax.call_tir(rk, [x], relax.TensorType([rows, C], "float32")))
-        rounded = self._emit(relax.op.astype(x, self.rounded))
-        return self._emit(relax.op.astype(rounded, "float32"))
+        rows, C = _sinfo(x).shape.values
+        key = ("round", int(C), self.rounded)
+        rk = self._gv(key, lambda: round_kernel(self.cfg, int(C), self.rounded), "round16")
+        return self._emit(relax.call_tir(rk, [x], relax.TensorType([rows, C], "float32")))
 
     @staticmethod
     def _rows(x):
