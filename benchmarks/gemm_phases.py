@@ -25,9 +25,11 @@ import argparse
 import datetime
 import json
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -82,7 +84,14 @@ def measure(threads: int, seconds: float) -> dict[str, list[float]]:
     """Each runner's GFLOP/s, one per round, on `threads` threads (TVM's pool size is fixed
     when it starts: one process per thread count)."""
     set_threads(threads)
-    sample_fma = fma_peak_sampler(threads)
+    scratch = Path(tempfile.mkdtemp(prefix="gemm-phases-"))
+    try:
+        return _measure(threads, seconds, fma_peak_sampler(threads, scratch))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _measure(threads: int, seconds: float, sample_fma) -> dict[str, list[float]]:
     rate = sample_fma()  # sizes the short samples to about ROUND_S seconds
     iterations = int(rate * 1e9 * ROUND_S / (FMA_FLOP_PER_ITER * threads))
     runners = {"FMA loop": lambda: sample_fma(iterations)}

@@ -17,7 +17,7 @@ import re
 import secrets
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -73,9 +73,8 @@ def load_params(
     """The stored parameters in `order`, each read from the file straight into a buffer of its
     own: what `empty(shape, dtype)` returns (a tensor of another runtime whose host memory
     `np.from_dlpack` views), or where that is None or not given, a numpy array. The values
-    so land where they are used. Read into numpy and then copied into TVM tensors,
-    llava-clip's 1.2 GB took 4.3-8.4 s here (fresh memory is slow to fault in, and that
-    touched it twice); this way, 0.8-0.9 s."""
+    so land where they are used, touched once (docs/artifacts.md has the load times of
+    both ways)."""
     buffers = []
     try:
         stored = SafetensorsFile(folder / PARAMS)
@@ -123,14 +122,31 @@ def _publishable(folder: Path) -> None:
         p.chmod((0o777 if os.access(p, os.X_OK) else 0o666) & ~umask)
 
 
-def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    """Add the size, sha256 and modification time of every file in `folder`, then write the
-    manifest. Call it last: the times are those of the finished files."""
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != MANIFEST)
-    manifest["files"] = {
-        p.name: {"bytes": p.stat().st_size, "sha256": sha256(p), "mtime_ns": p.stat().st_mtime_ns}
-        for p in files
-    }
+def file_records(folder: Path, skip: tuple[str, ...] = (), known: dict[str, Any] | None = None):
+    """Size, sha256 and modification time of every file in `folder` but `skip`. A file whose
+    size and time equal its entry in `known` (a hard link to a stored file) keeps that
+    entry's sha256 instead of being hashed again."""
+    known = known or {}
+    records = {}
+    for p in sorted(p for p in folder.iterdir() if p.is_file() and p.name not in skip):
+        st = p.stat()
+        was = known.get(p.name)
+        same = isinstance(was, dict) and [was.get("bytes"), was.get("mtime_ns")] == [
+            st.st_size,
+            st.st_mtime_ns,
+        ]
+        sha = was["sha256"] if same else sha256(p)
+        records[p.name] = {"bytes": st.st_size, "sha256": sha, "mtime_ns": st.st_mtime_ns}
+    return records
+
+
+def write_manifest(
+    folder: Path, manifest: dict[str, Any], known: dict[str, Any] | None = None
+) -> None:
+    """Add the size, sha256 and modification time of every file in `folder` (see
+    `file_records`), then write the manifest. Call it last: the times are those of the
+    finished files."""
+    manifest["files"] = file_records(folder, skip=(MANIFEST,), known=known)
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
 
 
@@ -151,20 +167,30 @@ def read_manifest(folder: Path) -> dict[str, Any]:
 
 
 def verify(folder: Path, manifest: dict[str, Any], full: bool = False) -> None:
-    """Check every file the manifest lists. Fast path: the size, and the modification time
-    recorded when the file was written; a file whose time differs (a copy, a touch) or
-    `full=True` is hashed. Raises `ArtifactError` naming the first bad file."""
+    """Check every file the manifest lists (`verify_files`), and that it lists the library
+    and the parameters. Raises `ArtifactError` naming the first bad file."""
     files = manifest.get("files")
     needed = {manifest.get("library"), manifest.get("params", {}).get("file")}
     if not isinstance(files, dict) or not needed <= set(files):
         raise ArtifactError(
             f"{folder / MANIFEST}: 'files' does not list {sorted(map(str, needed))}"
         )
+    verify_files(folder, files, full, listed_in=folder / MANIFEST)
+
+
+def verify_files(
+    folder: Path, files: dict[str, Any], full: bool = False, listed_in: Path | None = None
+) -> None:
+    """Fast path: each file's size, and the modification time recorded when it was
+    written; a file whose time differs (a copy, a touch) or `full=True` is hashed."""
+    listed_in = listed_in or folder
+    if not isinstance(files, dict):
+        raise ArtifactError(f"{listed_in}: 'files' is not a table of files")
     for name, entry in sorted(files.items()):
         path = folder / name
         well_formed = isinstance(entry, dict) and isinstance(entry.get("bytes"), int)
         if "/" in name or name.startswith(".") or not well_formed or "sha256" not in entry:
-            raise ArtifactError(f"{folder / MANIFEST}: files: malformed entry {name!r}")
+            raise ArtifactError(f"{listed_in}: files: malformed entry {name!r}")
         try:
             stat = path.stat()
         except FileNotFoundError:
@@ -226,9 +252,11 @@ def sweep(final: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def _fill(src: Path, dst: Path) -> None:
-    """Hard-link (same file system) or copy, keeping modification times, every file."""
-    for f in sorted(src.iterdir()):
+def fill(src: Path, dst: Path, names: Iterable[str] | None = None) -> None:
+    """Hard-link (same file system) or copy, keeping modification times, every file of
+    `src` (or those named)."""
+    files = sorted(src.iterdir()) if names is None else [src / n for n in names]
+    for f in files:
         try:
             os.link(f, dst / f.name)
         except OSError:
@@ -254,7 +282,7 @@ def publish(src: Path, final: Path, lock: Path) -> None:
         tag = secrets.token_hex(4)
         tmp = final.parent / f".{final.name}.tmp-{tag}"
         tmp.mkdir()
-        _fill(src, tmp)
+        fill(src, tmp)
         version = tmp.rename(final.parent / f".{final.name}.v-{tag}")
         link = final.parent / f".{final.name}.link-{tag}"
         link.symlink_to(version.name)

@@ -1,31 +1,23 @@
-"""A resolved preset -> one artifact folder per target."""
+"""A resolved preset -> one artifact folder per target.
+
+A target whose artifact is in the build cache is published without importing TVM; the rest
+are made by `builder.make_artifact`, which reuses a stored library or stored parameters where
+their keys match (builder/cache.py).
+"""
 
 from __future__ import annotations
 
-import dataclasses
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import tvm
-import tvm_ffi
-from tvm import relax
-
-from . import __version__, artifact, targets
-from .assemble import ENTRY, INPUT_NAME, export, input_shape, output_shape
+from . import artifact
 from .cache import Cache
-from .config import Preset, TargetConfig
+from .config import DEFAULT_OUT, Preset, TargetConfig
 from .errors import BuilderError, InputError
-from .weights import load_weights
 
-DEFAULT_OUT = Path("artifacts")
-PACK_FUNCTION = "transform_params"
 Progress = Callable[[str], None]
 
 
@@ -85,7 +77,7 @@ def build(
     cache = cache if cache is not None else Cache()
     cache.sweep()
     digest = cache.weights_digest(preset)  # a bad checkpoint path fails here, before any work
-    inputs = _Inputs(preset, progress)
+    inputs: dict[str, Any] = {}  # the exported graph and the weights, shared by the targets
     built: list[Built] = []
     failed: list[Failed] = []
     # Each target on its own: one that cannot be built does not stop the others. Bad input
@@ -106,41 +98,11 @@ def build(
     return built
 
 
-class _Inputs:
-    """The exported module and the weights, made on first need (a cache hit needs neither)."""
-
-    def __init__(self, preset: Preset, progress: Progress):
-        self.preset = preset
-        self.progress = progress
-        self._made: tuple[Any, ...] | None = None
-
-    def get(self) -> tuple[tvm.IRModule, list[tuple[str, tuple[int, ...]]], dict, dict]:
-        if self._made is None:
-            model = self.preset.model
-            t0 = time.perf_counter()
-            mod, params = export(model, self.preset.blocks, self.preset.dtype)
-            shapes = dict(params)
-            count = sum(int(np.prod(s)) for s in shapes.values())
-            self.progress(
-                f"assembled {len(params)} parameters ({count / 1e6:.1f} M), "
-                f"{model.num_layers_computed} of {model.num_hidden_layers} layers computed"
-            )
-            arrays, source = load_weights(self.preset, shapes)
-            what = (
-                f"random init (seed {source['seed']})"
-                if source["kind"] == "random"
-                else source["path"]
-            )
-            self.progress(f"weights: {what} [{time.perf_counter() - t0:.1f} s]")
-            self._made = (mod, params, arrays, source)
-        return self._made
-
-
 def _target(
     preset: Preset,
     entry: TargetConfig,
     digest: dict[str, Any],
-    inputs: _Inputs,
+    inputs: dict[str, Any],
     cache: Cache,
     out: Path,
     progress: Progress,
@@ -148,9 +110,7 @@ def _target(
     verify: bool,
 ) -> Built:
     t0 = time.perf_counter()
-    kind = targets.pipeline(entry.kind)
-    _, options = kind.tvm_target(entry)
-    key = cache.key(preset, entry, options, kind, digest)
+    key = cache.artifact_key(preset, entry, digest)
     final = out / preset.name / entry.name
 
     def waiting() -> None:
@@ -159,12 +119,11 @@ def _target(
     with cache.lock(key, waiting):
         folder, why = (None, "--force") if force else cache.lookup(key, verify)
         if folder is None:
-            lacking = kind.missing(entry)
-            if lacking:
-                raise BuilderError(f"cannot build on this machine: {'; '.join(lacking)}")
+            from .make_artifact import make_artifact  # imports TVM
+
             progress(f"[{entry.name}] building ({why}; cache key {key[:12]})")
             with cache.store(key) as tmp:
-                _compile_into(tmp, preset, entry, key, inputs, progress)
+                make_artifact(tmp, preset, entry, key, digest, inputs, cache, progress, force)
             folder = cache.entry(key)
         else:
             progress(f"[{entry.name}] cache hit {key[:12]}")
@@ -172,122 +131,3 @@ def _target(
     seconds = time.perf_counter() - t0
     progress(f"[{entry.name}] wrote {final} [{seconds:.1f} s]")
     return Built(entry.name, final, seconds, cached=not why)
-
-
-def pack_params(
-    executable: tvm.runtime.Executable, order: list[str], arrays: dict[str, np.ndarray]
-) -> tuple[list[str], dict[str, np.ndarray]]:
-    """Run the executable's `transform_params` (weight layouts its pipeline chose, such as
-    GEMM panels) once, at build time, so the artifact stores the packed weights and `forward`
-    takes them as they are. Executables without it get the parameters unchanged."""
-    vm = relax.VirtualMachine(executable, tvm.cpu())
-    if not vm.module.implements_function(PACK_FUNCTION):
-        return order, arrays
-    packed = vm[PACK_FUNCTION](*(tvm.runtime.tensor(arrays[name]) for name in order))
-    names = [f"packed.{i}" for i in range(len(packed))]
-    return names, {name: _host_array(t) for name, t in zip(names, packed, strict=True)}
-
-
-def _host_array(t: tvm.runtime.Tensor) -> np.ndarray:
-    """A zero-copy numpy view of a CPU tensor (`Tensor.numpy()` copies: seconds for a ViT-L's
-    1.2 GB); numpy has no bfloat16, so those are copied."""
-    return t.numpy() if str(t.dtype) == "bfloat16" else np.from_dlpack(t)
-
-
-@contextmanager
-def _noting_interrupts() -> Iterator[list[int]]:
-    """A list that gets an entry when SIGINT arrives. A Ctrl-C that lands in Python code
-    called back from TVM's C++ surfaces as a bare RuntimeError; this tells it apart."""
-    main = threading.current_thread() is threading.main_thread()
-    if not main or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        yield []  # Python's Ctrl-C handling is not in charge here: leave it alone
-        return
-    seen: list[int] = []
-
-    def note(signum: int, frame: Any) -> None:
-        seen.append(signum)
-        signal.default_int_handler(signum, frame)
-
-    previous = signal.signal(signal.SIGINT, note)
-    try:
-        yield seen
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def _compile_into(
-    folder: Path,
-    preset: Preset,
-    entry: TargetConfig,
-    key: str,
-    inputs: _Inputs,
-    progress: Progress,
-) -> None:
-    mod, params, arrays, source = inputs.get()
-    kind = targets.pipeline(entry.kind)
-    target, options = kind.tvm_target(entry)
-    t0 = time.perf_counter()
-    progress(f"[{entry.name}] compiling for {options}, precision {entry.precision}")
-    with _noting_interrupts() as interrupted:
-        try:
-            executable = kind.compile(mod, target, entry.precision)
-        except Exception as e:  # TVM raises many types; the message is what matters
-            if interrupted:
-                raise KeyboardInterrupt from e
-            raise BuilderError(f"compile failed: {type(e).__name__}: {e}") from e
-        if interrupted:  # a pass that tolerates errors may have swallowed it
-            raise KeyboardInterrupt
-    progress(f"[{entry.name}] compiled [{time.perf_counter() - t0:.1f} s]")
-    # In the build's dtype before packing: `transform_params` takes what `forward` takes.
-    arrays = artifact.cast_params(arrays, preset.dtype)
-    order, stored = [name for name, _ in params], arrays
-    packing = kind.params_packing(entry)
-    if packing == "build":
-        order, stored = pack_params(executable, order, arrays)
-        progress(f"[{entry.name}] packed weights [{time.perf_counter() - t0:.1f} s]")
-    try:
-        kind.export(executable, folder / kind.LIBRARY, entry)
-    except Exception as e:
-        raise BuilderError(f"export failed: {type(e).__name__}: {e}") from e
-    artifact.save_params(folder, order, stored)
-    manifest = {
-        "format": artifact.FORMAT,
-        "preset": preset.name,
-        "resolved_preset": preset.to_dict(),
-        "target": {
-            "name": entry.name,
-            "kind": entry.kind,
-            "precision": entry.precision,
-            "options": options,
-        },
-        "runs_on": kind.runs_on(entry, options, folder / kind.LIBRARY),
-        "versions": {
-            "builder": __version__,
-            "tvm": tvm.__version__,
-            "tvm_ffi": tvm_ffi.__version__,
-        },
-        "cache_key": key,
-        "library": kind.LIBRARY,
-        "entry": ENTRY,
-        "inputs": [{"name": INPUT_NAME, "shape": input_shape(preset.model), "dtype": "float32"}],
-        "outputs": [
-            {
-                "name": preset.model.output,
-                "shape": output_shape(preset.model, preset.blocks),
-                "dtype": "float32",
-            }
-        ],
-        "params": {
-            "file": artifact.PARAMS,
-            "order": order,
-            "dtype": preset.dtype,
-            # "build": stored packed; "load": the runtime calls transform_params on load.
-            "packing": packing,
-        },
-        # Parameters and computation; pixel values and features are float32 regardless.
-        "dtype": preset.dtype,
-        "weights": source,
-        # What `Encoder.encode_images` and `build run` apply to an image file.
-        "preprocess": dataclasses.asdict(preset.preprocess.resolved(preset.model.image_size)),
-    }
-    artifact.write_manifest(folder, manifest)

@@ -1,35 +1,47 @@
-"""The build cache: one finished artifact per key, reused when nothing that went into it
-changed.
+"""The build cache: finished artifacts, compiled libraries and packed parameters, each reused
+when nothing that went into it changed.
 
-The key is the sha256 of a canonical JSON of everything a build depends on: the resolved
-preset, the weights' content (random init: its seed and the parameter names and shapes; a
-checkpoint: the sha256 of every file read), the target entry and the TVM target options it
-resolves to, the versions of TVM, TVM-FFI and the builder (with a digest of the
-builder's sources and of every registered block's module), and the target kind's
-`PIPELINE_VERSION`. It is computed before any weights are made or read.
+Three keys, each the sha256 of a canonical JSON (docs/build-cache.md):
+
+- the **artifact key**: everything an artifact depends on, computed from the resolved preset
+  and the build machine alone, before TVM is imported: the preset, the weights' digest, the
+  target entry, the build machine's CPU and cores, the versions of TVM and TVM-FFI and a
+  digest of the builder's sources and of every registered block's module. A hit publishes
+  the stored artifact and imports nothing else.
+- the **library key**: what the compiled code depends on: the exported graph's structure,
+  the TVM target options and the kernel facts they imply (L2 size, vector width), the
+  precision, the target kind's pipeline (its `PIPELINE_VERSION` and sources) and the TVM
+  versions. A build whose weights alone changed reuses the library.
+- the **parameters key**: the library key, the weights' digest and the dtype: the stored
+  (packed) parameters.
 
 Layout, under `BUILDER_CACHE_DIR` (default `$XDG_CACHE_HOME/clip-tvm-builder`, else
 `~/.cache/clip-tvm-builder`):
 
     artifacts/<key>/        a finished artifact (lib, params, manifest)
+    libraries/<key>/        a compiled library and `part.json` (its files' digests)
+    params/<key>/           packed parameters and `part.json` (their order, source, digests)
     locks/<key>.lock        held while a key is built or reused: a second build waits
     locks/out-<hash>.lock   held while an output folder's link is swapped
     hashes.json             checkpoint file digests by (path, size, mtime, inode)
+
+An artifact's files are hard links to the library's and the parameters' files, so the three
+stores hold one copy of the bytes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.metadata
 import json
 import os
+import platform
 import shutil
-import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from . import __version__, artifact, registry
@@ -38,9 +50,12 @@ from .errors import ArtifactError
 from .locking import locked, try_locked
 
 CACHE_ENV = "BUILDER_CACHE_DIR"
-# Bump when the key's layout changes.
-KEY_FORMAT = 1
+# Bump when a key's layout changes.
+KEY_FORMAT = 2
 INDEX = "hashes.json"
+PART = "part.json"
+STORES = ("artifacts", "libraries", "params")
+PACKAGE = Path(__file__).resolve().parent
 
 
 def default_dir() -> Path:
@@ -52,33 +67,93 @@ def default_dir() -> Path:
     return Path(base) / "clip-tvm-builder"
 
 
-@lru_cache(maxsize=1)
+def digest(material: Any) -> str:
+    """sha256 of the canonical JSON of `material`."""
+    blob = json.dumps(material, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def files_digest(files: Iterable[Path]) -> str:
+    """sha256 over files' names (relative to the package where inside it) and contents."""
+    h = hashlib.sha256()
+    for f in sorted(set(files)):
+        h.update(str(f.relative_to(PACKAGE) if f.is_relative_to(PACKAGE) else f).encode())
+        h.update(b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+@cache
+def _package_files(*parts: str) -> frozenset[Path]:
+    return frozenset(PACKAGE.joinpath(*parts).rglob("*.py"))
+
+
 def source_digest() -> str:
-    """sha256 over the builder's own sources and the modules of all registered blocks
-    (plugins included): an edited block or pipeline never reuses a stale library."""
-    package = Path(__file__).resolve().parent
-    files = set(package.rglob("*.py"))
-    for block in registry.all_blocks():
-        module = sys.modules.get(block.factory.__module__)
-        if module is not None and getattr(module, "__file__", None):
-            files.add(Path(module.__file__).resolve())
-    digest = hashlib.sha256()
-    for f in sorted(files):
-        digest.update(str(f.relative_to(package) if f.is_relative_to(package) else f).encode())
-        digest.update(b"\0" + f.read_bytes() + b"\0")
-    return digest.hexdigest()
+    """The builder's own sources and the modules of all registered blocks (plugins
+    included): an edited block, loader or pipeline never reuses a stale artifact."""
+    files = set(_package_files())
+    files.update(f for b in registry.all_blocks() if (f := b.file) is not None)
+    return files_digest(files)
 
 
-def _versions() -> dict[str, str]:
-    import tvm
-    import tvm_ffi
+def pipeline_sources() -> str:
+    """The target kinds' compile pipelines (`builder/targets`): part of the library key."""
+    return files_digest(_package_files("targets"))
 
-    return {
-        "builder": __version__,
-        "builder_sources": source_digest(),
-        "tvm": tvm.__version__,
-        "tvm_ffi": tvm_ffi.__version__,
-    }
+
+def weights_code() -> str:
+    """The weight loaders and the random init (`builder/weights`): part of the weights'
+    digest, so a changed name map or init scheme never reuses stale parameters."""
+    return files_digest(_package_files("weights"))
+
+
+@cache
+def tvm_versions() -> dict[str, str]:
+    """The installed TVM and TVM-FFI, read from their distributions (no import)."""
+    found = {}
+    for dist in ("apache-tvm", "apache-tvm-ffi"):
+        try:
+            found[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            found[dist] = "not installed"
+    return found
+
+
+@cache
+def host_cpu() -> dict[str, Any]:
+    """What identifies the build machine's CPU for code generated for it (`mcpu: host`, the
+    kernels' L2 size): its architecture, the first processor's identity and flags in
+    /proc/cpuinfo, and the cache sizes in sysfs."""
+    from .runtime import available_cores
+
+    facts: dict[str, Any] = {"machine": platform.machine(), "cores": available_cores()}
+    try:
+        first = Path("/proc/cpuinfo").read_text().split("\n\n", 1)[0]
+    except OSError:
+        first = ""
+    for line in first.splitlines():
+        name, _, value = line.partition(":")
+        name = name.strip()
+        if name in (
+            "vendor_id",
+            "cpu family",
+            "model",
+            "model name",
+            "stepping",
+            "flags",
+            "Features",
+            "CPU implementer",
+            "CPU part",
+        ):
+            facts[name] = value.strip()
+    caches = Path("/sys/devices/system/cpu/cpu0/cache")
+    try:
+        for index in sorted(caches.glob("index*")):
+            level = (index / "level").read_text().strip()
+            kind = (index / "type").read_text().strip()
+            facts[f"L{level} {kind}"] = (index / "size").read_text().strip()
+    except OSError:
+        pass
+    return facts
 
 
 class Cache:
@@ -87,8 +162,8 @@ class Cache:
     def __init__(self, root: Path | None = None):
         self.root = Path(root) if root is not None else default_dir()
 
-    def entry(self, key: str) -> Path:
-        return self.root / "artifacts" / key
+    def entry(self, key: str, store: str = "artifacts") -> Path:
+        return self.root / store / key
 
     @contextmanager
     def lock(self, name: str, waiting: Any = None) -> Iterator[None]:
@@ -111,14 +186,14 @@ class Cache:
         known = index.get(str(path))
         if isinstance(known, dict) and known.get("stamp") == stamp:
             return known["sha256"]
-        digest = artifact.sha256(path)
+        sha = artifact.sha256(path)
         index = self._read_index()  # another build may have added entries meanwhile
-        index[str(path)] = {"stamp": stamp, "sha256": digest}
+        index[str(path)] = {"stamp": stamp, "sha256": sha}
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / f".{INDEX}.{os.getpid()}"
         tmp.write_text(json.dumps(index, indent=1, sort_keys=True))
         os.replace(tmp, self.root / INDEX)
-        return digest
+        return sha
 
     def _read_index(self) -> dict[str, Any]:
         try:
@@ -128,50 +203,40 @@ class Cache:
         return data if isinstance(data, dict) else {}
 
     def weights_digest(self, preset: Preset) -> dict[str, Any]:
-        """What the weights are, cheaply: no array is made or read."""
+        """What the weights are, cheaply: no array is made or read. Random init: the seed
+        (the parameters' names and shapes follow from the graph); a checkpoint: the sha256 of
+        every file read. Either way, the code that turns them into parameters."""
         if preset.weights.is_random:
-            from .assemble import parameter_shapes
-
-            # The init scheme itself is covered by the source digest.
-            shapes = parameter_shapes(preset.model, preset.blocks)
-            return {
-                "kind": "random",
-                "seed": preset.weights.seed,
-                "params": sorted([name, list(shape)] for name, shape in shapes.items()),
-            }
+            return {"kind": "random", "seed": preset.weights.seed, "code": weights_code()}
         from .weights.hf import checkpoint_files
 
         files = checkpoint_files(preset.weights.path)
         return {
             "kind": "hf",
             "files": {str(f.resolve()): self.file_digest(f) for f in files},
+            "code": weights_code(),
         }
 
-    def key(
-        self,
-        preset: Preset,
-        entry: TargetConfig,
-        options: dict[str, Any],
-        pipeline: ModuleType,
-        weights: dict[str, Any],
-    ) -> str:
-        material = {
-            "key_format": KEY_FORMAT,
-            "artifact_format": artifact.FORMAT,
-            "preset": preset.to_dict(),
-            "weights": weights,
-            "target": {"entry": dataclasses.asdict(entry), "options": options},
-            "pipeline": {"kind": entry.kind, "version": pipeline.PIPELINE_VERSION},
-            "versions": _versions(),
-        }
-        blob = json.dumps(material, sort_keys=True, separators=(",", ":"), default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()
+    def artifact_key(self, preset: Preset, entry: TargetConfig, weights: dict[str, Any]) -> str:
+        """The artifact's key, from what the build is asked for and the machine it runs on;
+        no TVM import."""
+        return digest(
+            {
+                "key_format": KEY_FORMAT,
+                "artifact_format": artifact.FORMAT,
+                "preset": preset.to_dict(),
+                "weights": weights,
+                "target": dataclasses.asdict(entry),
+                "host": host_cpu(),
+                "versions": {"builder": __version__, "sources": source_digest(), **tvm_versions()},
+            }
+        )
 
     # --- entries --------------------------------------------------------------------------
 
     def lookup(self, key: str, full: bool = False) -> tuple[Path | None, str]:
-        """(the entry, "") if a finished, intact entry holds `key`; else (None, why not).
-        A damaged entry is removed."""
+        """(the artifact, "") if a finished, intact artifact holds `key`; else (None, why
+        not). A damaged entry is removed."""
         folder = self.entry(key)
         if not folder.is_dir():
             return None, "not cached"
@@ -185,27 +250,50 @@ class Cache:
             return None, f"cached copy damaged ({e})"
         return folder, ""
 
+    def lookup_part(self, store: str, key: str) -> dict[str, Any] | None:
+        """The `part.json` of a stored library or parameters entry, if it is intact; a
+        damaged entry is removed."""
+        folder = self.entry(key, store)
+        if not folder.is_dir():
+            return None
+        try:
+            part = json.loads((folder / PART).read_text())
+            artifact.verify_files(folder, part["files"])
+        except (ArtifactError, OSError, ValueError, KeyError, TypeError):
+            shutil.rmtree(folder, ignore_errors=True)
+            return None
+        return part
+
     @contextmanager
-    def store(self, key: str) -> Iterator[Path]:
+    def store(self, key: str, store: str = "artifacts") -> Iterator[Path]:
         """A temporary folder; when the block ends without error it becomes the entry."""
-        with artifact.staging(self.entry(key)) as tmp:
+        with artifact.staging(self.entry(key, store)) as tmp:
             yield tmp
 
     def sweep(self) -> None:
         """Remove what killed builds left: temporary folders of keys no build holds."""
-        folder = self.root / "artifacts"
-        if not folder.is_dir():
-            return
-        for p in folder.iterdir():
-            leftover = p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name)
-            if not leftover:
+        for store in STORES:
+            folder = self.root / store
+            if not folder.is_dir():
                 continue
-            key = p.name[1:].split(".", 1)[0]
-            fd = try_locked(self.root / "locks" / f"{key}.lock")
-            if fd is None and (self.root / "locks" / f"{key}.lock").exists():
-                continue  # a build of that key is running
-            try:
-                shutil.rmtree(p, ignore_errors=True)
-            finally:
-                if fd is not None:
-                    os.close(fd)
+            for p in folder.iterdir():
+                leftover = p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name)
+                if not leftover:
+                    continue
+                key = p.name[1:].split(".", 1)[0]
+                lock = self.root / "locks" / f"{key}.lock"
+                fd = try_locked(lock)
+                if fd is None and lock.exists():
+                    continue  # a build of that key is running
+                try:
+                    shutil.rmtree(p, ignore_errors=True)
+                finally:
+                    if fd is not None:
+                        os.close(fd)
+
+
+def write_part(folder: Path, record: dict[str, Any]) -> dict[str, Any]:
+    """Write `part.json`: `record` plus every file's size, sha256 and time."""
+    record = {**record, "files": artifact.file_records(folder, skip=(PART,))}
+    (folder / PART).write_text(json.dumps(record, indent=1) + "\n")
+    return record

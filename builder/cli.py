@@ -17,21 +17,17 @@ Exit codes: 0 done, 1 a failure while building, 2 bad input (usage, preset, over
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-import yaml
-
-from . import __version__, artifact, registry, resources
-from .build import DEFAULT_OUT, TargetsFailed, build
+from . import __version__
+from .config import DEFAULT_OUT
 from .errors import BuilderError, InputError
-from .hf_import import import_config, render
-from .plugins import load_plugins
-from .preset import RawPreset, find_preset, load_preset, read_preset, validate
-from .run import RunRequest, record_path, run_images
+
+# Each command imports what it needs when it runs: `build --help`, `list`, `check`, `show`
+# and `import` never import TVM (seconds, with torch installed), and a cache hit neither.
 
 COMMANDS = ("build", "show", "check", "list", "import", "run", "bench", "verify")
 
@@ -164,6 +160,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
+    from .build import TargetsFailed, build
+    from .preset import load_preset
+
     preset = load_preset(args.preset, args.overrides, args.plugin)
     chosen = args.target or [t.name for t in preset.targets]
     _err(
@@ -190,6 +189,10 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from .run import RunRequest, record_path, run_images
+    from .tvm_import import import_tvm
+
+    import_tvm()
     req = RunRequest(args.artifact, args.images, args.out, args.batch, args.threads)
     _err(
         f"run {req.artifact}: {len(req.images)} images, batch {req.batch}, "
@@ -204,12 +207,18 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .preset import load_preset
+
     preset = load_preset(args.preset, args.overrides, args.plugin)
     print(yaml.safe_dump(preset.to_dict(), sort_keys=False), end="")
     return 0
 
 
 def _check(args: argparse.Namespace) -> int:
+    from .preset import load_preset
+
     files, overrides = _split(args.args)
     if not files:
         raise InputError("check: no preset given")
@@ -226,6 +235,10 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from . import artifact
+    from .tvm_import import import_tvm
+
+    import_tvm()
     errors: list[str] = []
     for folder in args.artifacts:
         try:
@@ -239,6 +252,11 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
+    from . import registry, resources
+    from .config import KIND_DESCRIPTIONS, KNOWN_TARGETS
+    from .plugins import load_plugins
+    from .preset import find_preset, read_preset
+
     load_plugins([(m, f"--plugin {m!r}") for m in args.plugin])
     print("presets:")
     for path in sorted(resources.presets_dir().glob("*.yaml")):
@@ -252,12 +270,9 @@ def _list(args: argparse.Namespace) -> int:
         for block in registry.all_blocks():
             if block.kind == kind:
                 print(f"  {kind}: {block.name:24} {block.summary}")
-    from .config import KNOWN_TARGETS
-    from .targets import KINDS
-
     print("target kinds (what an artifact is, what builds and runs it):")
-    for name, kind in KINDS.items():
-        print(f"  {name:8} {kind.DESCRIPTION}")
+    for name, description in KIND_DESCRIPTIONS.items():
+        print(f"  {name:8} {description}")
     print("target names a preset may list bare:")
     for name, entry in KNOWN_TARGETS.items():
         options = ", ".join(f"{k}: {v}" for k, v in entry.items() if k != "name")
@@ -266,6 +281,9 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    from .tvm_import import import_tvm
+
+    import_tvm()
     from .bench import bench
     from .runtime import load
 
@@ -290,6 +308,11 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
+    import copy
+
+    from .hf_import import import_config, render
+    from .preset import RawPreset, validate
+
     imported = import_config(args.config)
     if args.out.exists() and not args.force:
         raise InputError(f"{args.out}: exists; pass --force to overwrite it")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -27,7 +28,9 @@ class CLIPVisionConfig:
     num_attention_heads: int = 12
     num_hidden_layers: int = 12
     patch_size: int = 32
+    # CLIP's visual projection width: recorded from HF configs, not used by the tower.
     projection_dim: int = 512
+    # Read by nothing: accepted so that MLC LLM's CLIP configs load unchanged.
     vocab_size: int = 49408
     num_channels: int = 3
     layer_norm_eps: float = 1e-5
@@ -218,6 +221,9 @@ class Preset:
         return data
 
 
+# Where `build` writes artifacts (`OUT/<preset>/<target>/`) unless `--out` says otherwise.
+DEFAULT_OUT = Path("artifacts")
+
 # A target written as a bare name in a preset (`targets: [llvm]`) expands to this entry.
 KNOWN_TARGETS: dict[str, dict[str, Any]] = {
     "llvm": {"name": "llvm", "kind": "llvm", "mcpu": "host"},
@@ -233,6 +239,20 @@ KNOWN_TARGETS: dict[str, dict[str, Any]] = {
 
 # The target options each kind reads, beside `name`, `kind` and `precision`; a preset that
 # sets another is told so rather than silently ignored.
+# One line per target kind for `build list` (what an artifact is, what builds and runs it);
+# `builder.targets.KINDS` holds their pipelines.
+KIND_DESCRIPTIONS: dict[str, str] = {
+    "llvm": (
+        "CPUs: lib.so for the build machine's CPU (mcpu: host), or with mtriple for another "
+        "(aarch64: linked by aarch64-linux-gnu-g++, runs on aarch64 Linux)"
+    ),
+    "cuda": (
+        "NVIDIA GPUs: lib.so for the build machine's CPU holding a cubin per arch plus PTX of "
+        "the newest; runs on tvm.cuda(0) with the NVIDIA driver, no compiler. Builds with nvcc, "
+        "no GPU needed"
+    ),
+}
+
 KIND_FIELDS: dict[str, tuple[str, ...]] = {
     "llvm": ("mcpu", "mtriple", "mattr", "num_cores"),
     "cuda": ("arch",),

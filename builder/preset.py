@@ -24,7 +24,6 @@ from jsonschema.exceptions import ValidationError, best_match
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from . import blocks as _blocks  # noqa: F401  (registers the built-in blocks)
 from . import inherit, plugins, registry, resources
 from .config import COMMON_TARGET_FIELDS, KIND_FIELDS, Preset, preset_from_dict
 from .errors import InputError
@@ -458,8 +457,7 @@ def _token_errors(preset: Preset) -> list[tuple[Path_, str]]:
                     "set model.post_layernorm: true and model.feature_layer: -1",
                 )
             )
-        head = registry.get(b.head, "head").factory
-        if getattr(head, "requires_class_token", False) and not cls:
+        if registry.get(b.head, "head").attr("requires_class_token", False) and not cls:
             found.append(
                 (
                     ("blocks", "head"),

@@ -15,9 +15,9 @@ import numpy as np
 from . import artifact, devices
 
 THREADS_ENV = "TVM_NUM_THREADS"
-# How long an idle pool thread spins (sched_yield calls) before it sleeps. TVM's default of
-# 300000 keeps a core busy for about 75 ms after every call, which slows whatever the process
-# runs next (a language model, say); 10000 is about 3 ms, ample between one forward's kernels.
+# How long an idle pool thread spins (sched_yield calls) before it sleeps. TVM's default
+# keeps a core busy long after every call, which slows whatever the process runs next (a
+# language model, say); docs/artifacts.md has the figures.
 SPIN_ENV, SPIN_DEFAULT = "TVM_THREAD_POOL_SPIN_COUNT", "10000"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +41,25 @@ TINY = {
 }
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="session", autouse=True)
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One build cache for the whole session (never the user's), subprocesses included:
+    tests that build the same tower reuse its artifact, library and parameters, as a user's
+    builds do. Its keys cover everything a build depends on (builder/cache.py)."""
+    folder = tmp_path_factory.mktemp("cache")
+    before = os.environ.get("BUILDER_CACHE_DIR")
+    os.environ["BUILDER_CACHE_DIR"] = str(folder)
+    yield folder
+    if before is None:
+        del os.environ["BUILDER_CACHE_DIR"]
+    else:
+        os.environ["BUILDER_CACHE_DIR"] = before
+
+
+@pytest.fixture
 def build_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Every test gets its own empty build cache (never the user's), subprocesses included."""
+    """An empty build cache for this test alone: for tests of the cache itself, and for tests
+    that change the pipeline under the cache's feet (a broken compile, a hidden tool)."""
     folder = tmp_path_factory.mktemp("cache")
     monkeypatch.setenv("BUILDER_CACHE_DIR", str(folder))
     return folder

@@ -1,20 +1,22 @@
-"""The build cache: what its key covers, reuse, --force, damaged entries, concurrent builds."""
+"""The build cache: what each key covers, reuse, --force, damaged entries, concurrent builds,
+and hits decided without TVM."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import textwrap
 
 import pytest
-import tvm
-import tvm_ffi
 
 import builder
-from builder import artifact, cache, targets
+from builder import artifact, cache, make_artifact, targets
+from builder.assemble import export
 from builder.cache import Cache
 from builder.cli import main
 from builder.preset import load_preset
+from builder.targets.cpu import kernels
 
 from .conftest import REPO, tiny_overrides
 
@@ -23,14 +25,18 @@ TINY = ["clip-vit-b-32", *tiny_overrides()]
 
 def key_of(preset, root) -> str:
     c = Cache(root)
+    return c.artifact_key(preset, preset.targets[0], c.weights_digest(preset))
+
+
+def library_key_of(preset) -> str:
     entry = preset.targets[0]
-    kind = targets.pipeline(entry.kind)
-    _, options = kind.tvm_target(entry)
-    return c.key(preset, entry, options, kind, c.weights_digest(preset))
+    target, options = targets.pipeline(entry.kind).tvm_target(entry)
+    mod, _ = export(preset.model, preset.blocks, preset.dtype)
+    return make_artifact.make_library_key(make_artifact.graph_digest(mod), entry, target, options)
 
 
 @pytest.mark.unit
-def test_key_changes_with_every_part(tmp_path, monkeypatch, tiny_checkpoint):
+def test_artifact_key_changes_with_every_part(tmp_path, monkeypatch, tiny_checkpoint):
     base = load_preset(TINY[0], TINY[1:])
     first = key_of(base, tmp_path)
     assert key_of(load_preset(TINY[0], TINY[1:]), tmp_path) == first  # stable
@@ -46,18 +52,16 @@ def test_key_changes_with_every_part(tmp_path, monkeypatch, tiny_checkpoint):
         "description=x",
     ):
         keys[change] = key_of(load_preset(TINY[0], [*TINY[1:], change]), tmp_path)
-    for module, attr in (
-        (targets.llvm, "PIPELINE_VERSION"),
-        (tvm, "__version__"),
-        (tvm_ffi, "__version__"),
-        (cache, "__version__"),
+    for attr, value in (
+        ("tvm_versions", lambda: {"apache-tvm": "other"}),
+        ("host_cpu", lambda: {"model name": "another CPU"}),
+        ("__version__", "other"),
+        ("source_digest", lambda: "edited"),
+        ("weights_code", lambda: "edited"),
     ):
         with monkeypatch.context() as m:
-            m.setattr(module, attr, "other")
-            keys[f"{module.__name__}.{attr}"] = key_of(base, tmp_path)
-    with monkeypatch.context() as m:
-        m.setattr(cache, "source_digest", lambda: "edited")
-        keys["sources"] = key_of(base, tmp_path)
+            m.setattr(cache, attr, value)
+            keys[attr] = key_of(base, tmp_path)
 
     folder, _ = tiny_checkpoint
     ckpt = tmp_path / "ckpt"
@@ -73,6 +77,52 @@ def test_key_changes_with_every_part(tmp_path, monkeypatch, tiny_checkpoint):
     (ckpt / "config.json").write_text((ckpt / "config.json").read_text() + " ")
     keys["checkpoint config"] = key_of(with_ckpt, tmp_path)
     assert len(set(keys.values())) == len(keys), keys
+
+
+@pytest.mark.unit
+def test_library_key_covers_what_the_code_depends_on_and_not_the_weights(monkeypatch):
+    base = load_preset(TINY[0], TINY[1:])
+    first = library_key_of(base)
+    # What changes the artifact but not the compiled code leaves the library key alone.
+    for same in ("weights.seed=7", "description=x", "preprocess.resample=bilinear"):
+        assert library_key_of(load_preset(TINY[0], [*TINY[1:], same])) == first, same
+
+    keys = {"base": first}
+    for change in (
+        "model.num_hidden_layers=4",  # the graph
+        "model.layer_norm_eps=1e-6",  # a constant in the graph
+        "dtype=float16",
+        "targets=[{name: llvm, mcpu: skylake}]",
+        "targets=[{name: llvm, num_cores: 7}]",
+        "targets=[{name: llvm, precision: bfloat16}]",
+    ):
+        keys[change] = library_key_of(load_preset(TINY[0], [*TINY[1:], change]))
+    for module, attr, value in (
+        (targets.llvm, "PIPELINE_VERSION", "other"),
+        (make_artifact, "pipeline_sources", lambda: "edited"),
+        (make_artifact.tvm, "__version__", "other"),
+        (make_artifact.tvm_ffi, "__version__", "other"),
+        (kernels, "l2_bytes", lambda target: 3 << 20),  # sizes the GEMMs' weight blocks
+    ):
+        with monkeypatch.context() as m:
+            m.setattr(module, attr, value)
+            keys[f"{module.__name__}.{attr}"] = library_key_of(base)
+    assert len(set(keys.values())) == len(keys), keys
+
+
+@pytest.mark.unit
+def test_params_key_covers_library_weights_and_dtype():
+    weights = {"kind": "random", "seed": 0, "code": "x"}
+    first = make_artifact.make_params_key("lib", weights, "float32", "build")
+    assert make_artifact.make_params_key("lib", dict(weights), "float32", "build") == first
+    others = [
+        make_artifact.make_params_key("lib2", weights, "float32", "build"),
+        make_artifact.make_params_key("lib", {**weights, "seed": 1}, "float32", "build"),
+        make_artifact.make_params_key("lib", {**weights, "code": "y"}, "float32", "build"),
+        make_artifact.make_params_key("lib", weights, "bfloat16", "build"),
+        make_artifact.make_params_key("lib", weights, "float32", "load"),
+    ]
+    assert len({first, *others}) == 6
 
 
 @pytest.mark.unit
@@ -136,19 +186,55 @@ def test_hit_force_change_and_damage(tmp_path, monkeypatch, capsys, build_cache)
     assert main([*TINY, *out, "--force"]) == 0
     assert len(compiled) == 2
     assert "building (--force" in capsys.readouterr().err
+    library = (art / "lib.so").read_bytes()  # --force replaced the stored library
 
-    assert main([*TINY, "weights.seed=3", *out]) == 0  # a change: rebuilt
-    assert len(compiled) == 3
+    # New weights: a new artifact, the same compiled library, byte for byte.
+    assert main([*TINY, "weights.seed=3", *out]) == 0
+    assert len(compiled) == 2
+    assert "compiled library reused" in capsys.readouterr().err
     assert artifact.read_manifest(art)["weights"]["seed"] == 3
+    assert (art / "lib.so").read_bytes() == library
+    # A graph change compiles.
+    assert main([*TINY, "model.layer_norm_eps=1e-3", *out]) == 0
+    assert len(compiled) == 3
 
-    # A damaged cached copy (a shorter file) is noticed and rebuilt, not served.
+    # A damaged cached copy (a shorter file) is noticed and not served: the parameters
+    # (the damaged file is a link to them) are made again; the intact library is reused.
     cached = build_cache / "artifacts" / first / "params.safetensors"
     os.truncate(cached, cached.stat().st_size - 1)
     capsys.readouterr()
     assert main([*TINY, *out]) == 0
-    assert len(compiled) == 4
-    assert "cached copy damaged" in capsys.readouterr().err
+    assert len(compiled) == 3
+    err = capsys.readouterr().err
+    assert "cached copy damaged" in err and "compiled library reused" in err
     assert builder.load(art, verify=True).manifest["cache_key"] == first
+
+
+HIT_WITHOUT_TVM = textwrap.dedent(
+    """
+    import sys
+    from builder.cli import main
+
+    code = main(sys.argv[1:])
+    assert code == 0, code
+    print("imported:", sorted(m for m in ("tvm", "torch") if m in sys.modules))
+    """
+)
+
+
+@pytest.mark.e2e
+def test_hit_is_decided_without_tvm(tmp_path, build_cache):
+    args = [*TINY, "--out", str(tmp_path)]
+    assert main(args) == 0
+    proc = subprocess.run(
+        [sys.executable, "-c", HIT_WITHOUT_TVM, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "cache hit" in proc.stderr
+    assert "imported: []" in proc.stdout, proc.stdout
 
 
 @pytest.mark.e2e

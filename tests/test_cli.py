@@ -215,3 +215,43 @@ def test_python_m_builder_exits_2_without_traceback():
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "override 'model.hidden_size=7': model.hidden_size: 7 is not divisible" in proc.stderr
+
+
+NO_TVM = textwrap.dedent(
+    """
+    import contextlib, io, sys
+    from builder.cli import main
+
+    codes = []
+    for argv in sys.argv[1:]:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            try:
+                codes.append(main(argv.split("|")))
+            except SystemExit as e:  # argparse's --help and usage errors
+                codes.append(e.code)
+    print(codes, sorted(m for m in ("tvm", "torch") if m in sys.modules))
+    """
+)
+
+
+def test_commands_that_compile_nothing_import_no_tvm(tmp_path):
+    """`--help`, `list`, `check`, `show`, `import` and argument errors answer without TVM
+    (and torch, which TVM imports), so they take a fraction of a second."""
+    from transformers import CLIPVisionConfig
+
+    config = tmp_path / "config.json"
+    CLIPVisionConfig().to_json_file(config)
+    commands = [
+        "--help",
+        "list",
+        "check|presets/llava-clip.yaml|presets/siglip-base-16-224.yaml",
+        "show|llava-clip|model.num_hidden_layers=12",
+        f"import|{config}|--out|{tmp_path / 'p.yaml'}",
+        "build|--no-such-flag",
+        "check|llava-clip|model.hiden_size=8",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-c", NO_TVM, *commands], cwd=REPO, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[0, 0, 0, 0, 0, 2, 2] []", proc.stdout

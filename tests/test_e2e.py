@@ -112,7 +112,7 @@ def test_random_init_is_deterministic_and_seeded(tmp_path):
     assert not np.allclose(runs["a"], runs["c"])
 
 
-def test_failed_build_leaves_nothing(tmp_path, monkeypatch, capsys):
+def test_failed_build_leaves_nothing(tmp_path, monkeypatch, capsys, build_cache):
     def broken(mod, target, precision):
         raise RuntimeError("simulated codegen failure")
 
@@ -126,7 +126,7 @@ def test_failed_build_leaves_nothing(tmp_path, monkeypatch, capsys):
     assert not list(tmp_path.rglob("*.so")) and not list(tmp_path.rglob("manifest.json"))
 
 
-def test_failed_write_keeps_the_old_artifact(tmp_path, monkeypatch):
+def test_failed_write_keeps_the_old_artifact(tmp_path, monkeypatch, build_cache):
     assert main(["clip-vit-b-32", *tiny_overrides(), "--out", str(tmp_path)]) == 0
     art = tmp_path / "clip-vit-b-32" / "llvm"
     before = (art / "manifest.json").read_text()

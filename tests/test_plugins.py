@@ -133,3 +133,19 @@ def test_unknown_plugin_block_name_lists_close_matches(monkeypatch, capsys):
         "'slu' is not one of ['gelu', 'gelu_tanh', 'quick_gelu', 'silu'], did you mean 'silu'?"
         in err
     )
+
+
+@pytest.mark.ir
+def test_plugin_silu_is_fused_into_its_gemm():
+    """The CPU pipeline fuses x * sigmoid(x) (the plugin's SiLU) into fc1's epilogue, as it
+    does quick_gelu: no sigmoid is left for the fallback schedule."""
+    from builder.assemble import export
+    from builder.targets.cpu import kernels
+    from builder.targets.cpu.rewrite import rewrite_to_kernels
+
+    preset = load_preset(EXAMPLE_PRESET, tiny_overrides())
+    mod, _ = export(preset.model, preset.blocks, preset.dtype)
+    assert mod["forward"].script().count("R.sigmoid(") == preset.model.num_layers_computed
+    rewritten = rewrite_to_kernels(mod, kernels.KernelConfig(vec=16, nv=4, mr=6))
+    script = rewritten["forward"].script()
+    assert "R.sigmoid(" not in script and "R.matmul(" not in script

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from pathlib import Path
 
 import pytest
 from tvm.relax.frontend import nn
@@ -159,3 +160,26 @@ def test_projector_names_are_llava_keys():
     assert names["multi_modal_projector.linear_2.weight"] == (48, 48)
     assert names["multi_modal_projector.linear_2.bias"] == (48,)
     assert len(names) == 4 + 5 + 16 * 2
+
+
+@pytest.mark.unit
+def test_source_index_equals_the_live_registry():
+    """The built-in blocks as indexed from their source (what preset checks see without
+    TVM) are the blocks their decorators register: names, slots, places, docs, constants."""
+    import builder.blocks as package
+
+    indexed = {}
+    for path in sorted(Path(package.__file__).parent.glob("*.py")):
+        for block in registry.index_source(path, f"builder.blocks.{path.stem}"):
+            indexed[block.name] = block
+    live = {b.name: b for b in registry.all_blocks() if b.module.startswith("builder.blocks.")}
+    assert sorted(indexed) == sorted(live)
+    for name, block in indexed.items():
+        real = live[name]
+        assert (block.kind, block.where, block.summary) == (real.kind, real.where, real.summary)
+        for attr, value in block.attrs.items():
+            assert real.attr(attr) == value, (name, attr)
+        assert block.attr("class_tokens", 0) == getattr(real.factory, "class_tokens", 0)
+        assert block.attr("requires_class_token", False) == getattr(
+            real.factory, "requires_class_token", False
+        )

@@ -234,7 +234,7 @@ def test_runtime_refuses_what_this_machine_cannot_run(three):
 
 @pytest.mark.e2e
 @needs_cross
-def test_missing_cross_linker_fails_that_target_only(tmp_path, monkeypatch, capsys):
+def test_missing_cross_linker_fails_that_target_only(tmp_path, monkeypatch, capsys, build_cache):
     hide(monkeypatch, "aarch64-linux-gnu-g++")
     args = ["clip-vit-b-32", *tiny_overrides(), "targets=[aarch64,llvm]", "--out", str(tmp_path)]
     assert main(args) == 1
@@ -253,7 +253,7 @@ def test_missing_cross_linker_fails_that_target_only(tmp_path, monkeypatch, caps
 
 
 @pytest.mark.e2e
-def test_missing_nvcc_and_unknown_arch_name_the_target(tmp_path, monkeypatch, capsys):
+def test_missing_nvcc_and_unknown_arch_name_the_target(tmp_path, monkeypatch, capsys, build_cache):
     hide(monkeypatch, "nvcc")
     args = ["clip-vit-b-32", *tiny_overrides(), "targets=[cuda,llvm]", "--out", str(tmp_path)]
     assert main(args) == 1
@@ -352,7 +352,7 @@ def test_16_bit_precision_without_the_arithmetic_rounds_the_operands(
 
 
 @pytest.mark.e2e
-def test_weights_packed_at_load_equal_packed_at_build(tmp_path, monkeypatch):
+def test_weights_packed_at_load_equal_packed_at_build(tmp_path, monkeypatch, build_cache):
     """A cross-compiled library stores its weights unpacked and the runtime packs them when it
     loads the artifact; shown here on the host by forcing that path."""
     base = ["clip-vit-b-32", *tiny_overrides()]

@@ -180,9 +180,6 @@ class CLIPVisionModel(nn.Module):
     applies the projector if `blocks.projector` names one; or returns the pooled vector of the
     tower's head."""
 
-    # The features feed a language model's projector: keep them at full precision.
-    no_quantization: bool = True
-
     def __init__(self, config: CLIPVisionConfig, blocks: BlocksConfig):
         self.feature_layers = config.feature_layers
         self.pooled = config.output == "pooled"

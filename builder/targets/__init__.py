@@ -2,6 +2,8 @@
 
 - `tvm_target(entry)`: the `tvm.target.Target` for a preset's target entry, and the resolved
   options to record in the manifest (`mcpu: host` becomes the detected CPU);
+- `kernel_facts(target)`: what shapes the compiled code beyond the target's options (the CPU
+  kernels' L2 size and vector width), for the build cache's library key;
 - `compile(mod, target, precision)`: the compile pipeline, IRModule -> `tvm.runtime.Executable`,
   with the entry's `precision` applied as the kind sees fit (cuda: TVM's way,
   `builder.precision`; llvm: its own kernels);
@@ -10,7 +12,8 @@
 - `export(executable, path, entry)`: write the library to `path`;
 - `runs_on(entry, options, library)`: what running the artifact needs (device, CPU
   architecture, OS, the device code it holds), for the manifest and the runtime's checks;
-- `LIBRARY`: the file name of the exported library; `DESCRIPTION`: one line for `build list`.
+- `LIBRARY`: the file name of the exported library (its one-line description for
+  `build list` is `builder.config.KIND_DESCRIPTIONS`);
 - `PIPELINE_VERSION`: an integer in the build cache key, bumped when `compile` changes;
 - `params_packing(entry)`: "none", or where the `transform_params` that `compile` adds runs:
   "build" (the builder stores the parameters in the layout `forward` takes) or "load" (a

@@ -20,11 +20,6 @@ from . import device_code, toolchain
 # Part of the build cache key: bump it whenever compile() changes what it produces.
 PIPELINE_VERSION = 1
 LIBRARY = "lib.so"
-DESCRIPTION = (
-    "NVIDIA GPUs: lib.so for the build machine's CPU holding a cubin per arch plus PTX of "
-    "the newest; runs on tvm.cuda(0) with the NVIDIA driver, no compiler. Builds with nvcc, "
-    "no GPU needed"
-)
 
 
 def _archs(entry: TargetConfig) -> list[str]:
@@ -38,6 +33,11 @@ def tvm_target(entry: TargetConfig) -> tuple[tvm.target.Target, dict[str, Any]]:
     target = tvm.target.Target({"kind": "cuda", "arch": archs[0]}, host={"kind": "llvm"})
     options = {"kind": "cuda", "arch": archs[0], "host": {"kind": "llvm"}}
     return target, options
+
+
+def kernel_facts(target: tvm.target.Target) -> dict[str, Any]:
+    """TVM's GPU schedules take what they need from the target's options."""
+    return {}
 
 
 def compile(

@@ -16,10 +16,6 @@ from . import toolchain
 from .cpu import compile_cpu
 
 LIBRARY = "lib.so"
-DESCRIPTION = (
-    "CPUs: lib.so for the build machine's CPU (mcpu: host), or with mtriple for another "
-    "(aarch64: linked by aarch64-linux-gnu-g++, runs on aarch64 Linux)"
-)
 # Part of the build cache key: bump it whenever compile() changes what it produces.
 PIPELINE_VERSION = 7
 
@@ -36,6 +32,16 @@ def tvm_target(entry: TargetConfig) -> tuple[tvm.target.Target, dict[str, Any]]:
         options["num-cores"] = entry.num_cores or available_cores()
     # A dict, not a string: TVM 0.27 rejected "-mcpu=..." in a target string.
     return tvm.target.Target(options), options
+
+
+def kernel_facts(target: tvm.target.Target) -> dict[str, Any]:
+    """What shapes the kernels beside the target's options: the register tile from the
+    vector width, the cores the work is split for, the L2 size that sizes the weight blocks."""
+    import dataclasses
+
+    from .cpu.kernels import kernel_config
+
+    return dataclasses.asdict(kernel_config(target))
 
 
 def compile(

@@ -6,7 +6,6 @@ from typing import Any
 
 import numpy as np
 
-from ..assemble import full_tower, parameter_shapes
 from ..config import Preset
 from .hf import check_config, read_tower
 from .random_init import random_weights
@@ -25,6 +24,8 @@ def load_weights(
             "note": "random weights, not a trained model",
         }
         return random_weights(shapes, source.seed), info
+    from ..assemble import full_tower, parameter_shapes  # imports TVM
+
     check_config(source.path, preset.model, preset.blocks.projector)
     known = parameter_shapes(full_tower(preset.model), preset.blocks)
     return read_tower(source.path, shapes, known)

@@ -332,8 +332,7 @@ def _parse(src: str) -> tirx.PrimFunc:
 # --------------------------------------------------------------------------------------
 # Tasks: each weight block's row tiles in `_gemm_chunks` parts. A thread prefetches the block
 # of its next task while it works on the current one, so a task that is long enough to cover
-# that prefetch matters more than a fine split: with 2 threads, 2 parts ran 3% faster than 4
-# at batch 1 (ViT-B/16, weights from memory), and as fast as 1.
+# that prefetch matters more than a fine split (measured in docs/cpu-pipeline.md).
 _GEMM_TASKS_PER_THREAD = 4  # at least, where the blocks alone are too few for the threads
 
 
@@ -344,8 +343,8 @@ def _gemm_chunks(cfg: KernelConfig, blocks: int) -> int:
 
 # Largest weight panel (k steps x one N block) that a tile streams from L2, as a share of the
 # L2: half, so that the panel stays there beside the X rows and the next panel's prefetch.
-# Longer K runs in steps: llava-clip's fc2 (K 4096, 1 MiB blocks) in two on a 1 MiB L2,
-# 8% faster (Zen 5); on a 2 MiB L2, K steps had made it 6-15% slower.
+# Longer K runs in steps (llava-clip's fc2 in two on a 1 MiB L2); docs/cpu-pipeline.md has
+# what the steps gained on a 1 MiB L2 and cost on a 2 MiB one.
 _GEMM_PANEL_SHARE = 0.5
 _GEMM_PF = 2  # prefetches per `unroll` k steps, at most
 # Half GEMMs: k pairs summed in float16 before each float32 add. Against the float32 kernel
@@ -762,7 +761,7 @@ def attention_kernel(cfg: KernelConfig, S: int, H: int, D: int, scale: float):
     the same broadcast-FMA micro kernel as the GEMM. Q.K^T runs whole key blocks, then only
     the vectors the last keys need (577 keys: 9 blocks of 64 and one vector, not 10 blocks).
     P.V runs one vector at a time, unrolled: an 80-lane vector (head dim 72) made LLVM
-    shuffle through the stack, 17x slower. The scale goes into the exponent; the 1/sum
+    shuffle through the stack (docs/cpu-pipeline.md). The scale goes into the exponent; the 1/sum
     normalization is applied to the output tile instead of P. Needs scale > 0."""
     nb, vec, mr = cfg.nb, cfg.vec, cfg.mr
     SP, DP = attn_padding(cfg, S, D)
@@ -872,7 +871,7 @@ def attention_kernel(cfg: KernelConfig, S: int, H: int, D: int, scale: float):
     for i in range(mr):
         L += _fill(f"out{i}", DP, ind)
     # P.V in whole vectors (an 80-lane vector, head dim 72, made LLVM shuffle through the
-    # stack: 20x slower), unrolled so the accumulators stay in registers.
+    # stack), unrolled so the accumulators stay in registers.
     L.append(f"{ind}for j in range({_i(S)}):")
     L.append(f"{ind}    for v in T.unroll({_i(DP // vec)}):")
     for i in range(mr):

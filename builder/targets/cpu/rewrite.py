@@ -190,25 +190,33 @@ class _Plan:
         return None
 
     def _match_silu(self, cur):
-        """cur * sigmoid(cur * c)  (quick_gelu: c = 1.702)."""
+        """cur * sigmoid(cur * c) (quick_gelu: c = 1.702), or cur * sigmoid(cur) (SiLU,
+        c = 1): ("silu", c) and the product's variable."""
         c1, c2 = self.consumers[cur]
-        for scale_var, out_var in ((c1, c2), (c2, c1)):
-            sv, ov = self.defs[scale_var], self.defs[out_var]
-            if _op_name(sv) != "relax.multiply" or _op_name(ov) != "relax.multiply":
+        for first, out_var in ((c1, c2), (c2, c1)):
+            fv, ov = self.defs[first], self.defs[out_var]
+            if _op_name(ov) != "relax.multiply":
                 continue
-            consts = [_scalar_const(a) for a in sv.args if not a.same_as(cur)]
-            if len(consts) != 1 or consts[0] is None or not any(a.same_as(cur) for a in sv.args):
+            if _op_name(fv) == "relax.sigmoid":
+                sig_var, c = first, 1.0
+            elif _op_name(fv) == "relax.multiply" and any(a.same_as(cur) for a in fv.args):
+                consts = [_scalar_const(a) for a in fv.args if not a.same_as(cur)]
+                sig = self._single_consumer(first)
+                if len(consts) != 1 or consts[0] is None or not sig:
+                    continue
+                if _op_name(sig[1]) != "relax.sigmoid":
+                    continue
+                sig_var, c = sig[0], consts[0]
+            else:
                 continue
-            sig = self._single_consumer(scale_var)
-            if not sig or _op_name(sig[1]) != "relax.sigmoid":
+            use = self._single_consumer(sig_var)
+            if use is None or use[0] != out_var:
                 continue
-            if self._single_consumer(sig[0]) is None or self._single_consumer(sig[0])[0] != out_var:
-                continue
-            if {id(a) for a in ov.args} != {id(cur), id(sig[0])} and not (
-                any(a.same_as(cur) for a in ov.args) and any(a.same_as(sig[0]) for a in ov.args)
+            if not (
+                any(a.same_as(cur) for a in ov.args) and any(a.same_as(sig_var) for a in ov.args)
             ):
                 continue
-            return ("silu", consts[0]), out_var
+            return ("silu", c), out_var
         return None
 
     def _match_attention(self, var, call):

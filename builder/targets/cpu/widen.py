@@ -1,8 +1,8 @@
 """A model built in float16 or bfloat16 (`dtype`) computes in float32 on the CPU pipeline.
 
 The kernels in `kernels.py` are float32 kernels (and float16 GEMMs, chosen by `precision`);
-a half-precision graph would miss every one of them and run through the fallback schedule,
-about 100x slower. This pass rewrites such a graph into the float32 graph of the same
+a float16 or bfloat16 graph would miss every one of them and run through the fallback
+schedule, many times slower (docs/cpu-pipeline.md). This pass rewrites such a graph into the float32 graph of the same
 parameters: each half-precision parameter is cast to float32 where it is first used (the
 cast depends only on the weight, so LiftTransformParams moves it to build time with the
 weight packing), the casts of activations to and from the half dtype are dropped, and

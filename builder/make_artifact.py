@@ -1,0 +1,308 @@
+"""One artifact made on a cache miss: the graph exported, the library compiled (or reused
+from the cache's libraries), the parameters made and packed (or reused from its params), and
+the manifest written. Imports TVM; `builder.build` imports this module only on a miss."""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from .tvm_import import import_tvm
+
+tvm = import_tvm()
+
+import numpy as np  # noqa: E402
+import tvm_ffi  # noqa: E402
+from tvm import relax  # noqa: E402
+
+from . import __version__, artifact, targets  # noqa: E402
+from .assemble import ENTRY, INPUT_NAME, export, input_shape, output_shape  # noqa: E402
+from .cache import KEY_FORMAT, Cache, digest, pipeline_sources, write_part  # noqa: E402
+from .config import Preset, TargetConfig  # noqa: E402
+from .errors import BuilderError  # noqa: E402
+from .weights import load_weights  # noqa: E402
+
+PACK_FUNCTION = "transform_params"
+Progress = Callable[[str], None]
+
+
+def make_artifact(
+    folder: Path,
+    preset: Preset,
+    entry: TargetConfig,
+    key: str,
+    weights_digest: dict[str, Any],
+    inputs: dict[str, Any],
+    cache: Cache,
+    progress: Progress,
+    force: bool = False,
+) -> None:
+    """Fill `folder` with the artifact of `entry`. `inputs` holds what the targets of one
+    build share (the exported graph, the weights), made on first need. `force` compiles and
+    packs again whatever the cache holds."""
+    kind = targets.pipeline(entry.kind)
+    lacking = kind.missing(entry)
+    if lacking:
+        raise BuilderError(f"cannot build on this machine: {'; '.join(lacking)}")
+    mod, params = _exported(preset, inputs, progress)
+    target, options = kind.tvm_target(entry)
+    library_key = make_library_key(_graph_digest(mod, inputs), entry, target, options)
+    with cache.lock(library_key):
+        library = None if force else cache.lookup_part("libraries", library_key)
+        if library is None:
+            with cache.store(library_key, "libraries") as tmp:
+                _compile(tmp / kind.LIBRARY, mod, kind, entry, target, options, progress)
+                write_part(tmp, {"library_key": library_key, "target": options})
+            library = cache.lookup_part("libraries", library_key)
+        else:
+            progress(f"[{entry.name}] compiled library reused {library_key[:12]}")
+    packing = kind.params_packing(entry)
+    params_key = make_params_key(library_key, weights_digest, preset.dtype, packing)
+    lib_folder = cache.entry(library_key, "libraries")
+    with cache.lock(params_key):
+        stored = None if force else cache.lookup_part("params", params_key)
+        if stored is None:
+            with cache.store(params_key, "params") as tmp:
+                order, source = _params(
+                    tmp,
+                    preset,
+                    entry,
+                    params,
+                    packing,
+                    lib_folder / kind.LIBRARY,
+                    inputs,
+                    progress,
+                )
+                write_part(tmp, {"order": order, "source": source, "packing": packing})
+            stored = cache.lookup_part("params", params_key)
+        else:
+            progress(f"[{entry.name}] parameters reused {params_key[:12]}")
+    if library is None or stored is None:
+        raise BuilderError("the build cache lost an entry while it was being made")
+    artifact.fill(lib_folder, folder, [kind.LIBRARY])
+    artifact.fill(cache.entry(params_key, "params"), folder, [artifact.PARAMS])
+    manifest = {
+        "format": artifact.FORMAT,
+        "preset": preset.name,
+        "resolved_preset": preset.to_dict(),
+        "target": {
+            "name": entry.name,
+            "kind": entry.kind,
+            "precision": entry.precision,
+            "options": options,
+        },
+        "runs_on": kind.runs_on(entry, options, folder / kind.LIBRARY),
+        "versions": {
+            "builder": __version__,
+            "tvm": tvm.__version__,
+            "tvm_ffi": tvm_ffi.__version__,
+        },
+        "cache_key": key,
+        "library_key": library_key,
+        "params_key": params_key,
+        "library": kind.LIBRARY,
+        "entry": ENTRY,
+        "inputs": [{"name": INPUT_NAME, "shape": input_shape(preset.model), "dtype": "float32"}],
+        "outputs": [
+            {
+                "name": preset.model.output,
+                "shape": output_shape(preset.model, preset.blocks),
+                "dtype": "float32",
+            }
+        ],
+        "params": {
+            "file": artifact.PARAMS,
+            "order": stored["order"],
+            "dtype": preset.dtype,
+            # "build": stored packed; "load": the runtime calls transform_params on load.
+            "packing": packing,
+        },
+        # Parameters and computation; pixel values and features are float32 regardless.
+        "dtype": preset.dtype,
+        "weights": stored["source"],
+        # What `Encoder.encode_images` and `build run` apply to an image file.
+        "preprocess": dataclasses.asdict(preset.preprocess.resolved(preset.model.image_size)),
+    }
+    artifact.write_manifest(folder, manifest, known={**library["files"], **stored["files"]})
+
+
+def make_library_key(
+    graph: str, entry: TargetConfig, target: tvm.target.Target, options: dict[str, Any]
+) -> str:
+    """The compiled library's key: the graph's digest (`graph_digest`), the target options
+    and the kernel facts they imply, the precision, the kind's pipeline and TVM."""
+    kind = targets.pipeline(entry.kind)
+    return digest(
+        {
+            "key_format": KEY_FORMAT,
+            "graph": graph,
+            "target": options,
+            "kernels": kind.kernel_facts(target),
+            "precision": entry.precision,
+            "pipeline": {
+                "kind": entry.kind,
+                "version": kind.PIPELINE_VERSION,
+                "sources": pipeline_sources(),
+            },
+            "versions": {"tvm": tvm.__version__, "tvm_ffi": tvm_ffi.__version__},
+        }
+    )
+
+
+def make_params_key(
+    library_key: str, weights_digest: dict[str, Any], dtype: str, packing: str
+) -> str:
+    """The stored parameters' key: the library that packs them, the weights, the dtype."""
+    return digest(
+        {
+            "key_format": KEY_FORMAT,
+            "library": library_key,
+            "weights": weights_digest,
+            "dtype": dtype,
+            "packing": packing,
+        }
+    )
+
+
+def graph_digest(mod: tvm.IRModule) -> str:
+    """sha256 of the exported module's TVMScript: its operators, shapes and dtypes."""
+    return digest(mod.script(show_meta=False))
+
+
+def _exported(
+    preset: Preset, inputs: dict[str, Any], progress: Progress
+) -> tuple[tvm.IRModule, list[tuple[str, tuple[int, ...]]]]:
+    if "graph" not in inputs:
+        model = preset.model
+        t0 = time.perf_counter()
+        mod, params = export(model, preset.blocks, preset.dtype)
+        count = sum(int(np.prod(s)) for _, s in params)
+        progress(
+            f"assembled {len(params)} parameters ({count / 1e6:.1f} M), "
+            f"{model.num_layers_computed} of {model.num_hidden_layers} layers computed "
+            f"[{time.perf_counter() - t0:.1f} s]"
+        )
+        inputs["graph"] = (mod, params)
+    return inputs["graph"]
+
+
+def _graph_digest(mod: tvm.IRModule, inputs: dict[str, Any]) -> str:
+    if "graph_digest" not in inputs:
+        inputs["graph_digest"] = graph_digest(mod)
+    return inputs["graph_digest"]
+
+
+def _weights(
+    preset: Preset,
+    params: list[tuple[str, tuple[int, ...]]],
+    inputs: dict[str, Any],
+    progress: Progress,
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    if "weights" not in inputs:
+        t0 = time.perf_counter()
+        arrays, source = load_weights(preset, dict(params))
+        what = (
+            f"random init (seed {source['seed']})" if source["kind"] == "random" else source["path"]
+        )
+        progress(f"weights: {what} [{time.perf_counter() - t0:.1f} s]")
+        inputs["weights"] = (arrays, source)
+    return inputs["weights"]
+
+
+def _compile(
+    path: Path,
+    mod: tvm.IRModule,
+    kind: Any,
+    entry: TargetConfig,
+    target: tvm.target.Target,
+    options: dict[str, Any],
+    progress: Progress,
+) -> None:
+    t0 = time.perf_counter()
+    progress(f"[{entry.name}] compiling for {options}, precision {entry.precision}")
+    with _noting_interrupts() as interrupted:
+        try:
+            executable = kind.compile(mod, target, entry.precision)
+        except Exception as e:  # TVM raises many types; the message is what matters
+            if interrupted:
+                raise KeyboardInterrupt from e
+            raise BuilderError(f"compile failed: {type(e).__name__}: {e}") from e
+        if interrupted:  # a pass that tolerates errors may have swallowed it
+            raise KeyboardInterrupt
+    try:
+        kind.export(executable, path, entry)
+    except Exception as e:
+        raise BuilderError(f"export failed: {type(e).__name__}: {e}") from e
+    progress(f"[{entry.name}] compiled [{time.perf_counter() - t0:.1f} s]")
+
+
+def _params(
+    folder: Path,
+    preset: Preset,
+    entry: TargetConfig,
+    params: list[tuple[str, tuple[int, ...]]],
+    packing: str,
+    library: Path,
+    inputs: dict[str, Any],
+    progress: Progress,
+) -> tuple[list[str], dict[str, Any]]:
+    """Write the parameters `forward` takes into `folder`; their order and source."""
+    arrays, source = _weights(preset, params, inputs, progress)
+    t0 = time.perf_counter()
+    # In the build's dtype before packing: `transform_params` takes what `forward` takes.
+    arrays = artifact.cast_params(arrays, preset.dtype)
+    order, stored = [name for name, _ in params], arrays
+    if packing == "build":
+        order, stored = pack_params(tvm.runtime.load_module(str(library)), order, arrays)
+        progress(f"[{entry.name}] packed weights [{time.perf_counter() - t0:.1f} s]")
+    artifact.save_params(folder, order, stored)
+    progress(f"[{entry.name}] wrote parameters [{time.perf_counter() - t0:.1f} s]")
+    return order, source
+
+
+def pack_params(
+    library: Any, order: list[str], arrays: dict[str, np.ndarray]
+) -> tuple[list[str], dict[str, np.ndarray]]:
+    """Run the `transform_params` of a library (an executable, or a loaded module): the
+    weight layouts its pipeline chose, such as GEMM panels, made once at build time, so the
+    artifact stores the packed weights and `forward` takes them as they are. Libraries
+    without it get the parameters unchanged."""
+    vm = relax.VirtualMachine(library, tvm.cpu())
+    if not vm.module.implements_function(PACK_FUNCTION):
+        return order, arrays
+    packed = vm[PACK_FUNCTION](*(tvm.runtime.tensor(arrays[name]) for name in order))
+    names = [f"packed.{i}" for i in range(len(packed))]
+    return names, {name: _host_array(t) for name, t in zip(names, packed, strict=True)}
+
+
+def _host_array(t: tvm.runtime.Tensor) -> np.ndarray:
+    """A zero-copy numpy view of a CPU tensor (`Tensor.numpy()` copies: seconds for a ViT-L's
+    1.2 GB); numpy has no bfloat16, so those are copied."""
+    return t.numpy() if str(t.dtype) == "bfloat16" else np.from_dlpack(t)
+
+
+@contextmanager
+def _noting_interrupts() -> Iterator[list[int]]:
+    """A list that gets an entry when SIGINT arrives. A Ctrl-C that lands in Python code
+    called back from TVM's C++ surfaces as a bare RuntimeError; this tells it apart."""
+    main = threading.current_thread() is threading.main_thread()
+    if not main or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield []  # Python's Ctrl-C handling is not in charge here: leave it alone
+        return
+    seen: list[int] = []
+
+    def note(signum: int, frame: Any) -> None:
+        seen.append(signum)
+        signal.default_int_handler(signum, frame)
+
+    previous = signal.signal(signal.SIGINT, note)
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGINT, previous)
