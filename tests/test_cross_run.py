@@ -25,8 +25,6 @@ from builder.targets.cpu.kernels import _has, kernel_config
 from . import aarch64_sysroot
 from .conftest import HOST, REPO, TINY, assert_close, pixels, tiny_overrides
 
-pytestmark = pytest.mark.e2e
-
 # The same float32 graph through each target's kernels: only the order of the sums differs.
 TOLERANCE = 1e-5
 AVX2 = "{name: avx2, kind: llvm, mcpu: haswell}"
@@ -82,6 +80,7 @@ def panel_widths(folder) -> set[int]:
     }
 
 
+@pytest.mark.e2e
 def test_avx2_artifact_runs_on_this_cpu(artifacts, reference):
     if not _has(HOST, "avx2"):
         pytest.skip("this CPU cannot run AVX2 code")
@@ -92,6 +91,7 @@ def test_avx2_artifact_runs_on_this_cpu(artifacts, reference):
     print(f"avx2 vs llvm: {rel:.2g} x max|ref|")
 
 
+@pytest.mark.e2e
 def test_aarch64_artifact_runs_under_qemu(artifacts, reference, tmp_path):
     if toolchain.host_machine() != "x86_64":
         pytest.skip("qemu-user runs the aarch64 artifact on an x86-64 host")
@@ -119,3 +119,85 @@ def test_aarch64_artifact_runs_under_qemu(artifacts, reference, tmp_path):
     rel = assert_close(np.load(tmp_path / "y.npy"), ref, rel=TOLERANCE)
     print(f"aarch64 vs llvm: {rel:.2g} x max|ref|; sysroot {setup:.1f} s, qemu run "
           f"{time.monotonic() - start:.1f} s")  # fmt: skip
+
+
+# --- the sysroot's setup -------------------------------------------------------------------
+
+APT_DEPENDS = {
+    ("python3.11-minimal", "libpython3.11-stdlib", "libstdc++6"): """\
+python3.11-minimal
+  PreDepends: libc6
+  Depends: libpython3.11-minimal
+  Depends: <python3.11-virtual>
+libpython3.11-stdlib
+ |Depends: media-types
+  Depends: mime-support
+  Depends: libc6
+libstdc++6
+  Depends: gcc-12-base
+  Depends: libc6
+""",
+    ("libc6", "libpython3.11-minimal", "media-types", "gcc-12-base"): """\
+libc6
+  Depends: libgcc-s1
+  Breaks: nothing-to-follow
+libpython3.11-minimal
+  Depends: libc6
+media-types
+gcc-12-base
+""",
+    ("libgcc-s1",): "libgcc-s1\n  Depends: gcc-12-base\n  PreDepends: dpkg\n",
+}
+
+
+@pytest.mark.unit
+def test_packages_resolve_to_the_first_alternative_without_tools(monkeypatch):
+    asked = []
+
+    def apt_cache(step, cmd, cwd=None):
+        names = tuple(cmd[cmd.index("--no-enhances") + 1 :])
+        asked.append(names)
+        return APT_DEPENDS[names]
+
+    monkeypatch.setattr(aarch64_sysroot, "_run", apt_cache)
+    assert aarch64_sysroot.resolve_packages([]) == [
+        "gcc-12-base",
+        "libc6",
+        "libgcc-s1",
+        "libpython3.11-minimal",
+        "libpython3.11-stdlib",
+        "libstdc++6",
+        "media-types",
+        "python3.11-minimal",
+    ]
+    assert len(asked) == 3  # one apt-cache call per level
+
+
+@pytest.mark.unit
+def test_setup_killed_or_failed_leaves_no_sysroot(tmp_path, monkeypatch):
+    """A setup that fails leaves nothing; the folder of one killed midway (a `.tmp-` folder)
+    is removed by the next, which publishes its sysroot by renaming it into place."""
+    monkeypatch.setenv(aarch64_sysroot.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(aarch64_sysroot.shutil, "which", lambda tool: f"/usr/bin/{tool}")
+
+    def failing(work, pins):
+        (work / "sysroot" / "usr").mkdir(parents=True)
+        raise aarch64_sysroot.Unavailable("apt-get download: failed")
+
+    monkeypatch.setattr(aarch64_sysroot, "_make", failing)
+    with pytest.raises(aarch64_sysroot.Unavailable, match="apt-get download"):
+        aarch64_sysroot.sysroot()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
+
+    (tmp_path / ".tmp-killed" / "sysroot").mkdir(parents=True)
+
+    def making(work, pins):
+        (work / "sysroot" / "usr").mkdir(parents=True)
+        return work / "sysroot"
+
+    monkeypatch.setattr(aarch64_sysroot, "_make", making)
+    root = aarch64_sysroot.sysroot()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", root.name]
+    assert (root / "usr").is_dir()
+    monkeypatch.setattr(aarch64_sysroot, "_make", failing)
+    assert aarch64_sysroot.sysroot() == root  # made once: found, not made again
