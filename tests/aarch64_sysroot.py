@@ -2,10 +2,10 @@
 
 The sysroot is Debian's arm64 python3.11 and the libraries it loads, extracted from their
 packages (`apt-get download`, `dpkg -x`; apt works on private package lists, so the machine's
-apt configuration is not changed), plus the aarch64 wheels of what the builder's runtime
-imports (tvm, tvm_ffi, numpy, safetensors, ml_dtypes) at the versions this Python has, in
-its `dist-packages`. Run it as `qemu-aarch64 -L SYSROOT SYSROOT/usr/bin/python3.11`
-(`python_command`).
+apt configuration is not changed and root is not needed), plus the aarch64 wheels of what
+the builder's runtime imports (tvm, tvm_ffi, numpy, safetensors, ml_dtypes) at the versions
+this Python has, in its `dist-packages`. Run it as
+`qemu-aarch64 -L SYSROOT SYSROOT/usr/bin/python3.11` (`python_command`).
 
 It is made once into a cache folder (`$BUILDER_CROSS_CACHE`, else
 `~/.cache/clip-tvm-builder-cross`), named by a hash of what goes in it: built in a temporary
