@@ -14,8 +14,9 @@ any point leaves no folder that looks complete (its leftovers are removed by the
 
     python -m tests.aarch64_sysroot     # make it (or find it) and print its path
 
-Needs apt-get and dpkg (Debian or Ubuntu), pip, qemu-aarch64, and the network: Debian's
-archive and PyPI. `Unavailable` says which step failed.
+Needs Debian 12's apt sources (its python3.11; Ubuntu serves arm64 from another archive,
+not tried), apt-get and dpkg, pip, qemu-aarch64, and the network: Debian's archive and PyPI.
+`Unavailable` says which step failed.
 """
 
 from __future__ import annotations
