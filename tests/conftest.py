@@ -15,7 +15,7 @@ from builder.config import TargetConfig
 from builder.preset import load_preset
 from builder.runtime import available_cores, load
 from builder.targets import llvm
-from builder.targets.cpu.kernels import bf16_gemms, half_gemms
+from builder.targets.cpu.kernels import _has, bf16_gemms, half_gemms
 from builder.weights.hf import hf_tower_config
 
 # Tests compare numbers; keep TVM and torch on the same thread count.
@@ -28,6 +28,9 @@ needs_half = pytest.mark.skipif(
 )
 needs_bf16 = pytest.mark.skipif(
     not bf16_gemms(HOST), reason="bfloat16 GEMMs need a CPU with AVX-512 BF16"
+)
+needs_avx512 = pytest.mark.skipif(
+    not _has(HOST, "avx512f"), reason="runs AVX-512 code, or expects its kernel shapes"
 )
 PRESETS = sorted((REPO / "presets").glob("*.yaml"))
 

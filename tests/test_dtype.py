@@ -10,12 +10,13 @@ import pytest
 import safetensors.numpy
 
 from builder.preset import load_preset
+from builder.targets.cpu.kernels import kernel_config
 
 from .conftest import (
+    HOST,
     assert_close,
     build_and_load,
     expected_features,
-    gemm_panels,
     pixels,
     tiny_overrides,
 )
@@ -41,8 +42,10 @@ def test_half_precision_against_fp32_hf(dtype, tiny_checkpoint, tmp_path):
     for name, a in stored.items():
         assert a.dtype == np.float32, name
         assert np.array_equal(a.astype(NUMPY[dtype]).astype(np.float32), a), name
-    # The GEMM kernels' weight panels (tiny tower: K = 32 and 64), as in a float32 build.
-    assert {(1, 32, 64), (1, 64, 64)} <= gemm_panels(enc.folder)
+    # The GEMM kernels' weight panels, as in a float32 build: [blocks, K, columns] (tiny
+    # tower: K = 32 for q, k, v and out, K = 64 for fc2; 32 outputs each).
+    nb = kernel_config(HOST).nb
+    assert {(-(-32 // nb), 32, nb), (-(-32 // nb), 64, nb)} <= {a.shape for a in stored.values()}
     x = pixels(2, preset.model.image_size)
     out = enc(x)
     assert out.dtype == np.float32

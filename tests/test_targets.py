@@ -25,6 +25,7 @@ from .conftest import (
     assert_close,
     expected_features,
     gemm_panels,
+    needs_avx512,
     needs_bf16,
     needs_half,
     pixels,
@@ -328,6 +329,7 @@ def test_bfloat16_multiplies_in_bfloat16_where_the_cpu_can(tiny_checkpoint, tmp_
 
 
 @pytest.mark.parity
+@needs_avx512  # the artifacts, for AVX-512 CPUs, are run here
 @pytest.mark.parametrize("precision,mcpu", [("float16", "znver4"), ("bfloat16", "x86-64-v4")])
 def test_16_bit_precision_without_the_arithmetic_rounds_the_operands(
     tiny_checkpoint, tmp_path, precision, mcpu
