@@ -7,6 +7,7 @@ generic schedule there. Sizes derive from the target's vector width (`kernel_con
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 from dataclasses import dataclass
@@ -317,7 +318,10 @@ def _act_lines(act, v: str, dst: str, ind: str) -> list[str]:
     raise ValueError(act)
 
 
+@functools.cache
 def _parse(src: str) -> tirx.PrimFunc:
+    # Parsing TVMScript is most of a small tower's compile time; a PrimFunc is immutable, so
+    # one parsed kernel serves every compile of this process that emits the same text.
     # Relax passes (e.g. RewriteDataflowReshape's HasReshapePattern) require every PrimFunc
     # body to be a root SBlockRealize ("s_tir" dialect): wrap the main loop nest in one
     # (match_buffer declarations must stay outside).
