@@ -12,19 +12,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import re
 import secrets
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import safetensors.numpy
 
+from . import safetensors_io
 from .errors import ArtifactError, InputError
 from .locking import locked
 from .safetensors_io import SafetensorsFile
@@ -32,6 +33,8 @@ from .safetensors_io import SafetensorsFile
 MANIFEST = "manifest.json"
 PARAMS = "params.safetensors"
 FORMAT = 1
+# Byte alignment of the parameter buffers the builder makes (TVM allocates tensors so).
+ALIGN = 64
 
 
 def sha256(path: Path) -> str:
@@ -60,9 +63,46 @@ def cast_params(arrays: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarr
     return {name: a.astype(want, copy=False) for name, a in arrays.items()}
 
 
+def empty_arrays(specs: list[tuple[tuple[int, ...], np.dtype]]) -> list[np.ndarray]:
+    """Uninitialized arrays of the given (shape, dtype), C-contiguous, each starting at a
+    multiple of ALIGN bytes (what TVM's tensors need to be viewed without a copy), carved
+    out of one anonymous memory map that asks the kernel for transparent huge pages. The
+    first touch of fresh memory, not the writing, was most of the cost of making a ViT-L's
+    1.2 GB of parameters with the 4 KiB pages `np.empty` gets (see docs/build-stages.md).
+    The map lives as long as any of the arrays."""
+    sizes = [int(np.prod(shape, dtype=np.int64)) * np.dtype(t).itemsize for shape, t in specs]
+    offsets, end = [], 0
+    for size in sizes:
+        offsets.append(end)
+        end += -(-size // ALIGN) * ALIGN
+    memory = mmap.mmap(-1, max(end, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):  # Linux; a kernel without THP refuses, and it is moot
+        with suppress(OSError):
+            memory.madvise(mmap.MADV_HUGEPAGE)
+    raw = np.frombuffer(memory, np.uint8)
+    return [
+        raw[begin : begin + size].view(dtype).reshape(shape)
+        for (shape, dtype), begin, size in zip(specs, offsets, sizes, strict=True)
+    ]
+
+
 def save_params(folder: Path, order: list[str], arrays: dict[str, np.ndarray]) -> None:
-    """Write the parameters as `forward` takes them (cast and packed at build time)."""
-    safetensors.numpy.save_file({name: arrays[name] for name in order}, str(folder / PARAMS))
+    """Write the parameters as `forward` takes them (cast and packed at build time), streamed
+    from the arrays to the file (`safetensors_io.write`). The file's sha256, computed while
+    writing, is kept for `write_manifest`."""
+    path = folder / PARAMS
+    digest = safetensors_io.write(path, {name: arrays[name] for name in order})
+    _WRITTEN[_identity(path)] = digest
+
+
+# sha256 of files this process wrote, by `_identity`: `write_manifest` takes the digest
+# instead of reading a 1 GB file back. Any change to the file (size, time, inode) misses.
+_WRITTEN: dict[tuple[str, int, int, int], str] = {}
+
+
+def _identity(path: Path) -> tuple[str, int, int, int]:
+    stat = path.stat()
+    return str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino
 
 
 def load_params(
@@ -128,7 +168,11 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     manifest. Call it last: the times are those of the finished files."""
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != MANIFEST)
     manifest["files"] = {
-        p.name: {"bytes": p.stat().st_size, "sha256": sha256(p), "mtime_ns": p.stat().st_mtime_ns}
+        p.name: {
+            "bytes": p.stat().st_size,
+            "sha256": _WRITTEN.pop(_identity(p), None) or sha256(p),
+            "mtime_ns": p.stat().st_mtime_ns,
+        }
         for p in files
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
