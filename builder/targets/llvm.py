@@ -21,7 +21,7 @@ DESCRIPTION = (
     "(aarch64: linked by aarch64-linux-gnu-g++, runs on aarch64 Linux)"
 )
 # Part of the build cache key: bump it whenever compile() changes what it produces.
-PIPELINE_VERSION = 7
+PIPELINE_VERSION = 8
 
 
 def tvm_target(entry: TargetConfig) -> tuple[tvm.target.Target, dict[str, Any]]:

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import tvm
 from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from .kernels import KernelConfig, bf16_gemms, half_gemms, kernel_config
 from .rewrite import rewrite_to_kernels
@@ -62,7 +63,8 @@ from .widen import widen_to_float32
 
 def _lift_params(mod: tvm.IRModule) -> tvm.IRModule:
     """LiftTransformParams, then expose `transform_params(*params) -> tuple` (the lifted
-    function takes ONE tuple argument; we wrap it so callers pass the weights unpacked).
+    function takes ONE tuple argument; we wrap it so callers pass the weights unpacked),
+    and its variant that writes into buffers of the caller's (`_add_pack_into`).
     `forward` already takes (pixel_values, *transformed) after lifting."""
     mod = relax.transform.LiftTransformParams()(mod)
     lifted = [gv for gv in mod.get_global_vars() if gv.name_hint == "forward_transform_params"]
@@ -75,6 +77,71 @@ def _lift_params(mod: tvm.IRModule) -> tvm.IRModule:
     with bb.function("transform_params", params):
         out = bb.emit(relax.Call(gv, [relax.Tuple(params)]))
         bb.emit_func_output(out)
+    return _add_pack_into(bb.finalize(), gv)
+
+
+@mutator
+class _WriteInto(PyExprMutator):
+    """The lifted function's kernel calls whose results it returns, as in-place calls that
+    write into the caller's buffers: `outs[j]` for the binding of `targets[var] = j`."""
+
+    def __init__(self, mod: tvm.IRModule, targets: dict, outs: relax.Var):
+        super().__init__(mod)
+        self.targets, self.outs = targets, outs
+
+    def visit_var_binding_(self, binding):
+        j = self.targets.get(binding.var)
+        if j is None:
+            super().visit_var_binding_(binding)
+            return
+        call = binding.value
+        args = [self.visit_expr(a) for a in call.args[1].fields]
+        out = self.builder_.emit(relax.TupleGetItem(self.outs, j))
+        new = relax.call_tir_inplace(call.args[0], relax.Tuple([*args, out]), [len(args)], call.ty)
+        self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(new)))
+
+
+def _add_pack_into(mod: tvm.IRModule, lifted: relax.GlobalVar) -> tvm.IRModule:
+    """`transform_params_into(*params, *outs) -> tuple`: `transform_params`, where each
+    result that a kernel computes (the packed weights: float32, static shapes) is written
+    into the caller's buffer `outs[j]` instead of memory the VM allocates, and
+    `transform_params_into_shapes() -> tuple` of those buffers' shapes. The builder so packs
+    into memory of its own (`builder.build.pack_params`) with the same kernels."""
+    func = relax.utils.copy_with_new_vars(mod[lifted])  # a variable is bound once per module
+    body = func.body
+    values = {b.var: b.value for block in body.blocks for b in block.bindings}
+    result = values.get(body.body)
+    if not isinstance(result, relax.Tuple):
+        raise RuntimeError("forward_transform_params does not return a tuple of bindings")
+    targets: dict = {}
+    for field in result.fields:
+        value = values.get(field)
+        ty = getattr(field, "ty", None)
+        if (
+            field not in targets
+            and isinstance(value, tvm.ir.Call)
+            and value.op.same_as(tvm.ir.Op.get("relax.call_tir"))
+            and len(value.args) == 2
+            and isinstance(ty, relax.TensorType)
+            and ty.dtype == "float32"
+            and isinstance(ty.shape, relax.ShapeExpr)
+            and all(isinstance(v, tvm.tirx.IntImm) for v in ty.shape.values)
+        ):
+            targets[field] = len(targets)
+    shapes = [relax.ShapeExpr([int(v) for v in f.ty.shape.values]) for f in targets]
+    outs = relax.Var("outs", relax.TupleType([f.ty for f in targets]))
+    new_body = _WriteInto(mod, targets, outs).visit_expr(body)
+    name = f"{lifted.name_hint}_into"
+    into = relax.Function([*func.params, outs], new_body, func.ret_ty, attrs=func.attrs)
+    bb = relax.BlockBuilder(mod)
+    gv = bb.add_func(into.with_attr("global_symbol", name), name)
+    params = [relax.Var(f"param_{i}", t) for i, t in enumerate(func.params[0].ty.fields)]
+    buffers = [relax.Var(f"out_{j}", f.ty) for j, f in enumerate(targets)]
+    with bb.function("transform_params_into", [*params, *buffers]):
+        out = bb.emit(relax.Call(gv, [relax.Tuple(params), relax.Tuple(buffers)]))
+        bb.emit_func_output(out)
+    with bb.function("transform_params_into_shapes", []):
+        bb.emit_func_output(relax.Tuple(shapes))
     return bb.finalize()
 
 
