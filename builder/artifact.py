@@ -19,7 +19,7 @@ import secrets
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -65,20 +65,16 @@ def cast_params(arrays: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarr
 
 def empty_arrays(specs: list[tuple[tuple[int, ...], np.dtype]]) -> list[np.ndarray]:
     """Uninitialized arrays of the given (shape, dtype), C-contiguous, each starting at a
-    multiple of ALIGN bytes (what TVM's tensors need to be viewed without a copy), carved
-    out of one anonymous memory map that asks the kernel for transparent huge pages. The
-    first touch of fresh memory, not the writing, was most of the cost of making a ViT-L's
-    1.2 GB of parameters with the 4 KiB pages `np.empty` gets (see docs/build-stages.md).
-    The map lives as long as any of the arrays."""
+    multiple of ALIGN bytes (what `tvm.runtime.from_dlpack` needs to take an array without
+    a copy), carved out of one anonymous memory map that lives as long as any of them.
+    Plain pages: asking for transparent huge pages made the first touch slower on the
+    build machine, not faster (docs/build-stages.md)."""
     sizes = [int(np.prod(shape, dtype=np.int64)) * np.dtype(t).itemsize for shape, t in specs]
     offsets, end = [], 0
     for size in sizes:
         offsets.append(end)
         end += -(-size // ALIGN) * ALIGN
     memory = mmap.mmap(-1, max(end, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_HUGEPAGE"):  # Linux; a kernel without THP refuses, and it is moot
-        with suppress(OSError):
-            memory.madvise(mmap.MADV_HUGEPAGE)
     raw = np.frombuffer(memory, np.uint8)
     return [
         raw[begin : begin + size].view(dtype).reshape(shape)

@@ -185,9 +185,9 @@ def pack_params(
     takes them as they are. Executables without it get the parameters unchanged.
 
     Where the pipeline offers `transform_params_into` (the same kernels, writing into the
-    caller's buffers), the packed weights land in memory of the builder's own
-    (`artifact.empty_arrays`: huge pages, faulted in quickly) and the kernels read the
-    parameters where they are, without a copy; TVM's pool runs them on every core
+    caller's buffers), the packed weights land in arrays of the builder's own
+    (`artifact.empty_arrays`) rather than memory the VM allocates, and the kernels read
+    the parameters where they are, without a copy; TVM's pool runs them on every core
     (`runtime.set_threads`)."""
     vm = relax.VirtualMachine(executable, tvm.cpu())
     if not vm.module.implements_function(PACK_FUNCTION):

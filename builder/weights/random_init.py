@@ -3,11 +3,11 @@ checkpoint. Follows HF's CLIP init scheme: normal(0, 0.02) matrices, zero biases
 scales. Each parameter has its own stream, keyed by (seed, name), so changing the layer
 count leaves the other parameters as they were.
 
-Made for speed (a ViT-L has 0.3 G values): every parameter is a view of one block of memory
-that asks for huge pages (`artifact.empty_arrays`: fresh 4 KiB pages are slow to fault in),
-the streams fill their parameters on a thread per core (numpy's generators release the GIL),
-and each stream writes its values straight into the parameter, scaled in chunks small
-enough to stay in the core's cache: one pass over memory."""
+Made for speed (a ViT-L has 0.3 G values): the streams fill their parameters on a thread
+per core (numpy's generators release the GIL), each writing its values straight into the
+parameter and scaling them in chunks small enough to stay in the core's cache, so memory is
+written once. The parameters are views of one block of memory, aligned so that TVM takes
+them without a copy (`artifact.empty_arrays`)."""
 
 from __future__ import annotations
 
