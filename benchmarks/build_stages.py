@@ -18,8 +18,8 @@ build sees). A stage lasts from one of the build's progress messages to the next
 
 and within writing, `library`, `params` and `manifest` time the library export,
 `artifact.save_params` and `artifact.write_manifest` (hashing) alone; within packing, `VM`
-the making of the VM that runs `transform_params` (it links the library, as the export
-does again later).
+the making of the VM that runs `transform_params` (LLVM's JIT compiles the module, which
+the export compiles again later).
 
 Prints a markdown table of wall time (min and median over the runs) and CPU time (user and
 system, all threads: the better guide on a machine shared with other jobs), with the CPU it

@@ -159,7 +159,7 @@ def write(path: Path, tensors: dict[str, np.ndarray]) -> str:
             raise ValueError(f"{name}: dtype {a.dtype.name} is not one of {sorted(_CODES)}")
         if a.dtype.byteorder == ">":  # safetensors is little-endian
             a = a.astype(a.dtype.newbyteorder("<"))
-        arrays[name] = np.ascontiguousarray(a)
+        arrays[name] = a if a.flags.c_contiguous else a.copy(order="C")  # keeps a 0-d shape
     order = sorted(arrays, key=lambda n: (_RANK[_CODES[arrays[n].dtype.name]], n))
     header, end = {}, 0
     for name in order:

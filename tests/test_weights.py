@@ -350,20 +350,24 @@ def test_writer_matches_safetensors_byte_for_byte(tmp_path):
         "packed.2": rng.standard_normal(7).astype(ml_dtypes.bfloat16),
         "packed.1": rng.standard_normal((2, 3)).astype(np.float16),
         "f64": np.array([1.5, -2.0], np.float64),
+        "scalar": np.array(0.5, np.float32),
         "empty": np.zeros((0, 4), np.float32),
         "strided": rng.standard_normal((4, 6)).astype(np.float32)[:, ::2],
     }
     ours, theirs = tmp_path / "ours.safetensors", tmp_path / "theirs.safetensors"
     digest = safetensors_io.write(ours, tensors)
-    contiguous = {name: np.ascontiguousarray(a) for name, a in tensors.items()}
+    contiguous = {name: a.copy(order="C") for name, a in tensors.items()}
     safetensors.numpy.save_file(contiguous, str(theirs))
     assert ours.read_bytes() == theirs.read_bytes()
     assert digest == hashlib.sha256(ours.read_bytes()).hexdigest()
-    back = safetensors.numpy.load_file(str(ours))
+    assert SafetensorsFile(ours).shape("scalar") == ()
+    back = safetensors.numpy.load_file(str(ours))  # which reads a 0-d tensor as shape (1,)
     assert back.keys() == tensors.keys()
     for name, a in tensors.items():
-        assert back[name].dtype == a.dtype and back[name].shape == a.shape
-        np.testing.assert_array_equal(back[name].view(np.uint8), contiguous[name].view(np.uint8))
+        assert back[name].dtype == a.dtype and back[name].shape == (a.shape or (1,))
+        np.testing.assert_array_equal(
+            back[name].reshape(-1).view(np.uint8), contiguous[name].reshape(-1).view(np.uint8)
+        )
     with pytest.raises(ValueError, match="int32 is not one of"):
         safetensors_io.write(tmp_path / "int.safetensors", {"i": np.zeros(2, np.int32)})
 
