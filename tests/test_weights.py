@@ -361,10 +361,10 @@ def test_writer_matches_safetensors_byte_for_byte(tmp_path):
     assert ours.read_bytes() == theirs.read_bytes()
     assert digest == hashlib.sha256(ours.read_bytes()).hexdigest()
     assert SafetensorsFile(ours).shape("scalar") == ()
-    back = safetensors.numpy.load_file(str(ours))  # which reads a 0-d tensor as shape (1,)
+    back = safetensors.numpy.load_file(str(ours))
     assert back.keys() == tensors.keys()
     for name, a in tensors.items():
-        assert back[name].dtype == a.dtype and back[name].shape == (a.shape or (1,))
+        assert back[name].dtype == a.dtype and back[name].shape == a.shape
         np.testing.assert_array_equal(
             back[name].reshape(-1).view(np.uint8), contiguous[name].reshape(-1).view(np.uint8)
         )
