@@ -62,22 +62,14 @@ from .widen import widen_to_float32
 
 
 def _lift_params(mod: tvm.IRModule) -> tvm.IRModule:
-    """LiftTransformParams, then expose `transform_params(*params) -> tuple` (the lifted
-    function takes ONE tuple argument; we wrap it so callers pass the weights unpacked),
-    and its variant that writes into buffers of the caller's (`_add_pack_into`).
-    `forward` already takes (pixel_values, *transformed) after lifting."""
+    """LiftTransformParams, then expose the lifted function (it takes ONE tuple argument) as
+    `transform_params(*params) -> tuple` and `transform_params_into(*params, *outs)`
+    (`_write_into`). `forward` already takes (pixel_values, *transformed) after lifting."""
     mod = relax.transform.LiftTransformParams()(mod)
     lifted = [gv for gv in mod.get_global_vars() if gv.name_hint == "forward_transform_params"]
     if not lifted:
         raise RuntimeError("LiftTransformParams did not produce forward_transform_params")
-    gv = lifted[0]
-    fields = mod[gv].params[0].ty.fields
-    bb = relax.BlockBuilder(mod)
-    params = [relax.Var(f"param_{i}", t) for i, t in enumerate(fields)]
-    with bb.function("transform_params", params):
-        out = bb.emit(relax.Call(gv, [relax.Tuple(params)]))
-        bb.emit_func_output(out)
-    return _add_pack_into(bb.finalize(), gv)
+    return _write_into(mod, lifted[0])
 
 
 @mutator
@@ -101,13 +93,20 @@ class _WriteInto(PyExprMutator):
         self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(new)))
 
 
-def _add_pack_into(mod: tvm.IRModule, lifted: relax.GlobalVar) -> tvm.IRModule:
-    """`transform_params_into(*params, *outs) -> tuple`: `transform_params`, where each
-    result that a kernel computes (the packed weights: float32, static shapes) is written
-    into the caller's buffer `outs[j]` instead of memory the VM allocates, and
-    `transform_params_into_shapes() -> tuple` of those buffers' shapes. The builder so packs
-    into memory of its own (`builder.build.pack_params`) with the same kernels."""
-    func = relax.utils.copy_with_new_vars(mod[lifted])  # a variable is bound once per module
+def _write_into(mod: tvm.IRModule, lifted: relax.GlobalVar) -> tvm.IRModule:
+    """The lifted function, with each result that a kernel computes (the packed weights:
+    float32, static shapes) written into a buffer its caller gives instead of memory the VM
+    allocates, and three functions around it:
+
+    * `transform_params_into(*params, *outs) -> tuple`: the builder's, into its own memory
+      (`builder.build.pack_params`);
+    * `transform_params_into_shapes() -> tuple` of those buffers' shapes;
+    * `transform_params(*params) -> tuple`, which allocates the buffers itself (the runtime
+      calls it to pack a cross-compiled artifact's weights when it loads them).
+
+    One function body holds the packing, so the layout has one definition and is compiled
+    once."""
+    func = mod[lifted]
     body = func.body
     values = {b.var: b.value for block in body.blocks for b in block.bindings}
     result = values.get(body.body)
@@ -128,20 +127,28 @@ def _add_pack_into(mod: tvm.IRModule, lifted: relax.GlobalVar) -> tvm.IRModule:
             and all(isinstance(v, tvm.tirx.IntImm) for v in ty.shape.values)
         ):
             targets[field] = len(targets)
-    shapes = [relax.ShapeExpr([int(v) for v in f.ty.shape.values]) for f in targets]
+    shapes = [[int(v) for v in f.ty.shape.values] for f in targets]
     outs = relax.Var("outs", relax.TupleType([f.ty for f in targets]))
     new_body = _WriteInto(mod, targets, outs).visit_expr(body)
-    name = f"{lifted.name_hint}_into"
     into = relax.Function([*func.params, outs], new_body, func.ret_ty, attrs=func.attrs)
-    bb = relax.BlockBuilder(mod)
-    gv = bb.add_func(into.with_attr("global_symbol", name), name)
+    # In place of the lifted function, under a new GlobalVar (the old one has its type).
+    bb = relax.BlockBuilder(tvm.IRModule({g: f for g, f in mod.functions_items() if g != lifted}))
+    lifted = bb.add_func(into, lifted.name_hint)
     params = [relax.Var(f"param_{i}", t) for i, t in enumerate(func.params[0].ty.fields)]
     buffers = [relax.Var(f"out_{j}", f.ty) for j, f in enumerate(targets)]
     with bb.function("transform_params_into", [*params, *buffers]):
-        out = bb.emit(relax.Call(gv, [relax.Tuple(params), relax.Tuple(buffers)]))
+        out = bb.emit(relax.Call(lifted, [relax.Tuple(params), relax.Tuple(buffers)]))
         bb.emit_func_output(out)
     with bb.function("transform_params_into_shapes", []):
-        bb.emit_func_output(relax.Tuple(shapes))
+        bb.emit_func_output(relax.Tuple([relax.ShapeExpr(s) for s in shapes]))
+    params = [relax.Var(f"param_{i}", t) for i, t in enumerate(func.params[0].ty.fields)]
+    with bb.function("transform_params", params):
+        made = [
+            bb.emit(relax.op.builtin.alloc_tensor(relax.ShapeExpr(s), "float32", 0))
+            for s in shapes
+        ]
+        out = bb.emit(relax.Call(lifted, [relax.Tuple(params), relax.Tuple(made)]))
+        bb.emit_func_output(out)
     return bb.finalize()
 
 
