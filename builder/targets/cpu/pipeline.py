@@ -12,6 +12,9 @@ Calling convention of the returned executable (load it with relax.VirtualMachine
   the order of ``forward``'s trailing parameters and returns the tuple of transformed weights
   (Linear / conv weights re-packed as ``[ceil(N/NB), K, NB]`` panels, NB = 4 * SIMD lanes,
   zero padded).  Call it ONCE at build time.
+* ``transform_params_into(*params, *outs) -> tuple`` -- the same, with the packed weights
+  written into ``outs``: caller-made float32 buffers of the shapes that
+  ``transform_params_into_shapes()`` returns (the builder packs into its own memory so).
 * ``forward(pixel_values, *transformed)`` -- takes the pixel values followed by the elements
   of the tuple returned by ``transform_params`` (unpacked).  Output as in the original model.
 
