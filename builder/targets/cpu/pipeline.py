@@ -147,8 +147,7 @@ def _write_into(mod: tvm.IRModule, lifted: relax.GlobalVar) -> tvm.IRModule:
     params = [relax.Var(f"param_{i}", t) for i, t in enumerate(func.params[0].ty.fields)]
     with bb.function("transform_params", params):
         made = [
-            bb.emit(relax.op.builtin.alloc_tensor(relax.ShapeExpr(s), "float32", 0))
-            for s in shapes
+            bb.emit(relax.op.builtin.alloc_tensor(relax.ShapeExpr(s), "float32", 0)) for s in shapes
         ]
         out = bb.emit(relax.Call(lifted, [relax.Tuple(params), relax.Tuple(made)]))
         bb.emit_func_output(out)
