@@ -644,37 +644,42 @@ def pack_weight_kernel(cfg: KernelConfig, N: int, K: int, nk: bool):
         f"        wp[p, k, j] = {value}",
     ]
     tiles = min(N // nb, K // cfg.vec)  # whole panels and whole tiles along k
+    flat = ""
     if cfg.pairs or not nk or not tiles:
         body = [" " * 8 + line for line in elementwise]
     else:
+        # W as one vector of N * K floats, for the gathers along its columns.
+        flat = f'    wf = T.decl_buffer(({_i(N * K)},), "float32", data=w.data)\n'
         body = _pack_panel_tiles(cfg, N, K) + ["        else:"]
         body += [" " * 12 + line for line in elementwise]
     src = f"""
 @T.prim_func(private=True, check_well_formed=False)
 def pack_weight(w: T.Buffer({shape}, "float32"), wp: T.Buffer(({_i(NP)}, {_i(KW)}, {_i(nb)}), "float32")):
 {_ATTRS}
-    for p in T.parallel({_i(NP)}):
+{flat}    for p in T.parallel({_i(NP)}):
 """
     return _parse(src + "\n".join(body) + "\n")
 
 
 def _pack_panel_tiles(cfg: KernelConfig, N: int, K: int) -> list[str]:
     """The float32 [N, K] weight's whole panels (a panel: nb rows of W, as [K, nb]), in
-    square tiles of vec rows x vec columns: vec row vectors read into a local tile, written
-    out as its vec columns, so W is read in whole cache lines and each panel written in
-    order (one element at a time, with the padding tests, was slower: docs/build-stages.md).
-    The last k columns short of a tile go one by one."""
+    tiles of vec rows x vec columns: each of the tile's vec columns of W is gathered (a
+    vector load with a stride of K) and stored as a vector of the panel, so the tile's vec
+    cache lines of W are read while they are in L1 and each panel is written in order (one
+    element at a time, with the padding tests, was slower: docs/build-stages.md). The last k
+    columns short of a tile go one by one."""
     vec, nb = cfg.vec, cfg.nb
     whole = K // vec * vec
+    gather = (
+        f"wf[T.Ramp((p * {_i(nb)} + jb * {_i(vec)}) * {_i(K)} + kb * {_i(vec)} + c, "
+        f"{_i(K)}, {vec})]"
+    )
     return [
         f"        if p < {_i(N // nb)}:",
-        f"            {_local('tile', vec * vec)}",
         f"            for kb in range({_i(K // vec)}):",
         f"                for jb in range({_i(nb // vec)}):",
-        f"                    for r in T.unroll({_i(vec)}):",
-        f"                        tile[T.Ramp(r * {_i(vec)}, {_i(1)}, {vec})] = w[p * {_i(nb)} + jb * {_i(vec)} + r, T.Ramp(kb * {_i(vec)}, {_i(1)}, {vec})]",
-        f"                    for c in T.unroll({_i(vec)}):",
-        f"                        wp[p, kb * {_i(vec)} + c, T.Ramp(jb * {_i(vec)}, {_i(1)}, {vec})] = tile[T.Ramp(c, {_i(vec)}, {vec})]",
+        f"                    for c in range({_i(vec)}):",
+        f"                        wp[p, kb * {_i(vec)} + c, T.Ramp(jb * {_i(vec)}, {_i(1)}, {vec})] = {gather}",
         f"            for k in range({_i(whole)}, {_i(K)}):",
         f"                for j in range({_i(nb)}):",
         f"                    wp[p, k, j] = w[p * {_i(nb)} + j, k]",
