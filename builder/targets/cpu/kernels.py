@@ -650,8 +650,11 @@ def pack_weight_kernel(cfg: KernelConfig, N: int, K: int, nk: bool):
     else:
         # W as one vector of N * K floats, for the gathers along its columns.
         flat = f'    wf = T.decl_buffer(({_i(N * K)},), "float32", data=w.data)\n'
-        body = _pack_panel_tiles(cfg, N, K) + ["        else:"]
-        body += [" " * 12 + line for line in elementwise]
+        if N % nb:  # the last panel, padded with zeros, element by element
+            body = [f"        if p < {_i(N // nb)}:"] + _pack_panel_tiles(cfg, N, K, 12)
+            body += ["        else:"] + [" " * 12 + line for line in elementwise]
+        else:  # no code for a case that does not occur: it costs compile time
+            body = _pack_panel_tiles(cfg, N, K, 8)
     src = f"""
 @T.prim_func(private=True, check_well_formed=False)
 def pack_weight(w: T.Buffer({shape}, "float32"), wp: T.Buffer(({_i(NP)}, {_i(KW)}, {_i(nb)}), "float32")):
@@ -661,7 +664,7 @@ def pack_weight(w: T.Buffer({shape}, "float32"), wp: T.Buffer(({_i(NP)}, {_i(KW)
     return _parse(src + "\n".join(body) + "\n")
 
 
-def _pack_panel_tiles(cfg: KernelConfig, N: int, K: int) -> list[str]:
+def _pack_panel_tiles(cfg: KernelConfig, N: int, K: int, indent: int) -> list[str]:
     """The float32 [N, K] weight's whole panels (a panel: nb rows of W, as [K, nb]), in
     tiles of vec rows x vec columns: each of the tile's vec columns of W is gathered (a
     vector load with a stride of K) and stored as a vector of the panel, so the tile's vec
@@ -674,16 +677,19 @@ def _pack_panel_tiles(cfg: KernelConfig, N: int, K: int) -> list[str]:
         f"wf[T.Ramp((p * {_i(nb)} + jb * {_i(vec)}) * {_i(K)} + kb * {_i(vec)} + c, "
         f"{_i(K)}, {vec})]"
     )
-    return [
-        f"        if p < {_i(N // nb)}:",
-        f"            for kb in range({_i(K // vec)}):",
-        f"                for jb in range({_i(nb // vec)}):",
-        f"                    for c in range({_i(vec)}):",
-        f"                        wp[p, kb * {_i(vec)} + c, T.Ramp(jb * {_i(vec)}, {_i(1)}, {vec})] = {gather}",
-        f"            for k in range({_i(whole)}, {_i(K)}):",
-        f"                for j in range({_i(nb)}):",
-        f"                    wp[p, k, j] = w[p * {_i(nb)} + j, k]",
+    lines = [
+        f"for kb in range({_i(K // vec)}):",
+        f"    for jb in range({_i(nb // vec)}):",
+        f"        for c in range({_i(vec)}):",
+        f"            wp[p, kb * {_i(vec)} + c, T.Ramp(jb * {_i(vec)}, {_i(1)}, {vec})] = {gather}",
     ]
+    if whole < K:
+        lines += [
+            f"for k in range({_i(whole)}, {_i(K)}):",
+            f"    for j in range({_i(nb)}):",
+            f"        wp[p, k, j] = w[p * {_i(nb)} + j, k]",
+        ]
+    return [" " * indent + line for line in lines]
 
 
 def half_pairs_kernel(cfg: KernelConfig, K: int):
