@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import re
 import secrets
@@ -23,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import safetensors.numpy
 
+from . import safetensors_io
 from .errors import ArtifactError, InputError
 from .locking import locked
 from .safetensors_io import SafetensorsFile
@@ -32,6 +33,8 @@ from .safetensors_io import SafetensorsFile
 MANIFEST = "manifest.json"
 PARAMS = "params.safetensors"
 FORMAT = 1
+# Byte alignment of the parameter buffers the builder makes (TVM allocates tensors so).
+ALIGN = 64
 
 
 def sha256(path: Path) -> str:
@@ -60,9 +63,42 @@ def cast_params(arrays: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarr
     return {name: a.astype(want, copy=False) for name, a in arrays.items()}
 
 
+def empty_arrays(specs: list[tuple[tuple[int, ...], np.dtype]]) -> list[np.ndarray]:
+    """Uninitialized arrays of the given (shape, dtype), C-contiguous, each starting at a
+    multiple of ALIGN bytes (what `tvm.runtime.from_dlpack` needs to take an array without
+    a copy), carved out of one anonymous memory map that lives as long as any of them.
+    Plain pages: asking for transparent huge pages made the first touch slower on the
+    build machine, not faster (docs/build-stages.md)."""
+    sizes = [int(np.prod(shape, dtype=np.int64)) * np.dtype(t).itemsize for shape, t in specs]
+    offsets, end = [], 0
+    for size in sizes:
+        offsets.append(end)
+        end += -(-size // ALIGN) * ALIGN
+    memory = mmap.mmap(-1, max(end, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    raw = np.frombuffer(memory, np.uint8)
+    return [
+        raw[begin : begin + size].view(dtype).reshape(shape)
+        for (shape, dtype), begin, size in zip(specs, offsets, sizes, strict=True)
+    ]
+
+
 def save_params(folder: Path, order: list[str], arrays: dict[str, np.ndarray]) -> None:
-    """Write the parameters as `forward` takes them (cast and packed at build time)."""
-    safetensors.numpy.save_file({name: arrays[name] for name in order}, str(folder / PARAMS))
+    """Write the parameters as `forward` takes them (cast and packed at build time), streamed
+    from the arrays to the file (`safetensors_io.write`). The file's sha256, computed while
+    writing, is kept for `write_manifest`."""
+    path = folder / PARAMS
+    digest = safetensors_io.write(path, {name: arrays[name] for name in order})
+    _WRITTEN[_identity(path)] = digest
+
+
+# sha256 of files this process wrote, by `_identity`: `write_manifest` takes the digest
+# instead of reading a 1 GB file back. Any change to the file (size, time, inode) misses.
+_WRITTEN: dict[tuple[str, int, int, int], str] = {}
+
+
+def _identity(path: Path) -> tuple[str, int, int, int]:
+    stat = path.stat()
+    return str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino
 
 
 def load_params(
@@ -123,9 +159,9 @@ def _publishable(folder: Path) -> None:
 
 
 def file_records(folder: Path, skip: tuple[str, ...] = (), known: dict[str, Any] | None = None):
-    """Size, sha256 and modification time of every file in `folder` but `skip`. A file whose
-    size and time equal its entry in `known` (a hard link to a stored file) keeps that
-    entry's sha256 instead of being hashed again."""
+    """Size, sha256 and modification time of every file in `folder` but `skip`. A file is
+    not read back where its digest is known: its size and time equal its entry in `known` (a
+    hard link to a stored file), or this process wrote it (`save_params`)."""
     known = known or {}
     records = {}
     for p in sorted(p for p in folder.iterdir() if p.is_file() and p.name not in skip):
@@ -135,7 +171,7 @@ def file_records(folder: Path, skip: tuple[str, ...] = (), known: dict[str, Any]
             st.st_size,
             st.st_mtime_ns,
         ]
-        sha = was["sha256"] if same else sha256(p)
+        sha = was["sha256"] if same else _WRITTEN.pop(_identity(p), None) or sha256(p)
         records[p.name] = {"bytes": st.st_size, "sha256": sha, "mtime_ns": st.st_mtime_ns}
     return records
 

@@ -26,9 +26,12 @@ from .assemble import ENTRY, INPUT_NAME, export, input_shape, output_shape  # no
 from .cache import KEY_FORMAT, Cache, digest, pipeline_sources, write_part  # noqa: E402
 from .config import Preset, TargetConfig  # noqa: E402
 from .errors import BuilderError  # noqa: E402
+from .runtime import set_threads  # noqa: E402
 from .weights import load_weights  # noqa: E402
 
 PACK_FUNCTION = "transform_params"
+# The same packing into buffers of the caller's; `_shapes` gives their shapes.
+PACK_INTO = "transform_params_into"
 Progress = Callable[[str], None]
 
 
@@ -272,13 +275,35 @@ def pack_params(
     """Run the `transform_params` of a library (an executable, or a loaded module): the
     weight layouts its pipeline chose, such as GEMM panels, made once at build time, so the
     artifact stores the packed weights and `forward` takes them as they are. Libraries
-    without it get the parameters unchanged."""
+    without it get the parameters unchanged.
+
+    Where the pipeline offers `transform_params_into` (the same kernels, writing into the
+    caller's buffers), the packed weights land in arrays of the builder's own
+    (`artifact.empty_arrays`) rather than memory the VM allocates, and the kernels read
+    the parameters where they are, without a copy; TVM's pool runs them on every core
+    (`runtime.set_threads`)."""
     vm = relax.VirtualMachine(library, tvm.cpu())
     if not vm.module.implements_function(PACK_FUNCTION):
         return order, arrays
-    packed = vm[PACK_FUNCTION](*(tvm.runtime.tensor(arrays[name]) for name in order))
+    set_threads(None)
+    inputs = [_device_tensor(arrays[name]) for name in order]
+    if vm.module.implements_function(PACK_INTO):
+        shapes = [tuple(int(d) for d in s) for s in vm[f"{PACK_INTO}_shapes"]()]
+        outs = artifact.empty_arrays([(s, np.dtype(np.float32)) for s in shapes])
+        packed = vm[PACK_INTO](*inputs, *(tvm.runtime.from_dlpack(o) for o in outs))
+    else:
+        packed = vm[PACK_FUNCTION](*inputs)
     names = [f"packed.{i}" for i in range(len(packed))]
     return names, {name: _host_array(t) for name, t in zip(names, packed, strict=True)}
+
+
+def _device_tensor(a: np.ndarray) -> tvm.runtime.Tensor:
+    """A TVM tensor of `a`: a view where TVM can take one (a float32 or float16 array,
+    C-contiguous, aligned as TVM aligns its own), else a copy."""
+    viewable = a.dtype in (np.float32, np.float16) and a.flags.c_contiguous and a.flags.writeable
+    if viewable and a.ctypes.data % artifact.ALIGN == 0:
+        return tvm.runtime.from_dlpack(a)
+    return tvm.runtime.tensor(a)
 
 
 def _host_array(t: tvm.runtime.Tensor) -> np.ndarray:

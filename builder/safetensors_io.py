@@ -1,12 +1,15 @@
 """A small safetensors reader that returns float32 numpy arrays, bfloat16 included (which
 `safetensors.numpy` cannot read), or reads a tensor as stored straight into a buffer of the
-caller's, and names the file and tensor when a file is damaged."""
+caller's, and names the file and tensor when a file is damaged; and a writer that streams
+each tensor from its array to the file."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import mmap
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +18,14 @@ from .errors import InputError
 
 # The float dtypes, by their safetensors codes, as numpy (and ml_dtypes) name them.
 _FLOAT_DTYPES = {"F32": "float32", "F16": "float16", "F64": "float64", "BF16": "bfloat16"}
+_CODES = {name: code for code, name in _FLOAT_DTYPES.items()}
+# The order `safetensors` writes tensors in (wider types first, so that every tensor starts at
+# a multiple of its item size; then by name). The writer keeps it: its files are byte for byte
+# those of `safetensors.numpy.save_file`.
+_RANK = {"F64": 0, "F32": 1, "BF16": 2, "F16": 3}
 MAX_HEADER = 100 << 20
+# Bytes written (and hashed) at a time.
+WRITE_CHUNK = 16 << 20
 
 
 def _ints(value: object, count: int | None = None) -> bool:
@@ -136,3 +146,44 @@ class SafetensorsFile:
             got = f.readinto(memoryview(out.reshape(-1).view(np.uint8)))
         if got != out.nbytes:
             raise InputError(f"{self.path}: tensor {name!r} is cut short: the file is truncated")
+
+
+def write(path: Path, tensors: dict[str, np.ndarray]) -> str:
+    """Write `tensors` (float64, float32, float16 or bfloat16) to `path` as a safetensors file:
+    the header, then each tensor's bytes from its own array, with no copy of the file in
+    memory. Returns the file's sha256, computed on a second thread while the bytes are
+    written (both release the GIL), so no one has to read the file back to hash it."""
+    arrays = {}
+    for name, a in tensors.items():
+        if a.dtype.name not in _CODES:
+            raise ValueError(f"{name}: dtype {a.dtype.name} is not one of {sorted(_CODES)}")
+        if a.dtype.byteorder == ">":  # safetensors is little-endian
+            a = a.astype(a.dtype.newbyteorder("<"))
+        arrays[name] = a if a.flags.c_contiguous else a.copy(order="C")  # keeps a 0-d shape
+    order = sorted(arrays, key=lambda n: (_RANK[_CODES[arrays[n].dtype.name]], n))
+    header, end = {}, 0
+    for name in order:
+        a = arrays[name]
+        header[name] = {
+            "dtype": _CODES[a.dtype.name],
+            "shape": list(a.shape),
+            "data_offsets": [end, end + a.nbytes],
+        }
+        end += a.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    digest = hashlib.sha256()
+    with path.open("wb") as f, ThreadPoolExecutor(1) as hasher:
+        for block in _blocks(struct.pack("<Q", len(text)) + text, [arrays[n] for n in order]):
+            hashed = hasher.submit(digest.update, block)
+            f.write(block)
+            hashed.result()
+    return digest.hexdigest()
+
+
+def _blocks(head: bytes, arrays: list[np.ndarray]):
+    yield memoryview(head)
+    for a in arrays:
+        raw = memoryview(a.reshape(-1).view(np.uint8))
+        for start in range(0, len(raw), WRITE_CHUNK):
+            yield raw[start : start + WRITE_CHUNK]

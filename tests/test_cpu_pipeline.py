@@ -19,6 +19,7 @@ import pytest
 import tvm
 from tvm import relax
 
+from builder import artifact
 from builder.assemble import export
 from builder.config import BlocksConfig, CLIPVisionConfig, TargetConfig
 from builder.make_artifact import pack_params
@@ -207,6 +208,47 @@ def test_rounded_operands_once_per_value(dtype):
     assert calls["round"] == weights + inputs
 
 
+@pytest.mark.parametrize(
+    "options, dtype, precision",
+    [
+        ({}, "float32", "float32"),
+        ({}, "bfloat16", "float32"),  # the casts to float32 lifted with the packing
+        ({"mcpu": "x86-64-v4"}, "float32", "bfloat16"),  # rounding kernels before the packing
+        pytest.param({}, "float32", "bfloat16", marks=needs_bf16),  # bfloat16 pairs
+    ],
+    ids=["float32", "bfloat16-model", "rounded", "bf16-pairs"],
+)
+def test_packing_into_buffers_equals_transform_params(options, dtype, precision):
+    """`transform_params_into` writes each kernel-made result into the buffer it is given
+    (`transform_params_into_shapes`), and every result equals `transform_params`' bit for
+    bit; `pack_params` stores those, the parameters read where they lie."""
+    mod, params = small_tower(dtype)
+    target = llvm.tvm_target(TargetConfig(**options))[0] if options else HOST
+    executable = llvm.compile(mod, target, precision)
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    order = [name for name, _ in params]
+    arrays = artifact.cast_params(random_weights(dict(params), seed=5), dtype)
+    inputs = [tvm.runtime.tensor(arrays[name]) for name in order]
+    reference = [t.numpy() for t in vm["transform_params"](*inputs)]
+    shapes = [tuple(int(d) for d in s) for s in vm["transform_params_into_shapes"]()]
+    gemms = 6 * LAYERS + 1
+    assert len(shapes) == gemms and len(reference) > gemms
+    buffers = artifact.empty_arrays([(shape, np.dtype(np.float32)) for shape in shapes])
+    for b in buffers:
+        b.fill(np.nan)
+    results = vm["transform_params_into"](*inputs, *(tvm.runtime.from_dlpack(b) for b in buffers))
+    got = [t.numpy() for t in results]
+    assert [r.dtype for r in got] == [r.dtype for r in reference]
+    for ours, ref in zip(got, reference, strict=True):
+        np.testing.assert_array_equal(ours.view(np.uint8), ref.view(np.uint8))
+    addresses = {np.from_dlpack(t).ctypes.data for t in results if str(t.dtype) != "bfloat16"}
+    assert {b.ctypes.data for b in buffers} <= addresses  # written where they were given
+    names, packed = pack_params(executable, order, arrays)
+    assert names == [f"packed.{i}" for i in range(len(reference))]
+    for name, ref in zip(names, reference, strict=True):
+        np.testing.assert_array_equal(packed[name].view(np.uint8), ref.view(np.uint8))
+
+
 def test_patch_conv_with_a_remainder_is_a_gemm():
     """An image side that is not a multiple of the patch (SigLIP so400m: 384 px, patch 14)
     still makes the patch conv a GEMM: the conv drops the remainder, and so does the crop
@@ -335,6 +377,29 @@ def test_gemm_against_numpy(M, K, N, act, steps):
     )
     v = with_epilogue(x.astype(np.float64) @ w.astype(np.float64).T + bias, act)
     assert_close(y.numpy(), v + res, rel=1e-5)
+
+
+@pytest.mark.parametrize("vectors", [(16, 4), (8, 2)], ids=["avx512", "avx2"])
+@pytest.mark.parametrize("N, K", [(128, 64), (100, 37), (64, 7), (20, 40), (192, 4096)])
+@pytest.mark.parametrize("nk", [True, False], ids=["NK", "KN"])
+def test_pack_weight_layout(N, K, nk, vectors):
+    """The packed layout, as numpy writes it: W's columns (rows of an [N, K] weight) in
+    panels of NB, `[ceil(N/NB), K, NB]`, zero past N; whole panels go through the tiled
+    copy, a ragged last panel, a K short of a tile and a [K, N] weight element by element."""
+    vec, nv = vectors
+    cfg = kernels.KernelConfig(vec=vec, nv=nv, mr=6)
+    target = HOST if vec == 16 else llvm.tvm_target(TargetConfig(mcpu="x86-64-v3"))[0]
+    w = np.random.default_rng(N + K).standard_normal((N, K)).astype(np.float32)
+    NP = -(-N // cfg.nb)
+    padded = np.zeros((NP * cfg.nb, K), np.float32)
+    padded[:N] = w
+    expected = padded.reshape(NP, cfg.nb, K).transpose(0, 2, 1)
+    wp = tvm.runtime.tensor(np.full((NP, K, cfg.nb), np.nan, np.float32))
+    source = w if nk else np.ascontiguousarray(w.T)
+    compile_kernel(kernels.pack_weight_kernel(cfg, N, K, nk), target)(
+        tvm.runtime.tensor(source), wp
+    )
+    np.testing.assert_array_equal(wp.numpy(), expected)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])

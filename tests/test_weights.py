@@ -292,3 +292,102 @@ def test_read_into_takes_each_dtype_as_stored(tmp_path):
         stored.read_into("f32", np.empty((4, 3), np.float32))
     with pytest.raises(InputError, match=r"tensor 'f16' is float16 \[5\]; expected float32 \[5\]"):
         stored.read_into("f16", np.empty(5, np.float32))
+
+
+def test_random_init_is_one_stream_per_parameter():
+    """Each matrix is its own stream keyed by (seed, name), the same values as one
+    `standard_normal` call scaled by 0.02, however the fill is chunked or threaded; biases 0,
+    norm scales 1; every array float32, C-contiguous, writable and 64-byte aligned (TVM
+    takes it without a copy)."""
+    import zlib
+
+    from builder.weights.random_init import CHUNK, STD, random_weights
+
+    shapes = {"a.weight": (3, CHUNK + 5), "b.bias": (7,), "c.weight": (7,), "d.weight": (4, 4)}
+    got = random_weights(shapes, seed=3)
+    assert list(got) == list(shapes)
+    for name in ("a.weight", "d.weight"):
+        rng = np.random.default_rng([3, zlib.crc32(name.encode())])
+        ref = rng.standard_normal(shapes[name], dtype=np.float32)
+        ref *= STD
+        np.testing.assert_array_equal(got[name].view(np.uint32), ref.view(np.uint32))
+    assert not got["b.bias"].any() and (got["c.weight"] == 1).all()
+    for a in got.values():
+        assert a.dtype == np.float32 and a.flags.c_contiguous and a.flags.writeable
+        assert a.ctypes.data % 64 == 0
+    for name, a in random_weights(shapes, seed=3, threads=1).items():
+        np.testing.assert_array_equal(a, got[name])
+    assert not np.array_equal(random_weights(shapes, seed=4)["d.weight"], got["d.weight"])
+
+
+def test_random_init_keeps_parameters_when_the_layer_count_changes():
+    from builder.weights.random_init import random_weights
+
+    def weights(layers: int) -> dict[str, np.ndarray]:
+        preset = load_preset("clip-vit-b-32", tiny_overrides(num_hidden_layers=layers))
+        return random_weights(parameter_shapes(preset.model, preset.blocks), seed=0)
+
+    two, three = weights(2), weights(3)
+    assert set(two) < set(three)
+    for name, a in two.items():
+        np.testing.assert_array_equal(a, three[name])
+
+
+def test_writer_matches_safetensors_byte_for_byte(tmp_path):
+    """`safetensors_io.write` streams each tensor to the file: the same bytes as
+    `safetensors.numpy.save_file` (header, order, padding), bfloat16 and a non-contiguous
+    array included, read back equal by safetensors, and the sha256 it returns is the file's."""
+    import hashlib
+
+    import ml_dtypes
+    import safetensors.numpy
+
+    from builder import safetensors_io
+
+    rng = np.random.default_rng(0)
+    tensors = {
+        "packed.10": rng.standard_normal((3, 5)).astype(np.float32),
+        "packed.2": rng.standard_normal(7).astype(ml_dtypes.bfloat16),
+        "packed.1": rng.standard_normal((2, 3)).astype(np.float16),
+        "f64": np.array([1.5, -2.0], np.float64),
+        "scalar": np.array(0.5, np.float32),
+        "empty": np.zeros((0, 4), np.float32),
+        "strided": rng.standard_normal((4, 6)).astype(np.float32)[:, ::2],
+    }
+    ours, theirs = tmp_path / "ours.safetensors", tmp_path / "theirs.safetensors"
+    digest = safetensors_io.write(ours, tensors)
+    contiguous = {name: a.copy(order="C") for name, a in tensors.items()}
+    safetensors.numpy.save_file(contiguous, str(theirs))
+    assert ours.read_bytes() == theirs.read_bytes()
+    assert digest == hashlib.sha256(ours.read_bytes()).hexdigest()
+    assert SafetensorsFile(ours).shape("scalar") == ()
+    back = safetensors.numpy.load_file(str(ours))
+    assert back.keys() == tensors.keys()
+    for name, a in tensors.items():
+        assert back[name].dtype == a.dtype and back[name].shape == a.shape
+        np.testing.assert_array_equal(
+            back[name].reshape(-1).view(np.uint8), contiguous[name].reshape(-1).view(np.uint8)
+        )
+    with pytest.raises(ValueError, match="int32 is not one of"):
+        safetensors_io.write(tmp_path / "int.safetensors", {"i": np.zeros(2, np.int32)})
+
+
+def test_saved_params_digest_is_the_file_digest(tmp_path):
+    """`save_params` keeps the sha256 it computed while writing for `write_manifest`; a file
+    changed after it was written is hashed anew."""
+    import hashlib
+
+    from builder import artifact
+
+    arrays = {"w": np.arange(12, dtype=np.float32), "b": np.ones(3, np.float32)}
+    for changed in (False, True):
+        folder = tmp_path / str(changed)
+        folder.mkdir()
+        artifact.save_params(folder, ["w", "b"], arrays)
+        params = folder / artifact.PARAMS
+        if changed:  # the same size, other bytes
+            params.write_bytes(params.read_bytes()[:-4] + b"\0\0\0\0")
+        manifest: dict = {}
+        artifact.write_manifest(folder, manifest)
+        expect = hashlib.sha256(params.read_bytes()).hexdigest()
+        assert manifest["files"][artifact.PARAMS]["sha256"] == expect

@@ -641,16 +641,58 @@ def pack_weight_kernel(cfg: KernelConfig, N: int, K: int, nk: bool):
         if cfg.pairs
         else elem("k")
     )
+    elementwise = [
+        f"for k in range({_i(KW)}):",
+        f"    for j in range({_i(nb)}):",
+        f"        wp[p, k, j] = {value}",
+    ]
+    tiles = min(N // nb, K // cfg.vec)  # whole panels and whole tiles along k
+    flat = ""
+    if cfg.pairs or not nk or not tiles:
+        body = [" " * 8 + line for line in elementwise]
+    else:
+        # W as one vector of N * K floats, for the gathers along its columns.
+        flat = f'    wf = T.decl_buffer(({_i(N * K)},), "float32", data=w.data)\n'
+        if N % nb:  # the last panel, padded with zeros, element by element
+            body = [f"        if p < {_i(N // nb)}:"] + _pack_panel_tiles(cfg, N, K, 12)
+            body += ["        else:"] + [" " * 12 + line for line in elementwise]
+        else:  # no code for a case that does not occur: it costs compile time
+            body = _pack_panel_tiles(cfg, N, K, 8)
     src = f"""
 @T.prim_func(private=True, check_well_formed=False)
 def pack_weight(w: T.Buffer({shape}, "float32"), wp: T.Buffer(({_i(NP)}, {_i(KW)}, {_i(nb)}), "float32")):
 {_ATTRS}
-    for p in T.parallel({_i(NP)}):
-        for k in range({_i(KW)}):
-            for j in range({_i(nb)}):
-                wp[p, k, j] = {value}
+{flat}    for p in T.parallel({_i(NP)}):
 """
-    return _parse(src)
+    return _parse(src + "\n".join(body) + "\n")
+
+
+def _pack_panel_tiles(cfg: KernelConfig, N: int, K: int, indent: int) -> list[str]:
+    """The float32 [N, K] weight's whole panels (a panel: nb rows of W, as [K, nb]), in
+    tiles of vec rows x vec columns: each of the tile's vec columns of W is gathered (a
+    vector load with a stride of K) and stored as a vector of the panel, so the tile's vec
+    cache lines of W are read while they are in L1 and each panel is written in order (one
+    element at a time, with the padding tests, was slower: docs/build-stages.md). The last k
+    columns short of a tile go one by one."""
+    vec, nb = cfg.vec, cfg.nb
+    whole = K // vec * vec
+    gather = (
+        f"wf[T.Ramp((p * {_i(nb)} + jb * {_i(vec)}) * {_i(K)} + kb * {_i(vec)} + c, "
+        f"{_i(K)}, {vec})]"
+    )
+    lines = [
+        f"for kb in range({_i(K // vec)}):",
+        f"    for jb in range({_i(nb // vec)}):",
+        f"        for c in range({_i(vec)}):",
+        f"            wp[p, kb * {_i(vec)} + c, T.Ramp(jb * {_i(vec)}, {_i(1)}, {vec})] = {gather}",
+    ]
+    if whole < K:
+        lines += [
+            f"for k in range({_i(whole)}, {_i(K)}):",
+            f"    for j in range({_i(nb)}):",
+            f"        wp[p, k, j] = w[p * {_i(nb)} + j, k]",
+        ]
+    return [" " * indent + line for line in lines]
 
 
 def half_pairs_kernel(cfg: KernelConfig, K: int):

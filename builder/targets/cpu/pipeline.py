@@ -12,6 +12,9 @@ Calling convention of the returned executable (load it with relax.VirtualMachine
   the order of ``forward``'s trailing parameters and returns the tuple of transformed weights
   (Linear / conv weights re-packed as ``[ceil(N/NB), K, NB]`` panels, NB = 4 * SIMD lanes,
   zero padded).  Call it ONCE at build time.
+* ``transform_params_into(*params, *outs) -> tuple`` -- the same, with the packed weights
+  written into ``outs``: caller-made float32 buffers of the shapes that
+  ``transform_params_into_shapes()`` returns (the builder packs into its own memory so).
 * ``forward(pixel_values, *transformed)`` -- takes the pixel values followed by the elements
   of the tuple returned by ``transform_params`` (unpacked).  Output as in the original model.
 
@@ -53,6 +56,7 @@ from __future__ import annotations
 
 import tvm
 from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from .kernels import KernelConfig, bf16_gemms, half_gemms, kernel_config
 from .rewrite import rewrite_to_kernels
@@ -61,19 +65,91 @@ from .widen import widen_to_float32
 
 
 def _lift_params(mod: tvm.IRModule) -> tvm.IRModule:
-    """LiftTransformParams, then expose `transform_params(*params) -> tuple` (the lifted
-    function takes ONE tuple argument; we wrap it so callers pass the weights unpacked).
-    `forward` already takes (pixel_values, *transformed) after lifting."""
+    """LiftTransformParams, then expose the lifted function (it takes ONE tuple argument) as
+    `transform_params(*params) -> tuple` and `transform_params_into(*params, *outs)`
+    (`_write_into`). `forward` already takes (pixel_values, *transformed) after lifting."""
     mod = relax.transform.LiftTransformParams()(mod)
     lifted = [gv for gv in mod.get_global_vars() if gv.name_hint == "forward_transform_params"]
     if not lifted:
         raise RuntimeError("LiftTransformParams did not produce forward_transform_params")
-    gv = lifted[0]
-    fields = mod[gv].params[0].ty.fields
-    bb = relax.BlockBuilder(mod)
-    params = [relax.Var(f"param_{i}", t) for i, t in enumerate(fields)]
+    return _write_into(mod, lifted[0])
+
+
+@mutator
+class _WriteInto(PyExprMutator):
+    """The lifted function's kernel calls whose results it returns, as in-place calls that
+    write into the caller's buffers: `outs[j]` for the binding of `targets[var] = j`."""
+
+    def __init__(self, mod: tvm.IRModule, targets: dict, outs: relax.Var):
+        super().__init__(mod)
+        self.targets, self.outs = targets, outs
+
+    def visit_var_binding_(self, binding):
+        j = self.targets.get(binding.var)
+        if j is None:
+            super().visit_var_binding_(binding)
+            return
+        call = binding.value
+        args = [self.visit_expr(a) for a in call.args[1].fields]
+        out = self.builder_.emit(relax.TupleGetItem(self.outs, j))
+        new = relax.call_tir_inplace(call.args[0], relax.Tuple([*args, out]), [len(args)], call.ty)
+        self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(new)))
+
+
+def _write_into(mod: tvm.IRModule, lifted: relax.GlobalVar) -> tvm.IRModule:
+    """The lifted function, with each result that a kernel computes (the packed weights:
+    float32, static shapes) written into a buffer its caller gives instead of memory the VM
+    allocates, and three functions around it:
+
+    * `transform_params_into(*params, *outs) -> tuple`: the builder's, into its own memory
+      (`builder.make_artifact.pack_params`);
+    * `transform_params_into_shapes() -> tuple` of those buffers' shapes;
+    * `transform_params(*params) -> tuple`, which allocates the buffers itself (the runtime
+      calls it to pack a cross-compiled artifact's weights when it loads them).
+
+    One function body holds the packing, so the layout has one definition and is compiled
+    once."""
+    func = mod[lifted]
+    body = func.body
+    values = {b.var: b.value for block in body.blocks for b in block.bindings}
+    result = values.get(body.body)
+    if not isinstance(result, relax.Tuple):
+        raise RuntimeError("forward_transform_params does not return a tuple of bindings")
+    targets: dict = {}
+    for field in result.fields:
+        value = values.get(field)
+        ty = getattr(field, "ty", None)
+        if (
+            field not in targets
+            and isinstance(value, tvm.ir.Call)
+            and value.op.same_as(tvm.ir.Op.get("relax.call_tir"))
+            and len(value.args) == 2
+            and isinstance(ty, relax.TensorType)
+            and ty.dtype == "float32"
+            and isinstance(ty.shape, relax.ShapeExpr)
+            and all(isinstance(v, tvm.tirx.IntImm) for v in ty.shape.values)
+        ):
+            targets[field] = len(targets)
+    shapes = [[int(v) for v in f.ty.shape.values] for f in targets]
+    outs = relax.Var("outs", relax.TupleType([f.ty for f in targets]))
+    new_body = _WriteInto(mod, targets, outs).visit_expr(body)
+    into = relax.Function([*func.params, outs], new_body, func.ret_ty, attrs=func.attrs)
+    # In place of the lifted function, under a new GlobalVar (the old one has its type).
+    bb = relax.BlockBuilder(tvm.IRModule({g: f for g, f in mod.functions_items() if g != lifted}))
+    lifted = bb.add_func(into, lifted.name_hint)
+    params = [relax.Var(f"param_{i}", t) for i, t in enumerate(func.params[0].ty.fields)]
+    buffers = [relax.Var(f"out_{j}", f.ty) for j, f in enumerate(targets)]
+    with bb.function("transform_params_into", [*params, *buffers]):
+        out = bb.emit(relax.Call(lifted, [relax.Tuple(params), relax.Tuple(buffers)]))
+        bb.emit_func_output(out)
+    with bb.function("transform_params_into_shapes", []):
+        bb.emit_func_output(relax.Tuple([relax.ShapeExpr(s) for s in shapes]))
+    params = [relax.Var(f"param_{i}", t) for i, t in enumerate(func.params[0].ty.fields)]
     with bb.function("transform_params", params):
-        out = bb.emit(relax.Call(gv, [relax.Tuple(params)]))
+        made = [
+            bb.emit(relax.op.builtin.alloc_tensor(relax.ShapeExpr(s), "float32", 0)) for s in shapes
+        ]
+        out = bb.emit(relax.Call(lifted, [relax.Tuple(params), relax.Tuple(made)]))
         bb.emit_func_output(out)
     return bb.finalize()
 
