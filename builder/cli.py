@@ -135,9 +135,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch", type=int, default=8, help="images per call (default: %(default)s)")
     p.add_argument(
-        "--workers", type=int, help="decoding processes (default: a quarter of the cores, >= 1)"
+        "--workers",
+        type=int,
+        help="decoding processes (default: a quarter of the cores, at least 1); with "
+        "--engine ray, encoder actors (default: 1)",
     )
-    p.add_argument("--threads", type=int, help="TVM threads (default: the cores workers leave)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="TVM threads (default: the cores the workers leave); with --engine ray, per actor "
+        "(default: 1)",
+    )
     p.add_argument("--column", help="a .parquet input's image column (bytes or paths)")
     p.add_argument("--engine", choices=["local", "ray"], default="local", help="(default: local)")
     p.add_argument("--address", help="with --engine ray: the cluster (default: a local one)")
