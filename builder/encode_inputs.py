@@ -76,10 +76,12 @@ def _glob_items(pattern: str) -> list[Item]:
             break
         fixed.append(part)
     root = Path(*fixed) if fixed else Path(".")
-    paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+    paths = sorted(
+        p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p) and is_image_name(p)
+    )
     items = [Item(Path(p).relative_to(root).as_posix(), p, "file", p) for p in paths]
     if not items:
-        raise InputError(f"{pattern}: no file matches this pattern")
+        raise InputError(f"{pattern}: no image file matches this pattern")
     return items
 
 
