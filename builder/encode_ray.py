@@ -94,12 +94,19 @@ def ray_chunks(p: Plan) -> Iterator[Chunk]:
         except (ConnectionError, ValueError, RuntimeError) as e:
             raise InputError(f"--address {p.req.address}: cannot connect to Ray: {e}") from e
     try:
+        actors, threads = p.req.workers or 1, p.req.threads or 1
+        cpus = ray.cluster_resources().get("CPU", 0)
+        if actors * threads >= cpus:
+            # Ray would wait forever for a CPU to decode on.
+            raise InputError(
+                f"--workers {actors} x --threads {threads}: the encoder actors would take "
+                f"{actors * threads} of the cluster's {cpus:g} CPUs, leaving none for decoding"
+            )
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = True
         context.enable_progress_bars = False
         rows = [{"index": i, **{f: getattr(p.items[i], f) for f in ITEM_FIELDS}} for i in indices]
         batch = p.req.batch
-        threads = p.req.threads or 1
         ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // (4 * batch))))
         ds = ds.map_batches(
             _decode,
@@ -124,7 +131,7 @@ def ray_chunks(p: Plan) -> Iterator[Chunk]:
                 "artifact": str(p.req.artifact.resolve()),
                 "threads": threads,
             },
-            compute=ray.data.ActorPoolStrategy(size=p.req.workers or 1),
+            compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=threads,
         )
         for b in ds.iter_batches(batch_size=batch, batch_format="numpy", prefetch_batches=2):
