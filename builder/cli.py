@@ -243,7 +243,7 @@ def _encode(args: argparse.Namespace) -> int:
     import dataclasses
     import time
 
-    from .encode import EncodeRequest, run
+    from .encode import INDEX, EncodeRequest, run
 
     req = EncodeRequest(
         **{f.name: getattr(args, f.name) for f in dataclasses.fields(EncodeRequest)}
@@ -288,7 +288,10 @@ def _encode(args: argparse.Namespace) -> int:
         f"{record['resumed_shards']} of {record['shards']} shards kept from an earlier run"
     )
     print(req.out)
-    return 1 if args.strict and record["failed"] else 0
+    if args.strict and record["failed"]:
+        _err(f"--strict: {record['failed']} images failed (the error column of {INDEX})")
+        return 1
+    return 0
 
 
 def _show(args: argparse.Namespace) -> int:

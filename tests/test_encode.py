@@ -255,6 +255,9 @@ def test_bad_images_become_error_rows_and_strict_exits_1(encode_artifact, tmp_pa
     record = json.loads((out / "encode.json").read_text())
     assert (record["encoded"], record["failed"]) == (4, 4)
     assert main([*args, "--out", str(tmp_path / "strict"), "--strict", "--quiet"]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "--strict: 4 images failed (the error column of index.parquet)"
+    )
     assert read_index(tmp_path / "strict") == rows
 
 
