@@ -31,7 +31,7 @@ import numpy as np
 
 from . import artifact
 from .encode_inputs import Item, list_items
-from .errors import InputError
+from .errors import BuilderError, InputError
 
 RECORD = "encode.json"
 INDEX = "index.parquet"
@@ -422,21 +422,32 @@ def local_chunks(p: Plan, encoder: Any, workers: int) -> Iterator[Chunk]:
     context = multiprocessing.get_context("spawn")
     ahead = 2 * workers + 1  # batches decoded or decoding while one is encoded
     with ProcessPoolExecutor(workers, mp_context=context) as pool:
-        inflight: deque[tuple[int, Future[Any]]] = deque()
+        inflight: deque[tuple[int, int, Future[Any]]] = deque()
         try:
             for start, items in tasks:
-                inflight.append((start, pool.submit(decode_batch, items, steps, shape)))
+                future = pool.submit(decode_batch, items, steps, shape)
+                inflight.append((start, len(items), future))
                 if len(inflight) > ahead:
                     yield _encoded(encoder, *inflight.popleft())
             while inflight:
                 yield _encoded(encoder, *inflight.popleft())
         finally:
-            for _, future in inflight:
+            for _, _, future in inflight:
                 future.cancel()
 
 
-def _encoded(encoder: Any, start: int, future: Any) -> Chunk:
-    d = future.result()
+def _encoded(encoder: Any, start: int, n: int, future: Any) -> Chunk:
+    from concurrent.futures.process import BrokenProcessPool
+
+    try:
+        d = future.result()
+    except BrokenProcessPool as e:
+        raise BuilderError(
+            "a decoding worker process died: a decoder crashed on one of images "
+            f"{start}-{start + n - 1} of the listing, or the worker could not "
+            "start (a script calling encode_dataset needs `if __name__ == '__main__':`, as "
+            "any code using multiprocessing's spawn); done shards are kept"
+        ) from e
     indices = list(range(start, start + len(d.errors)))
     return Chunk(indices, _encode(encoder, d.pixels), d.sizes, d.errors)
 
