@@ -13,7 +13,8 @@ more names for the larger sets), then:
   (and once with 0: decoding in the encoder's process, for comparison). The rate is taken
   from the first progress call (the artifact loaded, the workers not yet started) to the
   end; the wall time of the whole process is shown beside it. Peak RSS: the encoding
-  process alone (`ru_maxrss`) and the sum over it and its workers, sampled every 50 ms.
+  process (`ru_maxrss`), its workers together and the process with its workers (sampled
+  every 100 ms).
 
 Writes a markdown table to `--doc`.
 """
@@ -74,18 +75,25 @@ def make_images(work: Path, sizes: list[int]) -> dict[int, Path]:
     return folders
 
 
-def artifact_rate(art: Path, folder: Path, batch: int, runs: int = 10) -> float:
-    from builder.preprocess import preprocess_batch, steps_from_manifest
-    from builder.runtime import load
+class ArtifactAlone:
+    """The artifact in this process, timed on one pre-decoded batch called repeatedly."""
 
-    enc = load(art)
-    files = sorted(folder.iterdir())[:batch]
-    pixels = preprocess_batch(files, steps_from_manifest(enc.manifest))
-    enc(pixels)
-    t0 = time.perf_counter()
-    for _ in range(runs):
-        enc(pixels)
-    return batch * runs / (time.perf_counter() - t0)
+    def __init__(self, art: Path, folder: Path, batch: int):
+        from builder.preprocess import preprocess_batch, steps_from_manifest
+        from builder.runtime import load
+
+        self.enc = load(art)
+        files = sorted(folder.iterdir())[:batch]
+        self.pixels = preprocess_batch(files, steps_from_manifest(self.enc.manifest))
+        self.enc(self.pixels)  # warm-up
+
+    def rate(self, seconds: float) -> float:
+        """Images/s over at least `seconds`."""
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            self.enc(self.pixels)
+            n += len(self.pixels)
+        return n / (time.perf_counter() - t0)
 
 
 def child(art: str, folder: str, out: str, batch: int, workers: int) -> None:
@@ -111,29 +119,31 @@ def child(art: str, folder: str, out: str, batch: int, workers: int) -> None:
                 "encoding_s": end - first[0] if first else None,
                 "process_s": end - t_start,
                 "self_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "timings": record.get("timings", {}),
             }
         )
     )
 
 
-def tree_rss_mb(pid: int) -> float:
-    """RSS of `pid` and all its descendants, MiB."""
-    parents, rss = {}, {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            status = (stat.parent / "status").read_text()
-        except (FileNotFoundError, ProcessLookupError, IndexError):
-            continue
-        p = int(stat.parent.name)
-        parents[p] = int(fields[1])
-        rss[p] = next((int(x.split()[1]) for x in status.splitlines() if x.startswith("VmRSS:")), 0)
-    tree, todo = set(), [pid]
+def rss_mb(pid: int) -> tuple[float, float]:
+    """RSS of `pid`, and the sum over its descendants (found through every thread's
+    `children`), MiB."""
+    own, others, todo, seen = 0, 0, [pid], set()
     while todo:
         p = todo.pop()
-        tree.add(p)
-        todo += [c for c, parent in parents.items() if parent == p and c not in tree]
-    return sum(rss.get(p, 0) for p in tree) / 1024
+        seen.add(p)
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+            kb = next(int(x.split()[1]) for x in status.splitlines() if x.startswith("VmRSS"))
+            if p == pid:
+                own = kb
+            else:
+                others += kb
+            for children in Path(f"/proc/{p}/task").glob("*/children"):
+                todo += [int(c) for c in children.read_text().split() if int(c) not in seen]
+        except (FileNotFoundError, ProcessLookupError, StopIteration):
+            continue
+    return own / 1024, others / 1024
 
 
 def run_child(art: Path, folder: Path, out: Path, batch: int, workers: int) -> dict:
@@ -143,15 +153,21 @@ def run_child(art: Path, folder: Path, out: Path, batch: int, workers: int) -> d
     )
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE)
-    peak = 0.0
+    peak = [0.0, 0.0, 0.0]  # the process, its workers, both at once
     while proc.poll() is None:
-        peak = max(peak, tree_rss_mb(proc.pid))
-        time.sleep(0.05)
+        own, others = rss_mb(proc.pid)
+        peak = [max(peak[0], own), max(peak[1], others), max(peak[2], own + others)]
+        time.sleep(0.1)
     stdout = proc.stdout.read()
     if proc.returncode:
         raise SystemExit(f"encode failed ({proc.returncode})")
     result = json.loads(stdout.decode().strip().splitlines()[-1])
-    result.update(wall_s=time.perf_counter() - t0, tree_peak_mb=peak)
+    result.update(
+        wall_s=time.perf_counter() - t0,
+        own_peak_mb=peak[0],
+        workers_peak_mb=peak[1],
+        tree_peak_mb=peak[2],
+    )
     return result
 
 
@@ -170,17 +186,26 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     art = build_tower(args.work, args.layers)
     folders = make_images(args.work, args.sizes)
-    own = artifact_rate(art, folders[args.sizes[0]], args.batch)
-    print(f"artifact alone: {own:.1f} images/s at batch {args.batch}", file=sys.stderr)
+    alone = ArtifactAlone(art, folders[args.sizes[0]], args.batch)
     rows = []
     plan = [(n, args.workers) for n in args.sizes] + [(args.sizes[0], 0)]
     for n, workers in plan:
+        # The machine may be shared: the artifact is timed just before each run (10 s) and
+        # just after it (a tenth of the run, at least 10 s); the mean is the reference.
+        before = alone.rate(10)
+        load = os.getloadavg()[0]
         out = args.work / f"out-{n}-{workers}"
         subprocess.run(["rm", "-rf", str(out)], check=True)
         r = run_child(art, folders[n], out, args.batch, workers)
+        after = alone.rate(max(10, r["encoding_s"] / 10))
+        own = (before + after) / 2
         rate = r["images"] / r["encoding_s"]
-        rows.append((n, workers, r, rate))
-        print(f"{n} images, {workers} workers: {rate:.1f} images/s, {r}", file=sys.stderr)
+        rows.append((n, workers, r, rate, own, load))
+        print(
+            f"{n} images, {workers} workers: {rate:.1f} images/s, alone {before:.1f} / "
+            f"{after:.1f}, load {load:.1f}, {r}",
+            file=sys.stderr,
+        )
         subprocess.run(["rm", "-rf", str(out)], check=True)
     cpu = platform.processor() or platform.machine()
     lines = [
@@ -192,17 +217,27 @@ def main() -> None:
         "",
         f"Tower: clip-vit-b-32's widths at 224 px with {args.layers} layers, random weights, "
         f"features (50, 768). Images: 640 x 480 JPEGs ({DISTINCT} distinct files, hard-linked "
-        "under more names). The artifact alone, on pre-decoded batches of "
-        f"{args.batch}: **{own:.1f} images/s** ({threads} TVM thread(s)).",
+        f"under more names). `artifact alone`: `Encoder(pixels)` on one pre-decoded batch of "
+        f"{args.batch}, called repeatedly just before and just after the run (the mean), in "
+        f"another process, with {threads} TVM thread(s). `images/s while encoding`: from the "
+        "first progress call (artifact loaded, workers not started) to the end; `whole "
+        "process`: the encode process from start to exit, `import tvm` included. `load`: "
+        "the machine's 1-minute load average when the run started (other work on the "
+        "machine included).",
         "",
-        "| images | decoding workers | images/s while encoding | of the artifact alone "
-        "| whole process (s) | peak RSS, encoder process (MiB) | peak RSS, with workers (MiB) |",
-        "|---|---|---|---|---|---|---|",
+        "| images | decoding workers | load | artifact alone (images/s) | images/s while "
+        "encoding | ratio | in the artifact (images/s) | waiting for decoding (s) "
+        "| whole process (s) | peak RSS (MiB): encoder process | decoding workers | both |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for n, workers, r, rate in rows:
+    for n, workers, r, rate, own, load in rows:
+        t = r["timings"]
         lines.append(
-            f"| {n:,} | {workers or '0 (in the encoder process)'} | {rate:.1f} | {rate / own:.2f} "
-            f"| {r['wall_s']:.1f} | {r['self_maxrss_mb']:.0f} | {r['tree_peak_mb']:.0f} |"
+            f"| {n:,} | {workers or '0 (in the encoder process)'} | {load:.1f} | {own:.1f} "
+            f"| {rate:.1f} | {rate / own:.2f} | {r['encoded'] / t['encoding_s']:.1f} "
+            f"| {t['waiting_for_decoding_s']:.1f} | {r['wall_s']:.1f} "
+            f"| {r['self_maxrss_mb']:.0f} | {r['workers_peak_mb']:.0f} "
+            f"| {r['tree_peak_mb']:.0f} |"
         )
     args.doc.write_text("\n".join(lines) + "\n")
     print(args.doc)

@@ -66,6 +66,11 @@ class Plan:
     manifest: dict[str, Any]
     record: dict[str, Any]
     pending: list[int] = field(default_factory=list)
+    # Local engine: seconds spent waiting for decoded batches, and in the artifact. Where
+    # a run falls short of the artifact's own speed, these say which side held it back.
+    timings: dict[str, float] = field(
+        default_factory=lambda: {"waiting_for_decoding_s": 0.0, "encoding_s": 0.0}
+    )
 
     @property
     def shards(self) -> int:
@@ -169,7 +174,9 @@ def plan(req: EncodeRequest) -> Plan:
 def _prepare_out(p: Plan) -> None:
     out = p.req.out
     old_path = out / RECORD
-    if out.is_dir() and any(out.iterdir()) and not old_path.exists():
+    # A run killed while writing its first record leaves only that record's .tmp.
+    left = [e for e in out.iterdir() if e.name != RECORD + ".tmp"] if out.is_dir() else []
+    if left and not old_path.exists():
         raise InputError(
             f"--out {out}: a folder that holds no {RECORD}, so not an encode output; "
             "give a new or empty folder"
@@ -194,10 +201,11 @@ def _prepare_out(p: Plan) -> None:
                     f"--out {out}: holds features of another {what} ({was}); "
                     "resume with the same arguments, or give another --out"
                 )
-    (out / PARTS).mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(old_path, p.record)  # first: it makes the folder an encode output
+    (out / PARTS).mkdir(exist_ok=True)
     for stray in [*out.glob("*.tmp"), *(out / PARTS).glob("*.tmp")]:
         stray.unlink()  # a killed run's unfinished shard
-    _write_json(old_path, p.record)
 
 
 def _shard_done(out: Path, j: int) -> bool:
@@ -407,12 +415,15 @@ def local_chunks(p: Plan, encoder: Any, workers: int) -> Iterator[Chunk]:
     steps = steps_from_manifest(p.manifest)
     shape = p.image_shape
     tasks = _tasks(p)
+    timings = p.timings
     if workers == 0:
         for start, items in tasks:
+            t0 = time.perf_counter()
             d = decode_batch(items, steps, shape)
+            timings["waiting_for_decoding_s"] += time.perf_counter() - t0
             yield Chunk(
                 list(range(start, start + len(items))),
-                _encode(encoder, d.pixels),
+                _encode(p, encoder, d.pixels),
                 d.sizes,
                 d.errors,
             )
@@ -428,17 +439,18 @@ def local_chunks(p: Plan, encoder: Any, workers: int) -> Iterator[Chunk]:
                 future = pool.submit(decode_batch, items, steps, shape)
                 inflight.append((start, len(items), future))
                 if len(inflight) > ahead:
-                    yield _encoded(encoder, *inflight.popleft())
+                    yield _encoded(p, encoder, *inflight.popleft())
             while inflight:
-                yield _encoded(encoder, *inflight.popleft())
+                yield _encoded(p, encoder, *inflight.popleft())
         finally:
             for _, _, future in inflight:
                 future.cancel()
 
 
-def _encoded(encoder: Any, start: int, n: int, future: Any) -> Chunk:
+def _encoded(p: Plan, encoder: Any, start: int, n: int, future: Any) -> Chunk:
     from concurrent.futures.process import BrokenProcessPool
 
+    t0 = time.perf_counter()
     try:
         d = future.result()
     except BrokenProcessPool as e:
@@ -448,14 +460,18 @@ def _encoded(encoder: Any, start: int, n: int, future: Any) -> Chunk:
             "start (a script calling encode_dataset needs `if __name__ == '__main__':`, as "
             "any code using multiprocessing's spawn); done shards are kept"
         ) from e
+    p.timings["waiting_for_decoding_s"] += time.perf_counter() - t0
     indices = list(range(start, start + len(d.errors)))
-    return Chunk(indices, _encode(encoder, d.pixels), d.sizes, d.errors)
+    return Chunk(indices, _encode(p, encoder, d.pixels), d.sizes, d.errors)
 
 
-def _encode(encoder: Any, pixels: np.ndarray) -> np.ndarray:
+def _encode(p: Plan, encoder: Any, pixels: np.ndarray) -> np.ndarray:
     if len(pixels) == 0:
         return np.zeros((0, *encoder.output_shape[1:]), np.float32)
-    return encoder(pixels)
+    t0 = time.perf_counter()
+    features = encoder(pixels)
+    p.timings["encoding_s"] += time.perf_counter() - t0
+    return features
 
 
 def _threads_and_workers(req: EncodeRequest) -> tuple[int | None, int]:
@@ -521,7 +537,9 @@ def run(req: EncodeRequest, progress: Progress | None = None) -> dict[str, Any]:
             encoder = Encoder(req.artifact, threads=threads)
         except (FileNotFoundError, ValueError) as e:
             raise InputError(str(e)) from e
+        p.record.update(workers=workers, threads=encoder.threads)
         write_results(p, local_chunks(p, encoder, workers), progress)
+        p.record["timings"] = {k: round(v, 3) for k, v in p.timings.items()}
     else:
         write_results(p, iter(()), progress)
     return finish(p, req.engine, time.perf_counter() - t0)

@@ -409,3 +409,13 @@ def test_import_builder_and_the_workers_do_not_load_tvm(image_tree):
         "assert 'tvm' not in sys.modules, 'decode_batch'\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+def test_a_folder_left_by_a_run_killed_before_its_record_is_taken(
+    encode_artifact, image_tree, tmp_path
+):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "encode.json.tmp").write_text('{"format": 1, "sta')  # killed while writing it
+    record = builder.encode_dataset(encode_artifact, [str(image_tree)], out, workers=0)
+    assert record["encoded"] == 6 and not list(out.rglob("*.tmp"))
