@@ -100,10 +100,15 @@ def child(art: str, folder: str, out: str, batch: int, workers: int) -> None:
     """Runs in a fresh process: one encode_dataset, its timings as JSON on stdout."""
     t_start = time.perf_counter()
     first: list[float] = []
+    trace: list[tuple[int, float]] = []  # (images done, RSS MiB) at each tenth of the run
 
     def progress(done: int, total: int, failed: int) -> None:
         if not first:
             first.append(time.perf_counter())
+        if not trace or done - trace[-1][0] >= total / 10 or done == total:
+            status = Path("/proc/self/status").read_text().splitlines()
+            kb = next(int(x.split()[1]) for x in status if x.startswith("VmRSS"))
+            trace.append((done, round(kb / 1024)))
 
     from builder.encode import encode_dataset
 
@@ -120,6 +125,7 @@ def child(art: str, folder: str, out: str, batch: int, workers: int) -> None:
                 "process_s": end - t_start,
                 "self_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 "timings": record.get("timings", {}),
+                "rss_trace_mb": trace,
             }
         )
     )
@@ -239,6 +245,9 @@ def main() -> None:
             f"| {r['self_maxrss_mb']:.0f} | {r['workers_peak_mb']:.0f} "
             f"| {r['tree_peak_mb']:.0f} |"
         )
+    lines += ["", "RSS of the encoding process (MiB) as the images go by, (images done, RSS):", ""]
+    for n, workers, r, _, _, _ in rows:
+        lines.append(f"- {n:,} images, {workers} workers: {r['rss_trace_mb']}")
     args.doc.write_text("\n".join(lines) + "\n")
     print(args.doc)
 

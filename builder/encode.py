@@ -409,7 +409,7 @@ def local_chunks(p: Plan, encoder: Any, workers: int) -> Iterator[Chunk]:
     import multiprocessing
     from concurrent.futures import Future, ProcessPoolExecutor
 
-    from .encode_inputs import decode_batch
+    from .encode_inputs import decode_batch, watch_parent
     from .preprocess import steps_from_manifest
 
     steps = steps_from_manifest(p.manifest)
@@ -432,7 +432,9 @@ def local_chunks(p: Plan, encoder: Any, workers: int) -> Iterator[Chunk]:
     # Pillow and builder.preprocess only.
     context = multiprocessing.get_context("spawn")
     ahead = 2 * workers + 1  # batches decoded or decoding while one is encoded
-    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+    with ProcessPoolExecutor(
+        workers, mp_context=context, initializer=watch_parent, initargs=(os.getpid(),)
+    ) as pool:
         inflight: deque[tuple[int, int, Future[Any]]] = deque()
         try:
             for start, items in tasks:

@@ -14,6 +14,7 @@ import io
 import os
 import re
 import tarfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -237,6 +238,20 @@ def list_items(inputs: list[str], column: str | None = None) -> list[Item]:
 
 
 # --- in the worker processes ----------------------------------------------------------------
+
+
+def watch_parent(parent: int, every: float = 0.5) -> None:
+    """A worker's initializer: exit when the process that started it is gone. A killed
+    (SIGKILL) encoder cannot stop its pool, and an idle worker would wait for work forever."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="watch-parent", daemon=True).start()
+
 
 _row_group_cache: dict[tuple[str, int, str], Any] = {}
 

@@ -261,6 +261,14 @@ def test_bad_images_become_error_rows_and_strict_exits_1(encode_artifact, tmp_pa
     assert read_index(tmp_path / "strict") == rows
 
 
+def children(pid: int) -> list[int]:
+    """The processes `pid`'s threads started (Linux)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        found += [int(c) for c in task.read_text().split()]
+    return found
+
+
 def cli_command(art: Path, folder: Path, out: Path) -> list[str]:
     return [
         sys.executable,
@@ -304,11 +312,18 @@ def test_sigkill_after_the_first_shard_then_resume_equals_an_uninterrupted_run(
         assert proc.poll() is None, "the run ended before its first shard was seen"
         assert time.monotonic() < deadline
         time.sleep(0.005)
+    workers = children(proc.pid)
+    assert workers, "no decoding worker seen"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "index.parquet").exists(), "killed too late: the run had finished"
     written = sorted(p.name for p in out.glob("shard-*.npy"))
     assert "shard-00006.npy" not in written
+    # The workers notice that their parent is gone and exit.
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{w}").exists() for w in workers):
+        assert time.monotonic() < deadline, f"workers {workers} outlived the killed run"
+        time.sleep(0.05)
     # The same command again, then an uninterrupted run to compare with.
     subprocess.run(cli_command(encode_artifact, folder, out), cwd=REPO, check=True)
     whole = tmp_path / "whole"
