@@ -96,6 +96,37 @@ class ArtifactAlone:
         return n / (time.perf_counter() - t0)
 
 
+DECODER = """
+import sys, time
+from pathlib import Path
+from builder.config import PreprocessConfig
+from builder.encode_inputs import Item, decode_batch
+steps, files = PreprocessConfig().resolved(224), sorted(Path(sys.argv[1]).iterdir())
+items = [Item(f.name, str(f), "file", str(f)) for f in files]
+n, t0 = 0, time.perf_counter()
+while time.perf_counter() - t0 < float(sys.argv[2]):
+    start = n % (len(items) - 8)
+    decode_batch(items[start : start + 8], steps, (3, 224, 224))
+    n += 8
+print(n / (time.perf_counter() - t0))
+"""
+
+
+def interference(alone: ArtifactAlone, folder: Path, seconds: float = 12) -> list[float]:
+    """The artifact alone; then beside a process that only decodes (what a worker does, no
+    pipeline); then alone again. Returns [alone, beside, decoder's images/s, alone]."""
+    first = alone.rate(seconds)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", DECODER, str(folder), str(seconds + 3)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+    )
+    time.sleep(1.5)  # its imports
+    beside = alone.rate(seconds)
+    decoder = float(proc.communicate()[0])
+    return [first, beside, decoder, alone.rate(seconds)]
+
+
 def child(art: str, folder: str, out: str, batch: int, workers: int) -> None:
     """Runs in a fresh process: one encode_dataset, its timings as JSON on stdout."""
     t_start = time.perf_counter()
@@ -193,6 +224,9 @@ def main() -> None:
     art = build_tower(args.work, args.layers)
     folders = make_images(args.work, args.sizes)
     alone = ArtifactAlone(art, folders[args.sizes[0]], args.batch)
+    inter_load = os.getloadavg()[0]
+    inter = interference(alone, folders[args.sizes[0]])
+    print(f"interference (load {inter_load:.1f}): {inter}", file=sys.stderr)
     rows = []
     plan = [(n, args.workers) for n in args.sizes] + [(args.sizes[0], 0)]
     for n, workers in plan:
@@ -245,6 +279,13 @@ def main() -> None:
             f"| {r['self_maxrss_mb']:.0f} | {r['workers_peak_mb']:.0f} "
             f"| {r['tree_peak_mb']:.0f} |"
         )
+    lines += [
+        "",
+        f"The artifact beside a decoder (load {inter_load:.1f} when it started): alone "
+        f"{inter[0]:.1f} images/s; beside a process that only decodes and preprocesses "
+        f"(no pipeline, {inter[2]:.1f} images/s of its own) {inter[1]:.1f} images/s; alone "
+        f"again {inter[3]:.1f} images/s.",
+    ]
     lines += ["", "RSS of the encoding process (MiB) as the images go by, (images done, RSS):", ""]
     for n, workers, r, _, _, _ in rows:
         lines.append(f"- {n:,} images, {workers} workers: {r['rss_trace_mb']}")
