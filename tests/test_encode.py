@@ -144,6 +144,19 @@ def input_kind(kind: str, tree: Path, tmp: Path) -> tuple[list[str], dict, dict[
             {},
             {k: extract(tmp, n, b) for k, n, b in zip("xyz", names, blobs, strict=True)},
         )
+    if kind == "parquet-struct":  # HF datasets' Image feature, one row group
+        blobs = [png_bytes(10), jpeg_bytes(11)]
+        rows = [{"bytes": b, "path": f"x{i}.png"} for i, b in enumerate(blobs)]
+        pq = write_parquet(tmp / "hf.parquet", {"image": rows, "label": [3, 4]}, 10)
+        keys = [f"hf.parquet#{i}" for i in range(2)]
+        return (
+            [str(pq)],
+            {},
+            {
+                k: extract(tmp, f"{i}.img", b)
+                for i, (k, b) in enumerate(zip(keys, blobs, strict=True))
+            },
+        )
     if kind == "parquet-path":
         paths = ["a.jpg", str(tree / "sub" / "b.png"), "d.bmp"]
         pq = write_parquet(tmp / "paths.parquet", {"path": paths})
@@ -173,7 +186,9 @@ def features_of(out: Path, row: dict) -> np.ndarray:
     return np.load(out / row["shard"])[row["row"]]
 
 
-@pytest.mark.parametrize("kind", ["folder", "glob", "txt", "tar", "parquet-bytes", "parquet-path"])
+@pytest.mark.parametrize(
+    "kind", ["folder", "glob", "txt", "tar", "parquet-bytes", "parquet-struct", "parquet-path"]
+)
 def test_every_input_kind_equals_encode_images(kind, encode_artifact, image_tree, tmp_path):
     from PIL import Image
 
