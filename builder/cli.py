@@ -23,7 +23,6 @@ import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import yaml
 
@@ -252,7 +251,7 @@ def _encode(args: argparse.Namespace) -> int:
         f"encode {req.artifact}: inputs {req.inputs}, out {req.out}, shard size "
         f"{req.shard_size}, batch {req.batch}, engine {req.engine}"
     )
-    bar: Any = None
+    bar = None  # a tqdm bar, on a terminal, from the first report on
     since = {"time": 0.0, "done": -1}  # the previous progress line, off a terminal
 
     def progress(done: int, total: int, failed: int) -> None:
