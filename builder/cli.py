@@ -10,6 +10,7 @@
 `--plugin MODULE` (repeatable) imports a block-plugin module first.
     build run ARTIFACT IMG [IMG ...] --out FEATS.npy [--batch N]    images -> features
     build bench ARTIFACT [--batch N] [--threads N]                  latency and throughput
+    build encode ARTIFACT INPUT [INPUT ...] --out DIR               a dataset -> feature shards
 
 Exit codes: 0 done, 1 a failure while building, 2 bad input (usage, preset, override).
 """
@@ -29,7 +30,7 @@ from .errors import BuilderError, InputError
 # Each command imports what it needs when it runs: `build --help`, `list`, `check`, `show`
 # and `import` never import TVM (seconds, with torch installed), and a cache hit neither.
 
-COMMANDS = ("build", "show", "check", "list", "import", "run", "bench", "verify")
+COMMANDS = ("build", "show", "check", "list", "import", "run", "bench", "verify", "encode")
 
 
 def _err(*lines: str) -> None:
@@ -111,6 +112,40 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="the features file (.npy)")
     p.add_argument("--batch", type=int, default=8, help="images per call (default: %(default)s)")
     p.add_argument("--threads", type=int, help="CPU threads (default: every core available)")
+    p.add_argument("--verbose", action="store_true", help="show a traceback on a failure")
+
+    p = sub.add_parser(
+        "encode",
+        help="encode a dataset of images into feature shards (.npy) and index.parquet; "
+        "resumable, bad images recorded not fatal",
+        description="Inputs: folders (walked recursively), globs, .txt files of paths, "
+        "webdataset .tar shards, .parquet files. A rerun with the same arguments resumes. "
+        "See docs/encode.md.",
+    )
+    p.add_argument("artifact", type=Path, help="an artifact folder, e.g. artifacts/llava-clip/llvm")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="folder, glob, .txt, .tar, .parquet")
+    p.add_argument("--out", type=Path, required=True, help="the output folder")
+    p.add_argument(
+        "--shard-size", type=int, default=1000, help="images per shard (default: %(default)s)"
+    )
+    p.add_argument("--batch", type=int, default=8, help="images per call (default: %(default)s)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="decoding processes (default: a quarter of the cores, at least 1); with "
+        "--engine ray, encoder actors (default: 1)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="TVM threads (default: the cores the workers leave); with --engine ray, per actor "
+        "(default: 1)",
+    )
+    p.add_argument("--column", help="a .parquet input's image column (bytes or paths)")
+    p.add_argument("--engine", choices=["local", "ray"], default="local", help="(default: local)")
+    p.add_argument("--address", help="with --engine ray: the cluster (default: a local one)")
+    p.add_argument("--strict", action="store_true", help="exit 1 if any image failed")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--verbose", action="store_true", help="show a traceback on a failure")
 
     p = sub.add_parser(
@@ -203,6 +238,64 @@ def _run(args: argparse.Namespace) -> int:
         _err("note: the artifact has RANDOM weights: these features mean nothing")
     _err(f"features {tuple(record['shape'])} {record['dtype']}")
     print(req.out)
+    return 0
+
+
+def _encode(args: argparse.Namespace) -> int:
+    import dataclasses
+    import time
+
+    from .encode import INDEX, EncodeRequest, run
+    from .tvm_import import import_tvm
+
+    import_tvm()
+
+    req = EncodeRequest(
+        **{f.name: getattr(args, f.name) for f in dataclasses.fields(EncodeRequest)}
+    )
+    _err(
+        f"encode {req.artifact}: inputs {req.inputs}, out {req.out}, shard size "
+        f"{req.shard_size}, batch {req.batch}, engine {req.engine}"
+    )
+    bar = None  # a tqdm bar, on a terminal, from the first report on
+    since = {"time": 0.0, "done": -1}  # the previous progress line, off a terminal
+
+    def progress(done: int, total: int, failed: int) -> None:
+        nonlocal bar
+        if args.quiet:
+            return
+        if sys.stderr.isatty():
+            if bar is None:
+                from tqdm import tqdm
+
+                bar = tqdm(total=total, initial=done, unit="img", file=sys.stderr)
+            bar.set_postfix(failed=failed, refresh=False)
+            bar.update(done - bar.n)
+            return
+        now = time.monotonic()
+        if since["done"] < 0:
+            since.update(time=now, done=done)
+        elif now - since["time"] >= 10 or done == total:
+            rate = (done - since["done"]) / max(now - since["time"], 1e-9)
+            eta = f", ETA {(total - done) / rate:.0f} s" if rate > 0 else ""
+            _err(f"encoded {done}/{total} images, {failed} failed, {rate:.1f} images/s{eta}")
+            since.update(time=now, done=done)
+
+    try:
+        record = run(req, progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    if record["weights"] == "random":
+        _err("note: the artifact has RANDOM weights: these features mean nothing")
+    _err(
+        f"{record['images']} images: {record['encoded']} encoded, {record['failed']} failed, "
+        f"{record['resumed_shards']} of {record['shards']} shards kept from an earlier run"
+    )
+    print(req.out)
+    if args.strict and record["failed"]:
+        _err(f"--strict: {record['failed']} images failed (the error column of {INDEX})")
+        return 1
     return 0
 
 
@@ -336,6 +429,7 @@ COMMAND_FUNCTIONS = {
     "run": _run,
     "bench": _bench,
     "verify": _verify,
+    "encode": _encode,
 }
 
 if __name__ == "__main__":
