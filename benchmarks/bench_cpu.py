@@ -235,11 +235,11 @@ def gemms_alone(encoder, x, sample_peak, rounds: int = 7, window: float = ALONE_
 HALF = "llvm-half"  # the 16-bit artifact's target name
 
 
-def half_targets(precision: str) -> str:
+def sixteen_bit_targets(precision: str) -> str:
     return f"targets=[llvm, {{name: {HALF}, kind: llvm, precision: {precision}}}]"
 
 
-def host_half_precision() -> str | None:
+def host_16_bit_precision() -> str | None:
     """The 16-bit precision whose GEMMs this CPU runs natively: float16 (AVX-512 FP16), else
     bfloat16 (AVX-512 BF16), else None."""
     from builder.config import TargetConfig
@@ -260,7 +260,7 @@ def bench_preset(name: str, args: argparse.Namespace, workdir: Path, sample_peak
     from builder.preset import load_preset
 
     half = args.half
-    preset = load_preset(name, [half_targets(half)] if half else [])
+    preset = load_preset(name, [sixteen_bit_targets(half)] if half else [])
     model = preset.model
     start = time.perf_counter()
     built = build(preset, workdir, only=["llvm", HALF] if half else ["llvm"])
@@ -272,7 +272,7 @@ def bench_preset(name: str, args: argparse.Namespace, workdir: Path, sample_peak
     )
     paths = {b.target: b.path for b in built}
     encoder = builder.load(paths["llvm"], threads=args.threads)
-    half_encoder = builder.load(paths[HALF], threads=args.threads) if half else None
+    sixteen_bit_encoder = builder.load(paths[HALF], threads=args.threads) if half else None
     hf = hf_model(model)
     session = onnx_session(hf, model, args.threads, workdir / f"{name}.onnx")
     rows = []
@@ -291,23 +291,23 @@ def bench_preset(name: str, args: argparse.Namespace, workdir: Path, sample_peak
             "ort": lambda x=x: session.run(None, {"pixel_values": x}),
         }
         if half:
-            runners["half"] = lambda x=x: half_encoder(x)
+            runners["half"] = lambda x=x: sixteen_bit_encoder(x)
         times = interleaved_times(runners, args.runs, args.seconds)
         ours, eager_s, ort_s = (statistics.median(times[k]) for k in ("artifact", "torch", "ort"))
         paired = tuple(paired_ratio(times["artifact"], times[k]) for k in ("torch", "ort"))
         rounds = len(times["artifact"])
         work = gflop(model, preset.blocks, batch)
-        half_row = None
+        sixteen_bit_row = None
         if half:
             # Same weights (the same seeded init); the float32 artifact is HF's to ~1e-5.
             full = encoder(x)
-            error = float(np.abs(half_encoder(x) - full).max() / np.abs(full).max())
-            half_row = (
+            error = float(np.abs(sixteen_bit_encoder(x) - full).max() / np.abs(full).max())
+            sixteen_bit_row = (
                 statistics.median(times["half"]),
                 tuple(paired_ratio(times["half"], times[k]) for k in ("artifact", "torch", "ort")),
                 error,
             )
-        rows.append((name, batch, work, ours, eager_s, ort_s, paired, rounds, half_row))
+        rows.append((name, batch, work, ours, eager_s, ort_s, paired, rounds, sixteen_bit_row))
         print(
             f"{name} b{batch}: ours {ours:.3f} s, torch {eager_s:.3f} s, ort {ort_s:.3f} s "
             f"({rounds} rounds)",
@@ -320,8 +320,8 @@ def bench_preset(name: str, args: argparse.Namespace, workdir: Path, sample_peak
     kernels = kernel_breakdown(encoder, x1)
     time.sleep(SETTLE_S)
     after = sample_peak()
-    half_kernels = kernel_breakdown(half_encoder, x1) if half else None
-    breakdown = (name, preset, kernels, max(before, after), alone, half_kernels)
+    sixteen_bit_kernels = kernel_breakdown(sixteen_bit_encoder, x1) if half else None
+    breakdown = (name, preset, kernels, max(before, after), alone, sixteen_bit_kernels)
     return rows, note, breakdown, [before, after]
 
 
@@ -344,7 +344,7 @@ def main() -> int:
     )
     args = parser.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
-    args.half = host_half_precision() if args.half else None
+    args.half = host_16_bit_precision() if args.half else None
 
     import torch
     from tvm.target.codegen import llvm_get_system_cpu
@@ -414,10 +414,11 @@ def main() -> int:
             "vs onnxruntime, paired | error |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
-        for name, batch, work, ours, eager, ort_s, _, _, (half_s, paired, error) in rows:
+        for name, batch, work, ours, eager, ort_s, _, _, (sixteen_bit_s, paired, error) in rows:
             lines.append(
-                f"| {name} | {batch} | {half_s:.3f} | {work / half_s:.1f} | "
-                f"{half_s / ours:.2f} | {half_s / eager:.2f} | {half_s / ort_s:.2f} | "
+                f"| {name} | {batch} | {sixteen_bit_s:.3f} | {work / sixteen_bit_s:.1f} | "
+                f"{sixteen_bit_s / ours:.2f} | {sixteen_bit_s / eager:.2f} | "
+                f"{sixteen_bit_s / ort_s:.2f} | "
                 + " | ".join(f"{r:.2f}" for r in paired)
                 + f" | {error:.1e} |"
             )
@@ -426,7 +427,7 @@ def main() -> int:
         lines += ["No 16-bit artifact: this CPU has neither AVX-512 FP16 nor BF16.", ""]
     from builder.flops import tokens
 
-    for name, preset, kernels, around, alone, half_kernels in breakdowns:
+    for name, preset, kernels, around, alone, sixteen_bit_kernels in breakdowns:
         model = preset.model
         total = sum(t for _, _, t in kernels)
         layers = model.num_layers_computed
@@ -455,21 +456,21 @@ def main() -> int:
                 f"| {kernel} | {calls} | {1e3 * seconds / layers:.2f} | "
                 f"{100 * seconds / total:.1f}% |"
             )
-        if half_kernels:
-            half_total = sum(t for _, _, t in half_kernels)
+        if sixteen_bit_kernels:
+            sixteen_bit_total = sum(t for _, _, t in sixteen_bit_kernels)
             lines += [
                 "",
                 f"The {args.half} artifact, {name}, batch 1: "
-                f"{1e3 * half_total / layers:.2f} ms per layer, against "
+                f"{1e3 * sixteen_bit_total / layers:.2f} ms per layer, against "
                 f"{1e3 * total / layers:.2f}.",
                 "",
                 "| kernel | calls | ms per layer | share |",
                 "|---|---|---|---|",
             ]
-            for kernel, calls, seconds in half_kernels[:12]:
+            for kernel, calls, seconds in sixteen_bit_kernels[:12]:
                 lines.append(
                     f"| {kernel} | {calls} | {1e3 * seconds / layers:.2f} | "
-                    f"{100 * seconds / half_total:.1f}% |"
+                    f"{100 * seconds / sixteen_bit_total:.1f}% |"
                 )
         lines += [
             "",

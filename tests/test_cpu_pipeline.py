@@ -192,7 +192,7 @@ def test_half_rewrite_computes_each_value_once():
     assert calls["pack_weight"] == calls["gemm"]
     assert calls["layer_norm"] == ops["nn.layer_norm"]
     # Converted on their own: the patch conv's im2col and each attention output.
-    assert calls["half_pairs"] == 1 + LAYERS
+    assert calls["to_pairs"] == 1 + LAYERS
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -202,7 +202,7 @@ def test_rounded_operands_once_per_value(dtype):
     rounding kernel, and the GEMMs stay the float32 kernels."""
     rewritten = rewrite_to_kernels(small_tower()[0], FLOAT32_KERNELS, rounded=dtype)
     calls = kernel_calls(rewritten)
-    assert calls["gemm"] == 6 * LAYERS + 1 and calls["half_pairs"] == 0
+    assert calls["gemm"] == 6 * LAYERS + 1 and calls["to_pairs"] == 0
     weights = 6 * LAYERS + 1
     inputs = 1 + 4 * LAYERS  # im2col; per layer LayerNorm 1 (Q, K, V), attention, LayerNorm 2, fc1
     assert calls["round"] == weights + inputs
@@ -459,7 +459,7 @@ def test_pair_gemm_against_numpy(M, K, N, act, pairs):
     words = pair_words(panels, pairs).reshape(NP, cfg.nb, KW).transpose(0, 2, 1)
     np.testing.assert_array_equal(wp.numpy().view(np.uint32), words)
     xw = tvm.runtime.empty((M, KW), "float32")
-    compile_kernel(kernels.half_pairs_kernel(cfg, K), HOST)(tvm.runtime.tensor(x), xw)
+    compile_kernel(kernels.pairs_kernel(cfg, K), HOST)(tvm.runtime.tensor(x), xw)
     np.testing.assert_array_equal(xw.numpy().view(np.uint32), pair_words(x, pairs))
     gemm = compile_kernel(kernels.gemm_kernel(cfg, K, N, True, act, True), HOST)
     y = tvm.runtime.empty((M, N), "float32")
@@ -499,7 +499,7 @@ if half:
     hc = K.kernel_config(target, half=True)
     hwp, hx = nan((-(-N // hc.nb), KD // 2, hc.nb)), nan((M, KD // 2))
     build(K.pack_weight_kernel(hc, N, KD, True))(tvm.runtime.tensor(w), hwp)
-    build(K.half_pairs_kernel(hc, KD))(tvm.runtime.tensor(x), hx)
+    build(K.pairs_kernel(hc, KD))(tvm.runtime.tensor(x), hx)
     half_gemm = build(K.gemm_kernel(hc, KD, N, True, None, False))
 B, S, H, D = 5, 50, 3, 72  # 13 query tiles of 4 per head: 2 tasks per (batch, head)
 q, k, v = (rng.standard_normal((B, S, H, D)).astype("float32") for _ in range(3))

@@ -165,7 +165,7 @@ def _as_pairs(vector: str, lanes: int, pairs: str = "float16") -> str:
     return f'T.reinterpret("float32x{lanes // 2}", {half})'
 
 
-def _half_pair(lo: str, hi: str, pairs: str = "float16") -> str:
+def _pair_word(lo: str, hi: str, pairs: str = "float16") -> str:
     """A float32-typed word holding two 16-bit values of type `pairs` (`lo` in the low
     bits): the operands of the float16 and bfloat16 GEMMs travel as such words, so a pair of
     k steps is one 32-bit load or broadcast."""
@@ -369,7 +369,7 @@ def gemm_k_steps(cfg: KernelConfig, K: int, N: int, unroll: int = 1) -> list[tup
 
 
 def gemm_kernel(
-    cfg: KernelConfig, K: int, N: int, has_bias: bool, act, has_res: bool, half_out: bool = False
+    cfg: KernelConfig, K: int, N: int, has_bias: bool, act, has_res: bool, pairs_out: bool = False
 ):
     """Y[M, N] = epilogue(X[M, K] @ W + bias) (+ R), W packed as [NP, K, NB].
 
@@ -384,11 +384,11 @@ def gemm_kernel(
     of bounds) or, when only a row or two are left, runs them one at a time.
 
     With `cfg.half`, X and W hold float16 pairs of k steps in float32-typed words
-    (`half_pairs_kernel`, `pack_weight_kernel`): X [M, K/2], W [NP, K/2, NB]. One broadcast
+    (`pairs_kernel`, `pack_weight_kernel`): X [M, K/2], W [NP, K/2, NB]. One broadcast
     word of X times one vector of W is then 2 k steps for NB/2 columns, lanes 2j and 2j+1
     holding column j's even and odd k. Every `_HALF_BLOCK` pairs, each column's two float16
-    partial sums are added and go into its float32 accumulator. `half_out` (N a multiple of
-    NB, no residual): Y is written as [M, N/2] words of float16 pairs, the next half GEMM's
+    partial sums are added and go into its float32 accumulator. `pairs_out` (N a multiple of
+    NB, no residual): Y is written as [M, N/2] words of float16 pairs, the next 16-bit GEMM's
     X."""
     mr, nb, vec = cfg.mr, cfg.nb, cfg.vec
     NP = -(-N // nb)
@@ -405,9 +405,9 @@ def gemm_kernel(
         _ATTRS,
         "    M = T.int64()",
         f'    X = T.match_buffer(x, (M, {_i(KW)}), "float32")',
-        f'    Y = T.match_buffer(y, (M, {_i(N // 2 if half_out else N)}), "float32")',
+        f'    Y = T.match_buffer(y, (M, {_i(N // 2 if pairs_out else N)}), "float32")',
     ]
-    assert not half_out or (cfg.pairs and N % nb == 0 and not has_res)
+    assert not pairs_out or (cfg.pairs and N % nb == 0 and not has_res)
     if has_res:
         L.append(f'    R = T.match_buffer(res, (M, {_i(N)}), "float32")')
     mt = f"((M + {_i(mr - 1)}) // {_i(mr)})"
@@ -483,7 +483,7 @@ def gemm_kernel(
         ]
         return o + [ind + update(i, v) for i in range(rows) for v in range(cfg.nv)]
 
-    def k_loop_half(rows: int, ind: str, pre: str, pf, k0: int, kn: int) -> list[str]:
+    def k_loop_pairs(rows: int, ind: str, pre: str, pf, k0: int, kn: int) -> list[str]:
         """float16: h{i}[2j + p] sums row i, column j over the block's k steps of parity p;
         acc{i}[j], over all of K."""
         hl = 2 * vec  # float16 lanes per vector
@@ -542,7 +542,7 @@ def gemm_kernel(
                     f"{ind}for j in T.vectorized({_i(nb)}):",
                     f"{ind}    {pre}acc{i}[j] = Y[r{i}, nbk * {_i(nb)} + j]",
                 ]
-        loop = k_loop_half if cfg.half else k_loop_bf16 if cfg.bf16 else k_loop
+        loop = k_loop_pairs if cfg.half else k_loop_bf16 if cfg.bf16 else k_loop
         out += loop(rows, ind, pre, pf, k0, kn)
         if not last:
             for i in range(rows):
@@ -569,7 +569,7 @@ def gemm_kernel(
                 ep.append(f"{body}Y[r{i}, {col}] = o" + (f" + R[r{i}, {col}]" if has_res else ""))
             return ep
 
-        if half_out:  # each row's outputs through a stack vector, stored as float16 pairs
+        if pairs_out:  # each row's outputs through a stack vector, stored as float16 pairs
             out.append(ind + _local(f"{pre}ob", nb))
             for i in range(rows):
                 out += epilogue(i, f"for j in T.vectorized({_i(nb)}):", ind, False, f"{pre}ob")
@@ -637,7 +637,7 @@ def pack_weight_kernel(cfg: KernelConfig, N: int, K: int, nk: bool):
         return f"T.if_then_else({n} < {_i(N)}{ok}, {load}, {_f(0.0)})"
 
     value = (
-        _half_pair(elem(f"k * {_i(2)}"), elem(f"k * {_i(2)} + {_i(1)}"), cfg.pairs)
+        _pair_word(elem(f"k * {_i(2)}"), elem(f"k * {_i(2)} + {_i(1)}"), cfg.pairs)
         if cfg.pairs
         else elem("k")
     )
@@ -695,21 +695,21 @@ def _pack_panel_tiles(cfg: KernelConfig, N: int, K: int, indent: int) -> list[st
     return [" " * indent + line for line in lines]
 
 
-def half_pairs_kernel(cfg: KernelConfig, K: int):
+def pairs_kernel(cfg: KernelConfig, K: int):
     """X [M, K] float32 -> [M, K/2] words of `cfg.pairs` pairs (k even, k odd; an odd K's
     last word has a zero high half): the X operand of a float16 or bfloat16 GEMM
     (`gemm_kernel`)."""
     vec = cfg.vec
     KW = -(-K // 2)
     full = K // (2 * vec)  # whole vectors: 2 * vec floats -> vec words
-    tail = _half_pair(
+    tail = _pair_word(
         f"X[r, kp * {_i(2)}]",
         f"T.if_then_else(kp * {_i(2)} + {_i(1)} < {_i(K)}, X[r, T.min(kp * {_i(2)} + {_i(1)}, {_i(K - 1)})], {_f(0.0)})",
         cfg.pairs,
     )
     src = f"""
 @T.prim_func(private=True, check_well_formed=False)
-def half_pairs(x: T.handle, xw: T.handle):
+def to_pairs(x: T.handle, xw: T.handle):
 {_ATTRS}
     M = T.int64()
     X = T.match_buffer(x, (M, {_i(K)}), "float32")
@@ -932,11 +932,11 @@ def attention_kernel(cfg: KernelConfig, S: int, H: int, D: int, scale: float):
     return _parse("\n".join(L))
 
 
-def layer_norm_kernel(cfg: KernelConfig, C: int, eps: float, half_out: bool = False):
+def layer_norm_kernel(cfg: KernelConfig, C: int, eps: float, pairs_out: bool = False):
     """Row-parallel LayerNorm over the last axis (C % vec == 0): vector partial sums, two
     passes (mean, then centered variance) for accuracy, fused scale/shift on the store.
     The legalized version reduces with a serial scalar chain (~4 cycles per element).
-    `half_out` (C % (2 vec) == 0): Y is [M, C/2] words of float16 pairs, a half GEMM's X."""
+    `pairs_out` (C % (2 vec) == 0): Y is [M, C/2] words of float16 pairs, a 16-bit GEMM's X."""
     vec = cfg.vec
     nvec = C // vec
     L = [
@@ -946,7 +946,7 @@ def layer_norm_kernel(cfg: KernelConfig, C: int, eps: float, half_out: bool = Fa
         _ATTRS,
         "    M = T.int64()",
         f'    X = T.match_buffer(x, (M, {_i(C)}), "float32")',
-        f'    Y = T.match_buffer(y, (M, {_i(C // 2 if half_out else C)}), "float32")',
+        f'    Y = T.match_buffer(y, (M, {_i(C // 2 if pairs_out else C)}), "float32")',
         "    for r in T.parallel(M):",
         "        " + _local("red", vec),
         "        " + _local("sc", 2),
@@ -971,7 +971,7 @@ def layer_norm_kernel(cfg: KernelConfig, C: int, eps: float, half_out: bool = Fa
         f"        sc[1] = {_f(1.0)} / T.sqrt(sc[1] * {_f(1.0 / C)} + {_f(eps)})",
     ]
     norm = "(X[r, c] - sc[0]) * sc[1] * gamma[c] + beta[c]"
-    if not half_out:
+    if not pairs_out:
         return _parse(
             "\n".join(
                 L

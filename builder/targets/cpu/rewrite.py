@@ -17,9 +17,9 @@ from .kernels import (
     attn_pack_v_kernel,
     attn_padding,
     gemm_kernel,
-    half_pairs_kernel,
     layer_norm_kernel,
     pack_weight_kernel,
+    pairs_kernel,
     round_kernel,
 )
 
@@ -170,7 +170,7 @@ class _Plan:
         self.rewrites[cur] = spec
 
     def only_gemm_input(self, var) -> bool:
-        """Whether every use of `var` is as the X of a linear layer (which a half GEMM then
+        """Whether every use of `var` is as the X of a linear layer (which a 16-bit GEMM then
         takes as float16 pairs)."""
         users = self.consumers.get(var, [])
         return (
@@ -303,36 +303,36 @@ class _KernelRewriter(PyExprMutator):
     def _v(self, e):
         return self.visit_expr(e)
 
-    def _gemm(self, x2, w, nk, K, N, bias=None, act=None, res2=None, source=None, half_out=False):
+    def _gemm(self, x2, w, nk, K, N, bias=None, act=None, res2=None, source=None, pairs_out=False):
         """x2: [M, K] var (a view of `source`, if given); returns [M, N] var, or with
-        `half_out` [M, N/2] float16 or bfloat16 pairs."""
+        `pairs_out` [M, N/2] float16 or bfloat16 pairs."""
         cfg = self.cfg
         NP = -(-N // cfg.nb)
         KW = -(-K // 2) if cfg.pairs else K
         pk = self._gv(("pack", N, K, nk), lambda: pack_weight_kernel(cfg, N, K, nk), "pack_weight")
         if self.rounded:
-            w = self._round_to_half(w)  # depends on the weight only: rounded at build time
+            w = self._round_operand(w)  # depends on the weight only: rounded at build time
         wp = self._emit(relax.call_tir(pk, [w], relax.TensorType([NP, KW, cfg.nb], "float32")))
         if cfg.pairs:
-            x2 = self._half_pairs(x2, K, source)
+            x2 = self._pairs_of(x2, K, source)
         elif self.rounded:
-            x2 = self._once(source, lambda: self._round_to_half(x2))
+            x2 = self._once(source, lambda: self._round_operand(x2))
         gk = self._gv(
-            ("gemm", K, N, bias is not None, act, res2 is not None, half_out),
-            lambda: gemm_kernel(cfg, K, N, bias is not None, act, res2 is not None, half_out),
+            ("gemm", K, N, bias is not None, act, res2 is not None, pairs_out),
+            lambda: gemm_kernel(cfg, K, N, bias is not None, act, res2 is not None, pairs_out),
             "gemm",
         )
         args = (
             [x2, wp] + ([bias] if bias is not None else []) + ([res2] if res2 is not None else [])
         )
         M = _sinfo(x2).shape.values[0]
-        out = relax.TensorType([M, N // 2 if half_out else N], "float32")
+        out = relax.TensorType([M, N // 2 if pairs_out else N], "float32")
         return self._emit(relax.call_tir(gk, args, out))
 
-    def _half_pairs(self, x2, K, source):
-        """x2 [M, K] as the [M, K/2] 16-bit pairs a half GEMM takes, converted once per
+    def _pairs_of(self, x2, K, source):
+        """x2 [M, K] as the [M, K/2] 16-bit pairs a 16-bit GEMM takes, converted once per
         `source`."""
-        hk = self._gv(("half", K), lambda: half_pairs_kernel(self.cfg, K), "half_pairs")
+        hk = self._gv(("half", K), lambda: pairs_kernel(self.cfg, K), "to_pairs")
         M = _sinfo(x2).shape.values[0]
         out = relax.TensorType([M, -(-K // 2)], "float32")
         return self._once(source, lambda: self._emit(relax.call_tir(hk, [x2], out)))
@@ -345,7 +345,7 @@ class _KernelRewriter(PyExprMutator):
             self.halves[source] = convert()
         return self.halves[source]
 
-    def _round_to_half(self, x):
+    def _round_operand(self, x):
         """x's values (a matrix) rounded to `self.rounded` (float16 or bfloat16), as
         float32."""
         rows, C = _sinfo(x).shape.values
@@ -362,8 +362,8 @@ class _KernelRewriter(PyExprMutator):
             M = M * d
         return M
 
-    def _to_half_gemms(self, var) -> bool:
-        """Whether `var`'s producer should write it as 16-bit pairs for the half GEMMs that
+    def _to_pair_gemms(self, var) -> bool:
+        """Whether `var`'s producer should write it as 16-bit pairs for the 16-bit GEMMs that
         are its only users (the float32 value then goes unused and is dropped)."""
         return bool(self.cfg.pairs) and self.plan.only_gemm_input(var)
 
@@ -381,8 +381,8 @@ class _KernelRewriter(PyExprMutator):
             bias = self._v(spec["bias"]) if spec["bias"] is not None else None
             w, K, N = self._v(spec["w"]), spec["K"], spec["N"]
             args = (x2, w, spec["nk"], K, N, bias, spec["act"], res2, x)
-            if res2 is None and N % self.cfg.nb == 0 and self._to_half_gemms(var):
-                self.halves[var] = self._gemm(*args, half_out=True)
+            if res2 is None and N % self.cfg.nb == 0 and self._to_pair_gemms(var):
+                self.halves[var] = self._gemm(*args, pairs_out=True)
             return relax.op.reshape(self._gemm(*args), out_sinfo.shape)
         if kind == "attention":
             S, H, D = spec["S"], spec["H"], spec["D"]
@@ -428,10 +428,10 @@ class _KernelRewriter(PyExprMutator):
                 "layer_norm",
             )
             args = [x2, self._v(spec["g"]), self._v(spec["b"])]
-            if C % (2 * self.cfg.vec) == 0 and self._to_half_gemms(var):
+            if C % (2 * self.cfg.vec) == 0 and self._to_pair_gemms(var):
                 lh = self._gv(
                     ("ln", C, spec["eps"], "half"),
-                    lambda: layer_norm_kernel(self.cfg, C, spec["eps"], half_out=True),
+                    lambda: layer_norm_kernel(self.cfg, C, spec["eps"], pairs_out=True),
                     "layer_norm",
                 )
                 self.halves[var] = self._emit(
