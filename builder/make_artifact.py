@@ -56,6 +56,12 @@ def make_artifact(
     mod, params = _exported(preset, inputs, progress)
     target, options = kind.tvm_target(entry)
     library_key = make_library_key(_graph_digest(mod, inputs), entry, target, options)
+    packing = kind.params_packing(entry)
+    params_key = make_params_key(library_key, weights_digest, preset.dtype, packing)
+    if force or not cache.entry(params_key, "params").is_dir():
+        # The weights will be needed: make them (random init, or read a checkpoint) on
+        # another thread while the library compiles, mostly on one core.
+        _start_weights(preset, params, inputs, progress)
     with cache.lock(library_key):
         library = None if force else cache.lookup_part("libraries", library_key)
         if library is None:
@@ -65,8 +71,6 @@ def make_artifact(
             library = cache.lookup_part("libraries", library_key)
         else:
             progress(f"[{entry.name}] compiled library reused {library_key[:12]}")
-    packing = kind.params_packing(entry)
-    params_key = make_params_key(library_key, weights_digest, preset.dtype, packing)
     lib_folder = cache.entry(library_key, "libraries")
     with cache.lock(params_key):
         stored = None if force else cache.lookup_part("params", params_key)
@@ -208,14 +212,47 @@ def _weights(
     progress: Progress,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     if "weights" not in inputs:
-        t0 = time.perf_counter()
-        arrays, source = load_weights(preset, dict(params))
-        what = (
-            f"random init (seed {source['seed']})" if source["kind"] == "random" else source["path"]
-        )
-        progress(f"weights: {what} [{time.perf_counter() - t0:.1f} s]")
-        inputs["weights"] = (arrays, source)
+        pending = inputs.pop("weights_pending", None)
+        if pending is not None:
+            pending.join()
+            if "weights_error" in inputs:
+                raise inputs.pop("weights_error")
+        else:
+            inputs["weights"] = _load(preset, params, progress)
     return inputs["weights"]
+
+
+def _load(
+    preset: Preset, params: list[tuple[str, tuple[int, ...]]], progress: Progress
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    t0 = time.perf_counter()
+    arrays, source = load_weights(preset, dict(params))
+    what = f"random init (seed {source['seed']})" if source["kind"] == "random" else source["path"]
+    progress(f"weights: {what} [{time.perf_counter() - t0:.1f} s]")
+    return arrays, source
+
+
+def _start_weights(
+    preset: Preset,
+    params: list[tuple[str, tuple[int, ...]]],
+    inputs: dict[str, Any],
+    progress: Progress,
+) -> None:
+    """Make the weights on a thread of their own (numpy's generators and file reads release
+    the GIL); `_weights` waits for it, and raises what it raised."""
+    if "weights" in inputs or "weights_pending" in inputs:
+        return
+
+    def make() -> None:
+        try:
+            inputs["weights"] = _load(preset, params, progress)
+        except BaseException as e:  # handed to the thread that needs the weights
+            inputs["weights_error"] = e
+
+    # A daemon: an interrupted build does not wait for it to finish.
+    thread = threading.Thread(target=make, name="weights", daemon=True)
+    inputs["weights_pending"] = thread
+    thread.start()
 
 
 def _compile(
