@@ -82,23 +82,17 @@ def empty_arrays(specs: list[tuple[tuple[int, ...], np.dtype]]) -> list[np.ndarr
     ]
 
 
-def save_params(folder: Path, order: list[str], arrays: dict[str, np.ndarray]) -> None:
+def save_params(
+    folder: Path, order: list[str], arrays: dict[str, np.ndarray]
+) -> dict[str, dict[str, Any]]:
     """Write the parameters as `forward` takes them (cast and packed at build time), streamed
-    from the arrays to the file (`safetensors_io.write`). The file's sha256, computed while
-    writing, is kept for `write_manifest`."""
+    from the arrays to the file (`safetensors_io.write`). Returns the file's record (size,
+    sha256 computed while writing, time) as `file_records`' `known` takes it, so that no one
+    reads the file back to hash it."""
     path = folder / PARAMS
     digest = safetensors_io.write(path, {name: arrays[name] for name in order})
-    _WRITTEN[_identity(path)] = digest
-
-
-# sha256 of files this process wrote, by `_identity`: `write_manifest` takes the digest
-# instead of reading a 1 GB file back. Any change to the file (size, time, inode) misses.
-_WRITTEN: dict[tuple[str, int, int, int], str] = {}
-
-
-def _identity(path: Path) -> tuple[str, int, int, int]:
-    stat = path.stat()
-    return str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino
+    st = path.stat()
+    return {PARAMS: {"bytes": st.st_size, "sha256": digest, "mtime_ns": st.st_mtime_ns}}
 
 
 def load_params(
@@ -159,9 +153,9 @@ def _publishable(folder: Path) -> None:
 
 
 def file_records(folder: Path, skip: tuple[str, ...] = (), known: dict[str, Any] | None = None):
-    """Size, sha256 and modification time of every file in `folder` but `skip`. A file is
-    not read back where its digest is known: its size and time equal its entry in `known` (a
-    hard link to a stored file), or this process wrote it (`save_params`)."""
+    """Size, sha256 and modification time of every file in `folder` but `skip`. A file whose
+    size and time equal its entry in `known` (written by `save_params`, or a hard link to a
+    stored file) keeps that entry's sha256 instead of being read back."""
     known = known or {}
     records = {}
     for p in sorted(p for p in folder.iterdir() if p.is_file() and p.name not in skip):
@@ -171,7 +165,7 @@ def file_records(folder: Path, skip: tuple[str, ...] = (), known: dict[str, Any]
             st.st_size,
             st.st_mtime_ns,
         ]
-        sha = was["sha256"] if same else _WRITTEN.pop(_identity(p), None) or sha256(p)
+        sha = was["sha256"] if same else sha256(p)
         records[p.name] = {"bytes": st.st_size, "sha256": sha, "mtime_ns": st.st_mtime_ns}
     return records
 

@@ -292,8 +292,11 @@ class Cache:
                         os.close(fd)
 
 
-def write_part(folder: Path, record: dict[str, Any]) -> dict[str, Any]:
-    """Write `part.json`: `record` plus every file's size, sha256 and time."""
-    record = {**record, "files": artifact.file_records(folder, skip=(PART,))}
+def write_part(
+    folder: Path, record: dict[str, Any], known: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Write `part.json`: `record` plus every file's size, sha256 and time (`known`'s where
+    they match, see `artifact.file_records`)."""
+    record = {**record, "files": artifact.file_records(folder, skip=(PART,), known=known)}
     (folder / PART).write_text(json.dumps(record, indent=1) + "\n")
     return record

@@ -174,6 +174,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     args = parser.parse_args(argv)
+    if args.command in LOADS_ARTIFACTS:
+        from .tvm_import import import_tvm
+
+        import_tvm()  # before anything imports it with torch (builder.tvm_import)
     try:
         return COMMAND_FUNCTIONS[args.command](args)
     except InputError as e:
@@ -225,9 +229,7 @@ def _build(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from .run import RunRequest, record_path, run_images
-    from .tvm_import import import_tvm
 
-    import_tvm()
     req = RunRequest(args.artifact, args.images, args.out, args.batch, args.threads)
     _err(
         f"run {req.artifact}: {len(req.images)} images, batch {req.batch}, "
@@ -246,9 +248,6 @@ def _encode(args: argparse.Namespace) -> int:
     import time
 
     from .encode import INDEX, EncodeRequest, run
-    from .tvm_import import import_tvm
-
-    import_tvm()
 
     req = EncodeRequest(
         **{f.name: getattr(args, f.name) for f in dataclasses.fields(EncodeRequest)}
@@ -329,9 +328,7 @@ def _check(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     from . import artifact
-    from .tvm_import import import_tvm
 
-    import_tvm()
     errors: list[str] = []
     for folder in args.artifacts:
         try:
@@ -374,9 +371,6 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .tvm_import import import_tvm
-
-    import_tvm()
     from .bench import bench
     from .runtime import load
 
@@ -419,6 +413,10 @@ def _import(args: argparse.Namespace) -> int:
     print(args.out)
     return 0
 
+
+# Commands that load an artifact, so import TVM. `build` imports it only on a cache miss
+# (builder.make_artifact, through the same function).
+LOADS_ARTIFACTS = ("run", "bench", "verify", "encode")
 
 COMMAND_FUNCTIONS = {
     "build": _build,

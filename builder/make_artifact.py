@@ -9,6 +9,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -76,7 +77,7 @@ def make_artifact(
         stored = None if force else cache.lookup_part("params", params_key)
         if stored is None:
             with cache.store(params_key, "params") as tmp:
-                order, source = _params(
+                order, source, written = _params(
                     tmp,
                     preset,
                     entry,
@@ -86,7 +87,8 @@ def make_artifact(
                     inputs,
                     progress,
                 )
-                write_part(tmp, {"order": order, "source": source, "packing": packing})
+                record = {"order": order, "source": source, "packing": packing}
+                write_part(tmp, record, known=written)
             stored = cache.lookup_part("params", params_key)
         else:
             progress(f"[{entry.name}] parameters reused {params_key[:12]}")
@@ -211,25 +213,10 @@ def _weights(
     inputs: dict[str, Any],
     progress: Progress,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    if "weights" not in inputs:
-        pending = inputs.pop("weights_pending", None)
-        if pending is not None:
-            pending.join()
-            if "weights_error" in inputs:
-                raise inputs.pop("weights_error")
-        else:
-            inputs["weights"] = _load(preset, params, progress)
-    return inputs["weights"]
-
-
-def _load(
-    preset: Preset, params: list[tuple[str, tuple[int, ...]]], progress: Progress
-) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    t0 = time.perf_counter()
-    arrays, source = load_weights(preset, dict(params))
-    what = f"random init (seed {source['seed']})" if source["kind"] == "random" else source["path"]
-    progress(f"weights: {what} [{time.perf_counter() - t0:.1f} s]")
-    return arrays, source
+    """The arrays and their source: made once per build (`_start_weights` may have begun
+    them), and what making them raised is raised here."""
+    _start_weights(preset, params, inputs, progress)
+    return inputs["weights"].result()
 
 
 def _start_weights(
@@ -239,20 +226,26 @@ def _start_weights(
     progress: Progress,
 ) -> None:
     """Make the weights on a thread of their own (numpy's generators and file reads release
-    the GIL); `_weights` waits for it, and raises what it raised."""
-    if "weights" in inputs or "weights_pending" in inputs:
+    the GIL), unless begun already: `inputs["weights"]` is their future."""
+    if "weights" in inputs:
         return
+    future: Future = Future()
 
     def make() -> None:
+        t0 = time.perf_counter()
         try:
-            inputs["weights"] = _load(preset, params, progress)
+            arrays, source = load_weights(preset, dict(params))
         except BaseException as e:  # handed to the thread that needs the weights
-            inputs["weights_error"] = e
+            future.set_exception(e)
+            return
+        kind = source["kind"]
+        what = f"random init (seed {source['seed']})" if kind == "random" else source["path"]
+        progress(f"weights: {what} [{time.perf_counter() - t0:.1f} s]")
+        future.set_result((arrays, source))
 
+    inputs["weights"] = future
     # A daemon: an interrupted build does not wait for it to finish.
-    thread = threading.Thread(target=make, name="weights", daemon=True)
-    inputs["weights_pending"] = thread
-    thread.start()
+    threading.Thread(target=make, name="weights", daemon=True).start()
 
 
 def _compile(
@@ -291,8 +284,9 @@ def _params(
     library: Path,
     inputs: dict[str, Any],
     progress: Progress,
-) -> tuple[list[str], dict[str, Any]]:
-    """Write the parameters `forward` takes into `folder`; their order and source."""
+) -> tuple[list[str], dict[str, Any], dict[str, Any]]:
+    """Write the parameters `forward` takes into `folder`; their order, their source and
+    the file's record (`artifact.save_params`)."""
     arrays, source = _weights(preset, params, inputs, progress)
     t0 = time.perf_counter()
     # In the build's dtype before packing: `transform_params` takes what `forward` takes.
@@ -301,9 +295,9 @@ def _params(
     if packing == "build":
         order, stored = pack_params(tvm.runtime.load_module(str(library)), order, arrays)
         progress(f"[{entry.name}] packed weights [{time.perf_counter() - t0:.1f} s]")
-    artifact.save_params(folder, order, stored)
+    written = artifact.save_params(folder, order, stored)
     progress(f"[{entry.name}] wrote parameters [{time.perf_counter() - t0:.1f} s]")
-    return order, source
+    return order, source, written
 
 
 def pack_params(

@@ -101,16 +101,12 @@ def register(name: str, *, kind: str) -> Callable[[Any], Any]:
             raise BuilderError(
                 f"block type {name!r} is registered twice: at {old.where} and at {where}"
             )
-        attrs = {k: v for k, v in vars(cls).items() if _is_constant(v)}
         doc = inspect.getdoc(cls) or ""
-        _REGISTRY[name] = BlockType(name, kind, where, cls.__module__, doc, attrs, cls)
+        # A live entry's constants are the class's own attributes (`attr`).
+        _REGISTRY[name] = BlockType(name, kind, where, cls.__module__, doc, {}, cls)
         return cls
 
     return wrap
-
-
-def _is_constant(value: Any) -> bool:
-    return isinstance(value, bool | int | float | str) and not isinstance(value, type)
 
 
 def index_source(path: Path, module: str) -> list[BlockType]:
@@ -137,7 +133,7 @@ def index_source(path: Path, module: str) -> list[BlockType]:
                         value = ast.literal_eval(stmt.value)
                     except ValueError:
                         continue
-                    if _is_constant(value):
+                    if isinstance(value, bool | int | float | str):
                         attrs[stmt.targets[0].id] = value
             doc = inspect.cleandoc(ast.get_docstring(node, clean=False) or "")
             where = f"{module}:{deco.lineno}"

@@ -32,7 +32,9 @@ def cli(*argv: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_cli_build_then_fresh_process_matches_hf(tiny_checkpoint, tmp_path):
+def test_cli_build_then_fresh_process_matches_hf(tiny_checkpoint, tmp_path, build_cache):
+    """A first build from the command line (an empty cache: it compiles), then the artifact
+    in a fresh process, against HF."""
     folder, hf_model = tiny_checkpoint
     overrides = tiny_overrides() + [f"weights.path={folder}"]
     proc = cli("presets/clip-vit-b-32.yaml", *overrides, "--out", str(tmp_path / "out"))

@@ -372,22 +372,26 @@ def test_writer_matches_safetensors_byte_for_byte(tmp_path):
         safetensors_io.write(tmp_path / "int.safetensors", {"i": np.zeros(2, np.int32)})
 
 
-def test_saved_params_digest_is_the_file_digest(tmp_path):
-    """`save_params` keeps the sha256 it computed while writing for `write_manifest`; a file
-    changed after it was written is hashed anew."""
+def test_saved_params_digest_is_the_file_digest(tmp_path, monkeypatch):
+    """`save_params` returns the sha256 it computed while writing, which `write_manifest`
+    takes as known; a file changed after it was written is hashed anew."""
     import hashlib
 
     from builder import artifact
 
     arrays = {"w": np.arange(12, dtype=np.float32), "b": np.ones(3, np.float32)}
+    hashed = []
+    real = artifact.sha256
+    monkeypatch.setattr(artifact, "sha256", lambda p: hashed.append(p) or real(p))
     for changed in (False, True):
         folder = tmp_path / str(changed)
         folder.mkdir()
-        artifact.save_params(folder, ["w", "b"], arrays)
+        written = artifact.save_params(folder, ["w", "b"], arrays)
         params = folder / artifact.PARAMS
         if changed:  # the same size, other bytes
             params.write_bytes(params.read_bytes()[:-4] + b"\0\0\0\0")
         manifest: dict = {}
-        artifact.write_manifest(folder, manifest)
+        artifact.write_manifest(folder, manifest, known=written)
         expect = hashlib.sha256(params.read_bytes()).hexdigest()
         assert manifest["files"][artifact.PARAMS]["sha256"] == expect
+        assert hashed == ([params] if changed else [])  # read back only when changed
