@@ -46,21 +46,24 @@ class BlockType:
         attrs: dict[str, Any],
         factory: Callable[..., Any] | None = None,
         path: Path | None = None,
+        class_name: str | None = None,
     ):
         self.name, self.kind, self.where, self.module = name, kind, where, module
         self.doc, self.attrs, self._factory, self._path = doc, attrs, factory, path
+        self.class_name = class_name
 
     @property
     def factory(self) -> Callable[..., Any]:
         if self._factory is None:
-            importlib.import_module(self.module)  # its decorator registers the live entry
-            live = _REGISTRY.get(self.name)
-            if live is None or live._factory is None:
+            # Importing the module runs its decorator, which registers the live entry; the
+            # class is then taken from the module by the name the index read.
+            cls = getattr(importlib.import_module(self.module), self.class_name or "", None)
+            if cls is None:
                 raise BuilderError(
-                    f"block type {self.name!r}: importing {self.module} did not register it "
-                    f"(indexed at {self.where})"
+                    f"block type {self.name!r}: {self.module} has no class "
+                    f"{self.class_name!r} (indexed at {self.where})"
                 )
-            self._factory = live._factory
+            self._factory = cls
         return self._factory
 
     @property
@@ -137,7 +140,11 @@ def index_source(path: Path, module: str) -> list[BlockType]:
                         attrs[stmt.targets[0].id] = value
             doc = inspect.cleandoc(ast.get_docstring(node, clean=False) or "")
             where = f"{module}:{deco.lineno}"
-            found.append(BlockType(name, kind, where, module, doc, attrs, path=path.resolve()))
+            found.append(
+                BlockType(
+                    name, kind, where, module, doc, attrs, path=path.resolve(), class_name=node.name
+                )
+            )
     return found
 
 

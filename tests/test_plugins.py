@@ -24,8 +24,8 @@ from .conftest import (
 )
 
 EXAMPLE = REPO / "docs" / "examples" / "plugin"
-EXAMPLE_PRESET = EXAMPLE / "clip-silu.yaml"
-PLUGIN_MODULES = ("silu_blocks", "dup_blocks", "broken_blocks")
+EXAMPLE_PRESET = EXAMPLE / "clip-relu.yaml"
+PLUGIN_MODULES = ("relu_blocks", "dup_blocks", "broken_blocks")
 
 
 @pytest.fixture(autouse=True)
@@ -42,49 +42,50 @@ def isolated_registry(monkeypatch):
 @pytest.mark.parity
 def test_worked_example_builds_and_matches_hf(tmp_path):
     """docs/plugins.md: the preset names its plugin; the artifact equals HF's CLIP tower with
-    hidden_act "silu" and the same weights."""
-    assert "silu" not in registry.names("activation")
+    hidden_act "relu" and the same weights."""
+    assert "relu" not in registry.names("activation")
     overrides = tiny_overrides(patch_size=16, image_size=48) + [f"weights.path={tmp_path / 'ckpt'}"]
-    hf_model = save_vision_model(tmp_path / "ckpt", hidden_act="silu", patch_size=16, image_size=48)
+    hf_model = save_vision_model(tmp_path / "ckpt", hidden_act="relu", patch_size=16, image_size=48)
     preset = load_preset(EXAMPLE_PRESET, overrides)
-    assert preset.plugins == ["silu_blocks"] and preset.model.hidden_act == "silu"
-    assert registry.get("silu", "activation").where.startswith("silu_blocks:")
+    assert preset.plugins == ["relu_blocks"] and preset.model.hidden_act == "relu"
+    assert registry.get("relu", "activation").where.startswith("relu_blocks:")
     enc = build_and_load(EXAMPLE_PRESET, overrides, tmp_path / "out")
-    assert enc.manifest["resolved_preset"]["plugins"] == ["silu_blocks"]
+    assert enc.manifest["resolved_preset"]["plugins"] == ["relu_blocks"]
     x = pixels(2, preset.model.image_size)
     assert_close(enc(x), expected_features(hf_model, preset.model, x))
 
 
 @pytest.mark.unit
-def test_without_the_plugin_silu_is_not_a_choice(capsys):
-    assert main(["check", "clip-vit-b-32", "model.hidden_act=silu"]) == 2
+def test_without_the_plugin_relu_is_not_a_choice(capsys):
+    assert main(["check", "clip-vit-b-32", "model.hidden_act=relu"]) == 2
     err = capsys.readouterr().err
-    assert "model.hidden_act: 'silu' is not one of ['gelu', 'gelu_tanh', 'quick_gelu']" in err
+    choices = "['gelu', 'gelu_tanh', 'quick_gelu', 'silu']"
+    assert f"model.hidden_act: 'relu' is not one of {choices}" in err
 
 
 @pytest.mark.unit
 def test_cli_plugin_option(monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(EXAMPLE))
-    args = ["clip-vit-b-32", "model.hidden_act=silu", "--plugin", "silu_blocks"]
+    args = ["clip-vit-b-32", "model.hidden_act=relu", "--plugin", "relu_blocks"]
     assert main(["show", *args]) == 0
     out = capsys.readouterr().out
-    assert "hidden_act: silu" in out and "plugins:\n- silu_blocks" in out
-    assert main(["list", "--plugin", "silu_blocks"]) == 0
-    assert "activation: silu" in capsys.readouterr().out
+    assert "hidden_act: relu" in out and "plugins:\n- relu_blocks" in out
+    assert main(["list", "--plugin", "relu_blocks"]) == 0
+    assert "activation: relu" in capsys.readouterr().out
 
 
 @pytest.mark.unit
 def test_entry_point_group(tmp_path, monkeypatch):
     """An installed distribution that declares `builder.blocks` entry points is loaded with
     no mention in the preset or on the command line."""
-    dist = tmp_path / "silu_example-1.0.dist-info"
+    dist = tmp_path / "relu_example-1.0.dist-info"
     dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: silu-example\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[builder.blocks]\nsilu = silu_blocks\n")
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: relu-example\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[builder.blocks]\nrelu = relu_blocks\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.syspath_prepend(str(EXAMPLE))
-    assert "silu = silu_blocks" in plugins.load_entry_points()
-    assert load_preset("clip-vit-b-32", ["model.hidden_act=silu"]).model.hidden_act == "silu"
+    assert "relu = relu_blocks" in plugins.load_entry_points()
+    assert load_preset("clip-vit-b-32", ["model.hidden_act=relu"]).model.hidden_act == "relu"
 
 
 def _write_plugin(folder, name, body):
@@ -127,23 +128,23 @@ def test_plugin_errors_are_all_reported(tmp_path, capsys):
 @pytest.mark.unit
 def test_unknown_plugin_block_name_lists_close_matches(monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(EXAMPLE))
-    assert main(["check", "clip-vit-b-32", "model.hidden_act=slu", "--plugin", "silu_blocks"]) == 2
+    assert main(["check", "clip-vit-b-32", "model.hidden_act=rlu", "--plugin", "relu_blocks"]) == 2
     err = capsys.readouterr().err
     assert (
-        "'slu' is not one of ['gelu', 'gelu_tanh', 'quick_gelu', 'silu'], did you mean 'silu'?"
-        in err
+        "'rlu' is not one of ['gelu', 'gelu_tanh', 'quick_gelu', 'relu', 'silu'], "
+        "did you mean 'relu'?" in err
     )
 
 
 @pytest.mark.ir
-def test_plugin_silu_is_fused_into_its_gemm():
-    """The CPU pipeline fuses x * sigmoid(x) (the plugin's SiLU) into fc1's epilogue, as it
+def test_silu_is_fused_into_its_gemm():
+    """The CPU pipeline fuses x * sigmoid(x) (the built-in SiLU) into fc1's epilogue, as it
     does quick_gelu: no sigmoid is left for the fallback schedule."""
     from builder.assemble import export
     from builder.targets.cpu import kernels
     from builder.targets.cpu.rewrite import rewrite_to_kernels
 
-    preset = load_preset(EXAMPLE_PRESET, tiny_overrides())
+    preset = load_preset("clip-vit-b-32", tiny_overrides() + ["model.hidden_act=silu"])
     mod, _ = export(preset.model, preset.blocks, preset.dtype)
     assert mod["forward"].script().count("R.sigmoid(") == preset.model.num_layers_computed
     rewritten = rewrite_to_kernels(mod, kernels.KernelConfig(vec=16, nv=4, mr=6))

@@ -41,6 +41,14 @@ class GELUTanh(nn.Module):
         return op.gelu(x, approximate="tanh")
 
 
+@register("silu", kind="activation")
+class SiLU(nn.Module):
+    """x * sigmoid(x) (swish, HF's "silu"): the gate of SwiGLU MLPs."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * op.sigmoid(x)
+
+
 @register("layer_norm", kind="norm")
 class LayerNorm(nn.LayerNorm):
     """LayerNorm over the last axis, with weight and bias; computed in float32 whatever the
@@ -57,6 +65,22 @@ class LayerNorm(nn.LayerNorm):
             self.weight,
             self.bias,
         )
+
+
+@register("rms_norm", kind="norm")
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight over the last axis (HF's LlamaRMSNorm and its copies:
+    AIMv2, InternViT, Pixtral, Qwen); computed in float32 whatever the model's dtype."""
+
+    def __init__(self, dim: int, eps: float):
+        self.eps = eps
+        self.weight = nn.Parameter((dim,))
+
+    def forward(self, x: Tensor) -> Tensor:
+        def norm(x: Tensor, w: Tensor) -> Tensor:
+            return op.rms_norm(x, w, axes=[-1], epsilon=self.eps)
+
+        return in_float32(norm, x, self.weight)
 
 
 def in_float32(fn, *tensors: Tensor) -> Tensor:
