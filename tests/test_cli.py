@@ -44,8 +44,8 @@ def test_check_reports_every_error_with_file_line_and_path(tmp_path, capsys):
     code, out, err = run(capsys, "check", str(path))
     assert code == 2
     assert err.splitlines() == [
-        f"{path}:2: model.hidden_act: 'qgelu' is not one of ['gelu', 'gelu_tanh', 'quick_gelu'], "
-        "did you mean 'gelu'?",
+        f"{path}:2: model.hidden_act: 'qgelu' is not one of "
+        "['gelu', 'gelu_tanh', 'quick_gelu', 'silu'], did you mean 'gelu'?",
         f"{path}:3: model.hiden_size: unknown key, did you mean 'model.hidden_size'?",
         f"{path}:4: model.image_size: -3 is less than the minimum of 1",
         f"{path}:6: blocks.mlp: 'clip_mpl' is not one of ['clip_mlp'], did you mean 'clip_mlp'?",
@@ -116,7 +116,7 @@ def test_override_bad_value_and_grammar(capsys):
     code, _, err = run(capsys, "show", "llava-clip", "model.hidden_act=qgelu")
     assert err.strip() == (
         "override 'model.hidden_act=qgelu': model.hidden_act: 'qgelu' is not one of "
-        "['gelu', 'gelu_tanh', 'quick_gelu'], did you mean 'gelu'?"
+        "['gelu', 'gelu_tanh', 'quick_gelu', 'silu'], did you mean 'gelu'?"
     )
 
 

@@ -65,8 +65,8 @@ def test_three_levels_and_errors_point_into_the_file_that_set_the_value(tmp_path
     write(tmp_path, "b.yaml", "extends: a.yaml\nmodel:\n  num_attention_heads: 4\n")
     c = write(tmp_path, "c.yaml", "# c\nextends: b.yaml\nmodel:\n  hidden_act: qgelu\n")
     assert errors(c) == [
-        f"{c}:4: model.hidden_act: 'qgelu' is not one of ['gelu', 'gelu_tanh', 'quick_gelu']"
-        ", did you mean 'gelu'?",
+        f"{c}:4: model.hidden_act: 'qgelu' is not one of "
+        "['gelu', 'gelu_tanh', 'quick_gelu', 'silu'], did you mean 'gelu'?",
     ]
     c.write_text("extends: b.yaml\n")
     assert errors(c) == [
