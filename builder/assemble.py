@@ -2,25 +2,23 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import tvm
 from tvm.relax.frontend import nn
 
 from . import blocks as _blocks  # noqa: F401  (registers the built-in blocks)
-from .config import BlocksConfig, CLIPVisionConfig
-from .registry import class_tokens, create
+from .config import BlocksConfig, TowerConfig
+from .registry import create, prefix_tokens
 
 INPUT_NAME = "pixel_values"
 ENTRY = "forward"
 
 
-def assemble(config: CLIPVisionConfig, blocks: BlocksConfig) -> nn.Module:
+def assemble(config: TowerConfig, blocks: BlocksConfig) -> nn.Module:
     """The tower the preset describes, built from the block types it names."""
     return create(blocks.model, "model", config, blocks)
 
 
-def parameter_shapes(config: CLIPVisionConfig, blocks: BlocksConfig) -> dict[str, tuple[int, ...]]:
+def parameter_shapes(config: TowerConfig, blocks: BlocksConfig) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every parameter of the module (no memory is allocated)."""
     return {
         name: tuple(int(d) for d in p.shape)
@@ -28,25 +26,18 @@ def parameter_shapes(config: CLIPVisionConfig, blocks: BlocksConfig) -> dict[str
     }
 
 
-def full_tower(config: CLIPVisionConfig) -> CLIPVisionConfig:
-    """The same tower with every layer, post-LayerNorm and its head: the names a checkpoint
-    may hold. As many states stay selected, so the projector's input width is unchanged."""
-    layers = [-1, *config.feature_layers[1:]]
-    return dataclasses.replace(config, feature_layer=layers, post_layernorm=True, output="pooled")
-
-
-def input_shape(config: CLIPVisionConfig) -> list[int | str]:
+def input_shape(config: TowerConfig) -> list[int | str]:
     return ["batch", config.num_channels, config.image_size, config.image_size]
 
 
-def output_tokens(config: CLIPVisionConfig, blocks: BlocksConfig) -> int:
-    """Tokens per image in the features: the patches, plus the embeddings block's class
-    tokens unless the "default" strategy drops them."""
-    kept = 0 if config.feature_select_strategy == "default" else class_tokens(blocks.embeddings)
+def output_tokens(config: TowerConfig, blocks: BlocksConfig) -> int:
+    """Tokens per image in the features: the patches, plus the tokens before them (class
+    token, registers) unless the "default" strategy drops them."""
+    kept = 0 if config.feature_select_strategy == "default" else prefix_tokens(config, blocks)
     return config.num_patches + kept
 
 
-def output_shape(config: CLIPVisionConfig, blocks: BlocksConfig) -> list[int | str]:
+def output_shape(config: TowerConfig, blocks: BlocksConfig) -> list[int | str]:
     if config.output == "pooled":
         return ["batch", config.hidden_size]
     width = config.projector_hidden_size if blocks.projector else config.output_dim
@@ -54,7 +45,7 @@ def output_shape(config: CLIPVisionConfig, blocks: BlocksConfig) -> list[int | s
 
 
 def export(
-    config: CLIPVisionConfig, blocks: BlocksConfig, dtype: str = "float32"
+    config: TowerConfig, blocks: BlocksConfig, dtype: str = "float32"
 ) -> tuple[tvm.IRModule, list[tuple[str, tuple[int, ...]]]]:
     """Relax IRModule with `forward(pixel_values, *params)` (batch is symbolic) and the
     parameters' names and shapes in argument order. The parameters and the computation are

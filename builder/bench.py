@@ -9,8 +9,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import BlocksConfig, CLIPVisionConfig
-from .flops import gflop
 from .runtime import Encoder
 
 
@@ -50,9 +48,7 @@ def bench(
 ) -> BenchResult:
     shape = [batch, *encoder.input_shape[1:]]
     x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
-    resolved = encoder.manifest["resolved_preset"]
-    model = CLIPVisionConfig(**resolved["model"])
-    blocks = BlocksConfig(**resolved["blocks"])
+    work = encoder.manifest["gflop_per_image"] * batch
     progress(f"warm-up, then {runs} runs at batch {batch} on {encoder.threads} threads")
     times = time_call(lambda: encoder(x), runs)
-    return BenchResult(batch, encoder.threads, times, gflop(model, blocks, batch))
+    return BenchResult(batch, encoder.threads, times, work)

@@ -14,49 +14,37 @@ from typing import Any
 
 
 @dataclass
-class CLIPVisionConfig:
-    """Hyper-parameters of a CLIP-family vision tower.
+class TowerConfig:
+    """What every tower family's config has: which hidden states the artifact returns and in
+    what form, and the interface the shared blocks read (properties a family overrides where
+    its HF fields say otherwise). A family's config subclasses this and adds its HF config's
+    fields under their HF names (`builder/families/`)."""
 
-    The first fields are MLC LLM's `CLIPVisionConfig`; the defaults are HF transformers'
-    `CLIPVisionConfig` (ViT-B/32 at 224 px). `layer_norm_eps` defaults to HF's 1e-5, not
-    MLC's 1e-6, which mismatches real CLIP checkpoints.
-    """
-
-    hidden_size: int = 768
-    image_size: int = 224
-    intermediate_size: int = 3072
-    num_attention_heads: int = 12
-    num_hidden_layers: int = 12
-    patch_size: int = 32
-    # CLIP's visual projection width: recorded from HF configs, not used by the tower.
-    projection_dim: int = 512
-    # Read by nothing: accepted so that MLC LLM's CLIP configs load unchanged.
-    vocab_size: int = 49408
-    num_channels: int = 3
-    layer_norm_eps: float = 1e-5
-    hidden_act: str = "quick_gelu"
     # Index into the tuple of all hidden states (embeddings output first, so it has
     # num_hidden_layers + 1 entries), as HF's `hidden_states[i]`; a list concatenates the
-    # selected states on the last axis (HF LLaVA's `vision_feature_layer`).
-    feature_layer: int | list[int] = -2
-    # "full" keeps the CLS token, "default" drops it (HF LLaVA's names).
+    # selected states on the last axis (HF LLaVA's `vision_feature_layer`). -1 with the
+    # family's final norm is HF's `last_hidden_state`.
+    feature_layer: int | list[int] = -1
+    # "full" keeps the tokens before the patches (CLS, registers), "default" drops them
+    # (HF LLaVA's names).
     feature_select_strategy: str = "full"
-    # Apply post_layernorm to the final hidden state. Only valid when the final state is the
-    # one selected. HF's CLIP leaves it off `last_hidden_state` (it normalizes the pooled CLS
-    # token only); SigLIP applies it.
-    post_layernorm: bool = False
-    # Apply pre_layrnorm to the embeddings before the encoder: CLIP does, SigLIP does not.
-    pre_layernorm: bool = True
     # What the artifact returns: "features" (the selected hidden states, as above) or
-    # "pooled" (one vector per image: the `blocks.head` block applied to the post-LayerNorm
-    # final state, HF's `pooler_output`).
+    # "pooled" (one vector per image: the `blocks.head` block applied to the normed final
+    # state, HF's `pooler_output`).
     output: str = "features"
+    # The family's final norm on the final state (CLIP's post_layernorm, DINOv2's layernorm,
+    # AIMv2's rms_norm). None: as in HF's last_hidden_state (`normed_last_state`); False: the
+    # raw hidden_states[-1], as VLMs take it. Only valid when the final state is selected.
+    post_layernorm: bool | None = None
     # Width of the language model the projector feeds (HF LlavaConfig's
     # text_config.hidden_size); used only when `blocks.projector` is set.
     projector_hidden_size: int = 4096
     # Keys of an imported HF config that this builder does not use, kept for reference and
     # never read by a block. Presets cannot set it (the schema has no such field).
     kwargs: dict[str, Any] = field(default_factory=dict)
+
+    # --- shape (every family has hidden_size, num_attention_heads, image_size, patch_size,
+    # num_hidden_layers and num_channels fields) ---
 
     @property
     def head_dim(self) -> int:
@@ -94,6 +82,106 @@ class CLIPVisionConfig:
         if self.output == "pooled":
             return self.hidden_size
         return self.hidden_size * len(self.feature_layers)
+
+    # --- the interface of the shared blocks ---
+
+    @property
+    def norm_eps(self) -> float:
+        """Epsilon of every norm of the tower."""
+        return self.layer_norm_eps
+
+    @property
+    def mlp_act(self) -> str:
+        """The MLP's activation: a registered activation block."""
+        return self.hidden_act
+
+    @property
+    def attention_biases(self) -> tuple[bool, bool]:
+        """Whether q/k/v and the output projection have biases."""
+        return True, True
+
+    @property
+    def mlp_has_bias(self) -> bool:
+        return True
+
+    @property
+    def qk_norm(self) -> bool:
+        """A norm over the full width on q and k before the head split (InternViT)."""
+        return False
+
+    @property
+    def layer_scale(self) -> bool:
+        """A learnt per-channel scale on each residual branch (DINOv2, InternViT)."""
+        return False
+
+    @property
+    def register_tokens(self) -> int:
+        """Learnt tokens between the class token and the patches (DINOv2 with registers)."""
+        return 0
+
+    @property
+    def pre_norm(self) -> bool:
+        """A norm on the embeddings before the first layer (CLIP's pre_layrnorm)."""
+        return False
+
+    @property
+    def normed_last_state(self) -> bool:
+        """Whether HF's last_hidden_state has the final norm (CLIP's has not)."""
+        return True
+
+    @property
+    def final_norm(self) -> bool:
+        """The final norm is applied to the final state (when that state is selected)."""
+        return self.normed_last_state if self.post_layernorm is None else self.post_layernorm
+
+    def full(self) -> TowerConfig:
+        """The same tower with every layer, its final norm and its head: the parameter names
+        a checkpoint may hold. As many states stay selected, so the projector's input width
+        is unchanged."""
+        layers = [-1, *self.feature_layers[1:]]
+        return dataclasses.replace(self, feature_layer=layers, output="pooled", post_layernorm=True)
+
+    def errors(self) -> list[tuple[tuple[str | int, ...], str]]:
+        """Checks of the family's own fields that the schema cannot express: (path, message)."""
+        return []
+
+
+@dataclass
+class CLIPVisionConfig(TowerConfig):
+    """Hyper-parameters of a CLIP-family vision tower.
+
+    The first fields are MLC LLM's `CLIPVisionConfig`; the defaults are HF transformers'
+    `CLIPVisionConfig` (ViT-B/32 at 224 px). `layer_norm_eps` defaults to HF's 1e-5, not
+    MLC's 1e-6, which mismatches real CLIP checkpoints.
+    """
+
+    hidden_size: int = 768
+    image_size: int = 224
+    intermediate_size: int = 3072
+    num_attention_heads: int = 12
+    num_hidden_layers: int = 12
+    patch_size: int = 32
+    # CLIP's visual projection width: recorded from HF configs, not used by the tower.
+    projection_dim: int = 512
+    # Read by nothing: accepted so that MLC LLM's CLIP configs load unchanged.
+    vocab_size: int = 49408
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "quick_gelu"
+    # LLaVA-1.5's layer: the shipped CLIP presets were written for it. A config imported
+    # from a standalone tower selects -1 (HF's last_hidden_state).
+    feature_layer: int | list[int] = -2
+    # Apply pre_layrnorm to the embeddings before the encoder: CLIP does, SigLIP does not.
+    pre_layernorm: bool = True
+
+    @property
+    def pre_norm(self) -> bool:
+        return self.pre_layernorm
+
+    @property
+    def normed_last_state(self) -> bool:
+        # HF's CLIP normalizes the pooled CLS token only.
+        return False
 
 
 @dataclass
@@ -200,7 +288,9 @@ class Preset:
 
     name: str
     description: str = ""
-    model: CLIPVisionConfig = field(default_factory=CLIPVisionConfig)
+    # The tower family (`builder/families/`): the type of `model` and the default blocks.
+    family: str = "clip"
+    model: TowerConfig = field(default_factory=CLIPVisionConfig)
     blocks: BlocksConfig = field(default_factory=BlocksConfig)
     weights: WeightsConfig = field(default_factory=WeightsConfig)
     targets: list[TargetConfig] = field(default_factory=lambda: [TargetConfig()])
@@ -262,14 +352,19 @@ COMMON_TARGET_FIELDS = ("name", "kind", "precision")
 
 def preset_from_dict(data: dict[str, Any]) -> Preset:
     """Turn a schema-valid preset dict (defaults not yet filled) into a `Preset`."""
+    from . import families
+
     targets = []
     for entry in data.get("targets", ["llvm"]):
         targets.append(TargetConfig(**(KNOWN_TARGETS[entry] if isinstance(entry, str) else entry)))
+    family = families.get(data.get("family", families.DEFAULT))
+    model = family.config(**data.get("model", {}))
     return Preset(
         name=data["name"],
         description=data.get("description", ""),
-        model=CLIPVisionConfig(**data.get("model", {})),
-        blocks=BlocksConfig(**data.get("blocks", {})),
+        family=family.name,
+        model=model,
+        blocks=BlocksConfig(**{**family.default_blocks(model), **data.get("blocks", {})}),
         weights=WeightsConfig(**data.get("weights", {})),
         targets=targets,
         plugins=list(data.get("plugins", [])),

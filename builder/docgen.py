@@ -64,6 +64,8 @@ def preset_fields() -> str:
         out += ["", f"## {section}", "", props[section]["description"], ""]
         out += ["| field | type | default | meaning |", "|---|---|---|---|"]
         out += _rows(props[section]["properties"], f"{section}.")
+        if section == "model":
+            out += _family_sections()
     target = next(b for b in props["targets"]["items"]["oneOf"] if b["type"] == "object")
     out += ["", "## targets", "", props["targets"]["description"], ""]
     from .config import KNOWN_TARGETS
@@ -76,6 +78,22 @@ def preset_fields() -> str:
     out += ["| field | type | default | meaning |", "|---|---|---|---|"]
     out += _rows(target["properties"], "targets[].")
     return "\n".join(out) + "\n"
+
+
+def _family_sections() -> list[str]:
+    """Each family's own model fields (`schemas/families/FAMILY.json`) and default blocks."""
+    from . import families
+
+    out = []
+    for family in families.all_families():
+        own = json.loads(resources.family_schema_path(family.name).read_text())
+        blocks = family.default_blocks(family.config())
+        changed = ", ".join(f"`{slot}: {name}`" for slot, name in blocks.items())
+        out += ["", f"### model, family `{family.name}`", "", own["description"], ""]
+        out += [f"Blocks other than the defaults below: {changed or 'none'}.", ""]
+        out += ["| field | type | default | meaning |", "|---|---|---|---|"]
+        out += _rows(own["properties"], "model.")
+    return out
 
 
 def cli() -> str:

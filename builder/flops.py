@@ -1,21 +1,53 @@
-"""Floating-point work of a tower, for GFLOP/s figures (a multiply-add counts as 2)."""
+"""Floating-point work of an exported tower, for GFLOP/s figures (a multiply-add counts as 2).
+
+Counted from the graph itself, so that any family or block is counted without a formula of
+its own: every matmul, attention and convolution of `forward`, at batch 1 (norms and
+activations are left out: a fraction of a percent).
+"""
 
 from __future__ import annotations
 
-from .config import BlocksConfig, CLIPVisionConfig
-from .registry import class_tokens
+import math
+
+import tvm
+import tvm.sym
+from tvm import relax
 
 
-def tokens(model: CLIPVisionConfig, blocks: BlocksConfig) -> int:
-    """Tokens through the encoder: the patches and the embeddings' class tokens."""
-    return model.num_patches + class_tokens(blocks.embeddings)
+def _dims(expr: relax.Expr) -> list[int]:
+    """The shape of a tensor expression, its symbolic dimensions (the batch) set to 1."""
+    analyzer = tvm.sym.Analyzer()
+    dims = expr.ty.shape.values
+    for dim in dims:
+        for var in tvm.tirx.analysis.undefined_vars(dim):
+            analyzer.bind(var, 1)
+    return [int(analyzer.simplify(dim)) for dim in dims]
 
 
-def gflop(model: CLIPVisionConfig, blocks: BlocksConfig, batch: int = 1) -> float:
-    """Matmuls, attention and the patch conv of the layers that run (norms and activations
-    are left out: they are a fraction of a percent)."""
-    tokens_, width = tokens(model, blocks), model.hidden_size
-    linear = 2 * tokens_ * width * (4 * width + 2 * model.intermediate_size)
-    attention = 2 * 2 * tokens_ * tokens_ * width
-    patch = 2 * model.num_patches * width * model.num_channels * model.patch_size**2
-    return batch * (model.num_layers_computed * (linear + attention) + patch) / 1e9
+def gflop(mod: tvm.IRModule, entry: str = "forward") -> float:
+    """GFLOP of one image through `mod[entry]` (its symbolic batch set to 1)."""
+    return sum(work(mod, entry).values())
+
+
+def work(mod: tvm.IRModule, entry: str = "forward") -> dict[str, float]:
+    """GFLOP of one image per operator: "matmul" (the linear layers, GEMMs), "attention"
+    (Q.K^T and P.V) and "conv" (the patch embedding)."""
+    total = {"matmul": 0, "attention": 0, "conv": 0}
+    for block in mod[entry].body.blocks:
+        for binding in block.bindings:
+            call = binding.value
+            if not isinstance(call, relax.Call) or not isinstance(call.op, tvm.ir.Op):
+                continue
+            name = call.op.name
+            if name not in ("relax.matmul", "relax.nn.attention", "relax.nn.conv2d"):
+                continue
+            args = [_dims(a) for a in call.args[:3]]
+            out = _dims(binding.var)
+            if name == "relax.matmul":
+                total["matmul"] += 2 * math.prod(out) * args[0][-1]
+            elif name == "relax.nn.attention":
+                (b, s, h, d), (_, t, _, dv) = args[0], args[2]
+                total["attention"] += 2 * b * h * s * t * (d + dv)
+            else:
+                total["conv"] += 2 * math.prod(out) * math.prod(args[1][1:])
+    return {k: v / 1e9 for k, v in total.items()}

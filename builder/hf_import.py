@@ -1,10 +1,14 @@
 """An HF transformers config.json -> a sparse preset.
 
-Reads `CLIPVisionConfig`, `CLIPConfig`, `SiglipVisionConfig`, `SiglipConfig` and
-`LlavaConfig` JSON (a LLaVA's tower may be CLIP or SigLIP). The preset holds only the fields
-that differ from the defaults of `builder/config.py`; every key of the JSON that the builder
-does not use is listed (kept in `CLIPVisionConfig.kwargs` and returned), never dropped in
-silence. The result is validated like any preset before it is written.
+Reads the config of a standalone tower (`CLIPVisionConfig`, `Dinov2Config`, ...), of a model
+that holds one (`CLIPConfig`, `SiglipConfig`), or of a VLM (`LlavaConfig`) whose
+`vision_config` is one. The tower's `model_type` names its family (`builder/families/`: each
+lists the `model_type`s it reads); an unknown one is an error, never a guess. The family's
+fields are read under their HF names; the preset holds only those that differ from the
+family's defaults. Every key of the JSON that the builder does not use is listed (kept in the
+config's `kwargs` and returned), never dropped in silence. A standalone tower's preset gives
+HF's `last_hidden_state`; a VLM's keeps its feature layer. The result is validated like any
+preset before it is written.
 """
 
 from __future__ import annotations
@@ -17,12 +21,10 @@ from typing import Any
 
 import yaml
 
-from .config import BlocksConfig, CLIPVisionConfig
+from . import families
 from .errors import InputError
-from .weights.hf import HF_ACTIVATIONS, LLAVA_FIELDS, TOWER_FIELDS
-
-VISION_TYPES = ("clip_vision_model", "siglip_vision_model")
-WRAPPERS = {"clip": "clip_vision_model", "siglip": "siglip_vision_model"}
+from .families import Family
+from .weights.hf import LLAVA_FIELDS
 
 
 @dataclass
@@ -46,77 +48,76 @@ def _read(path: Path) -> dict[str, Any]:
     return data
 
 
-def _tower(path: Path, cfg: dict[str, Any]) -> tuple[str, dict[str, Any], str, str]:
-    """(kind, the tower's dict, its key prefix, the tower's model_type)."""
-    model_type = cfg.get("model_type", "")
-    if model_type in VISION_TYPES or ("vision_config" not in cfg and "patch_size" in cfg):
-        return model_type or "clip_vision_model", cfg, "", model_type or "clip_vision_model"
+def _supported() -> str:
+    types = sorted(t for f in families.all_families() for t in f.hf_model_types)
+    return f"the supported model types: {types}, and VLM configs whose vision_config is one"
+
+
+def _tower(path: Path, cfg: dict[str, Any]) -> tuple[Family, dict[str, Any], str]:
+    """(the family, the tower's dict, its key prefix)."""
+    model_type = cfg.get("model_type")
     vision = cfg.get("vision_config")
     if isinstance(vision, dict):
-        inner = vision.get("model_type") or WRAPPERS.get(model_type, "clip_vision_model")
-        if inner not in VISION_TYPES:
+        inner = vision.get("model_type")
+        family = families.for_model_type(inner) if isinstance(inner, str) else None
+        if family is None and inner is None and isinstance(model_type, str):
+            family = families.for_model_type(model_type)  # CLIPConfig's tower has no type
+        if family is None:
             raise InputError(
-                f"{path}: vision_config.model_type {inner!r} is not one of {list(VISION_TYPES)}"
+                f"{path}: vision_config.model_type {inner!r} is not a tower this builder "
+                f"reads; {_supported()}"
             )
-        return model_type or "unknown", vision, "vision_config.", inner
-    raise InputError(
-        f"{path}: not a CLIP, SigLIP or LLaVA config (model_type {model_type!r}, no "
-        "vision_config, no patch_size)"
-    )
+        return family, vision, "vision_config."
+    family = families.for_model_type(model_type) if isinstance(model_type, str) else None
+    if family is None:
+        raise InputError(f"{path}: model_type {model_type!r} is not supported; {_supported()}")
+    return family, cfg, ""
 
 
-def _size(path: Path, where: str, value: Any) -> Any:
-    # SiglipVisionConfig allows [height, width]; the builder's towers are square.
-    if isinstance(value, list):
+def _value(path: Path, family: Family, where: str, name: str, value: Any) -> Any:
+    if isinstance(value, list) and name in ("image_size", "patch_size"):
         if len(value) == 2 and value[0] == value[1]:
             return value[0]
         raise InputError(f"{path}: {where} is {value}; only square sizes are supported")
-    return value
+    return family.from_hf(name, value)
 
 
 def import_config(path: str | Path) -> Imported:
     """Read an HF config.json and map it to a sparse preset (not yet written)."""
     path = Path(path)
     cfg = _read(path)
-    kind, vision, prefix, tower_type = _tower(path, cfg)
-    siglip = tower_type == "siglip_vision_model"
+    family, vision, prefix = _tower(path, cfg)
     used = {prefix + "model_type", "model_type"}
     model: dict[str, Any] = {}
-    for f in (*TOWER_FIELDS, "projection_dim"):
+    for f in family.hf_field_names():
         if f in vision:
-            value = vision[f]
-            if f in ("image_size", "patch_size"):
-                value = _size(path, prefix + f, value)
-            model[f] = HF_ACTIVATIONS.get(value, value) if f == "hidden_act" else value
+            model[f] = _value(path, family, prefix + f, f, vision[f])
             used.add(prefix + f)
-    if prefix and not siglip and "projection_dim" in cfg:
+    if prefix and "projection_dim" in cfg and "projection_dim" in model:
         # CLIPConfig's own projection_dim is the one CLIPModel's visual_projection uses.
         model["projection_dim"] = cfg["projection_dim"]
         used.add("projection_dim")
-    blocks: dict[str, Any] = {}
-    if siglip:
-        blocks["embeddings"] = "siglip_embeddings"
-        model["pre_layernorm"] = False
-        if vision.get("vision_use_head", True):
-            blocks["head"] = "siglip_attention_pooling"
-        used.add(prefix + "vision_use_head")
-    for theirs, ours in LLAVA_FIELDS.items():
-        if theirs in cfg:
-            model[ours] = cfg[theirs]
-            used.add(theirs)
-    if siglip and "feature_layer" not in model:
-        # A SigLIP tower alone: HF's last_hidden_state, post-LayerNorm on the final state.
-        model.update(feature_layer=-1, post_layernorm=True)
+    vlm = [theirs for theirs in LLAVA_FIELDS if theirs in cfg]
+    for theirs in vlm:
+        model[LLAVA_FIELDS[theirs]] = cfg[theirs]
+        used.add(theirs)
+    if "feature_layer" not in model:
+        model["feature_layer"] = -1  # HF's last_hidden_state
+    if vlm and family.config(**model).normed_last_state:
+        model["post_layernorm"] = False  # a VLM takes hidden_states[i], without the final norm
     unused = sorted(_leaves(cfg, used))
-    config = CLIPVisionConfig(**model, kwargs={k: _get(cfg, k) for k in unused})
-    sparse_model = _sparse(config, CLIPVisionConfig())
-    sparse_blocks = _sparse(BlocksConfig(**blocks), BlocksConfig())
-    preset: dict[str, Any] = {"description": f"imported from {path.name} ({kind})"}
+    config = family.config(**model, kwargs={k: _get(cfg, k) for k in unused})
+    defaults = family.config()
+    preset: dict[str, Any] = {
+        "description": f"imported from {path.name} ({cfg.get('model_type', family.name)})"
+    }
+    if family.name != families.DEFAULT:
+        preset["family"] = family.name
+    sparse_model = _sparse(config, defaults)
     if sparse_model:
         preset["model"] = sparse_model
-    if sparse_blocks:
-        preset["blocks"] = sparse_blocks
-    return Imported(preset, unused, kind)
+    # The blocks follow from the family and its fields (`Family.blocks`): none are written.
+    return Imported(preset, unused, cfg.get("model_type", family.name))
 
 
 def _sparse(obj: Any, default: Any) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from .assemble import ENTRY, INPUT_NAME, export, input_shape, output_shape  # no
 from .cache import KEY_FORMAT, Cache, digest, pipeline_sources, write_part  # noqa: E402
 from .config import Preset, TargetConfig  # noqa: E402
 from .errors import BuilderError  # noqa: E402
+from .flops import gflop  # noqa: E402
 from .runtime import set_threads  # noqa: E402
 from .weights import load_weights  # noqa: E402
 
@@ -125,6 +126,8 @@ def make_artifact(
                 "dtype": "float32",
             }
         ],
+        # Matmuls, attention and the patch conv of one image (`builder/flops.py`).
+        "gflop_per_image": round(gflop(mod), 6),
         "params": {
             "file": artifact.PARAMS,
             "order": stored["order"],

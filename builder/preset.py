@@ -24,7 +24,7 @@ from jsonschema.exceptions import ValidationError, best_match
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from . import inherit, plugins, registry, resources
+from . import families, inherit, plugins, registry, resources
 from .config import COMMON_TARGET_FIELDS, KIND_FIELDS, Preset, preset_from_dict
 from .errors import InputError
 
@@ -255,12 +255,22 @@ def apply_overrides(raw: RawPreset, overrides: Sequence[str]) -> RawPreset:
 # --- validation ----------------------------------------------------------------------------
 
 
-def schema() -> dict[str, Any]:
-    """The preset schema, with block and activation choices taken from the live registry
-    (so that plugin blocks are accepted)."""
+def schema(family: str | None = families.DEFAULT) -> dict[str, Any]:
+    """The preset schema for a family: the shared fields, the family's model fields
+    (`schemas/families/FAMILY.json`), block and activation choices from the live registry (so
+    that plugin blocks are accepted). With family None, `model` is any map (the family is
+    unknown, so its fields are too)."""
     data = json.loads(resources.schema_path().read_text())
+    data["properties"]["family"]["enum"] = families.names()
     model = data["properties"]["model"]["properties"]
-    model["hidden_act"]["enum"] = registry.names("activation")
+    if family is None:
+        data["properties"]["model"] = {"type": "object"}
+    else:
+        own = json.loads(resources.family_schema_path(family).read_text())["properties"]
+        for name, prop in own.items():
+            model[name] = {**model.get(name, {}), **prop}
+    if "hidden_act" in model:
+        model["hidden_act"]["enum"] = registry.names("activation")
     for slot, prop in data["properties"]["blocks"]["properties"].items():
         # A slot whose default is null (the projector) may stay empty.
         prop["enum"] = registry.names(slot) + ([None] if prop.get("default", "") is None else [])
@@ -291,7 +301,9 @@ def _non_finite(node: Any, path: Path_ = ()) -> list[tuple[Path_, str]]:
 
 def _schema_errors(data: dict[str, Any]) -> list[tuple[Path_, str]]:
     found = [(path, msg, True) for path, msg in _non_finite(data)]
-    for err in _Validator(schema()).iter_errors(data):
+    family = data.get("family", families.DEFAULT)
+    known = isinstance(family, str) and family in families.names()
+    for err in _Validator(schema(family if known else None)).iter_errors(data):
         found.extend((path, msg, err.validator == "type") for path, msg in _describe(err))
     # A value of the wrong kind gets one line, not its bounds too ("1e12" is not an integer).
     typed = {path for path, _, is_type in found if is_type}
@@ -377,7 +389,9 @@ def _semantic_errors(data: dict[str, Any]) -> list[tuple[Path_, str]]:
                 f"{m.num_hidden_layers}; set post_layernorm: false or select the last layer",
             )
         )
-    found += _token_errors(preset)
+    if not found:
+        found += m.errors()
+    found += _token_errors(preset, reported={path for path, _ in found})
     found.extend(_preprocess_errors(preset))
     seen: dict[str, int] = {}
     for i, target in enumerate(preset.targets):
@@ -427,17 +441,19 @@ def _target_field_errors(entries: list[Any]) -> list[tuple[Path_, str]]:
     return found
 
 
-def _token_errors(preset: Preset) -> list[tuple[Path_, str]]:
-    """Checks between the output, the embeddings' class token and the head."""
+def _token_errors(preset: Preset, reported: set[Path_]) -> list[tuple[Path_, str]]:
+    """Checks between the output, the tokens before the patches and the head; `reported`:
+    paths the family's own checks already explained."""
     m, b = preset.model, preset.blocks
     found: list[tuple[Path_, str]] = []
     cls = registry.class_tokens(b.embeddings)
-    if m.feature_select_strategy == "default" and not cls and m.output == "features":
+    default = m.feature_select_strategy == "default"
+    if default and not registry.prefix_tokens(m, b) and m.output == "features":
         found.append(
             (
                 ("model", "feature_select_strategy"),
-                f"'default' drops the CLS token, but blocks.embeddings {b.embeddings!r} has "
-                "none; use 'full'",
+                f"'default' drops the CLS token, but blocks.embeddings {b.embeddings!r} "
+                "has none; use 'full'",
             )
         )
     if m.output == "pooled":
@@ -449,11 +465,11 @@ def _token_errors(preset: Preset) -> list[tuple[Path_, str]]:
                     "'pooled'; set blocks.projector: null or model.output: features",
                 )
             )
-        if not m.post_layernorm:
+        if not (m.final_norm and m.selects_final_state) and ("model", "output") not in reported:
             found.append(
                 (
                     ("model", "output"),
-                    "'pooled' pools the post-LayerNorm final state (HF's pooler_output); "
+                    "'pooled' pools the normed final state (HF's pooler_output); "
                     "set model.post_layernorm: true and model.feature_layer: -1",
                 )
             )

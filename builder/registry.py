@@ -223,6 +223,12 @@ def class_tokens(embeddings: str) -> int:
     return int(get(embeddings, "embeddings").attr("class_tokens", 0))
 
 
+def prefix_tokens(config: Any, blocks: Any) -> int:
+    """Tokens before the patches: the embeddings block's class tokens and the family
+    config's register tokens."""
+    return class_tokens(blocks.embeddings) + config.register_tokens
+
+
 def create(name: str, kind: str, *args: Any, **kwargs: Any) -> Any:
     return get(name, kind).factory(*args, **kwargs)
 

@@ -19,3 +19,8 @@ def schema_path() -> Path:
 
 def presets_dir() -> Path:
     return _data("presets")
+
+
+def family_schema_path(family: str) -> Path:
+    """The JSON Schema of a family's own model fields."""
+    return _data("schemas") / "families" / f"{family}.json"

@@ -10,13 +10,13 @@ from typing import Any
 import numpy as np
 import pytest
 
+from builder import families
 from builder.build import build
 from builder.config import TargetConfig
 from builder.preset import load_preset
 from builder.runtime import available_cores, load
 from builder.targets import llvm
 from builder.targets.cpu.kernels import _has, bf16_gemms, half_gemms
-from builder.weights.hf import hf_tower_config
 
 # Tests compare numbers; keep TVM and torch on the same thread count.
 os.environ.setdefault("TVM_NUM_THREADS", str(available_cores()))
@@ -93,11 +93,6 @@ def hf_vision_config(**fields: Any) -> Any:
     return CLIPVisionConfig(**{**TINY, **fields})
 
 
-def hf_fields(model: Any) -> dict[str, Any]:
-    """The preset's model fields an HF CLIPVisionConfig shares, to make a matching checkpoint."""
-    return {**hf_tower_config(model), "projection_dim": model.projection_dim}
-
-
 def save_vision_model(folder: Path, seed: int = 0, **fields: Any) -> Any:
     """An HF CLIPVisionModel with random weights, saved with save_pretrained."""
     from transformers import CLIPVisionModel
@@ -118,22 +113,11 @@ def save_siglip_model(folder: Path, seed: int = 0, **fields: Any) -> Any:
 
 
 def save_hf_tower(folder: Path, preset: Any, seed: int = 0) -> Any:
-    """The HF model a preset describes (SiglipVisionModel for SigLIP's embeddings, else
-    CLIPVisionModel), at the preset's widths, with random weights, saved to `folder`."""
-    m = preset.model
-    fields = hf_tower_config(m)
-    if preset.blocks.embeddings == "siglip_embeddings":
-        use_head = preset.blocks.head == "siglip_attention_pooling"
-        return save_siglip_model(folder, seed, vision_use_head=use_head, **fields)
-    return save_vision_model(folder, seed, projection_dim=m.projection_dim, **fields)
-
-
-def hf_hidden_states(model: Any, pixels: np.ndarray) -> list[np.ndarray]:
-    import torch
-
-    with torch.inference_mode():
-        out = model(torch.from_numpy(pixels), output_hidden_states=True)
-    return [h.numpy() for h in out.hidden_states]
+    """The HF model a preset describes (its family's reference class), at the preset's
+    widths, with every parameter random, saved to `folder` with save_pretrained."""
+    model = randomize(families.get(preset.family).reference_model(preset.model), seed)
+    model.save_pretrained(folder)
+    return model
 
 
 def pixels(batch: int, size: int, seed: int = 1, channels: int = 3) -> np.ndarray:
@@ -184,17 +168,24 @@ def expected_features(hf_model: Any, config: Any, pixels_: np.ndarray) -> np.nda
     concatenated on the last axis, CLS dropped for the 'default' strategy."""
     import torch
 
-    states = hf_hidden_states(hf_model, pixels_)
+    with torch.inference_mode():
+        out = hf_model(torch.from_numpy(pixels_), output_hidden_states=True)
+    states = [h.numpy() for h in out.hidden_states]
     picked = []
     for i in config.feature_layers:
         state = states[i]
-        if config.post_layernorm and i == config.num_hidden_layers:
-            with torch.inference_mode():
+        if i == config.num_hidden_layers and config.final_norm:
+            if config.normed_last_state:
+                state = out.last_hidden_state.numpy()  # with the family's final norm
+            else:
+                # CLIP's post-LayerNorm on every token: HF applies it to the CLS token only.
                 norm = getattr(hf_model, "vision_model", hf_model).post_layernorm
-                state = norm(torch.from_numpy(state)).numpy()
+                with torch.inference_mode():
+                    state = norm(torch.from_numpy(state)).numpy()
         picked.append(state)
     out = np.concatenate(picked, axis=-1)
-    return out[:, 1:] if config.feature_select_strategy == "default" else out
+    prefix = out.shape[1] - config.num_patches
+    return out[:, prefix:] if config.feature_select_strategy == "default" else out
 
 
 def expected_output(hf_model: Any, config: Any, pixels_: np.ndarray) -> np.ndarray:

@@ -51,21 +51,26 @@ def _configs():
     }
 
 
-# What each import must produce (beyond the tiny widths every one of them has).
+# What each import must produce (beyond the tiny widths every one of them has): the family,
+# model fields, and the blocks that follow from them. A standalone tower gives HF's
+# last_hidden_state (feature_layer -1); a LLaVA keeps its own layer.
 EXPECTED = {
-    "clip-vision": ({}, {}),
-    "clip": ({"projection_dim": 16}, {}),
+    "clip-vision": ("clip", {"feature_layer": -1}, {"embeddings": "clip_embeddings"}),
+    "clip": ("clip", {"projection_dim": 16, "feature_layer": -1}, {"head": "cls_pooling"}),
     "siglip-vision": (
-        {"pre_layernorm": False, "post_layernorm": True, "feature_layer": -1},
-        {"embeddings": "siglip_embeddings"},
+        "siglip",
+        {"vision_use_head": False},
+        {"embeddings": "siglip_embeddings", "head": "cls_pooling"},
     ),
     "siglip": (
-        {"pre_layernorm": False, "post_layernorm": True, "feature_layer": -1},
+        "siglip",
+        {},
         {"embeddings": "siglip_embeddings", "head": "siglip_attention_pooling"},
     ),
-    "llava": ({"feature_select_strategy": "default"}, {}),
+    "llava": ("clip", {"feature_select_strategy": "default", "feature_layer": -2}, {}),
     "llava-siglip": (
-        {"pre_layernorm": False, "feature_layer": -1},
+        "siglip",
+        {"feature_layer": -1, "feature_select_strategy": "full", "final_norm": False},
         {"embeddings": "siglip_embeddings", "head": "siglip_attention_pooling"},
     ),
 }
@@ -80,17 +85,20 @@ def test_import_writes_a_sparse_preset_that_validates_and_exports(kind, tmp_path
     assert main(["import", str(source), "--out", str(out)]) == 0
     err = capsys.readouterr().err
     written = yaml.safe_load(out.read_text())
-    model_fields, block_fields = EXPECTED[kind]
+    family, model_fields, block_fields = EXPECTED[kind]
+    assert written.get("family", "clip") == family
+    assert "blocks" not in written  # they follow from the family and its fields
+    preset = load_preset(out)
     for key, value in model_fields.items():
-        assert written["model"][key] == value, key
-    assert written.get("blocks", {}) == block_fields
+        assert getattr(preset.model, key) == value, key
+    for slot, block in block_fields.items():
+        assert getattr(preset.blocks, slot) == block, slot
     # Unused keys are printed and listed in the file's header, not dropped.
     unused = [line.removeprefix("not used: ") for line in err.splitlines() if "not used" in line]
     assert "transformers_version" in unused
     assert all(f"#   {key}\n" in out.read_text() for key in unused)
     if "text_config" in json.loads(source.read_text()):
         assert "text_config" in unused
-    preset = load_preset(out)
     m = preset.model
     assert (m.hidden_size, m.num_hidden_layers, m.image_size, m.patch_size) == (32, 3, 30, 8)
     mod, params = export(m, preset.blocks)
@@ -116,7 +124,9 @@ def test_import_errors(tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text('{"model_type": "bert", "hidden_size": 8}')
     assert main(["import", str(bad), "--out", str(tmp_path / "x.yaml")]) == 2
-    assert "not a CLIP, SigLIP or LLaVA config (model_type 'bert'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{bad}: model_type 'bert' is not supported; the supported model types: [" in err
+    assert "'clip_vision_model'" in err and "'siglip_vision_model'" in err
     bad.write_text("{")
     assert main(["import", str(bad), "--out", str(tmp_path / "x.yaml")]) == 2
     assert f"{bad}: not JSON" in capsys.readouterr().err

@@ -10,7 +10,7 @@ import pytest
 from tvm.relax.frontend import nn
 
 from builder import registry
-from builder.assemble import export, full_tower, output_shape, parameter_shapes
+from builder.assemble import export, output_shape, parameter_shapes
 from builder.config import BlocksConfig, CLIPVisionConfig
 from builder.errors import BuilderError
 
@@ -37,9 +37,9 @@ def test_duplicate_name_names_both_places():
 def test_unknown_name_lists_close_matches_and_all():
     with pytest.raises(BuilderError) as e:
         registry.get("clip_mpl", "mlp")
-    assert (
-        str(e.value)
-        == "unknown mlp block 'clip_mpl', did you mean 'clip_mlp'?; registered: ['clip_mlp']"
+    assert str(e.value) == (
+        "unknown mlp block 'clip_mpl', did you mean 'clip_mlp'?; "
+        "registered: ['clip_mlp', 'swiglu_mlp']"
     )
 
 
@@ -143,7 +143,7 @@ def test_class_tokens_match_the_embeddings_output(block):
 
 @pytest.mark.ir
 def test_full_tower_names_cover_every_layer():
-    full = parameter_shapes(full_tower(CONFIG), BlocksConfig())
+    full = parameter_shapes(CONFIG.full(), BlocksConfig())
     assert "vision_model.post_layernorm.weight" in full
     assert any(".layers.2." in n for n in full)
 

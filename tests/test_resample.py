@@ -11,7 +11,6 @@ import torch.nn.functional as F
 
 from builder.errors import InputError
 from builder.weights.resample import (
-    HF_RESAMPLING,
     axis_weights,
     resample_grid,
     resample_position_table,
@@ -36,6 +35,15 @@ SIZES = [
     ((27, 27), (24, 36)),  # down one axis, up the other
     ((7, 5), (3, 9)),  # a non-square source
 ]
+
+# How each HF tower resizes its position grid at another image size (its
+# interpolate_pos_encoding): the mode and whether it antialiases, by `model_type`.
+HF_RESAMPLING = {
+    "dinov2": ("bicubic", False),
+    "dinov2_with_registers": ("bicubic", True),
+    "internvl_vision": ("bicubic", False),
+    "siglip2_vision_model": ("bilinear", True),
+}
 
 
 def _ids(method: tuple[str, bool]) -> str:

@@ -7,17 +7,16 @@ import json
 
 import pytest
 
-from builder import registry, resources
+from builder import families, registry, resources
 from builder.assemble import output_shape
 from builder.config import (
     BlocksConfig,
-    CLIPVisionConfig,
     PreprocessConfig,
     Preset,
     TargetConfig,
     WeightsConfig,
 )
-from builder.preset import load_preset
+from builder.preset import load_preset, schema
 
 from .conftest import PRESETS
 
@@ -42,10 +41,15 @@ def _defaults(cls) -> dict:
     return out
 
 
+def _family_model(name: str) -> dict:
+    """The `model` section of the preset schema for family `name`: shared and own fields."""
+    return schema(name)["properties"]["model"]
+
+
 @pytest.mark.parametrize(
     "cls, schema",
     [
-        (CLIPVisionConfig, PROPS["model"]),
+        *((f.config, _family_model(f.name)) for f in families.all_families()),
         (BlocksConfig, PROPS["blocks"]),
         (WeightsConfig, PROPS["weights"]),
         (TargetConfig, TARGET_MAP),
@@ -76,6 +80,14 @@ def schema_nodes(node=SCHEMA, path="$"):
             yield from schema_nodes(v, f"{path}[{i}]")
 
 
+FAMILY_SCHEMAS = [json.loads(resources.family_schema_path(n).read_text()) for n in families.names()]
+
+
+def test_every_family_has_its_schema_and_nothing_else_does():
+    files = sorted(p.stem for p in resources.family_schema_path("x").parent.glob("*.json"))
+    assert files == families.names()
+
+
 def test_additional_properties_false_everywhere():
     for path, node in schema_nodes():
         if node.get("type") == "object":
@@ -83,7 +95,8 @@ def test_additional_properties_false_everywhere():
 
 
 def test_numbers_are_bounded_and_strings_enumerated_or_patterned():
-    for path, node in schema_nodes():
+    nodes = [n for s in [SCHEMA, *FAMILY_SCHEMAS] for n in schema_nodes(s)]
+    for path, node in nodes:
         types = node.get("type")
         types = types if isinstance(types, list) else [types]
         if "integer" in types or "number" in types:
@@ -93,7 +106,10 @@ def test_numbers_are_bounded_and_strings_enumerated_or_patterned():
 
 
 def test_schema_choices_are_the_builtin_registry():
-    assert PROPS["model"]["properties"]["hidden_act"]["enum"] == registry.names("activation")
+    for family in families.names():
+        model = _family_model(family)["properties"]
+        assert model["hidden_act"]["enum"] == registry.names("activation"), family
+    assert PROPS["family"]["enum"] == families.names()
     for slot, prop in PROPS["blocks"]["properties"].items():
         optional = [None] if prop["default"] is None else []  # the projector may be absent
         assert prop["enum"] == registry.names(slot) + optional, slot
@@ -122,7 +138,8 @@ def test_siglip_so400m_is_the_hf_tower():
     assert (m.hidden_size, m.intermediate_size, m.num_attention_heads) == (1152, 4304, 16)
     assert (m.num_hidden_layers, m.patch_size, m.image_size) == (27, 14, 384)
     assert m.layer_norm_eps == 1e-6 and m.hidden_act == "gelu_tanh"
-    assert not m.pre_layernorm and m.post_layernorm and m.num_layers_computed == 27
+    assert preset.family == "siglip" and not m.pre_norm and m.final_norm
+    assert m.num_layers_computed == 27
     assert output_shape(m, preset.blocks) == ["batch", 729, 1152]  # 27 x 27, no CLS
 
 
@@ -130,9 +147,10 @@ def test_presets_are_sparse():
     """A shipped preset holds no model field at its default value."""
     import yaml
 
-    defaults = _defaults(CLIPVisionConfig)
     for path in PRESETS:
-        model = yaml.safe_load(path.read_text()).get("model", {}) or {}
+        data = yaml.safe_load(path.read_text())
+        defaults = _defaults(families.get(data.get("family", families.DEFAULT)).config)
+        model = data.get("model", {}) or {}
         # feature_layer is what a LLaVA tower is about: llava-clip states it on purpose.
         same = [k for k, v in model.items() if defaults.get(k) == v and k != "feature_layer"]
         assert not same, f"{path.name}: {same} repeat the defaults"

@@ -1,8 +1,12 @@
-"""CLIP's vision tower as registered blocks, after MLC LLM's `clip_vision.py`.
+"""CLIP's vision tower as registered blocks, after MLC LLM's `clip_vision.py`; the layers,
+encoder, transformer and top module are shared by every family.
 
-Attribute names follow HF transformers' `CLIPVisionModel`, so a parameter's name is its
-checkpoint key without the checkpoint's prefix. Blocks take `(config, blocks)` and build their
-children through the registry from the slot names in `blocks`, never from a fixed class.
+Attribute names follow HF transformers' `CLIPVisionModel`, so a CLIP parameter's name is its
+checkpoint key without the checkpoint's prefix; other families map their keys onto these
+names (`builder/families/`). Blocks take `(config, blocks)`, read the family config's
+interface (`builder/config.py::TowerConfig`: `norm_eps`, `attention_biases`, `layer_scale`,
+...) and build their children through the registry from the slot names in `blocks`, never
+from a fixed class.
 """
 
 from __future__ import annotations
@@ -10,16 +14,16 @@ from __future__ import annotations
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
-from ..config import BlocksConfig, CLIPVisionConfig
-from ..registry import class_tokens, create, register
+from ..config import BlocksConfig, TowerConfig
+from ..registry import create, prefix_tokens, register
 from .common import Linear, in_float32
 
 
-def make_norm(config: CLIPVisionConfig, blocks: BlocksConfig) -> nn.Module:
-    return create(blocks.norm, "norm", config.hidden_size, config.layer_norm_eps)
+def make_norm(config: TowerConfig, blocks: BlocksConfig, dim: int | None = None) -> nn.Module:
+    return create(blocks.norm, "norm", dim or config.hidden_size, config.norm_eps)
 
 
-def patch_conv(config: CLIPVisionConfig, bias: bool) -> nn.Conv2D:
+def patch_conv(config: TowerConfig, bias: bool) -> nn.Conv2D:
     """The patch embedding: a conv with kernel and stride patch_size (floors at the edge)."""
     return nn.Conv2D(
         config.num_channels,
@@ -57,7 +61,7 @@ class CLIPVisionEmbeddings(nn.Module):
     # Tokens put in front of the patches; the feature selection and pooling read this.
     class_tokens = 1
 
-    def __init__(self, config: CLIPVisionConfig, blocks: BlocksConfig):
+    def __init__(self, config: TowerConfig, blocks: BlocksConfig):
         self.embed_dim = config.hidden_size
         self.class_embedding = nn.Parameter((config.hidden_size,))
         self.patch_embedding = patch_conv(config, bias=False)
@@ -73,22 +77,29 @@ class CLIPVisionEmbeddings(nn.Module):
 
 @register("clip_attention", kind="attention")
 class CLIPAttention(nn.Module):
-    """Full bidirectional multi-head attention with separate q/k/v/out projections."""
+    """Full bidirectional multi-head attention with separate q/k/v/out projections; biases
+    and a qk-norm (over the full width, before the head split) as the family config says."""
 
-    def __init__(self, config: CLIPVisionConfig, blocks: BlocksConfig):
+    def __init__(self, config: TowerConfig, blocks: BlocksConfig):
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
         d = config.hidden_size
-        self.q_proj = Linear(d, d)
-        self.k_proj = Linear(d, d)
-        self.v_proj = Linear(d, d)
-        self.out_proj = Linear(d, d)
+        qkv_bias, out_bias = config.attention_biases
+        self.q_proj = Linear(d, d, bias=qkv_bias)
+        self.k_proj = Linear(d, d, bias=qkv_bias)
+        self.v_proj = Linear(d, d, bias=qkv_bias)
+        self.out_proj = Linear(d, d, bias=out_bias)
+        self.q_norm = make_norm(config, blocks) if config.qk_norm else None
+        self.k_norm = make_norm(config, blocks) if config.qk_norm else None
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         b, s, d = hidden_states.shape
         h, hd = self.num_heads, self.head_dim
-        q = op.reshape(self.q_proj(hidden_states), (b, s, h, hd))  # (B, S, H, hd)
-        k = op.reshape(self.k_proj(hidden_states), (b, s, h, hd))
+        q, k = self.q_proj(hidden_states), self.k_proj(hidden_states)  # (B, S, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = op.reshape(q, (b, s, h, hd))  # (B, S, H, hd)
+        k = op.reshape(k, (b, s, h, hd))
         v = op.reshape(self.v_proj(hidden_states), (b, s, h, hd))
         # (B, S, H, hd); scale 1/sqrt(hd); softmax and sums in float32 in half precision
         out = in_float32(op.scaled_dot_product_attention, q, k, v)
@@ -99,28 +110,57 @@ class CLIPAttention(nn.Module):
 class CLIPMLP(nn.Module):
     """fc1 -> the configured activation -> fc2."""
 
-    def __init__(self, config: CLIPVisionConfig, blocks: BlocksConfig):
-        self.fc1 = Linear(config.hidden_size, config.intermediate_size)
-        self.activation_fn = create(config.hidden_act, "activation")
-        self.fc2 = Linear(config.intermediate_size, config.hidden_size)
+    def __init__(self, config: TowerConfig, blocks: BlocksConfig):
+        bias = config.mlp_has_bias
+        self.fc1 = Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.activation_fn = create(config.mlp_act, "activation")
+        self.fc2 = Linear(config.intermediate_size, config.hidden_size, bias=bias)
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         return self.fc2(self.activation_fn(self.fc1(hidden_states)))
 
 
+@register("swiglu_mlp", kind="mlp")
+class SwiGLUMLP(nn.Module):
+    """down_proj(act(gate_proj(x)) * up_proj(x)), act the config's `mlp_act` (SiLU): the
+    gated MLP of DINOv2-giant, AIMv2, Pixtral and Qwen; biases as the config says."""
+
+    def __init__(self, config: TowerConfig, blocks: BlocksConfig):
+        d, hidden, bias = config.hidden_size, config.intermediate_size, config.mlp_has_bias
+        self.gate_proj = Linear(d, hidden, bias=bias)
+        self.up_proj = Linear(d, hidden, bias=bias)
+        self.act_fn = create(config.mlp_act, "activation")
+        self.down_proj = Linear(hidden, d, bias=bias)
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        gate = self.act_fn(self.gate_proj(hidden_states))
+        return self.down_proj(gate * self.up_proj(hidden_states))
+
+
 @register("clip_encoder_layer", kind="encoder_layer")
 class CLIPEncoderLayer(nn.Module):
-    """Pre-norm transformer layer: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+    """Pre-norm transformer layer: x + attn(norm1(x)), then x + mlp(norm2(x)); with the
+    family's layer scale, each branch times a learnt per-channel scale (`layer_scale1`,
+    `layer_scale2`)."""
 
-    def __init__(self, config: CLIPVisionConfig, blocks: BlocksConfig):
+    def __init__(self, config: TowerConfig, blocks: BlocksConfig):
         self.layer_norm1 = make_norm(config, blocks)
         self.self_attn = create(blocks.attention, "attention", config, blocks)
         self.layer_norm2 = make_norm(config, blocks)
         self.mlp = create(blocks.mlp, "mlp", config, blocks)
+        scaled = config.layer_scale
+        self.layer_scale1 = nn.Parameter((config.hidden_size,)) if scaled else None
+        self.layer_scale2 = nn.Parameter((config.hidden_size,)) if scaled else None
 
     def forward(self, hidden_states: Tensor) -> Tensor:
-        hidden_states = hidden_states + self.self_attn(self.layer_norm1(hidden_states))
-        return hidden_states + self.mlp(self.layer_norm2(hidden_states))
+        attn = self.self_attn(self.layer_norm1(hidden_states))
+        if self.layer_scale1 is not None:
+            attn = attn * self.layer_scale1
+        hidden_states = hidden_states + attn
+        mlp = self.mlp(self.layer_norm2(hidden_states))
+        if self.layer_scale2 is not None:
+            mlp = mlp * self.layer_scale2
+        return hidden_states + mlp
 
 
 @register("clip_encoder", kind="encoder")
@@ -131,7 +171,7 @@ class CLIPEncoder(nn.Module):
     feature layer, so their weights are neither loaded nor run.
     """
 
-    def __init__(self, config: CLIPVisionConfig, blocks: BlocksConfig):
+    def __init__(self, config: TowerConfig, blocks: BlocksConfig):
         self.layers = nn.ModuleList(
             [
                 create(blocks.encoder_layer, "encoder_layer", config, blocks)
@@ -148,18 +188,20 @@ class CLIPEncoder(nn.Module):
 
 @register("clip_vision_transformer", kind="transformer")
 class CLIPVisionTransformer(nn.Module):
-    """Embeddings -> pre-LayerNorm (if `model.pre_layernorm`) -> encoder; post-LayerNorm on the
-    final state if asked; the `blocks.head` pooling block when `model.output` is pooled."""
+    """Embeddings -> the family's pre-norm (CLIP's pre-LayerNorm) -> encoder; the family's
+    final norm on the final state when it is selected; the `blocks.head` pooling block when
+    `model.output` is pooled."""
 
-    def __init__(self, config: CLIPVisionConfig, blocks: BlocksConfig):
+    def __init__(self, config: TowerConfig, blocks: BlocksConfig):
         self.embeddings = create(blocks.embeddings, "embeddings", config, blocks)
-        # HF's misspelling, kept on purpose: parameter names equal checkpoint keys. SigLIP
-        # has no pre-LayerNorm: then nothing is built, so nothing is loaded or exported.
-        self.pre_layrnorm = make_norm(config, blocks) if config.pre_layernorm else None
+        # HF's misspelling, kept on purpose: parameter names equal CLIP's checkpoint keys.
+        # Without a pre-norm nothing is built, so nothing is loaded or exported.
+        self.pre_layrnorm = make_norm(config, blocks) if config.pre_norm else None
         self.encoder = create(blocks.encoder, "encoder", config, blocks)
-        # Built only when used (the preset check allows it only with the final state
-        # selected), so an unused norm is neither loaded nor exported.
-        self.post_layernorm = make_norm(config, blocks) if config.post_layernorm else None
+        # Built only when used (on the final state only), so an unused norm is neither
+        # loaded nor exported.
+        final = config.final_norm and config.selects_final_state
+        self.post_layernorm = make_norm(config, blocks) if final else None
         # HF keeps SigLIP's head inside the tower (`vision_model.head.*`): so do we.
         pooled = config.output == "pooled"
         self.head = create(blocks.head, "head", config, blocks) if pooled else None
@@ -180,12 +222,12 @@ class CLIPVisionModel(nn.Module):
     applies the projector if `blocks.projector` names one; or returns the pooled vector of the
     tower's head."""
 
-    def __init__(self, config: CLIPVisionConfig, blocks: BlocksConfig):
+    def __init__(self, config: TowerConfig, blocks: BlocksConfig):
         self.feature_layers = config.feature_layers
         self.pooled = config.output == "pooled"
-        # The preset check refuses "default" when the embeddings have no class token.
+        # The preset check refuses "default" when there are no tokens before the patches.
         default = config.feature_select_strategy == "default"
-        self.drop_tokens = class_tokens(blocks.embeddings) if default else 0
+        self.drop_tokens = prefix_tokens(config, blocks) if default else 0
         # The compute dtype; `Module.to(dtype)` updates it with the parameters. Pixels come in
         # and features go out as float32 whatever it is.
         self.dtype = "float32"

@@ -9,7 +9,7 @@ from __future__ import annotations
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
-from ..config import BlocksConfig, CLIPVisionConfig
+from ..config import BlocksConfig, TowerConfig
 from ..registry import create, register
 from .clip import make_norm
 
@@ -20,7 +20,7 @@ class CLSPooling(nn.Module):
 
     requires_class_token = True
 
-    def __init__(self, config: CLIPVisionConfig, blocks: BlocksConfig):
+    def __init__(self, config: TowerConfig, blocks: BlocksConfig):
         pass
 
     def forward(self, hidden_states: Tensor) -> Tensor:
@@ -57,7 +57,7 @@ class PackedMultiheadAttention(nn.Module):
 class SiglipMultiheadAttentionPoolingHead(nn.Module):
     """SigLIP's head: a learnt probe attends over every token, then x + mlp(norm(x))."""
 
-    def __init__(self, config: CLIPVisionConfig, blocks: BlocksConfig):
+    def __init__(self, config: TowerConfig, blocks: BlocksConfig):
         self.probe = nn.Parameter((1, 1, config.hidden_size))
         self.attention = PackedMultiheadAttention(config.hidden_size, config.num_attention_heads)
         self.layernorm = make_norm(config, blocks)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor
 
-from ..config import BlocksConfig, CLIPVisionConfig
+from ..config import BlocksConfig, TowerConfig
 from ..registry import create, register
 from .common import Linear
 
@@ -19,7 +19,7 @@ from .common import Linear
 class LlavaMultiModalProjector(nn.Module):
     """LLaVA-1.5's projector: Linear -> exact GELU -> Linear to model.projector_hidden_size."""
 
-    def __init__(self, config: CLIPVisionConfig, blocks: BlocksConfig):
+    def __init__(self, config: TowerConfig, blocks: BlocksConfig):
         width = config.projector_hidden_size
         # Input: the selected states concatenated, hidden_size times the number of layers.
         self.linear_1 = Linear(config.hidden_size * len(config.feature_layers), width)

@@ -24,8 +24,10 @@ def load_weights(
             "note": "random weights, not a trained model",
         }
         return random_weights(shapes, source.seed), info
-    from ..assemble import full_tower, parameter_shapes  # imports TVM
+    from .. import families
+    from ..assemble import parameter_shapes  # imports TVM
 
-    check_config(source.path, preset.model, preset.blocks.projector)
-    known = parameter_shapes(full_tower(preset.model), preset.blocks)
-    return read_tower(source.path, shapes, known)
+    family = families.get(preset.family)
+    check_config(source.path, family, preset.model, preset.blocks.projector)
+    known = parameter_shapes(preset.model.full(), preset.blocks)
+    return read_tower(source.path, family, shapes, known)

@@ -1,59 +1,42 @@
-"""HF transformers checkpoints: CLIPVisionModel, CLIPModel and LLaVA, single or sharded
-safetensors, under every key prefix that real files carry.
+"""HF transformers checkpoints of any tower family, single or sharded safetensors, under every
+key prefix that real files carry.
 
-Our parameter names are HF's own (`vision_model.encoder.layers.0.mlp.fc1.weight`), so the
-name map is one rule: find the tower's prefix, strip it, put `vision_model.` in front. The
-prefix is found, not guessed from the model class, because it depends on both the class and
-the transformers version that wrote the file (4.x hub files: `vision_model.`,
-`vision_tower.vision_model.`, `model.vision_tower.vision_model.`; 5.x `save_pretrained`: none,
-`vision_model.`, `vision_tower.`).
+The family's name map (`builder/families/`, `NameMap`) says how a checkpoint key becomes a
+parameter name: the tower's prefix is found by the family's anchor key, not guessed from the
+model class, because it depends on both the class and the transformers version that wrote
+the file (CLIP in 4.x hub files: `vision_model.`, `vision_tower.vision_model.`,
+`model.vision_tower.vision_model.`; 5.x `save_pretrained`: none, `vision_model.`,
+`vision_tower.`); the rest of the key goes through the family's renames and splits.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..config import CLIPVisionConfig
+from ..config import TowerConfig
 from ..errors import InputError
+from ..families import Family, NameMap
 from ..safetensors_io import SafetensorsFile
 
-ANCHOR = "embeddings.patch_embedding.weight"
-OUR_PREFIX = "vision_model."
 # LLaVA's projector: `multi_modal_projector.` at the top in transformers 4 hub files and
 # transformers 5 save_pretrained, `model.multi_modal_projector.` in files written from the
 # transformers >= 4.52 module tree; found by this anchor, like the tower.
 PROJECTOR_ANCHOR = "linear_1.weight"
 OUR_PROJECTOR = "multi_modal_projector."
 INDEX = "model.safetensors.index.json"
-# Buffers some transformers 4 files carry; they are not parameters.
-BUFFERS = ("embeddings.position_ids",)
-# HF config field -> ours, for the fields that must agree with the preset.
-TOWER_FIELDS = (
-    "hidden_size",
-    "image_size",
-    "intermediate_size",
-    "num_attention_heads",
-    "num_hidden_layers",
-    "patch_size",
-    "num_channels",
-    "layer_norm_eps",
-    "hidden_act",
-)
 LLAVA_FIELDS = {
     "vision_feature_layer": "feature_layer",
     "vision_feature_select_strategy": "feature_select_strategy",
 }
 # LlavaConfig fields that the `mlp2x_gelu` projector fixes.
 PROJECTOR_FIELDS = {"projector_hidden_act": "gelu", "multimodal_projector_bias": True}
-HF_ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
-# Ours -> the name HF writes for it.
-TO_HF_ACTIVATION = {"gelu_tanh": "gelu_pytorch_tanh"}
 
 
 @dataclass
@@ -113,16 +96,212 @@ def checkpoint_files(path: str | Path) -> list[Path]:
     return ckpt.files + [f for f in extra if f.is_file()]
 
 
-def tower_prefix(ckpt: Checkpoint) -> str:
-    found = sorted(k[: -len(ANCHOR)] for k in ckpt.keys if k.endswith(ANCHOR))
+def tower_prefix(ckpt: Checkpoint, family: Family) -> str:
+    anchor = family.names.anchor
+    found = sorted(k[: -len(anchor)] for k in ckpt.keys if k.endswith(anchor))
     if not found:
         sample = sorted(ckpt.keys)[:5]
         raise InputError(
-            f"{ckpt.root}: no vision tower: no key ends with {ANCHOR!r} (keys start {sample})"
+            f"{ckpt.root}: no vision tower of the {family.name} family: no key ends with "
+            f"{anchor!r} "
+            f"(keys start {sample}){_other_family(ckpt, family)}"
         )
     if len(found) > 1:
         raise InputError(f"{ckpt.root}: several vision towers, under prefixes {found}")
     return found[0]
+
+
+def _other_family(ckpt: Checkpoint, family: Family) -> str:
+    """'; it holds a dinov2 tower ...' when another family's anchor is in the checkpoint."""
+    from .. import families
+
+    for other in families.all_families():
+        if other.names.anchor != family.names.anchor and any(
+            k.endswith(other.names.anchor) for k in ckpt.keys
+        ):
+            return (
+                f"; it looks like a {other.name} checkpoint: set family: {other.name} "
+                "(or import its config.json with `build import`)"
+            )
+    return ""
+
+
+@dataclass
+class Mapped:
+    """Where one of our parameters comes from: a checkpoint key, maybe a part of it (split),
+    maybe transposed, maybe a position table to resample."""
+
+    key: str
+    shard: SafetensorsFile
+    part: tuple[int, int, int] | None = None  # (index, count, axis)
+    transpose: bool = False
+    resample: int | None = None  # leading rows kept when resampling a position table
+
+
+def local_names(names: NameMap, local: str) -> list[tuple[str, tuple[int, int, int] | None]]:
+    """Our local names for a checkpoint's local key: one, or one per part of a split."""
+    for pattern, replacement in names.renames:
+        local = re.sub(pattern, replacement, local)
+    for split in names.splits:
+        if re.search(split.pattern, local):
+            count = len(split.parts)
+            return [
+                (re.sub(split.pattern, part, local), (i, count, split.axis))
+                for i, part in enumerate(split.parts)
+            ]
+    return [(local, None)]
+
+
+def _stored_shape(mapped: Mapped) -> tuple[int, ...]:
+    shape = list(mapped.shard.shape(mapped.key))
+    if mapped.part is not None:
+        _, count, axis = mapped.part
+        shape[axis] //= count
+    return tuple(reversed(shape)) if mapped.transpose else tuple(shape)
+
+
+def _read(mapped: Mapped, want: tuple[int, ...], family: Family) -> np.ndarray:
+    array = mapped.shard.read(mapped.key)
+    if mapped.part is not None:
+        index, count, axis = mapped.part
+        array = np.split(array, count, axis=axis)[index]
+    if mapped.transpose:
+        array = array.T
+    if mapped.resample is not None and array.shape != want:
+        from .resample import resample_position_table
+
+        side = math.isqrt(want[-2] - mapped.resample)
+        mode, antialias = family.resample
+        array = resample_position_table(
+            array, (side, side), prefix=mapped.resample, mode=mode, antialias=antialias,
+            name=f"{mapped.shard.path}: {mapped.key!r}",
+        )
+    return np.ascontiguousarray(array)
+
+
+def read_tower(
+    path: str | Path,
+    family: Family,
+    needed: dict[str, tuple[int, ...]],
+    known: dict[str, tuple[int, ...]],
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Fill every parameter in `needed` exactly once from the checkpoint: the tower's, and
+    LLaVA's projector's when the preset has one.
+
+    `known` holds every parameter of the full tower: keys for parameters that exist but are
+    not computed (layers after the feature layer, an unused final norm) are skipped;
+    a vision key outside `known` is an error, as is a missing key or a shape mismatch (but a
+    position table of another grid is resampled where the family says how).
+    """
+    ckpt = open_checkpoint(path)
+    names = family.names
+    tower = tower_prefix(ckpt, family)
+    projector = None
+    if any(name.startswith(OUR_PROJECTOR) for name in needed):
+        projector = projector_prefix(ckpt)
+    tables = dict(names.position_tables)
+    errors: list[str] = []
+    unexpected: list[str] = []
+    plan: dict[str, Mapped] = {}
+    skipped = ignored = used = 0
+    misshapen: set[str] = set()
+    for key, shard in sorted(ckpt.keys.items()):
+        # The projector first: the tower's prefix may be "".
+        if projector is not None and key.startswith(projector):
+            mapped_names = [(OUR_PROJECTOR + key[len(projector) :], None)]
+            ours = ""
+        elif key.startswith(tower):
+            local = key[len(tower) :]
+            if any(re.search(pattern, local) for pattern in names.ignore):
+                used += 1
+                ignored += 1
+                continue
+            mapped_names = local_names(names, local)
+            ours = names.ours
+        else:
+            continue
+        used += 1
+        for local, part in mapped_names:
+            name = ours + local
+            if name not in known:
+                unexpected.append(f"{shard.path}: unexpected vision key {key!r}")
+                errors.append(unexpected[-1])
+                continue
+            transpose = any(re.search(t, local) for t in names.transposes)
+            mapped = Mapped(key, shard, part, transpose, tables.get(local))
+            shape = _stored_shape(mapped)
+            if shape != known[name] and not _resamplable(mapped, shape, known[name], family):
+                errors.append(
+                    f"{shard.path}: {key!r} has shape {list(shard.shape(key))}, "
+                    f"the preset needs {list(known[name])}"
+                )
+                misshapen.add(name)
+                continue
+            if name in needed:
+                plan[name] = mapped
+            else:
+                skipped += 1
+    if len(unexpected) * 2 > used:
+        # Most keys are not this family's: one line, not hundreds.
+        errors = [_other_checkpoint(ckpt, family, unexpected, used)] + [
+            e for e in errors if e not in unexpected
+        ]
+    for name in sorted(set(needed) - set(plan) - misshapen):
+        errors.append(f"{ckpt.root}: missing {_checkpoint_name(name, names, tower, projector)}")
+    if errors:
+        raise InputError(errors)
+    arrays = {name: _read(mapped, needed[name], family) for name, mapped in plan.items()}
+    info = {
+        "kind": "hf",
+        "family": family.name,
+        "path": str(Path(path).resolve()),
+        "files": [f.name for f in ckpt.files],
+        "prefix": tower,
+        "skipped_keys": skipped,
+        "ignored_keys": ignored,
+        "ignored_non_vision_keys": len(ckpt.keys) - used,
+    }
+    resampled = sorted(
+        n for n, m in plan.items() if m.resample is not None and _stored_shape(m) != needed[n]
+    )
+    if resampled:
+        info["resampled"] = {"names": resampled, "method": family.resample}
+    if projector is not None:
+        info["projector_prefix"] = projector
+    return arrays, info
+
+
+def _resamplable(
+    mapped: Mapped, shape: tuple[int, ...], want: tuple[int, ...], family: Family
+) -> bool:
+    """A position table whose grid differs from ours, of the same width, in a family that
+    says how to resample."""
+    if mapped.resample is None or family.resample is None or len(shape) != len(want):
+        return False
+    return shape[:-2] == want[:-2] and shape[-1] == want[-1]
+
+
+def _other_checkpoint(ckpt: Checkpoint, family: Family, lines: list[str], used: int) -> str:
+    """The one line for a checkpoint most of whose keys are not the family's."""
+    from .. import families
+
+    return (
+        f"{ckpt.root}: {len(lines)} of its {used} vision keys are not parameters of a "
+        f"{family.name} tower ({lines[0].split(': ', 1)[1]}): a checkpoint of another "
+        f"family? Set the preset's family to the checkpoint's (the families: "
+        f"{families.names()}), or import its config.json with `build import`"
+    )
+
+
+def _checkpoint_name(name: str, names: NameMap, tower: str, projector: str | None) -> str:
+    """How a missing parameter is named to the user: its checkpoint key where the name map
+    is the identity, else our name and the prefix searched."""
+    if projector is not None and name.startswith(OUR_PROJECTOR):
+        return f"key {projector + name[len(OUR_PROJECTOR) :]!r}"
+    local = name[len(names.ours) :]
+    if not names.renames and not names.splits:
+        return f"key {tower + local!r}"
+    return f"parameter {local!r} (under prefix {tower!r}; the family's name map: builder/families/)"
 
 
 def projector_prefix(ckpt: Checkpoint) -> str:
@@ -138,81 +317,21 @@ def projector_prefix(ckpt: Checkpoint) -> str:
     return found[0]
 
 
-def read_tower(
-    path: str | Path,
-    needed: dict[str, tuple[int, ...]],
-    known: dict[str, tuple[int, ...]],
-) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Fill every parameter in `needed` exactly once from the checkpoint: the tower's, and
-    LLaVA's projector's when the preset has one.
-
-    `known` holds every parameter of the full tower: keys for parameters that exist but are
-    not computed (layers after the feature layer, an unused post-LayerNorm) are skipped;
-    a vision key outside `known` is an error, as is a missing key or a shape mismatch.
-    """
-    ckpt = open_checkpoint(path)
-    # (checkpoint prefix, our prefix); the projector first: the tower's prefix may be "".
-    sections = [(tower_prefix(ckpt), OUR_PREFIX)]
-    if any(name.startswith(OUR_PROJECTOR) for name in needed):
-        sections.insert(0, (projector_prefix(ckpt), OUR_PROJECTOR))
-    errors: list[str] = []
-    plan: dict[str, tuple[str, SafetensorsFile]] = {}
-    skipped = used = 0
-    misshapen: set[str] = set()
-    for key, shard in sorted(ckpt.keys.items()):
-        section = next(((t, o) for t, o in sections if key.startswith(t)), None)
-        if section is None:
-            continue
-        theirs, ours = section
-        used += 1
-        local = key[len(theirs) :]
-        if local in BUFFERS:
-            continue
-        name = ours + local
-        if name not in known:
-            errors.append(f"{shard.path}: unexpected vision key {key!r}")
-            continue
-        if tuple(shard.shape(key)) != known[name]:
-            errors.append(
-                f"{shard.path}: {key!r} has shape {list(shard.shape(key))}, "
-                f"the preset needs {list(known[name])}"
-            )
-            misshapen.add(name)
-            continue
-        if name in needed:
-            plan[name] = (key, shard)
-        else:
-            skipped += 1
-    for name in sorted(set(needed) - set(plan) - misshapen):
-        theirs, ours = next((t, o) for t, o in sections if name.startswith(o))
-        errors.append(f"{ckpt.root}: missing key {theirs + name[len(ours) :]!r}")
-    if errors:
-        raise InputError(errors)
-    arrays = {name: shard.read(key) for name, (key, shard) in plan.items()}
-    info = {
-        "kind": "hf",
-        "path": str(Path(path).resolve()),
-        "files": [f.name for f in ckpt.files],
-        "prefix": sections[-1][0],
-        "skipped_keys": skipped,
-        "ignored_non_vision_keys": len(ckpt.keys) - used,
-    }
-    if len(sections) > 1:
-        info["projector_prefix"] = sections[0][0]
-    return arrays, info
+def square(value: Any) -> Any:
+    """An HF size given as [height, width] with equal sides, as one number (the builder's
+    towers are square); anything else unchanged."""
+    if isinstance(value, list) and len(value) == 2 and value[0] == value[1]:
+        return value[0]
+    return value
 
 
-def hf_tower_config(model: CLIPVisionConfig) -> dict[str, Any]:
-    """The tower fields of an HF CLIPVisionConfig / SiglipVisionConfig for this tower: what
-    `check_config` compares, the other way round (to make a matching HF model)."""
-    fields = {f: getattr(model, f) for f in TOWER_FIELDS}
-    fields["hidden_act"] = TO_HF_ACTIVATION.get(model.hidden_act, model.hidden_act)
-    return fields
-
-
-def check_config(path: str | Path, model: CLIPVisionConfig, projector: str | None = None) -> None:
+def check_config(
+    path: str | Path, family: Family, model: TowerConfig, projector: str | None = None
+) -> None:
     """Compare the tower fields of the checkpoint's config.json (if any) with the preset,
     and LLaVA's projector fields when the preset has a projector."""
+    from .. import families
+
     root = Path(path)
     config_path = (root if root.is_dir() else root.parent) / "config.json"
     if not config_path.is_file():
@@ -226,7 +345,23 @@ def check_config(path: str | Path, model: CLIPVisionConfig, projector: str | Non
     vision, where = (
         (cfg["vision_config"], "vision_config.") if "vision_config" in cfg else (cfg, "")
     )
-    pairs = [(where + f, vision.get(f), f) for f in TOWER_FIELDS if isinstance(vision, dict)]
+    if not isinstance(vision, dict):
+        vision = {}
+    model_type = vision.get("model_type") or cfg.get("model_type")
+    other = families.for_model_type(model_type) if isinstance(model_type, str) else None
+    if other is not None and other.name != family.name:
+        raise InputError(
+            f"{config_path}: a {other.name} checkpoint (model_type {model_type!r}), but the "
+            f"preset's family is {family.name}; set family: {other.name} (or import this "
+            "config.json with `build import`)"
+        )
+    # A learnt position grid of another size is resampled where the family says how.
+    sized = ("image_size",) if family.resample else ()
+    pairs = [
+        (where + f, family.from_hf(f, square(vision.get(f))), f)
+        for f in family.hf_field_names()
+        if f not in sized
+    ]
     pairs += [(f, cfg.get(f), ours) for f, ours in LLAVA_FIELDS.items()]
     errors = []
     if projector:
@@ -243,8 +378,6 @@ def check_config(path: str | Path, model: CLIPVisionConfig, projector: str | Non
         if theirs is None:
             continue
         ours = getattr(model, ours_name)
-        if ours_name == "hidden_act" and isinstance(theirs, str):
-            theirs = HF_ACTIVATIONS.get(theirs, theirs)
         numbers = all(
             isinstance(x, (int, float)) and not isinstance(x, bool) for x in (theirs, ours)
         )

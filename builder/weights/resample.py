@@ -26,14 +26,6 @@ from ..errors import InputError
 Mode = Literal["bicubic", "bilinear"]
 MODES = ("bicubic", "bilinear")
 
-# How each HF family resizes its position grid when run at another image size: the
-# `interpolate` mode and whether it antialiases. Keyed by the vision config's `model_type`.
-HF_RESAMPLING: dict[str, tuple[Mode, bool]] = {
-    "dinov2": ("bicubic", False),
-    "dinov2_with_registers": ("bicubic", True),
-    "internvl_vision": ("bicubic", False),
-    "siglip2_vision_model": ("bilinear", True),
-}
 
 # The cubic convolution constant: OpenCV's -0.75 for plain bicubic, Keys' (and Pillow's)
 # -0.5 for antialiased bicubic. PyTorch follows both, so antialias=True changes bicubic

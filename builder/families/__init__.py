@@ -1,0 +1,182 @@
+"""Tower families: the unit of extension.
+
+A family is one record (`Family`) in a module of this package, beside the config dataclass
+of its model fields (named as in its HF config). The record holds what the rest of the
+builder needs to know about it, as data:
+
+- `config`: the dataclass of the preset's `model` section (its JSON Schema is
+  `schemas/families/<name>.json`);
+- `blocks`: which registered block fills each slot, as a function of the config (a preset's
+  `blocks:` section overrides it);
+- `names`: how the keys of the family's checkpoints map onto the tower's parameters
+  (`NameMap`: prefixes, renames, fused tensors to split, transposes, keys to ignore, position
+  tables that may be resampled);
+- `hf_model_types`: the `model_type`s of the HF configs `build import` reads as this family;
+- `reference`: the HF transformers model and config classes the tower equals (tests and the
+  benchmark build them).
+
+The loader, the importer, the schema check, the FLOP count, the tests' fixtures and the
+benchmark read these records and nothing family-specific. Built-in families are the modules
+of this package; importing them needs no TVM. See docs/families.md.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import BuilderError, InputError
+
+DEFAULT = "clip"
+
+
+@dataclass(frozen=True)
+class Split:
+    """One checkpoint tensor holding several of ours stacked on `axis` in equal parts (a
+    fused [gate; up] or [q; k; v]): `pattern` is a regex of the checkpoint's local key (after
+    the renames), `parts` the replacement of each part, in order."""
+
+    pattern: str
+    parts: tuple[str, ...]
+    axis: int = 0
+
+
+@dataclass(frozen=True)
+class NameMap:
+    """A family's checkpoint key -> parameter name map, as data.
+
+    A key is read as PREFIX + LOCAL: the prefix is whatever precedes `anchor` in the one key
+    that ends with it (it depends on the model class and the transformers version that wrote
+    the file). LOCAL then goes through `renames` (regex, replacement; each applied in order
+    with `re.sub`), then `splits`; the result, behind `ours`, is the parameter's name.
+    """
+
+    anchor: str
+    ours: str = "vision_model."
+    renames: tuple[tuple[str, str], ...] = ()
+    splits: tuple[Split, ...] = ()
+    # Regexes of our local names whose checkpoint tensor is stored transposed (a 2-D
+    # projection stored as (in, out) rather than a Linear's (out, in)).
+    transposes: tuple[str, ...] = ()
+    # Regexes of checkpoint local keys that are not parameters of the tower (buffers, a mask
+    # token used in training): skipped, and counted in the manifest.
+    ignore: tuple[str, ...] = ()
+    # Our local names of learnt position tables -> leading rows that are not grid positions
+    # (the class token's); a table of another grid size is resampled (`Family.resample`).
+    position_tables: tuple[tuple[str, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class Family:
+    """One tower family (see the module docstring)."""
+
+    name: str
+    description: str
+    config: type
+    blocks: Callable[[Any], dict[str, str]]
+    names: NameMap
+    hf_model_types: tuple[str, ...]
+    # transformers class names: the model whose outputs the tower equals, and its config.
+    reference: str
+    reference_config: str
+    # How a learnt position table is resampled to another grid, as HF does at run time:
+    # (mode, antialias) of `weights/resample.py`, or None (the image size must be the
+    # checkpoint's).
+    resample: tuple[str, bool] | None = None
+    # HF config value -> ours, per field, where the names differ (HF's "gelu_pytorch_tanh"
+    # is our "gelu_tanh" activation); the inverse gives HF's value for ours.
+    hf_values: dict[str, dict[Any, Any]] = field(default_factory=dict)
+    # Model fields that are ours alone (never read from or compared with an HF config).
+    own_fields: tuple[str, ...] = ()
+
+    def default_blocks(self, model: Any) -> dict[str, str]:
+        return self.blocks(model)
+
+    def hf_fields(self, model: Any) -> dict[str, Any]:
+        """The fields of the reference HF config that describe this tower: what a checkpoint's
+        config.json is compared with, and what makes a matching HF model."""
+        out = {}
+        for name in self.hf_field_names():
+            value = getattr(model, name)
+            inverse: dict[Any, Any] = {}
+            for theirs, ours in self.hf_values.get(name, {}).items():
+                inverse.setdefault(ours, theirs)  # the first HF name listed is the one written
+            out[name] = inverse.get(value, value)
+        return out
+
+    def hf_field_names(self) -> list[str]:
+        from ..config import TowerConfig
+
+        shared = {f.name for f in dataclasses_fields(TowerConfig)}
+        return [
+            f.name
+            for f in dataclasses_fields(self.config)
+            if f.name not in shared and f.name not in self.own_fields
+        ]
+
+    def reference_model(self, model: Any, **fields: Any) -> Any:
+        """The HF transformers model this tower equals, at the preset's fields (and `fields`
+        over them), with HF's random init; in eval mode. Imports torch and transformers."""
+        import transformers
+
+        config = getattr(transformers, self.reference_config)(**{**self.hf_fields(model), **fields})
+        return getattr(transformers, self.reference)(config).eval()
+
+    def from_hf(self, name: str, value: Any) -> Any:
+        """An HF config value as ours."""
+        if isinstance(value, list | dict):
+            return value
+        return self.hf_values.get(name, {}).get(value, value)
+
+
+def dataclasses_fields(cls: type) -> tuple[Any, ...]:
+    import dataclasses
+
+    return dataclasses.fields(cls)
+
+
+_FAMILIES: dict[str, Family] = {}
+_loaded = False
+
+
+def register(family: Family) -> Family:
+    """Add a family (a built-in module's or a plugin's) to the registry."""
+    old = _FAMILIES.get(family.name)
+    if old is not None and old is not family:
+        raise BuilderError(f"tower family {family.name!r} is registered twice")
+    _FAMILIES[family.name] = family
+    return family
+
+
+def _load_builtins() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
+
+
+def names() -> list[str]:
+    _load_builtins()
+    return sorted(_FAMILIES)
+
+
+def get(name: str) -> Family:
+    _load_builtins()
+    family = _FAMILIES.get(name)
+    if family is None:
+        raise InputError(f"unknown tower family {name!r}; the families: {names()}")
+    return family
+
+
+def all_families() -> list[Family]:
+    return [get(n) for n in names()]
+
+
+def for_model_type(model_type: str) -> Family | None:
+    """The family whose HF configs have this `model_type`, or None."""
+    return next((f for f in all_families() if model_type in f.hf_model_types), None)
