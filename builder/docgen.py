@@ -48,7 +48,9 @@ def _rows(props: dict[str, Any], prefix: str) -> list[str]:
 
 
 def preset_fields() -> str:
-    schema = json.loads(resources.schema_path().read_text())
+    from .preset import schema as preset_schema
+
+    schema = preset_schema()
     out = [
         "# Preset fields",
         "",
@@ -82,15 +84,20 @@ def preset_fields() -> str:
 
 def _family_sections() -> list[str]:
     """Each family's own model fields (`schemas/families/FAMILY.json`) and default blocks."""
-    from . import families
+    from . import families, registry
 
     out = []
     for family in families.all_families():
         own = json.loads(resources.family_schema_path(family.name).read_text())
+        if "hidden_act" in own["properties"]:
+            own["properties"]["hidden_act"]["enum"] = registry.names("activation")
         blocks = family.default_blocks(family.config())
         changed = ", ".join(f"`{slot}: {name}`" for slot, name in blocks.items())
         out += ["", f"### model, family `{family.name}`", "", own["description"], ""]
         out += [f"Blocks other than the defaults below: {changed or 'none'}.", ""]
+        if "extends" in own:
+            out.append(f"The fields of family `{own['extends']}`, and:")
+            out.append("")
         out += ["| field | type | default | meaning |", "|---|---|---|---|"]
         out += _rows(own["properties"], "model.")
     return out

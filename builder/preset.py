@@ -261,20 +261,32 @@ def schema(family: str | None = families.DEFAULT) -> dict[str, Any]:
     that plugin blocks are accepted). With family None, `model` is any map (the family is
     unknown, so its fields are too)."""
     data = json.loads(resources.schema_path().read_text())
-    data["properties"]["family"]["enum"] = families.names()
+    _choices(data["properties"]["family"], families.names())
     model = data["properties"]["model"]["properties"]
     if family is None:
         data["properties"]["model"] = {"type": "object"}
     else:
-        own = json.loads(resources.family_schema_path(family).read_text())["properties"]
-        for name, prop in own.items():
+        for name, prop in family_properties(family).items():
             model[name] = {**model.get(name, {}), **prop}
     if "hidden_act" in model:
-        model["hidden_act"]["enum"] = registry.names("activation")
+        _choices(model["hidden_act"], registry.names("activation"))
     for slot, prop in data["properties"]["blocks"]["properties"].items():
         # A slot whose default is null (the projector) may stay empty.
-        prop["enum"] = registry.names(slot) + ([None] if prop.get("default", "") is None else [])
+        _choices(prop, registry.names(slot) + ([None] if prop.get("default", "") is None else []))
     return data
+
+
+def _choices(prop: dict[str, Any], names: list[Any]) -> None:
+    """The file's name pattern becomes the list of what is registered now."""
+    prop.pop("pattern", None)
+    prop["enum"] = names
+
+
+def family_properties(family: str) -> dict[str, Any]:
+    """The model fields of a family's schema file, after those of the family it `extends`."""
+    own = json.loads(resources.family_schema_path(family).read_text())
+    base = family_properties(own["extends"]) if "extends" in own else {}
+    return {**base, **own["properties"]}
 
 
 def _strict_integer(checker: Any, instance: Any) -> bool:

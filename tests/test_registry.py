@@ -136,9 +136,14 @@ def test_siglip_names_and_shapes_are_hf_keys():
 @pytest.mark.parametrize("block", registry.names("embeddings"))
 def test_class_tokens_match_the_embeddings_output(block):
     """`class_tokens` (read by the feature selection) is what the block really prepends."""
+    from tvm.relax.frontend import nn
+
     module = registry.create(block, "embeddings", CONFIG, BlocksConfig())
-    rows = module.position_embedding.weight.shape[0]
-    assert int(rows) == CONFIG.num_patches + registry.class_tokens(block)
+    shape = [1, CONFIG.num_channels, CONFIG.image_size, CONFIG.image_size]
+    spec = {"forward": {"pixel_values": nn.spec.Tensor(shape, "float32")}}
+    mod, _ = module.export_tvm(spec=spec)
+    _, tokens, _ = (int(d) for d in mod["forward"].ret_ty.shape.values)
+    assert tokens == CONFIG.num_patches + registry.class_tokens(block)
 
 
 @pytest.mark.ir

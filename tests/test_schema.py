@@ -109,8 +109,8 @@ def test_schema_choices_are_the_builtin_registry():
     for family in families.names():
         model = _family_model(family)["properties"]
         assert model["hidden_act"]["enum"] == registry.names("activation"), family
-    assert PROPS["family"]["enum"] == families.names()
-    for slot, prop in PROPS["blocks"]["properties"].items():
+    assert schema()["properties"]["family"]["enum"] == families.names()
+    for slot, prop in schema()["properties"]["blocks"]["properties"].items():
         optional = [None] if prop["default"] is None else []  # the projector may be absent
         assert prop["enum"] == registry.names(slot) + optional, slot
         assert prop["default"] in registry.names(slot) + optional

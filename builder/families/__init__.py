@@ -91,6 +91,11 @@ class Family:
     hf_values: dict[str, dict[Any, Any]] = field(default_factory=dict)
     # Model fields that are ours alone (never read from or compared with an HF config).
     own_fields: tuple[str, ...] = ()
+    # Field values the tests build besides the defaults, each against the reference (the
+    # family's switches: SwiGLU, RMSNorm with qk-norm, ...).
+    variants: tuple[dict[str, Any], ...] = ()
+    # Other HF (model, config) classes the tower equals, checked like `reference`.
+    also_equals: tuple[tuple[str, str], ...] = ()
 
     def default_blocks(self, model: Any) -> dict[str, str]:
         return self.blocks(model)
@@ -117,13 +122,15 @@ class Family:
             if f.name not in shared and f.name not in self.own_fields
         ]
 
-    def reference_model(self, model: Any, **fields: Any) -> Any:
-        """The HF transformers model this tower equals, at the preset's fields (and `fields`
-        over them), with HF's random init; in eval mode. Imports torch and transformers."""
+    def reference_model(self, model: Any, classes: tuple[str, str] | None = None) -> Any:
+        """The HF transformers model this tower equals (`reference`, or another of
+        `also_equals`), at the preset's fields, with HF's random init; in eval mode. Imports
+        torch and transformers."""
         import transformers
 
-        config = getattr(transformers, self.reference_config)(**{**self.hf_fields(model), **fields})
-        return getattr(transformers, self.reference)(config).eval()
+        model_class, config_class = classes or (self.reference, self.reference_config)
+        config = getattr(transformers, config_class)(**self.hf_fields(model))
+        return getattr(transformers, model_class)(config).eval()
 
     def from_hf(self, name: str, value: Any) -> Any:
         """An HF config value as ours."""

@@ -173,7 +173,11 @@ def _read(mapped: Mapped, want: tuple[int, ...], family: Family) -> np.ndarray:
         side = math.isqrt(want[-2] - mapped.resample)
         mode, antialias = family.resample
         array = resample_position_table(
-            array, (side, side), prefix=mapped.resample, mode=mode, antialias=antialias,
+            array,
+            (side, side),
+            prefix=mapped.resample,
+            mode=mode,
+            antialias=antialias,
             name=f"{mapped.shard.path}: {mapped.key!r}",
         )
     return np.ascontiguousarray(array)

@@ -1,0 +1,84 @@
+"""Every tower family against its HF reference classes, end to end as a user goes: a
+checkpoint written by HF transformers (every parameter random, norms and biases included, odd
+widths), `build import` of its config.json, a build from the checkpoint by the family's name
+map, and the artifact equal to HF's last_hidden_state. The families, their variants and their
+references come from the family records (`builder/families/`), so a new family is covered
+without a change here."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from builder import families
+from builder.cli import main
+from builder.preset import load_preset
+
+from .conftest import assert_close, build_and_load, expected_output, pixels, randomize
+
+# Odd widths: head_dim 9, an MLP of 76; a 3 x 3 patch grid from 30 px in patches of 8.
+ODD = {
+    "hidden_size": 36,
+    "num_attention_heads": 4,
+    "intermediate_size": 76,
+    "num_hidden_layers": 2,
+    "image_size": 30,
+    "patch_size": 8,
+}
+
+
+def tiny_fields(family: families.Family, **extra) -> dict:
+    """ODD's fields that the family has, then `extra`."""
+    names = {f.name for f in dataclasses.fields(family.config)}
+    return {**{k: v for k, v in ODD.items() if k in names}, **extra}
+
+
+def cases():
+    for family in families.all_families():
+        references = [(family.reference, family.reference_config), *family.also_equals]
+        for variant in ({}, *family.variants):
+            for classes in references:
+                label = ",".join(f"{k}={v}" for k, v in variant.items())
+                yield pytest.param(family.name, variant, classes, id=f"{classes[0]}[{label}]")
+
+
+def save_checkpoint(folder, family, fields, classes, seed=0):
+    """The reference HF model at `fields`, every parameter random, saved as HF saves it."""
+    model = family.reference_model(family.config(**fields), classes)
+    randomize(model, seed).save_pretrained(folder)
+    return model
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("name, variant, classes", list(cases()))
+def test_imported_checkpoint_matches_its_hf_reference(name, variant, classes, tmp_path):
+    family = families.get(name)
+    hf_model = save_checkpoint(tmp_path / "ckpt", family, tiny_fields(family, **variant), classes)
+    preset_path = tmp_path / "imported.yaml"
+    assert main(["import", str(tmp_path / "ckpt" / "config.json"), "--out", str(preset_path)]) == 0
+    overrides = [f"weights.path={tmp_path / 'ckpt'}"]
+    preset = load_preset(preset_path, overrides)
+    assert preset.family == name and preset.model.feature_layers == [preset.model.num_hidden_layers]
+    enc = build_and_load(preset_path, overrides, tmp_path / "out")
+    assert enc.manifest["weights"]["family"] == name
+    x = pixels(2, preset.model.image_size)
+    assert_close(enc(x), expected_output(hf_model, preset.model, x))
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("name", [f.name for f in families.all_families() if f.resample])
+def test_built_at_another_size_matches_hf_run_at_that_size(name, tmp_path):
+    """A preset whose image size is not the checkpoint's: the position grid is resampled once
+    at build time, as HF resamples it at run time (the checkpoint's 3 x 3 grid to 5 x 5)."""
+    family = families.get(name)
+    fields = tiny_fields(family)
+    hf_model = save_checkpoint(tmp_path / "ckpt", family, fields, None)
+    preset_path = tmp_path / "imported.yaml"
+    assert main(["import", str(tmp_path / "ckpt" / "config.json"), "--out", str(preset_path)]) == 0
+    overrides = [f"weights.path={tmp_path / 'ckpt'}", "model.image_size=46"]
+    enc = build_and_load(preset_path, overrides, tmp_path / "out")
+    assert enc.manifest["weights"]["resampled"]["method"] == list(family.resample)
+    preset = load_preset(preset_path, overrides)
+    x = pixels(2, 46)
+    assert_close(enc(x), expected_output(hf_model, preset.model, x))
