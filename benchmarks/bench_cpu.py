@@ -110,17 +110,19 @@ def paired_ratio(ours: list[float], theirs: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(ours, theirs, strict=True))
 
 
-def hf_model(model):
+def hf_model(preset):
+    """The preset's HF reference model (its family's), cut to the layers the artifact
+    computes, so that both do the same work."""
+    import dataclasses
+
     import torch
-    from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    from builder.weights.hf import hf_tower_config
+    from builder import families
 
-    # Cut to the layers the artifact computes, so both do the same work.
-    fields = {**hf_tower_config(model), "num_hidden_layers": model.num_layers_computed}
-    config = CLIPVisionConfig(**fields)
+    model = preset.model
+    cut = dataclasses.replace(model, num_hidden_layers=model.num_layers_computed)
     torch.manual_seed(0)
-    return CLIPVisionModel(config).eval()
+    return families.get(preset.family).reference_model(cut)
 
 
 def onnx_session(hf, model, threads: int, path: Path):
@@ -256,7 +258,6 @@ def bench_preset(name: str, args: argparse.Namespace, workdir: Path, sample_peak
 
     import builder
     from builder.build import build
-    from builder.flops import gflop
     from builder.preset import load_preset
 
     half = args.half
@@ -273,7 +274,7 @@ def bench_preset(name: str, args: argparse.Namespace, workdir: Path, sample_peak
     paths = {b.target: b.path for b in built}
     encoder = builder.load(paths["llvm"], threads=args.threads)
     sixteen_bit_encoder = builder.load(paths[HALF], threads=args.threads) if half else None
-    hf = hf_model(model)
+    hf = hf_model(preset)
     session = onnx_session(hf, model, args.threads, workdir / f"{name}.onnx")
     rows = []
     for batch in args.batches:
@@ -296,7 +297,7 @@ def bench_preset(name: str, args: argparse.Namespace, workdir: Path, sample_peak
         ours, eager_s, ort_s = (statistics.median(times[k]) for k in ("artifact", "torch", "ort"))
         paired = tuple(paired_ratio(times["artifact"], times[k]) for k in ("torch", "ort"))
         rounds = len(times["artifact"])
-        work = gflop(model, preset.blocks, batch)
+        work = encoder.manifest["gflop_per_image"] * batch
         sixteen_bit_row = None
         if half:
             # Same weights (the same seeded init); the float32 artifact is HF's to ~1e-5.
@@ -425,21 +426,15 @@ def main() -> int:
         lines.append("")
     else:
         lines += ["No 16-bit artifact: this CPU has neither AVX-512 FP16 nor BF16.", ""]
-    from builder.flops import tokens
+    from builder import flops
+    from builder.assemble import export
 
     for name, preset, kernels, around, alone, sixteen_bit_kernels in breakdowns:
         model = preset.model
         total = sum(t for _, _, t in kernels)
         layers = model.num_layers_computed
         gemm = sum(t for n, _, t in kernels if n.startswith("gemm"))
-        linear = (
-            2
-            * tokens(model, preset.blocks)
-            * model.hidden_size
-            * (4 * model.hidden_size + 2 * model.intermediate_size)
-            * layers
-            / 1e9
-        )
+        linear = flops.work(export(model, preset.blocks)[0])["matmul"]
         lines += [
             f"## Per-kernel time, {name}, batch 1 (one forward; per layer = total / {layers})",
             "",

@@ -76,8 +76,8 @@ def reference(hf, m, x):
     picked = []
     for i in m.feature_layers:
         state = states[i]
-        if m.post_layernorm and i == m.num_hidden_layers:
-            state = hf.vision_model.post_layernorm(state)
+        if m.final_norm and i == m.num_hidden_layers:
+            state = hf.vision_model.post_layernorm(state)  # the CLIP and SigLIP families
         picked.append(state)
     out = torch.cat(picked, dim=-1)
     return (out[:, 1:] if m.feature_select_strategy == "default" else out).cpu().numpy()
@@ -85,19 +85,17 @@ def reference(hf, m, x):
 
 def check(torch, name: str, overrides: list[str], arch: list[str], work: Path) -> list[dict]:
     import numpy as np
-    from transformers import CLIPVisionConfig, CLIPVisionModel
 
     import builder
+    from builder import families
     from builder.build import build
     from builder.preset import load_preset
-    from builder.weights.hf import hf_tower_config
     from tests.conftest import randomize
 
     base = load_preset(name, overrides)
     m = base.model
-    hf_config = CLIPVisionConfig(**hf_tower_config(m))
     checkpoint = work / f"{name}-hf"
-    hf = randomize(CLIPVisionModel(hf_config))
+    hf = randomize(families.get(base.family).reference_model(m))
     hf.save_pretrained(checkpoint)
     arch_list = "[" + ", ".join(arch) + "]"
     targets = (

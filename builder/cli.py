@@ -4,7 +4,7 @@
     build show PRESET [KEY=VALUE ...]                               the resolved preset as YAML
     build check PRESET [PRESET ...] [KEY=VALUE ...]                 validate only
     build verify ARTIFACT [ARTIFACT ...]                            hash an artifact's files
-    build list                                                      presets and block types
+    build list                                                      families, presets, blocks
     build import CONFIG.json --out PRESET.yaml [--force]            a preset from an HF config
 
 `--plugin MODULE` (repeatable) imports a block-plugin module first.
@@ -90,7 +90,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="CPU threads (default: all this process may use)")
     p.add_argument("--runs", type=int, default=10, help="timed runs after one warm-up")
 
-    p = sub.add_parser("list", help="list shipped presets and registered block types")
+    p = sub.add_parser(
+        "list", help="list tower families, shipped presets and registered block types"
+    )
     _plugin_option(p)
 
     p = sub.add_parser(
@@ -342,12 +344,15 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from . import registry, resources
+    from . import families, registry, resources
     from .config import KIND_DESCRIPTIONS, KNOWN_TARGETS
     from .plugins import load_plugins
     from .preset import find_preset, read_preset
 
     load_plugins([(m, f"--plugin {m!r}") for m in args.plugin])
+    print("tower families (a preset's family):")
+    for family in families.all_families():
+        print(f"  {family.name:24} {family.description}")
     print("presets:")
     for path in sorted(resources.presets_dir().glob("*.yaml")):
         try:

@@ -188,11 +188,13 @@ def test_bad_target_selection(capsys, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_list_shows_presets_and_every_block(capsys):
-    from builder import registry
+def test_list_shows_families_presets_and_every_block(capsys):
+    from builder import families, registry
 
     code, out, _ = run(capsys, "list")
     assert code == 0
+    for family in families.all_families():
+        assert f"  {family.name} " in out and family.description in out
     for name in ("llava-clip", "clip-vit-b-32", "clip-vit-b-16", "clip-vit-l-14"):
         assert f"  {name} " in out
     for block in registry.all_blocks():

@@ -82,3 +82,34 @@ def test_built_at_another_size_matches_hf_run_at_that_size(name, tmp_path):
     preset = load_preset(preset_path, overrides)
     x = pixels(2, 46)
     assert_close(enc(x), expected_output(hf_model, preset.model, x))
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    "name, key",
+    [
+        ("dinov2_with_registers", "embeddings.register_tokens"),
+        ("dinov2", "encoder.layer.1.layer_scale2.lambda1"),
+    ],
+)
+def test_a_missing_register_or_layer_scale_tensor_is_one_error_line(name, key, tmp_path, capsys):
+    from safetensors.numpy import load_file, save_file
+
+    family = families.get(name)
+    save_checkpoint(tmp_path / "ckpt", family, tiny_fields(family), None)
+    file = tmp_path / "ckpt" / "model.safetensors"
+    state = load_file(file)
+    del state[key]
+    save_file(state, file, metadata={"format": "pt"})
+    preset_path = tmp_path / "imported.yaml"
+    assert main(["import", str(tmp_path / "ckpt" / "config.json"), "--out", str(preset_path)]) == 0
+    capsys.readouterr()
+    out = tmp_path / "out"
+    assert main([str(preset_path), f"weights.path={tmp_path / 'ckpt'}", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    local = key.replace("encoder.layer.", "encoder.layers.").replace(".lambda1", "")
+    assert [line for line in err if ": missing " in line] == [
+        f"{tmp_path / 'ckpt'}: missing parameter {local!r} (under prefix ''; the family's name "
+        "map: builder/families/)"
+    ]
+    assert "Traceback" not in "\n".join(err)

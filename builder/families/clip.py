@@ -25,6 +25,7 @@ FAMILY = register(
         reference="CLIPVisionModel",
         reference_config="CLIPVisionConfig",
         hf_values={"hidden_act": ACTIVATIONS},
-        own_fields=("vocab_size", "pre_layernorm", "post_layernorm"),
+        own_fields=("vocab_size", "pre_layernorm"),
+        also_equals=(("MetaClip2VisionModel", "MetaClip2VisionConfig"),),
     )
 )
