@@ -101,9 +101,10 @@ def pipeline_sources() -> str:
 
 
 def weights_code() -> str:
-    """The weight loaders and the random init (`builder/weights`): part of the weights'
-    digest, so a changed name map or init scheme never reuses stale parameters."""
-    return files_digest(_package_files("weights"))
+    """The weight loaders, the random init (`builder/weights`) and the families' name maps
+    (`builder/families`): part of the weights' digest, so a changed name map or init scheme
+    never reuses stale parameters."""
+    return files_digest(_package_files("weights") | _package_files("families"))
 
 
 @cache

@@ -295,22 +295,27 @@ def test_read_into_takes_each_dtype_as_stored(tmp_path):
 
 
 def test_random_init_is_one_stream_per_parameter():
-    """Each matrix is its own stream keyed by (seed, name), the same values as one
-    `standard_normal` call scaled by 0.02, however the fill is chunked or threaded; biases 0,
+    """Each matrix is its own stream keyed by (seed, name), the same values as one uniform
+    `random` call mapped to standard deviation 0.02, however the fill is chunked or threaded;
+    biases 0,
     norm scales 1; every array float32, C-contiguous, writable and 64-byte aligned (TVM
     takes it without a copy)."""
     import zlib
 
-    from builder.weights.random_init import CHUNK, STD, random_weights
+    from builder.weights.random_init import CHUNK, HALF_WIDTH, STD, random_weights
 
     shapes = {"a.weight": (3, CHUNK + 5), "b.bias": (7,), "c.weight": (7,), "d.weight": (4, 4)}
     got = random_weights(shapes, seed=3)
     assert list(got) == list(shapes)
     for name in ("a.weight", "d.weight"):
         rng = np.random.default_rng([3, zlib.crc32(name.encode())])
-        ref = rng.standard_normal(shapes[name], dtype=np.float32)
-        ref *= STD
+        ref = rng.random(shapes[name], dtype=np.float32)
+        ref *= 2 * HALF_WIDTH
+        ref -= HALF_WIDTH
         np.testing.assert_array_equal(got[name].view(np.uint32), ref.view(np.uint32))
+    big = got["a.weight"]
+    assert abs(big.std() - STD) < 0.05 * STD and abs(big.mean()) < 0.05 * STD
+    assert big.min() >= -HALF_WIDTH and big.max() < HALF_WIDTH
     assert not got["b.bias"].any() and (got["c.weight"] == 1).all()
     for a in got.values():
         assert a.dtype == np.float32 and a.flags.c_contiguous and a.flags.writeable

@@ -1,7 +1,9 @@
 """The seeded random init: deterministic, for building and timing a tower without a
-checkpoint. Follows HF's CLIP init scheme: normal(0, 0.02) matrices, zero biases, unit norm
-scales. Each parameter has its own stream, keyed by (seed, name), so changing the layer
-count leaves the other parameters as they were.
+checkpoint. HF's CLIP init scheme in scale: matrices of standard deviation 0.02 (uniform in
+[-0.02 sqrt(3), 0.02 sqrt(3)), which numpy draws several times faster than normals; the
+values are not a trained model's either way), zero biases, unit norm scales. Each parameter
+has its own stream, keyed by (seed, name), so changing the layer count leaves the other
+parameters as they were.
 
 Made for speed (a ViT-L has 0.3 G values): the streams fill their parameters on a thread
 per core (numpy's generators release the GIL), each writing its values straight into the
@@ -20,6 +22,8 @@ from .. import artifact
 from ..runtime import available_cores
 
 STD = 0.02
+# Half the width of the uniform distribution of standard deviation STD.
+HALF_WIDTH = STD * 3**0.5
 # Values generated and scaled at a time: 256 KiB of float32, within any L2.
 CHUNK = 1 << 16
 
@@ -28,8 +32,9 @@ def random_param(
     name: str, shape: tuple[int, ...], seed: int, out: np.ndarray | None = None
 ) -> np.ndarray:
     """Parameter `name`'s values, written into `out` (float32, C-contiguous, `shape`) when
-    given. The same values either way, and the same as one `standard_normal(shape)` call
-    scaled by STD: a generator's stream does not depend on how its draws are split."""
+    given. The same values either way, and the same as one `random(shape)` call mapped to
+    [-HALF_WIDTH, HALF_WIDTH): a generator's stream does not depend on how its draws are
+    split."""
     if out is None:
         out = np.empty(shape, np.float32)
     if name.endswith(".bias"):
@@ -41,8 +46,9 @@ def random_param(
         flat = out.reshape(-1)
         for start in range(0, flat.size, CHUNK):
             chunk = flat[start : start + CHUNK]
-            rng.standard_normal(dtype=np.float32, out=chunk)
-            chunk *= STD
+            rng.random(dtype=np.float32, out=chunk)
+            chunk *= 2 * HALF_WIDTH
+            chunk -= HALF_WIDTH
     return out
 
 
