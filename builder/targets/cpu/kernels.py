@@ -799,9 +799,12 @@ def attn_pack_v(v: T.handle, vp: T.handle):
 _ATTN_TILES = 8  # query tiles per task
 
 
-def attention_kernel(cfg: KernelConfig, S: int, H: int, D: int, scale: float):
-    """O = softmax(Q K^T * scale) V; a task is `_ATTN_TILES` tiles of mr queries of one
-    (batch, head), taken from a work queue (`_task_loop`).
+def attention_kernel(
+    cfg: KernelConfig, S: int, H: int, D: int, scale: float, queries: int | None = None
+):
+    """O = softmax(Q K^T * scale) V over S keys, for `queries` queries (S unless given: a
+    cross-attention such as SigLIP's pooling probe has fewer); a task is `_ATTN_TILES`
+    tiles of mr queries of one (batch, head), taken from a work queue (`_task_loop`).
 
     Scores for the tile live in a [mr, SV] stack buffer (<= ~20 KiB, L1); Q.K^T and P.V use
     the same broadcast-FMA micro kernel as the GEMM. Q.K^T runs whole key blocks, then only
@@ -816,16 +819,17 @@ def attention_kernel(cfg: KernelConfig, S: int, H: int, D: int, scale: float):
     SV = full * nb + rv  # scores computed (the rest of SP is never read)
     if DP // vec > 4:  # keep accumulators within the register file
         mr = 4
-    MT = -(-S // mr)
+    SQ = S if queries is None else queries
+    MT = -(-SQ // mr)
     L = [
         "@T.prim_func(private=True, check_well_formed=False)",
         "def attention(q: T.handle, kt: T.handle, vp: T.handle, o: T.handle):",
         _ATTRS,
         "    B = T.int64()",
-        f'    Q = T.match_buffer(q, (B, {_i(S)}, {_i(H)}, {_i(D)}), "float32")',
+        f'    Q = T.match_buffer(q, (B, {_i(SQ)}, {_i(H)}, {_i(D)}), "float32")',
         f'    KT = T.match_buffer(kt, (B, {_i(H)}, {_i(D)}, {_i(SP)}), "float32")',
         f'    VP = T.match_buffer(vp, (B, {_i(H)}, {_i(S)}, {_i(DP)}), "float32")',
-        f'    O = T.match_buffer(o, (B, {_i(S)}, {_i(H)}, {_i(D)}), "float32")',
+        f'    O = T.match_buffer(o, (B, {_i(SQ)}, {_i(H)}, {_i(D)}), "float32")',
     ]
     G = _ATTN_TILES
     CA = -(-MT // G)  # tasks per (batch, head)
@@ -839,7 +843,7 @@ def attention_kernel(cfg: KernelConfig, S: int, H: int, D: int, scale: float):
         f"{ind}    m0: T.let[T.int64] = mi * {_i(mr)}",
     ]
     ind = " " * 20
-    L += _tile_rows(mr, _i(S - 1), ind)
+    L += _tile_rows(mr, _i(SQ - 1), ind)
     for i in range(mr):
         L += [
             ind + _local(f"s{i}", SV),

@@ -230,11 +230,12 @@ class _Plan:
         if any(len(s) != 4 for s in shapes):
             return
         tail = [_static(s[1:]) for s in shapes]
-        if tail[0] is None or tail[0] != tail[1] or tail[0] != tail[2]:
-            return
+        if any(t is None for t in tail) or tail[1] != tail[2] or tail[0][1:] != tail[1][1:]:
+            return  # the queries may be fewer than the keys (a cross-attention's probe)
         if not all(tvm_ffi.structural_equal(shapes[0][0], s[0]) for s in shapes):
             return
-        S, H, D = tail[0]
+        SQ = tail[0][0]
+        S, H, D = tail[1]
         scale = call.attrs.scale
         scale = float(scale) if scale is not None else 1.0 / math.sqrt(D)
         if not scale > 0:  # the kernel takes the maximum of unscaled scores
@@ -245,6 +246,7 @@ class _Plan:
             k=call.args[1],
             v=call.args[2],
             S=S,
+            SQ=SQ,
             H=H,
             D=D,
             scale=scale,
@@ -411,12 +413,13 @@ class _KernelRewriter(PyExprMutator):
                     relax.TensorType([B, H, S, DP], "float32"),
                 )
             )
+            SQ, scale = spec["SQ"], spec["scale"]
             ak = self._gv(
-                ("attn", S, H, D, spec["scale"]),
-                lambda: attention_kernel(self.cfg, S, H, D, spec["scale"]),
+                ("attn", S, H, D, scale, SQ),
+                lambda: attention_kernel(self.cfg, S, H, D, scale, queries=SQ),
                 "attention",
             )
-            return relax.call_tir(ak, [q, kt, vp], relax.TensorType([B, S, H, D], "float32"))
+            return relax.call_tir(ak, [q, kt, vp], relax.TensorType([B, SQ, H, D], "float32"))
         if kind == "layer_norm":
             x = self._v(spec["x"])
             M = self._rows(x)
