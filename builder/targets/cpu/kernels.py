@@ -937,16 +937,31 @@ def attention_kernel(
 
 
 def layer_norm_kernel(cfg: KernelConfig, C: int, eps: float, pairs_out: bool = False):
-    """Row-parallel LayerNorm over the last axis (C % vec == 0): vector partial sums, two
-    passes (mean, then centered variance) for accuracy, fused scale/shift on the store.
-    The legalized version reduces with a serial scalar chain (~4 cycles per element).
-    `pairs_out` (C % (2 vec) == 0): Y is [M, C/2] words of float16 pairs, a 16-bit GEMM's X."""
+    """Row-parallel LayerNorm over the last axis: two passes (mean, then centered variance)
+    for accuracy, fused scale and shift on the store (`_norm_kernel`)."""
+    return _norm_kernel(cfg, C, eps, pairs_out, centered=True)
+
+
+def rms_norm_kernel(cfg: KernelConfig, C: int, eps: float, pairs_out: bool = False):
+    """Row-parallel RMSNorm over the last axis, x / sqrt(mean(x^2) + eps) * weight: one pass
+    for the sum of squares, the scale on the store (`_norm_kernel`)."""
+    return _norm_kernel(cfg, C, eps, pairs_out, centered=False)
+
+
+def _norm_kernel(cfg: KernelConfig, C: int, eps: float, pairs_out: bool, centered: bool):
+    """LayerNorm (`centered`: gamma and beta) or RMSNorm (gamma only) of each row of X
+    [M, C], rows in parallel. The sums run in vector partial sums over whole vectors, a
+    scalar tail past them (the legalized version reduces in one serial scalar chain).
+    `pairs_out` (C % (2 vec) == 0): Y is [M, C/2] words of float16 or
+    bfloat16 pairs, a 16-bit GEMM's X."""
     vec = cfg.vec
-    nvec = C // vec
+    name = "layer_norm" if centered else "rms_norm"
+    params = [f'gamma: T.Buffer(({_i(C)},), "float32")']
+    if centered:
+        params.append(f'beta: T.Buffer(({_i(C)},), "float32")')
     L = [
         "@T.prim_func(private=True, check_well_formed=False)",
-        'def layer_norm(x: T.handle, gamma: T.Buffer((%s,), "float32"), beta: T.Buffer((%s,), "float32"), y: T.handle):'
-        % (_i(C), _i(C)),
+        f"def {name}(x: T.handle, {', '.join(params)}, y: T.handle):",
         _ATTRS,
         "    M = T.int64()",
         f'    X = T.match_buffer(x, (M, {_i(C)}), "float32")',
@@ -954,39 +969,20 @@ def layer_norm_kernel(cfg: KernelConfig, C: int, eps: float, pairs_out: bool = F
         "    for r in T.parallel(M):",
         "        " + _local("red", vec),
         "        " + _local("sc", 2),
-        f"        for l in T.vectorized({_i(vec)}):",
-        f"            red[l] = {_f(0.0)}",
-        f"        for jv in range({_i(nvec)}):",
-        f"            for l in T.vectorized({_i(vec)}):",
-        f"                red[l] = red[l] + X[r, jv * {_i(vec)} + l]",
-        f"        sc[0] = {_f(0.0)}",
-        f"        for l in range({_i(vec)}):",
-        "            sc[0] = sc[0] + red[l]",
-        f"        sc[0] = sc[0] * {_f(1.0 / C)}",
-        f"        for l in T.vectorized({_i(vec)}):",
-        f"            red[l] = {_f(0.0)}",
-        f"        for jv in range({_i(nvec)}):",
-        f"            for l in T.vectorized({_i(vec)}):",
-        f"                dv: T.let[T.float32] = X[r, jv * {_i(vec)} + l] - sc[0]",
-        "                red[l] = red[l] + dv * dv",
-        f"        sc[1] = {_f(0.0)}",
-        f"        for l in range({_i(vec)}):",
-        "            sc[1] = sc[1] + red[l]",
-        f"        sc[1] = {_f(1.0)} / T.sqrt(sc[1] * {_f(1.0 / C)} + {_f(eps)})",
     ]
-    norm = "(X[r, c] - sc[0]) * sc[1] * gamma[c] + beta[c]"
+    if centered:
+        L += _row_sum(cfg, C, "sc[0]", "X[r, c]", " " * 8)
+        L.append(f"        sc[0] = sc[0] * {_f(1.0 / C)}")
+        squares = "(X[r, c] - sc[0]) * (X[r, c] - sc[0])"
+        norm = "(X[r, c] - sc[0]) * sc[1] * gamma[c] + beta[c]"
+    else:
+        squares = "X[r, c] * X[r, c]"
+        norm = "X[r, c] * sc[1] * gamma[c]"
+    L += _row_sum(cfg, C, "sc[1]", squares, " " * 8)
+    L.append(f"        sc[1] = {_f(1.0)} / T.sqrt(sc[1] * {_f(1.0 / C)} + {_f(eps)})")
     if not pairs_out:
-        return _parse(
-            "\n".join(
-                L
-                + [
-                    f"        for jv in range({_i(nvec)}):",
-                    f"            for l in T.vectorized({_i(vec)}):",
-                    f"                c: T.let[T.int64] = jv * {_i(vec)} + l",
-                    f"                Y[r, c] = {norm}",
-                ]
-            )
-        )
+        L += _row_store(cfg, C, norm, " " * 8)
+        return _parse("\n".join(L))
     assert cfg.pairs and C % (2 * vec) == 0
     L += [
         "        " + _local("ob", 2 * vec),
@@ -998,3 +994,40 @@ def layer_norm_kernel(cfg: KernelConfig, C: int, eps: float, pairs_out: bool = F
         + _as_pairs(f"ob[T.Ramp({_i(0)}, {_i(1)}, {2 * vec})]", 2 * vec, cfg.pairs),
     ]
     return _parse("\n".join(L))
+
+
+def _row_sum(cfg: KernelConfig, C: int, dst: str, term: str, ind: str) -> list[str]:
+    """`dst` = the sum of `term` (an expression of the column `c`) over row r's C columns:
+    vector partial sums in `red` over whole vectors, then a scalar tail."""
+    vec, whole = cfg.vec, C // cfg.vec * cfg.vec
+    lines = _fill("red", vec, ind)
+    if whole:
+        lines += [
+            f"{ind}for jv in range({_i(whole // vec)}):",
+            f"{ind}    for l in T.vectorized({_i(vec)}):",
+            f"{ind}        c: T.let[T.int64] = jv * {_i(vec)} + l",
+            f"{ind}        red[l] = red[l] + {term}",
+        ]
+    lines.append(
+        f"{ind}{dst} = {_tree(lambda a, b: f'({a} + {b})', [f'red[{l}]' for l in range(vec)])}"
+    )
+    if whole < C:
+        lines += [f"{ind}for c in range({_i(whole)}, {_i(C)}):", f"{ind}    {dst} = {dst} + {term}"]
+    return lines
+
+
+def _row_store(cfg: KernelConfig, C: int, value: str, ind: str) -> list[str]:
+    """Y[r, c] = `value` (an expression of the column `c`) over row r: whole vectors, then a
+    scalar tail."""
+    vec, whole = cfg.vec, C // cfg.vec * cfg.vec
+    lines = []
+    if whole:
+        lines += [
+            f"{ind}for jv in range({_i(whole // vec)}):",
+            f"{ind}    for l in T.vectorized({_i(vec)}):",
+            f"{ind}        c: T.let[T.int64] = jv * {_i(vec)} + l",
+            f"{ind}        Y[r, c] = {value}",
+        ]
+    if whole < C:
+        lines += [f"{ind}for c in range({_i(whole)}, {_i(C)}):", f"{ind}    Y[r, c] = {value}"]
+    return lines

@@ -39,10 +39,11 @@ How it works
        it into ``transform_params``.
      * ``nn.attention(q, k, v)`` (no mask, no bias) -> K^T / V repacking kernels and one fused
        kernel per (batch, head, 6-query tile): Q.K^T tile, softmax, P.V tile.
+     * ``nn.layer_norm``, ``nn.rms_norm`` over the last axis -> a row-parallel kernel.
      * patchify ``conv2d`` (stride == kernel, no padding) -> im2col (reshape/permute) + GEMM.
    Everything else stays a normal Relax op.
 2. LiftTransformParams, then the stock cpu_generic passes (legalize, FuseOps, FuseTIR).
-3. A fallback schedule for every remaining fused PrimFunc (layer norm, adds, transposes...):
+3. A fallback schedule for every remaining fused PrimFunc (adds, transposes, concats...):
    inline what can be inlined, parallelize the fused outer spatial loops, vectorize a
    contiguous inner loop.  Functions it cannot handle stay as they are (correct, serial).
    `report.py` notes which of them `forward` calls, and the Relax ops each came from.

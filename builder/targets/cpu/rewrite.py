@@ -1,5 +1,5 @@
 """Relax-level rewrite: the hot ops (linear layers with their epilogues, attention, the
-patchify conv, LayerNorm) become calls of the kernels in `kernels.py`."""
+patchify conv, LayerNorm and RMSNorm) become calls of the kernels in `kernels.py`."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from .kernels import (
     layer_norm_kernel,
     pack_weight_kernel,
     pairs_kernel,
+    rms_norm_kernel,
     round_kernel,
 )
 
@@ -105,31 +106,32 @@ class _Plan:
         return c, self.defs[c]
 
     def _match(self, var, value):
-        name = _op_name(value)
-        if name == "relax.matmul":
-            self._match_linear(var, value)
-        elif name == "relax.nn.attention":
-            self._match_attention(var, value)
-        elif name == "relax.nn.conv2d":
-            self._match_conv(var, value)
-        elif name == "relax.nn.layer_norm":
-            self._match_layer_norm(var, value)
+        match = {
+            "relax.matmul": self._match_linear,
+            "relax.nn.attention": self._match_attention,
+            "relax.nn.conv2d": self._match_conv,
+            "relax.nn.layer_norm": self._match_norm,
+            "relax.nn.rms_norm": self._match_norm,
+        }.get(_op_name(value))
+        if match is not None:
+            match(var, value)
 
-    def _match_layer_norm(self, var, call):
-        x, g, b = call.args
+    def _match_norm(self, var, call):
+        """LayerNorm with weight and bias, or RMSNorm, over the last axis of static width."""
+        centered = _op_name(call) == "relax.nn.layer_norm"
+        x, *params = call.args
         a = call.attrs
-        if not all(_is_f32(e) for e in (x, g, b)) or not (a.center and a.scale):
+        if not all(_is_f32(e) for e in call.args) or (centered and not (a.center and a.scale)):
             return
         xs = _sinfo(x).shape.values
         C = _static([xs[-1]])
         if C is None or [int(v) for v in a.axes] not in ([-1], [len(xs) - 1]):
             return
         C = C[0]
-        if _static(_sinfo(g).shape.values) != [C] or _static(_sinfo(b).shape.values) != [C]:
+        if any(_static(_sinfo(p).shape.values) != [C] for p in params):
             return
-        if C % self.vec != 0:
-            return
-        self.rewrites[var] = dict(kind="layer_norm", x=x, g=g, b=b, C=C, eps=float(a.epsilon))
+        eps = float(a.epsilon)
+        self.rewrites[var] = dict(kind="norm", centered=centered, x=x, params=params, C=C, eps=eps)
 
     def _match_linear(self, var, mm):
         x, rhs = mm.args
@@ -355,6 +357,19 @@ class _KernelRewriter(PyExprMutator):
         rk = self._gv(key, lambda: round_kernel(self.cfg, int(C), self.rounded), "round16")
         return self._emit(relax.call_tir(rk, [x], relax.TensorType([rows, C], "float32")))
 
+    def _norm(self, spec, args, M, pairs_out=False):
+        """The LayerNorm or RMSNorm kernel's call on `args` (X [M, C] and the weights):
+        [M, C], or with `pairs_out` [M, C/2] 16-bit pairs."""
+        C, eps = spec["C"], spec["eps"]
+        make, name = (
+            (layer_norm_kernel, "layer_norm") if spec["centered"] else (rms_norm_kernel, "rms_norm")
+        )
+        nk = self._gv(
+            (name, C, eps, pairs_out), lambda: make(self.cfg, C, eps, pairs_out=pairs_out), name
+        )
+        out = relax.TensorType([M, C // 2 if pairs_out else C], "float32")
+        return self._emit(relax.call_tir(nk, args, out))
+
     @staticmethod
     def _rows(x):
         """The product of x's leading dims: x as a [rows, last] matrix."""
@@ -420,28 +435,16 @@ class _KernelRewriter(PyExprMutator):
                 "attention",
             )
             return relax.call_tir(ak, [q, kt, vp], relax.TensorType([B, SQ, H, D], "float32"))
-        if kind == "layer_norm":
+        if kind == "norm":
             x = self._v(spec["x"])
             M = self._rows(x)
             C = spec["C"]
             x2 = self._emit(relax.op.reshape(x, relax.ShapeExpr([M, C])))
-            lk = self._gv(
-                ("ln", C, spec["eps"]),
-                lambda: layer_norm_kernel(self.cfg, C, spec["eps"]),
-                "layer_norm",
-            )
-            args = [x2, self._v(spec["g"]), self._v(spec["b"])]
+            args = [x2] + [self._v(p) for p in spec["params"]]
             if C % (2 * self.cfg.vec) == 0 and self._to_pair_gemms(var):
-                lh = self._gv(
-                    ("ln", C, spec["eps"], "half"),
-                    lambda: layer_norm_kernel(self.cfg, C, spec["eps"], pairs_out=True),
-                    "layer_norm",
-                )
-                self.halves[var] = self._emit(
-                    relax.call_tir(lh, args, relax.TensorType([M, C // 2], "float32"))
-                )
-            y2 = self._emit(relax.call_tir(lk, args, relax.TensorType([M, C], "float32")))
-            return relax.op.reshape(y2, out_sinfo.shape)
+                pairs = self._norm(spec, args, M, pairs_out=True)
+                self.halves[var] = pairs
+            return relax.op.reshape(self._norm(spec, args, M), out_sinfo.shape)
         if kind == "conv":
             x, w = self._v(spec["x"]), self._v(spec["w"])
             B = _sinfo(x).shape.values[0]
