@@ -369,9 +369,26 @@ def gemm_k_steps(cfg: KernelConfig, K: int, N: int, unroll: int = 1) -> list[tup
 
 
 def gemm_kernel(
-    cfg: KernelConfig, K: int, N: int, has_bias: bool, act, has_res: bool, pairs_out: bool = False
+    cfg: KernelConfig,
+    K: int,
+    N: int,
+    has_bias: bool,
+    act,
+    has_res: bool,
+    pairs_out: bool = False,
+    has_gate: bool = False,
+    glu: bool = False,
 ):
-    """Y[M, N] = epilogue(X[M, K] @ W + bias) (+ R), W packed as [NP, K, NB].
+    """Y[M, N] = act(X[M, K] @ W + bias) (* G) (+ R), W packed as [NP, K, NB]; G, a
+    tensor of Y's shape, is a GLU's other half (SwiGLU: the up projection times the
+    activated gate).
+
+    `glu`: both halves of a GLU in one GEMM, Y = act(X @ W_g + b_g) * (X @ W_u + b_u). Each
+    weight block holds NB/2 columns of W_g and then the same NB/2 columns of W_u, and the
+    bias [NP * NB] likewise (`rewrite` interleaves them, zero-padded to whole blocks, before
+    the packing), so a tile's accumulators hold both factors of its NB/2 outputs; X is read
+    once for both halves and neither is stored. Always one k step (Y has no room for the
+    partial sums of both halves).
 
     A task is one weight block (K * NB floats) and a part of the M tiles (`_gemm_chunks`);
     the threads take tasks from a work queue (`_task_loop`), in order, so a thread streams X
@@ -391,11 +408,14 @@ def gemm_kernel(
     NB, no residual): Y is written as [M, N/2] words of float16 pairs, the next 16-bit GEMM's
     X."""
     mr, nb, vec = cfg.mr, cfg.nb, cfg.vec
-    NP = -(-N // nb)
+    ow = nb // 2 if glu else nb  # output columns per weight block
+    NP = -(-N // ow)
     KW = -(-K // 2) if cfg.pairs else K  # rows of a weight block (k pairs with cfg.pairs)
     args = [f'x: T.handle, w: T.Buffer(({_i(NP)}, {_i(KW)}, {_i(nb)}), "float32")']
     if has_bias:
-        args.append(f'bias: T.Buffer(({_i(N)},), "float32")')
+        args.append(f'bias: T.Buffer(({_i(NP * nb if glu else N)},), "float32")')
+    if has_gate:
+        args.append("gate: T.handle")
     if has_res:
         args.append("res: T.handle")
     args.append("y: T.handle")
@@ -407,12 +427,13 @@ def gemm_kernel(
         f'    X = T.match_buffer(x, (M, {_i(KW)}), "float32")',
         f'    Y = T.match_buffer(y, (M, {_i(N // 2 if pairs_out else N)}), "float32")',
     ]
-    assert not pairs_out or (cfg.pairs and N % nb == 0 and not has_res)
-    if has_res:
-        L.append(f'    R = T.match_buffer(res, (M, {_i(N)}), "float32")')
+    assert not pairs_out or (cfg.pairs and N % ow == 0 and not has_res)
+    for flag, name, buffer in ((has_gate, "gate", "G"), (has_res, "res", "R")):
+        if flag:
+            L.append(f'    {buffer} = T.match_buffer({name}, (M, {_i(N)}), "float32")')
     mt = f"((M + {_i(mr - 1)}) // {_i(mr)})"
     unroll = 8 if cfg.pairs else next(u for u in (8, 4, 2, 1) if K % u == 0)
-    ksteps = gemm_k_steps(cfg, K, N, unroll)
+    ksteps = [(0, KW)] if glu else gemm_k_steps(cfg, K, N, unroll)
     C, PF = _gemm_chunks(cfg, NP), _GEMM_PF
     ct = f"(({mt} + {_i(C - 1)}) // {_i(C)})"  # M tiles per task
     L += _task_loop(_i(NP * C), BF16_DOT_IR if cfg.bf16 else "")
@@ -552,42 +573,48 @@ def gemm_kernel(
                 ]
             return out
 
+        def biased(i: int, j: str) -> str:
+            """Accumulator j of row i plus its bias (the bias of the block's column j)."""
+            return f"{pre}acc{i}[{j}]" + (f" + bias[nbk * {_i(nb)} + {j}]" if has_bias else "")
+
         def epilogue(i, j_loop, ind2, guard, dst=None):
             """Row i's outputs into Y, or into the stack vector `dst`."""
-            col = f"nbk * {_i(nb)} + j"
+            col = f"nbk * {_i(ow)} + j"
             ep = [f"{ind2}{j_loop}"]
             body = ind2 + "    "
             if guard:
                 ep.append(f"{body}if {col} < {_i(N)}:")
                 body += "    "
-            v = f"{pre}acc{i}[j]" + (f" + bias[{col}]" if has_bias else "")
-            ep.append(f"{body}v: T.let[T.float32] = {v}")
+            ep.append(f"{body}v: T.let[T.float32] = {biased(i, 'j')}")
             ep += _act_lines(act, "v", "o", body)
+            o = f"o * ({biased(i, f'j + {_i(ow)}')})" if glu else "o"
+            o += f" * G[r{i}, {col}]" if has_gate else ""
             if dst:
-                ep.append(f"{body}{dst}[j] = o")
+                ep.append(f"{body}{dst}[j] = {o}")
             else:
-                ep.append(f"{body}Y[r{i}, {col}] = o" + (f" + R[r{i}, {col}]" if has_res else ""))
+                ep.append(f"{body}Y[r{i}, {col}] = {o}" + (f" + R[r{i}, {col}]" if has_res else ""))
             return ep
 
+        vectors = f"for j in T.vectorized({_i(ow)}):"
         if pairs_out:  # each row's outputs through a stack vector, stored as float16 pairs
-            out.append(ind + _local(f"{pre}ob", nb))
+            out.append(ind + _local(f"{pre}ob", ow))
             for i in range(rows):
-                out += epilogue(i, f"for j in T.vectorized({_i(nb)}):", ind, False, f"{pre}ob")
-                ob = f"{pre}ob[T.Ramp({_i(0)}, {_i(1)}, {nb})]"
+                out += epilogue(i, vectors, ind, False, f"{pre}ob")
+                ob = f"{pre}ob[T.Ramp({_i(0)}, {_i(1)}, {ow})]"
                 out.append(
-                    f"{ind}Y[r{i}, T.Ramp(nbk * {_i(nb // 2)}, {_i(1)}, {nb // 2})] = "
-                    + _as_pairs(ob, nb, cfg.pairs)
+                    f"{ind}Y[r{i}, T.Ramp(nbk * {_i(ow // 2)}, {_i(1)}, {ow // 2})] = "
+                    + _as_pairs(ob, ow, cfg.pairs)
                 )
-        elif N % nb == 0:
+        elif N % ow == 0:
             for i in range(rows):
-                out += epilogue(i, f"for j in T.vectorized({_i(nb)}):", ind, False)
+                out += epilogue(i, vectors, ind, False)
         else:  # ragged last N block: scalar, guarded stores (zero-padded weights keep K clean)
             out.append(f"{ind}if nbk < {_i(NP - 1)}:")
             for i in range(rows):
-                out += epilogue(i, f"for j in T.vectorized({_i(nb)}):", ind + "    ", False)
+                out += epilogue(i, vectors, ind + "    ", False)
             out.append(f"{ind}else:")
             for i in range(rows):
-                out += epilogue(i, f"for j in range({_i(nb)}):", ind + "    ", True)
+                out += epilogue(i, f"for j in range({_i(ow)}):", ind + "    ", True)
         return out
 
     # A last tile of at most `short` rows runs them one at a time (577 rows: 96 tiles and 1

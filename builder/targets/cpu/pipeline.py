@@ -34,9 +34,11 @@ How it works
 1. Relax-level rewrite (before legalization) of the hot ops into calls of hand-written,
    pre-scheduled TensorIR kernels (``call_tir``):
      * ``matmul(x, permute_dims(W))`` (+ bias add, + quick_gelu/SiLU/gelu/gelu_tanh,
-       + residual add) -> one register-blocked GEMM with a fused epilogue.  The weight goes
-       through a pack kernel that depends only on the weight, so LiftTransformParams moves
-       it into ``transform_params``.
+       + a GLU's gating multiply, + residual add) -> one register-blocked GEMM with a fused
+       epilogue.  The weight goes through a pack kernel that depends only on the weight, so
+       LiftTransformParams moves it into ``transform_params``; so does a layer scale,
+       folded into the weight and bias, and the interleaving of a SwiGLU's gate and up
+       weights, which then run as one GEMM.
      * ``nn.attention(q, k, v)`` (no mask, no bias) -> K^T / V repacking kernels and one fused
        kernel per (batch, head, 6-query tile): Q.K^T tile, softmax, P.V tile.
      * ``nn.layer_norm``, ``nn.rms_norm`` over the last axis -> a row-parallel kernel.
