@@ -82,12 +82,16 @@ SETTLE_S = 0.2
 
 
 def interleaved_times(
-    fns: dict[str, Callable[[], object]], runs: int, seconds: float
+    fns: dict[str, Callable[[], object]],
+    runs: int,
+    seconds: float,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, list[float]]:
     """Seconds of each function, one per round: the functions are timed in turn, round
     after round (after one warm-up call each) with the first runner rotating, so machine
     noise falls on all of them alike; at least `runs` rounds, more until `seconds` have
-    passed. Each call starts `SETTLE_S` after the previous one ended."""
+    passed. Each call starts `SETTLE_S` after the previous one ended. `clock`: wall time,
+    or `time.process_time` for the CPU time of the process's threads."""
     for fn in fns.values():
         fn()
     names = list(fns)
@@ -97,9 +101,9 @@ def interleaved_times(
     while r < runs or time.perf_counter() - start_all < seconds:
         for name in names[r % len(names) :] + names[: r % len(names)]:
             time.sleep(SETTLE_S)
-            start = time.perf_counter()
+            start = clock()
             fns[name]()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
         r += 1
     return times
 

@@ -34,6 +34,8 @@ from .weights import load_weights  # noqa: E402
 PACK_FUNCTION = "transform_params"
 # The same packing into buffers of the caller's; `_shapes` gives their shapes.
 PACK_INTO = "transform_params_into"
+# What a compile pipeline reports about its library, kept with it in the cache.
+PIPELINE_REPORT = ("fallback_ops",)
 Progress = Callable[[str], None]
 
 
@@ -68,8 +70,8 @@ def make_artifact(
         library = None if force else cache.lookup_part("libraries", library_key)
         if library is None:
             with cache.store(library_key, "libraries") as tmp:
-                _compile(tmp / kind.LIBRARY, mod, kind, entry, target, options, progress)
-                write_part(tmp, {"library_key": library_key, "target": options})
+                report = _compile(tmp / kind.LIBRARY, mod, kind, entry, target, options, progress)
+                write_part(tmp, {"library_key": library_key, "target": options, **report})
             library = cache.lookup_part("libraries", library_key)
         else:
             progress(f"[{entry.name}] compiled library reused {library_key[:12]}")
@@ -140,6 +142,8 @@ def make_artifact(
         "weights": stored["source"],
         # What `Encoder.encode_images` and `build run` apply to an image file.
         "preprocess": dataclasses.asdict(preset.preprocess.resolved(preset.model.image_size)),
+        # llvm: what `forward` runs on the fallback schedule (docs/cpu-pipeline.md).
+        **{k: library[k] for k in PIPELINE_REPORT if k in library},
     }
     artifact.write_manifest(folder, manifest, known={**library["files"], **stored["files"]})
 
@@ -259,7 +263,9 @@ def _compile(
     target: tvm.target.Target,
     options: dict[str, Any],
     progress: Progress,
-) -> None:
+) -> dict[str, Any]:
+    """Compile and export the library to `path`; what the pipeline reports about it (an
+    llvm library's `fallback_ops`)."""
     t0 = time.perf_counter()
     progress(f"[{entry.name}] compiling for {options}, precision {entry.precision}")
     with _noting_interrupts() as interrupted:
@@ -276,6 +282,7 @@ def _compile(
     except Exception as e:
         raise BuilderError(f"export failed: {type(e).__name__}: {e}") from e
     progress(f"[{entry.name}] compiled [{time.perf_counter() - t0:.1f} s]")
+    return {k: getattr(executable, k) for k in PIPELINE_REPORT if hasattr(executable, k)}
 
 
 def _params(

@@ -426,6 +426,28 @@ def test_rounding_kernel_matches_numpy(dtype):
     assert (want.view(np.uint32)[0, :40][odd] >> 16 == (bits[0, :40][odd] >> 16) + 1).all()
 
 
+@pytest.mark.parametrize("queries", [1, 7])
+def test_cross_attention_kernel_against_numpy(queries):
+    """Fewer queries than keys (SigLIP's pooling probe: one) through the attention kernel."""
+    cfg = kernels.kernel_config(HOST)
+    B, S, H, D = 2, 50, 3, 16
+    rng = np.random.default_rng(queries)
+    q = rng.standard_normal((B, queries, H, D)).astype(np.float32)
+    k, v = (rng.standard_normal((B, S, H, D)).astype(np.float32) for _ in range(2))
+    SP, DP = kernels.attn_padding(cfg, S, D)
+    kt = tvm.runtime.empty((B, H, D, SP), "float32")
+    vp = tvm.runtime.empty((B, H, S, DP), "float32")
+    compile_kernel(kernels.attn_pack_k_kernel(cfg, S, H, D), HOST)(tvm.runtime.tensor(k), kt)
+    compile_kernel(kernels.attn_pack_v_kernel(cfg, S, H, D), HOST)(tvm.runtime.tensor(v), vp)
+    o = tvm.runtime.empty((B, queries, H, D), "float32")
+    attention = kernels.attention_kernel(cfg, S, H, D, D**-0.5, queries=queries)
+    compile_kernel(attention, HOST)(tvm.runtime.tensor(q), kt, vp, o)
+    s = np.einsum("bqhd,bkhd->bhqk", q.astype(np.float64), k) * D**-0.5
+    p = np.exp(s - s.max(-1, keepdims=True))
+    ref = np.einsum("bhqk,bkhd->bqhd", p / p.sum(-1, keepdims=True), v)
+    assert_close(o.numpy(), ref, rel=1e-5)
+
+
 # The float16 GEMM sums 64 products in float16 (measured 5.4-6.0e-4); the bfloat16 one sums
 # in float32 (measured 5e-8 to 1e-6).
 PAIR_GEMM_TOLERANCE = {"float16": 2e-3, "bfloat16": 1e-5}

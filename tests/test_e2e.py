@@ -14,8 +14,10 @@ import pytest
 
 import builder
 from builder import targets
+from builder.assemble import export
 from builder.cli import main
 from builder.preset import load_preset
+from builder.targets.cpu.pipeline import fallback_report
 
 from .conftest import REPO, expected_features, pixels, tiny_overrides
 
@@ -82,6 +84,13 @@ def test_manifest_records_what_was_built(tmp_path):
     assert manifest["dtype"] == manifest["params"]["dtype"] == "float32"
     steps = manifest["preprocess"]
     assert (steps["size"], steps["crop_size"], steps["resample"]) == (30, 30, "bicubic")
+    # What forward runs on the fallback schedule: the IR-level report's functions, such as
+    # the one that puts the CLS token in front of the patches.
+    preset = load_preset("clip-vit-b-32", tiny_overrides())
+    mod, _ = export(preset.model, preset.blocks)
+    target = targets.llvm.tvm_target(preset.targets[0])[0]
+    assert manifest["fallback_ops"] == fallback_report(mod, target)
+    assert any("concat" in entry["ops"] for entry in manifest["fallback_ops"])
     assert set(manifest["files"]) == {"lib.so", "params.safetensors"}
     for name, entry in manifest["files"].items():
         blob = (art / name).read_bytes()

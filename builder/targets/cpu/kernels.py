@@ -369,9 +369,26 @@ def gemm_k_steps(cfg: KernelConfig, K: int, N: int, unroll: int = 1) -> list[tup
 
 
 def gemm_kernel(
-    cfg: KernelConfig, K: int, N: int, has_bias: bool, act, has_res: bool, pairs_out: bool = False
+    cfg: KernelConfig,
+    K: int,
+    N: int,
+    has_bias: bool,
+    act,
+    has_res: bool,
+    pairs_out: bool = False,
+    has_gate: bool = False,
+    glu: bool = False,
 ):
-    """Y[M, N] = epilogue(X[M, K] @ W + bias) (+ R), W packed as [NP, K, NB].
+    """Y[M, N] = act(X[M, K] @ W + bias) (* G) (+ R), W packed as [NP, K, NB]; G, a
+    tensor of Y's shape, is a GLU's other half (SwiGLU: the up projection times the
+    activated gate).
+
+    `glu`: both halves of a GLU in one GEMM, Y = act(X @ W_g + b_g) * (X @ W_u + b_u). Each
+    weight block holds NB/2 columns of W_g and then the same NB/2 columns of W_u, and the
+    bias [NP * NB] likewise (`rewrite` interleaves them, zero-padded to whole blocks, before
+    the packing), so a tile's accumulators hold both factors of its NB/2 outputs; X is read
+    once for both halves and neither is stored. Always one k step (Y has no room for the
+    partial sums of both halves).
 
     A task is one weight block (K * NB floats) and a part of the M tiles (`_gemm_chunks`);
     the threads take tasks from a work queue (`_task_loop`), in order, so a thread streams X
@@ -391,11 +408,14 @@ def gemm_kernel(
     NB, no residual): Y is written as [M, N/2] words of float16 pairs, the next 16-bit GEMM's
     X."""
     mr, nb, vec = cfg.mr, cfg.nb, cfg.vec
-    NP = -(-N // nb)
+    ow = nb // 2 if glu else nb  # output columns per weight block
+    NP = -(-N // ow)
     KW = -(-K // 2) if cfg.pairs else K  # rows of a weight block (k pairs with cfg.pairs)
     args = [f'x: T.handle, w: T.Buffer(({_i(NP)}, {_i(KW)}, {_i(nb)}), "float32")']
     if has_bias:
-        args.append(f'bias: T.Buffer(({_i(N)},), "float32")')
+        args.append(f'bias: T.Buffer(({_i(NP * nb if glu else N)},), "float32")')
+    if has_gate:
+        args.append("gate: T.handle")
     if has_res:
         args.append("res: T.handle")
     args.append("y: T.handle")
@@ -407,12 +427,13 @@ def gemm_kernel(
         f'    X = T.match_buffer(x, (M, {_i(KW)}), "float32")',
         f'    Y = T.match_buffer(y, (M, {_i(N // 2 if pairs_out else N)}), "float32")',
     ]
-    assert not pairs_out or (cfg.pairs and N % nb == 0 and not has_res)
-    if has_res:
-        L.append(f'    R = T.match_buffer(res, (M, {_i(N)}), "float32")')
+    assert not pairs_out or (cfg.pairs and N % ow == 0 and not has_res)
+    for flag, name, buffer in ((has_gate, "gate", "G"), (has_res, "res", "R")):
+        if flag:
+            L.append(f'    {buffer} = T.match_buffer({name}, (M, {_i(N)}), "float32")')
     mt = f"((M + {_i(mr - 1)}) // {_i(mr)})"
     unroll = 8 if cfg.pairs else next(u for u in (8, 4, 2, 1) if K % u == 0)
-    ksteps = gemm_k_steps(cfg, K, N, unroll)
+    ksteps = [(0, KW)] if glu else gemm_k_steps(cfg, K, N, unroll)
     C, PF = _gemm_chunks(cfg, NP), _GEMM_PF
     ct = f"(({mt} + {_i(C - 1)}) // {_i(C)})"  # M tiles per task
     L += _task_loop(_i(NP * C), BF16_DOT_IR if cfg.bf16 else "")
@@ -552,42 +573,48 @@ def gemm_kernel(
                 ]
             return out
 
+        def biased(i: int, j: str) -> str:
+            """Accumulator j of row i plus its bias (the bias of the block's column j)."""
+            return f"{pre}acc{i}[{j}]" + (f" + bias[nbk * {_i(nb)} + {j}]" if has_bias else "")
+
         def epilogue(i, j_loop, ind2, guard, dst=None):
             """Row i's outputs into Y, or into the stack vector `dst`."""
-            col = f"nbk * {_i(nb)} + j"
+            col = f"nbk * {_i(ow)} + j"
             ep = [f"{ind2}{j_loop}"]
             body = ind2 + "    "
             if guard:
                 ep.append(f"{body}if {col} < {_i(N)}:")
                 body += "    "
-            v = f"{pre}acc{i}[j]" + (f" + bias[{col}]" if has_bias else "")
-            ep.append(f"{body}v: T.let[T.float32] = {v}")
+            ep.append(f"{body}v: T.let[T.float32] = {biased(i, 'j')}")
             ep += _act_lines(act, "v", "o", body)
+            o = f"o * ({biased(i, f'j + {_i(ow)}')})" if glu else "o"
+            o += f" * G[r{i}, {col}]" if has_gate else ""
             if dst:
-                ep.append(f"{body}{dst}[j] = o")
+                ep.append(f"{body}{dst}[j] = {o}")
             else:
-                ep.append(f"{body}Y[r{i}, {col}] = o" + (f" + R[r{i}, {col}]" if has_res else ""))
+                ep.append(f"{body}Y[r{i}, {col}] = {o}" + (f" + R[r{i}, {col}]" if has_res else ""))
             return ep
 
+        vectors = f"for j in T.vectorized({_i(ow)}):"
         if pairs_out:  # each row's outputs through a stack vector, stored as float16 pairs
-            out.append(ind + _local(f"{pre}ob", nb))
+            out.append(ind + _local(f"{pre}ob", ow))
             for i in range(rows):
-                out += epilogue(i, f"for j in T.vectorized({_i(nb)}):", ind, False, f"{pre}ob")
-                ob = f"{pre}ob[T.Ramp({_i(0)}, {_i(1)}, {nb})]"
+                out += epilogue(i, vectors, ind, False, f"{pre}ob")
+                ob = f"{pre}ob[T.Ramp({_i(0)}, {_i(1)}, {ow})]"
                 out.append(
-                    f"{ind}Y[r{i}, T.Ramp(nbk * {_i(nb // 2)}, {_i(1)}, {nb // 2})] = "
-                    + _as_pairs(ob, nb, cfg.pairs)
+                    f"{ind}Y[r{i}, T.Ramp(nbk * {_i(ow // 2)}, {_i(1)}, {ow // 2})] = "
+                    + _as_pairs(ob, ow, cfg.pairs)
                 )
-        elif N % nb == 0:
+        elif N % ow == 0:
             for i in range(rows):
-                out += epilogue(i, f"for j in T.vectorized({_i(nb)}):", ind, False)
+                out += epilogue(i, vectors, ind, False)
         else:  # ragged last N block: scalar, guarded stores (zero-padded weights keep K clean)
             out.append(f"{ind}if nbk < {_i(NP - 1)}:")
             for i in range(rows):
-                out += epilogue(i, f"for j in T.vectorized({_i(nb)}):", ind + "    ", False)
+                out += epilogue(i, vectors, ind + "    ", False)
             out.append(f"{ind}else:")
             for i in range(rows):
-                out += epilogue(i, f"for j in range({_i(nb)}):", ind + "    ", True)
+                out += epilogue(i, f"for j in range({_i(ow)}):", ind + "    ", True)
         return out
 
     # A last tile of at most `short` rows runs them one at a time (577 rows: 96 tiles and 1
@@ -799,9 +826,12 @@ def attn_pack_v(v: T.handle, vp: T.handle):
 _ATTN_TILES = 8  # query tiles per task
 
 
-def attention_kernel(cfg: KernelConfig, S: int, H: int, D: int, scale: float):
-    """O = softmax(Q K^T * scale) V; a task is `_ATTN_TILES` tiles of mr queries of one
-    (batch, head), taken from a work queue (`_task_loop`).
+def attention_kernel(
+    cfg: KernelConfig, S: int, H: int, D: int, scale: float, queries: int | None = None
+):
+    """O = softmax(Q K^T * scale) V over S keys, for `queries` queries (S unless given: a
+    cross-attention such as SigLIP's pooling probe has fewer); a task is `_ATTN_TILES`
+    tiles of mr queries of one (batch, head), taken from a work queue (`_task_loop`).
 
     Scores for the tile live in a [mr, SV] stack buffer (<= ~20 KiB, L1); Q.K^T and P.V use
     the same broadcast-FMA micro kernel as the GEMM. Q.K^T runs whole key blocks, then only
@@ -816,16 +846,17 @@ def attention_kernel(cfg: KernelConfig, S: int, H: int, D: int, scale: float):
     SV = full * nb + rv  # scores computed (the rest of SP is never read)
     if DP // vec > 4:  # keep accumulators within the register file
         mr = 4
-    MT = -(-S // mr)
+    SQ = S if queries is None else queries
+    MT = -(-SQ // mr)
     L = [
         "@T.prim_func(private=True, check_well_formed=False)",
         "def attention(q: T.handle, kt: T.handle, vp: T.handle, o: T.handle):",
         _ATTRS,
         "    B = T.int64()",
-        f'    Q = T.match_buffer(q, (B, {_i(S)}, {_i(H)}, {_i(D)}), "float32")',
+        f'    Q = T.match_buffer(q, (B, {_i(SQ)}, {_i(H)}, {_i(D)}), "float32")',
         f'    KT = T.match_buffer(kt, (B, {_i(H)}, {_i(D)}, {_i(SP)}), "float32")',
         f'    VP = T.match_buffer(vp, (B, {_i(H)}, {_i(S)}, {_i(DP)}), "float32")',
-        f'    O = T.match_buffer(o, (B, {_i(S)}, {_i(H)}, {_i(D)}), "float32")',
+        f'    O = T.match_buffer(o, (B, {_i(SQ)}, {_i(H)}, {_i(D)}), "float32")',
     ]
     G = _ATTN_TILES
     CA = -(-MT // G)  # tasks per (batch, head)
@@ -839,7 +870,7 @@ def attention_kernel(cfg: KernelConfig, S: int, H: int, D: int, scale: float):
         f"{ind}    m0: T.let[T.int64] = mi * {_i(mr)}",
     ]
     ind = " " * 20
-    L += _tile_rows(mr, _i(S - 1), ind)
+    L += _tile_rows(mr, _i(SQ - 1), ind)
     for i in range(mr):
         L += [
             ind + _local(f"s{i}", SV),
@@ -933,16 +964,31 @@ def attention_kernel(cfg: KernelConfig, S: int, H: int, D: int, scale: float):
 
 
 def layer_norm_kernel(cfg: KernelConfig, C: int, eps: float, pairs_out: bool = False):
-    """Row-parallel LayerNorm over the last axis (C % vec == 0): vector partial sums, two
-    passes (mean, then centered variance) for accuracy, fused scale/shift on the store.
-    The legalized version reduces with a serial scalar chain (~4 cycles per element).
-    `pairs_out` (C % (2 vec) == 0): Y is [M, C/2] words of float16 pairs, a 16-bit GEMM's X."""
+    """Row-parallel LayerNorm over the last axis: two passes (mean, then centered variance)
+    for accuracy, fused scale and shift on the store (`_norm_kernel`)."""
+    return _norm_kernel(cfg, C, eps, pairs_out, centered=True)
+
+
+def rms_norm_kernel(cfg: KernelConfig, C: int, eps: float, pairs_out: bool = False):
+    """Row-parallel RMSNorm over the last axis, x / sqrt(mean(x^2) + eps) * weight: one pass
+    for the sum of squares, the scale on the store (`_norm_kernel`)."""
+    return _norm_kernel(cfg, C, eps, pairs_out, centered=False)
+
+
+def _norm_kernel(cfg: KernelConfig, C: int, eps: float, pairs_out: bool, centered: bool):
+    """LayerNorm (`centered`: gamma and beta) or RMSNorm (gamma only) of each row of X
+    [M, C], rows in parallel. The sums run in vector partial sums over whole vectors, a
+    scalar tail past them (the legalized version reduces in one serial scalar chain).
+    `pairs_out` (C % (2 vec) == 0): Y is [M, C/2] words of float16 or
+    bfloat16 pairs, a 16-bit GEMM's X."""
     vec = cfg.vec
-    nvec = C // vec
+    name = "layer_norm" if centered else "rms_norm"
+    params = [f'gamma: T.Buffer(({_i(C)},), "float32")']
+    if centered:
+        params.append(f'beta: T.Buffer(({_i(C)},), "float32")')
     L = [
         "@T.prim_func(private=True, check_well_formed=False)",
-        'def layer_norm(x: T.handle, gamma: T.Buffer((%s,), "float32"), beta: T.Buffer((%s,), "float32"), y: T.handle):'
-        % (_i(C), _i(C)),
+        f"def {name}(x: T.handle, {', '.join(params)}, y: T.handle):",
         _ATTRS,
         "    M = T.int64()",
         f'    X = T.match_buffer(x, (M, {_i(C)}), "float32")',
@@ -950,39 +996,20 @@ def layer_norm_kernel(cfg: KernelConfig, C: int, eps: float, pairs_out: bool = F
         "    for r in T.parallel(M):",
         "        " + _local("red", vec),
         "        " + _local("sc", 2),
-        f"        for l in T.vectorized({_i(vec)}):",
-        f"            red[l] = {_f(0.0)}",
-        f"        for jv in range({_i(nvec)}):",
-        f"            for l in T.vectorized({_i(vec)}):",
-        f"                red[l] = red[l] + X[r, jv * {_i(vec)} + l]",
-        f"        sc[0] = {_f(0.0)}",
-        f"        for l in range({_i(vec)}):",
-        "            sc[0] = sc[0] + red[l]",
-        f"        sc[0] = sc[0] * {_f(1.0 / C)}",
-        f"        for l in T.vectorized({_i(vec)}):",
-        f"            red[l] = {_f(0.0)}",
-        f"        for jv in range({_i(nvec)}):",
-        f"            for l in T.vectorized({_i(vec)}):",
-        f"                dv: T.let[T.float32] = X[r, jv * {_i(vec)} + l] - sc[0]",
-        "                red[l] = red[l] + dv * dv",
-        f"        sc[1] = {_f(0.0)}",
-        f"        for l in range({_i(vec)}):",
-        "            sc[1] = sc[1] + red[l]",
-        f"        sc[1] = {_f(1.0)} / T.sqrt(sc[1] * {_f(1.0 / C)} + {_f(eps)})",
     ]
-    norm = "(X[r, c] - sc[0]) * sc[1] * gamma[c] + beta[c]"
+    if centered:
+        L += _row_sum(cfg, C, "sc[0]", "X[r, c]", " " * 8)
+        L.append(f"        sc[0] = sc[0] * {_f(1.0 / C)}")
+        squares = "(X[r, c] - sc[0]) * (X[r, c] - sc[0])"
+        norm = "(X[r, c] - sc[0]) * sc[1] * gamma[c] + beta[c]"
+    else:
+        squares = "X[r, c] * X[r, c]"
+        norm = "X[r, c] * sc[1] * gamma[c]"
+    L += _row_sum(cfg, C, "sc[1]", squares, " " * 8)
+    L.append(f"        sc[1] = {_f(1.0)} / T.sqrt(sc[1] * {_f(1.0 / C)} + {_f(eps)})")
     if not pairs_out:
-        return _parse(
-            "\n".join(
-                L
-                + [
-                    f"        for jv in range({_i(nvec)}):",
-                    f"            for l in T.vectorized({_i(vec)}):",
-                    f"                c: T.let[T.int64] = jv * {_i(vec)} + l",
-                    f"                Y[r, c] = {norm}",
-                ]
-            )
-        )
+        L += _row_store(cfg, C, norm, " " * 8)
+        return _parse("\n".join(L))
     assert cfg.pairs and C % (2 * vec) == 0
     L += [
         "        " + _local("ob", 2 * vec),
@@ -994,3 +1021,40 @@ def layer_norm_kernel(cfg: KernelConfig, C: int, eps: float, pairs_out: bool = F
         + _as_pairs(f"ob[T.Ramp({_i(0)}, {_i(1)}, {2 * vec})]", 2 * vec, cfg.pairs),
     ]
     return _parse("\n".join(L))
+
+
+def _row_sum(cfg: KernelConfig, C: int, dst: str, term: str, ind: str) -> list[str]:
+    """`dst` = the sum of `term` (an expression of the column `c`) over row r's C columns:
+    vector partial sums in `red` over whole vectors, then a scalar tail."""
+    vec, whole = cfg.vec, C // cfg.vec * cfg.vec
+    lines = _fill("red", vec, ind)
+    if whole:
+        lines += [
+            f"{ind}for jv in range({_i(whole // vec)}):",
+            f"{ind}    for l in T.vectorized({_i(vec)}):",
+            f"{ind}        c: T.let[T.int64] = jv * {_i(vec)} + l",
+            f"{ind}        red[l] = red[l] + {term}",
+        ]
+    lines.append(
+        f"{ind}{dst} = {_tree(lambda a, b: f'({a} + {b})', [f'red[{l}]' for l in range(vec)])}"
+    )
+    if whole < C:
+        lines += [f"{ind}for c in range({_i(whole)}, {_i(C)}):", f"{ind}    {dst} = {dst} + {term}"]
+    return lines
+
+
+def _row_store(cfg: KernelConfig, C: int, value: str, ind: str) -> list[str]:
+    """Y[r, c] = `value` (an expression of the column `c`) over row r: whole vectors, then a
+    scalar tail."""
+    vec, whole = cfg.vec, C // cfg.vec * cfg.vec
+    lines = []
+    if whole:
+        lines += [
+            f"{ind}for jv in range({_i(whole // vec)}):",
+            f"{ind}    for l in T.vectorized({_i(vec)}):",
+            f"{ind}        c: T.let[T.int64] = jv * {_i(vec)} + l",
+            f"{ind}        Y[r, c] = {value}",
+        ]
+    if whole < C:
+        lines += [f"{ind}for c in range({_i(whole)}, {_i(C)}):", f"{ind}    Y[r, c] = {value}"]
+    return lines

@@ -3,7 +3,9 @@
 API
 ---
     compile_cpu(mod: tvm.IRModule, target: tvm.target.Target, precision="float32")
-        -> tvm.runtime.Executable
+        -> tvm.runtime.Executable   (its `fallback_ops`: what runs on the fallback schedule)
+    fallback_report(mod, target, precision="float32") -> list[dict]
+        (the same list from the Relax passes alone, no code generated)
     compile_kernel(func: tvm.tirx.PrimFunc, target) -> callable   (one kernel alone)
 
 Calling convention of the returned executable (load it with relax.VirtualMachine):
@@ -32,17 +34,21 @@ How it works
 1. Relax-level rewrite (before legalization) of the hot ops into calls of hand-written,
    pre-scheduled TensorIR kernels (``call_tir``):
      * ``matmul(x, permute_dims(W))`` (+ bias add, + quick_gelu/SiLU/gelu/gelu_tanh,
-       + residual add) -> one register-blocked GEMM with a fused epilogue.  The weight goes
-       through a pack kernel that depends only on the weight, so LiftTransformParams moves
-       it into ``transform_params``.
+       + a GLU's gating multiply, + residual add) -> one register-blocked GEMM with a fused
+       epilogue.  The weight goes through a pack kernel that depends only on the weight, so
+       LiftTransformParams moves it into ``transform_params``; so does a layer scale,
+       folded into the weight and bias, and the interleaving of a SwiGLU's gate and up
+       weights, which then run as one GEMM.
      * ``nn.attention(q, k, v)`` (no mask, no bias) -> K^T / V repacking kernels and one fused
        kernel per (batch, head, 6-query tile): Q.K^T tile, softmax, P.V tile.
+     * ``nn.layer_norm``, ``nn.rms_norm`` over the last axis -> a row-parallel kernel.
      * patchify ``conv2d`` (stride == kernel, no padding) -> im2col (reshape/permute) + GEMM.
    Everything else stays a normal Relax op.
 2. LiftTransformParams, then the stock cpu_generic passes (legalize, FuseOps, FuseTIR).
-3. A fallback schedule for every remaining fused PrimFunc (layer norm, adds, transposes...):
+3. A fallback schedule for every remaining fused PrimFunc (adds, transposes, concats...):
    inline what can be inlined, parallelize the fused outer spatial loops, vectorize a
    contiguous inner loop.  Functions it cannot handle stay as they are (correct, serial).
+   `report.py` notes which of them `forward` calls, and the Relax ops each came from.
 4. The stock dataflow-lowering and finalization passes; TIR is built with StorageRewrite
    disabled (it would merge the register accumulators into one >1 KiB buffer, which is then
    heap-allocated and never promoted to registers).
@@ -59,6 +65,7 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from .kernels import KernelConfig, bf16_gemms, half_gemms, kernel_config
+from .report import FallbackReport
 from .rewrite import rewrite_to_kernels
 from .schedule import fallback_schedule_pass
 from .widen import widen_to_float32
@@ -112,11 +119,11 @@ def _write_into(mod: tvm.IRModule, lifted: relax.GlobalVar) -> tvm.IRModule:
     func = mod[lifted]
     body = func.body
     values = {b.var: b.value for block in body.blocks for b in block.bindings}
-    result = values.get(body.body)
-    if not isinstance(result, relax.Tuple):
-        raise RuntimeError("forward_transform_params does not return a tuple of bindings")
+    # A tuple of bindings; `R.tuple()` itself without weights, or the parameters' tuple
+    # where nothing depends on weights alone (nothing to write, then).
+    result = body.body if isinstance(body.body, relax.Tuple) else values.get(body.body)
     targets: dict = {}
-    for field in result.fields:
+    for field in result.fields if isinstance(result, relax.Tuple) else []:
         value = values.get(field)
         ty = getattr(field, "ty", None)
         if (
@@ -154,20 +161,38 @@ def _write_into(mod: tvm.IRModule, lifted: relax.GlobalVar) -> tvm.IRModule:
     return bb.finalize()
 
 
-def get_pipeline(target: tvm.target.Target, cfg: KernelConfig):
+def _relax_passes(target: tvm.target.Target, cfg: KernelConfig, report: FallbackReport):
+    """cpu_generic's passes up to the finalization, the fallback schedule after fusion, and
+    the report's notes between them (`report.py`)."""
+    from tvm.relax.backend.cpu_generic import pipeline as cpu  # pylint: disable=import-outside-toplevel
+
+    legalize = [
+        report.note_ops(),
+        relax.transform.LegalizeOps(),
+        report.note_legalized(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        report.note_fused(),
+        relax.transform.FuseTIR(),
+    ]  # cpu_generic's legalize_passes, with the notes
+    return (
+        cpu.library_dispatch_passes(target)
+        + legalize
+        + [fallback_schedule_pass(cfg, report.note_fallback)]
+        + cpu.dataflow_lower_passes(target)
+        + [report.note_called()]
+    )
+
+
+def get_pipeline(target: tvm.target.Target, cfg: KernelConfig, report: FallbackReport):
     from tvm.relax.backend.cpu_generic import pipeline as cpu  # pylint: disable=import-outside-toplevel
 
     @tvm.transform.module_pass(opt_level=0, name="FastCPUPipeline")
     def _pipeline(mod, _ctx):
         with target:
-            seq = tvm.transform.Sequential(
-                cpu.library_dispatch_passes(target)
-                + cpu.legalize_passes(target)
-                + [fallback_schedule_pass(cfg)]
-                + cpu.dataflow_lower_passes(target)
-                + cpu.finalize_passes(target)
-            )
-            return seq(mod)
+            passes = _relax_passes(target, cfg, report) + cpu.finalize_passes(target)
+            return tvm.transform.Sequential(passes)(mod)
 
     return _pipeline
 
@@ -177,18 +202,11 @@ def get_pipeline(target: tvm.target.Target, cfg: KernelConfig):
 PASS_CONFIG = {"tirx.disable_storage_rewrite": True}
 
 
-def compile_cpu(
-    mod: tvm.IRModule, target: tvm.target.Target, precision: str = "float32"
-) -> tvm.runtime.Executable:
-    """Compile a ViT/CLIP vision IRModule (see module docstring for the calling convention).
-
-    A model in float16 or bfloat16 computes in float32 from its rounded parameters
-    (`widen.py`). `precision: float16` or `bfloat16`: the GEMMs take operands of that type
-    and the rest stays float32; on a CPU with AVX-512 FP16 (`kernels.half_gemms`) they
-    multiply in float16, with AVX-512 BF16 (`kernels.bf16_gemms`) in bfloat16 pairs into
-    float32, on others the float32 GEMMs take operands rounded to the type."""
-    if isinstance(target, (str, dict)):
-        target = tvm.target.Target(target)
+def _with_kernels(
+    mod: tvm.IRModule, target: tvm.target.Target, precision: str
+) -> tuple[tvm.IRModule, KernelConfig]:
+    """The module with its hot ops as kernel calls and its weight transforms lifted (steps 0
+    and 1 of the module docstring), and the kernels' configuration."""
     if precision not in ("float32", "float16", "bfloat16"):
         raise ValueError(f"unknown precision {precision!r}")
     mod = widen_to_float32(mod)
@@ -197,9 +215,45 @@ def compile_cpu(
     cfg = kernel_config(target, half, bf16)
     native = half or bf16 or precision == "float32"
     mod = rewrite_to_kernels(mod, cfg, rounded=None if native else precision)
-    mod = _lift_params(mod)
+    return _lift_params(mod), cfg
+
+
+def _as_target(target) -> tvm.target.Target:
+    return tvm.target.Target(target) if isinstance(target, (str, dict)) else target
+
+
+def compile_cpu(
+    mod: tvm.IRModule, target: tvm.target.Target, precision: str = "float32"
+) -> tvm.runtime.Executable:
+    """Compile a ViT/CLIP vision IRModule (see module docstring for the calling convention).
+    The executable's `fallback_ops` lists what `forward` runs on the fallback schedule
+    (`report.FallbackReport.entries`; the builder writes it into the manifest).
+
+    A model in float16 or bfloat16 computes in float32 from its rounded parameters
+    (`widen.py`). `precision: float16` or `bfloat16`: the GEMMs take operands of that type
+    and the rest stays float32; on a CPU with AVX-512 FP16 (`kernels.half_gemms`) they
+    multiply in float16, with AVX-512 BF16 (`kernels.bf16_gemms`) in bfloat16 pairs into
+    float32, on others the float32 GEMMs take operands rounded to the type."""
+    target = _as_target(target)
+    mod, cfg = _with_kernels(mod, target, precision)
+    report = FallbackReport()
     with tvm.transform.PassContext(opt_level=3, config=PASS_CONFIG):
-        return tvm.compile(mod, target, relax_pipeline=get_pipeline(target, cfg))
+        executable = tvm.compile(mod, target, relax_pipeline=get_pipeline(target, cfg, report))
+    executable.fallback_ops = report.entries
+    return executable
+
+
+def fallback_report(
+    mod: tvm.IRModule, target: tvm.target.Target, precision: str = "float32"
+) -> list[dict]:
+    """What `compile_cpu` would report in `fallback_ops`, from the Relax passes alone (no
+    code is generated: a fraction of the compile time)."""
+    target = _as_target(target)
+    mod, cfg = _with_kernels(mod, target, precision)
+    report = FallbackReport()
+    with target, tvm.transform.PassContext(opt_level=3, config=PASS_CONFIG):
+        tvm.transform.Sequential(_relax_passes(target, cfg, report))(mod)
+    return report.entries
 
 
 def compile_kernel(func: tvm.tirx.PrimFunc, target: tvm.target.Target):

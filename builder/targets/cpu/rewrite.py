@@ -1,5 +1,5 @@
 """Relax-level rewrite: the hot ops (linear layers with their epilogues, attention, the
-patchify conv, LayerNorm) become calls of the kernels in `kernels.py`."""
+patchify conv, LayerNorm and RMSNorm) become calls of the kernels in `kernels.py`."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from .kernels import (
     layer_norm_kernel,
     pack_weight_kernel,
     pairs_kernel,
+    rms_norm_kernel,
     round_kernel,
 )
 
@@ -63,14 +64,38 @@ def _scalar_const(e):
     return None
 
 
-class _Plan:
-    """Analysis of one dataflow block: which bindings become kernel calls."""
+def _glu_blocks(cfg: KernelConfig, N: int) -> int:
+    """Weight blocks of a GLU's merged GEMM of N outputs: NB/2 outputs each."""
+    return -(-N // (cfg.nb // 2))
 
-    def __init__(self, block: relax.DataflowBlock, func_outputs, vec: int):
+
+def _halves_of_a_glu(gate: dict, up: dict) -> bool:
+    """Whether two linear layers' specs are a GLU's halves that one GEMM can compute: the
+    same input and weight shape ([N, K] weights, as `Linear` has), both with a bias or
+    neither, and nothing after the up half's bias."""
+    same = gate["x"].same_as(up["x"]) and all(gate[k] == up[k] for k in ("K", "N", "nk"))
+    plain = all(up[k] is None for k in ("act", "scale", "gate", "res", "glu"))
+    return (
+        up["kind"] == "linear"
+        and same
+        and gate["nk"]
+        and plain
+        and (gate["bias"] is None) == (up["bias"] is None)
+    )
+
+
+class _Plan:
+    """Analysis of one dataflow block: which bindings become kernel calls. `weights`: the
+    function's parameters after its inputs."""
+
+    def __init__(self, block: relax.DataflowBlock, func_outputs, vec: int, weights=frozenset()):
         self.vec = vec
+        self.weights = weights
         self.defs = {}
         self.uses = {}
         self.consumers = {}
+        self.claimed = set()  # bindings that a match has taken into its kernel call
+        self._weight_only = {}
         for b in block.bindings:
             if isinstance(b, relax.VarBinding):
                 self.defs[b.var] = b.value
@@ -84,6 +109,7 @@ class _Plan:
         for b in block.bindings:
             if isinstance(b, relax.VarBinding):
                 self._match(b.var, b.value)
+        self._merge_glus()
 
     @staticmethod
     def _operands(e):
@@ -99,37 +125,51 @@ class _Plan:
         return [a for a in out if isinstance(a, relax.Var)]
 
     def _single_consumer(self, var):
+        """(consumer, its value) when `var` has one use, by a binding no match has taken."""
         if self.uses.get(var, 0) != 1 or len(self.consumers.get(var, [])) != 1:
             return None
         c = self.consumers[var][0]
-        return c, self.defs[c]
+        return None if c in self.claimed else (c, self.defs[c])
+
+    def from_weights(self, e) -> bool:
+        """Whether `e` depends on weights and constants only (LiftTransformParams then
+        computes it at build time)."""
+        if isinstance(e, tvm.ir.GenericConst) or e in self.weights:
+            return True
+        if e not in self._weight_only:
+            value = self.defs.get(e)
+            self._weight_only[e] = value is not None and all(
+                self.from_weights(a) for a in self._operands(value)
+            )
+        return self._weight_only[e]
 
     def _match(self, var, value):
-        name = _op_name(value)
-        if name == "relax.matmul":
-            self._match_linear(var, value)
-        elif name == "relax.nn.attention":
-            self._match_attention(var, value)
-        elif name == "relax.nn.conv2d":
-            self._match_conv(var, value)
-        elif name == "relax.nn.layer_norm":
-            self._match_layer_norm(var, value)
+        match = {
+            "relax.matmul": self._match_linear,
+            "relax.nn.attention": self._match_attention,
+            "relax.nn.conv2d": self._match_conv,
+            "relax.nn.layer_norm": self._match_norm,
+            "relax.nn.rms_norm": self._match_norm,
+        }.get(_op_name(value))
+        if match is not None and var not in self.claimed:
+            match(var, value)
 
-    def _match_layer_norm(self, var, call):
-        x, g, b = call.args
+    def _match_norm(self, var, call):
+        """LayerNorm with weight and bias, or RMSNorm, over the last axis of static width."""
+        centered = _op_name(call) == "relax.nn.layer_norm"
+        x, *params = call.args
         a = call.attrs
-        if not all(_is_f32(e) for e in (x, g, b)) or not (a.center and a.scale):
+        if not all(_is_f32(e) for e in call.args) or (centered and not (a.center and a.scale)):
             return
         xs = _sinfo(x).shape.values
         C = _static([xs[-1]])
         if C is None or [int(v) for v in a.axes] not in ([-1], [len(xs) - 1]):
             return
         C = C[0]
-        if _static(_sinfo(g).shape.values) != [C] or _static(_sinfo(b).shape.values) != [C]:
+        if any(_static(_sinfo(p).shape.values) != [C] for p in params):
             return
-        if C % self.vec != 0:
-            return
-        self.rewrites[var] = dict(kind="layer_norm", x=x, g=g, b=b, C=C, eps=float(a.epsilon))
+        eps = float(a.epsilon)
+        self.rewrites[var] = dict(kind="norm", centered=centered, x=x, params=params, C=C, eps=eps)
 
     def _match_linear(self, var, mm):
         x, rhs = mm.args
@@ -147,27 +187,59 @@ class _Plan:
             axes = pd.attrs.axes
             if axes is None or [int(a) for a in axes] == [1, 0]:
                 w, nk = pd.args[0], True
-        spec = dict(kind="linear", x=x, w=w, nk=nk, K=K, N=N, bias=None, act=None, res=None)
+        spec = dict(kind="linear", x=x, w=w, nk=nk, K=K, N=N)
+        spec.update(bias=None, act=None, scale=None, gate=None, res=None, glu=None)
         self.gemm_x[var] = x
+        self.claimed.add(var)
         cur = var
-        bias = self._fused_add(cur, lambda shape: _static(shape.values) == [N])
+
+        def row(e) -> bool:
+            return _static(_sinfo(e).shape.values) == [N]
+
+        def like_cur(e) -> bool:
+            return tvm_ffi.structural_equal(_sinfo(e).shape, _sinfo(cur).shape)
+
+        # The epilogue, in the order it computes: act(. + bias) * gate + residual, or
+        # (. + bias) * scale + residual with the layer scale folded into W and bias.
+        bias = self._fused(cur, "relax.add", row)
         if bias:
             spec["bias"], cur = bias
-        # activation
+        act = self._activation(cur)
+        if act:
+            spec["act"], cur = act
+        else:
+            scale = self._fused(cur, "relax.multiply", lambda e: row(e) and self.from_weights(e))
+            if scale:
+                spec["scale"], cur = scale
+        for key, op in (("gate", "relax.multiply"), ("res", "relax.add")):
+            found = self._fused(cur, op, like_cur)
+            if found:
+                spec[key], cur = found
+        self.rewrites[cur] = spec
+
+    def _merge_glus(self):
+        """A GLU whose halves are linear layers of one input, act(x W_g + b_g) * (x W_u +
+        b_u) (SwiGLU), as matched: the gate half's GEMM takes the up half's output as its
+        `gate`. Merged, one GEMM computes both halves (`gemm_kernel`'s `glu`) and the up
+        half's GEMM goes. Where the halves differ in shape, input or bias, where the up
+        half's output has other uses, or the multiply came to the up half first, the two
+        GEMMs stay."""
+        for spec in list(self.rewrites.values()):
+            up = self.rewrites.get(spec.get("gate"))
+            if up is None or self.uses.get(spec["gate"]) != 1 or not _halves_of_a_glu(spec, up):
+                continue
+            del self.rewrites[spec["gate"]]
+            spec.update(gate=None, glu=(up["w"], up["bias"]))
+
+    def _activation(self, cur):
+        """(act, its result) for the activation that `cur` alone feeds, else None."""
         nxt = self._single_consumer(cur)
         if nxt and _op_name(nxt[1]) in ("relax.nn.gelu", "relax.nn.gelu_tanh"):
-            spec["act"] = ("gelu",) if _op_name(nxt[1]) == "relax.nn.gelu" else ("gelu_tanh",)
-            cur = nxt[0]
-        elif self.uses.get(cur, 0) == 2 and len(self.consumers.get(cur, [])) == 2:
-            act = self._match_silu(cur)
-            if act:
-                spec["act"], cur = act
-        residual = self._fused_add(
-            cur, lambda shape: tvm_ffi.structural_equal(shape, _sinfo(cur).shape)
-        )
-        if residual:
-            spec["res"], cur = residual
-        self.rewrites[cur] = spec
+            self.claimed.add(nxt[0])
+            return ("gelu",) if _op_name(nxt[1]) == "relax.nn.gelu" else ("gelu_tanh",), nxt[0]
+        if self.uses.get(cur, 0) == 2 and len(self.consumers.get(cur, [])) == 2:
+            return self._match_silu(cur)
+        return None
 
     def only_gemm_input(self, var) -> bool:
         """Whether every use of `var` is as the X of a linear layer (which a 16-bit GEMM then
@@ -179,13 +251,15 @@ class _Plan:
             and all(u in self.gemm_x and self.gemm_x[u].same_as(var) for u in users)
         )
 
-    def _fused_add(self, cur, fits):
-        """(other operand, result) when `cur`'s only consumer adds one float32 tensor whose
-        shape `fits` (a bias row or a same-shape residual), else None."""
+    def _fused(self, cur, op: str, fits):
+        """(other operand, result) when `cur`'s only consumer is the binary `op` (add or
+        multiply) with one float32 tensor that `fits` (a bias row, a layer scale, a
+        same-shape gate or residual), else None; the result is then claimed."""
         nxt = self._single_consumer(cur)
-        if nxt and _op_name(nxt[1]) == "relax.add":
+        if nxt and _op_name(nxt[1]) == op:
             other = [a for a in nxt[1].args if not a.same_as(cur)]
-            if len(other) == 1 and _is_f32(other[0]) and fits(_sinfo(other[0]).shape):
+            if len(other) == 1 and _is_f32(other[0]) and fits(other[0]):
+                self.claimed.add(nxt[0])
                 return other[0], nxt[0]
         return None
 
@@ -210,12 +284,13 @@ class _Plan:
             else:
                 continue
             use = self._single_consumer(sig_var)
-            if use is None or use[0] != out_var:
+            if use is None or use[0] != out_var or out_var in self.claimed:
                 continue
             if not (
                 any(a.same_as(cur) for a in ov.args) and any(a.same_as(sig_var) for a in ov.args)
             ):
                 continue
+            self.claimed.update((first, sig_var, out_var))
             return ("silu", c), out_var
         return None
 
@@ -230,11 +305,12 @@ class _Plan:
         if any(len(s) != 4 for s in shapes):
             return
         tail = [_static(s[1:]) for s in shapes]
-        if tail[0] is None or tail[0] != tail[1] or tail[0] != tail[2]:
-            return
+        if any(t is None for t in tail) or tail[1] != tail[2] or tail[0][1:] != tail[1][1:]:
+            return  # the queries may be fewer than the keys (a cross-attention's probe)
         if not all(tvm_ffi.structural_equal(shapes[0][0], s[0]) for s in shapes):
             return
-        S, H, D = tail[0]
+        SQ = tail[0][0]
+        S, H, D = tail[1]
         scale = call.attrs.scale
         scale = float(scale) if scale is not None else 1.0 / math.sqrt(D)
         if not scale > 0:  # the kernel takes the maximum of unscaled scores
@@ -245,6 +321,7 @@ class _Plan:
             k=call.args[1],
             v=call.args[2],
             S=S,
+            SQ=SQ,
             H=H,
             D=D,
             scale=scale,
@@ -303,13 +380,32 @@ class _KernelRewriter(PyExprMutator):
     def _v(self, e):
         return self.visit_expr(e)
 
-    def _gemm(self, x2, w, nk, K, N, bias=None, act=None, res2=None, source=None, pairs_out=False):
+    def _gemm(
+        self,
+        x2,
+        w,
+        nk,
+        K,
+        N,
+        bias=None,
+        act=None,
+        res2=None,
+        source=None,
+        pairs_out=False,
+        gate2=None,
+        glu=False,
+    ):
         """x2: [M, K] var (a view of `source`, if given); returns [M, N] var, or with
-        `pairs_out` [M, N/2] float16 or bfloat16 pairs."""
+        `pairs_out` [M, N/2] float16 or bfloat16 pairs. The epilogue: act(. + bias) * gate2
+        + res2, each part where given. `glu`: w and bias are both halves of a GLU,
+        interleaved (`_interleave`)."""
         cfg = self.cfg
-        NP = -(-N // cfg.nb)
+        WN = _glu_blocks(cfg, N) * cfg.nb if glu else N  # the packed weight's columns
+        NP = -(-WN // cfg.nb)
         KW = -(-K // 2) if cfg.pairs else K
-        pk = self._gv(("pack", N, K, nk), lambda: pack_weight_kernel(cfg, N, K, nk), "pack_weight")
+        pk = self._gv(
+            ("pack", WN, K, nk), lambda: pack_weight_kernel(cfg, WN, K, nk), "pack_weight"
+        )
         if self.rounded:
             w = self._round_operand(w)  # depends on the weight only: rounded at build time
         wp = self._emit(relax.call_tir(pk, [w], relax.TensorType([NP, KW, cfg.nb], "float32")))
@@ -317,14 +413,9 @@ class _KernelRewriter(PyExprMutator):
             x2 = self._pairs_of(x2, K, source)
         elif self.rounded:
             x2 = self._once(source, lambda: self._round_operand(x2))
-        gk = self._gv(
-            ("gemm", K, N, bias is not None, act, res2 is not None, pairs_out),
-            lambda: gemm_kernel(cfg, K, N, bias is not None, act, res2 is not None, pairs_out),
-            "gemm",
-        )
-        args = (
-            [x2, wp] + ([bias] if bias is not None else []) + ([res2] if res2 is not None else [])
-        )
+        flags = (bias is not None, act, res2 is not None, pairs_out, gate2 is not None, glu)
+        gk = self._gv(("gemm", K, N, *flags), lambda: gemm_kernel(cfg, K, N, *flags), "gemm")
+        args = [x2, wp] + [a for a in (bias, gate2, res2) if a is not None]
         M = _sinfo(x2).shape.values[0]
         out = relax.TensorType([M, N // 2 if pairs_out else N], "float32")
         return self._emit(relax.call_tir(gk, args, out))
@@ -353,6 +444,54 @@ class _KernelRewriter(PyExprMutator):
         rk = self._gv(key, lambda: round_kernel(self.cfg, int(C), self.rounded), "round16")
         return self._emit(relax.call_tir(rk, [x], relax.TensorType([rows, C], "float32")))
 
+    def _matrix(self, e, M, N):
+        """`e` (a tensor of M * N values) as an [M, N] matrix; None for None."""
+        if e is None:
+            return None
+        return self._emit(relax.op.reshape(self._v(e), relax.ShapeExpr([M, N])))
+
+    def _fold_scale(self, w, nk, bias, scale, N):
+        """A layer scale folded into the linear layer: W times the scale per output channel
+        (W's rows for [N, K], its columns for [K, N]) and the bias times the scale. Both
+        depend on weights only, so LiftTransformParams makes them at build time, before the
+        packing; the GEMM then costs what it costs without the scale."""
+        per_row = self._emit(relax.op.reshape(scale, relax.ShapeExpr([N, 1]))) if nk else scale
+        w = self._emit(relax.op.multiply(w, per_row))
+        if bias is not None:
+            bias = self._emit(relax.op.multiply(bias, scale))
+        return w, bias
+
+    def _interleave(self, gate, up, N):
+        """A GLU's two [N, ...] weights (or biases) as one [2 * N', ...], N' = N rounded up
+        to whole half blocks: each block of NB rows holds NB/2 rows of `gate` and then the
+        same rows of `up`, zero-padded (`gemm_kernel`'s `glu`). Weights only: made at
+        build time, before the packing."""
+        half = self.cfg.nb // 2
+        blocks = _glu_blocks(self.cfg, N)
+        rest = [int(d) for d in _sinfo(gate).shape.values[1:]]
+        pad = [0, blocks * half - N] + [0, 0] * len(rest)
+
+        def split(a):
+            if blocks * half != N:
+                a = self._emit(relax.op.nn.pad(a, pad))
+            return self._emit(relax.op.reshape(a, relax.ShapeExpr([blocks, half, *rest])))
+
+        both = self._emit(relax.op.concat([split(gate), split(up)], axis=1))
+        return self._emit(relax.op.reshape(both, relax.ShapeExpr([blocks * 2 * half, *rest])))
+
+    def _norm(self, spec, args, M, pairs_out=False):
+        """The LayerNorm or RMSNorm kernel's call on `args` (X [M, C] and the weights):
+        [M, C], or with `pairs_out` [M, C/2] 16-bit pairs."""
+        C, eps = spec["C"], spec["eps"]
+        make, name = (
+            (layer_norm_kernel, "layer_norm") if spec["centered"] else (rms_norm_kernel, "rms_norm")
+        )
+        nk = self._gv(
+            (name, C, eps, pairs_out), lambda: make(self.cfg, C, eps, pairs_out=pairs_out), name
+        )
+        out = relax.TensorType([M, C // 2 if pairs_out else C], "float32")
+        return self._emit(relax.call_tir(nk, args, out))
+
     @staticmethod
     def _rows(x):
         """The product of x's leading dims: x as a [rows, last] matrix."""
@@ -372,18 +511,22 @@ class _KernelRewriter(PyExprMutator):
         if kind == "linear":
             x = self._v(spec["x"])
             M = self._rows(x)
-            x2 = self._emit(relax.op.reshape(x, relax.ShapeExpr([M, spec["K"]])))
-            res2 = None
-            if spec["res"] is not None:
-                res2 = self._emit(
-                    relax.op.reshape(self._v(spec["res"]), relax.ShapeExpr([M, spec["N"]]))
-                )
-            bias = self._v(spec["bias"]) if spec["bias"] is not None else None
             w, K, N = self._v(spec["w"]), spec["K"], spec["N"]
+            x2 = self._emit(relax.op.reshape(x, relax.ShapeExpr([M, K])))
+            res2, gate2 = (self._matrix(spec[key], M, N) for key in ("res", "gate"))
+            bias = self._v(spec["bias"]) if spec["bias"] is not None else None
+            if spec["scale"] is not None:
+                w, bias = self._fold_scale(w, spec["nk"], bias, self._v(spec["scale"]), N)
+            glu = spec["glu"] is not None
+            if glu:
+                w_up, bias_up = (self._v(e) if e is not None else None for e in spec["glu"])
+                w = self._interleave(w, w_up, N)
+                bias = self._interleave(bias, bias_up, N) if bias is not None else None
             args = (x2, w, spec["nk"], K, N, bias, spec["act"], res2, x)
+            extra = dict(gate2=gate2, glu=glu)
             if res2 is None and N % self.cfg.nb == 0 and self._to_pair_gemms(var):
-                self.halves[var] = self._gemm(*args, pairs_out=True)
-            return relax.op.reshape(self._gemm(*args), out_sinfo.shape)
+                self.halves[var] = self._gemm(*args, pairs_out=True, **extra)
+            return relax.op.reshape(self._gemm(*args, **extra), out_sinfo.shape)
         if kind == "attention":
             S, H, D = spec["S"], spec["H"], spec["D"]
             q, k, v = self._v(spec["q"]), self._v(spec["k"]), self._v(spec["v"])
@@ -411,34 +554,23 @@ class _KernelRewriter(PyExprMutator):
                     relax.TensorType([B, H, S, DP], "float32"),
                 )
             )
+            SQ, scale = spec["SQ"], spec["scale"]
             ak = self._gv(
-                ("attn", S, H, D, spec["scale"]),
-                lambda: attention_kernel(self.cfg, S, H, D, spec["scale"]),
+                ("attn", S, H, D, scale, SQ),
+                lambda: attention_kernel(self.cfg, S, H, D, scale, queries=SQ),
                 "attention",
             )
-            return relax.call_tir(ak, [q, kt, vp], relax.TensorType([B, S, H, D], "float32"))
-        if kind == "layer_norm":
+            return relax.call_tir(ak, [q, kt, vp], relax.TensorType([B, SQ, H, D], "float32"))
+        if kind == "norm":
             x = self._v(spec["x"])
             M = self._rows(x)
             C = spec["C"]
             x2 = self._emit(relax.op.reshape(x, relax.ShapeExpr([M, C])))
-            lk = self._gv(
-                ("ln", C, spec["eps"]),
-                lambda: layer_norm_kernel(self.cfg, C, spec["eps"]),
-                "layer_norm",
-            )
-            args = [x2, self._v(spec["g"]), self._v(spec["b"])]
+            args = [x2] + [self._v(p) for p in spec["params"]]
             if C % (2 * self.cfg.vec) == 0 and self._to_pair_gemms(var):
-                lh = self._gv(
-                    ("ln", C, spec["eps"], "half"),
-                    lambda: layer_norm_kernel(self.cfg, C, spec["eps"], pairs_out=True),
-                    "layer_norm",
-                )
-                self.halves[var] = self._emit(
-                    relax.call_tir(lh, args, relax.TensorType([M, C // 2], "float32"))
-                )
-            y2 = self._emit(relax.call_tir(lk, args, relax.TensorType([M, C], "float32")))
-            return relax.op.reshape(y2, out_sinfo.shape)
+                pairs = self._norm(spec, args, M, pairs_out=True)
+                self.halves[var] = pairs
+            return relax.op.reshape(self._norm(spec, args, M), out_sinfo.shape)
         if kind == "conv":
             x, w = self._v(spec["x"]), self._v(spec["w"])
             B = _sinfo(x).shape.values[0]
@@ -459,7 +591,7 @@ class _KernelRewriter(PyExprMutator):
     # -- visitor hooks
     def visit_dataflow_block_(self, block):
         saved = self.plan, self.halves
-        self.plan, self.halves = _Plan(block, self._outputs, self.cfg.vec), {}
+        self.plan, self.halves = _Plan(block, self._outputs, self.cfg.vec, self._weights), {}
         out = super().visit_dataflow_block_(block)
         self.plan, self.halves = saved
         return out
@@ -476,10 +608,17 @@ class _KernelRewriter(PyExprMutator):
         for gv, func in self.mod_.functions_items():
             if isinstance(func, relax.Function):
                 self._outputs = [v for v in self._free_vars_of_body(func)]
+                self._weights = self._weights_of(func)
                 new = self.visit_expr(func)
                 new = relax.analysis.remove_all_unused(new)
                 self.builder_.update_func(gv, new)
         return self.builder_.finalize()
+
+    @staticmethod
+    def _weights_of(func) -> frozenset:
+        """The parameters after the function's `num_input` inputs (none without it)."""
+        inputs = func.attrs.get("num_input") if func.attrs is not None else None
+        return frozenset(func.params[int(inputs) :]) if inputs is not None else frozenset()
 
     @staticmethod
     def _free_vars_of_body(func):

@@ -28,6 +28,17 @@ def _has_conditional(stmt) -> bool:
     return found[0]
 
 
+def _runs_parallel(func: tirx.PrimFunc) -> bool:
+    found = [False]
+
+    def visit_for(n):
+        if n.kind == tirx.ForKind.PARALLEL:
+            found[0] = True
+
+    tvm_ffi.structural_walk(func.body, [(tirx.For, visit_for)], order="post")
+    return found[0]
+
+
 def _fallback_schedule(func: tirx.PrimFunc, cfg: KernelConfig):
     from tvm.s_tir.dlight.analysis import normalize_prim_func  # pylint: disable=import-outside-toplevel
     from tvm.s_tir.dlight.base import try_inline  # pylint: disable=import-outside-toplevel
@@ -70,7 +81,10 @@ def _fallback_schedule(func: tirx.PrimFunc, cfg: KernelConfig):
     return sch.mod["main"]
 
 
-def fallback_schedule_pass(cfg: KernelConfig):
+def fallback_schedule_pass(cfg: KernelConfig, note=None):
+    """`note(name, parallel)`, if given, is told of every PrimFunc the schedule is given and
+    whether it could parallelize it (`report.FallbackReport.note_fallback`)."""
+
     @tvm.transform.module_pass(opt_level=0, name="CPUFallbackSchedule")
     def _pass(mod, _ctx):
         updates = {}
@@ -85,6 +99,8 @@ def fallback_schedule_pass(cfg: KernelConfig):
                 new = None  # leave it unscheduled: correct, just serial
             if new is not None:
                 updates[gv] = new
+            if note is not None:
+                note(gv.name_hint, new is not None and _runs_parallel(new))
         for gv, f in updates.items():
             mod[gv] = f
         return mod
