@@ -117,8 +117,14 @@ def test_post_layernorm_needs_the_final_state(capsys):
             "model.post_layernorm: with model.use_mean_pooling the tower has no final norm "
             "(HF's layernorm is an Identity); set post_layernorm: null, or use_mean_pooling: false",
         ),
+        (
+            "aimv2-large-patch14-224",
+            "model.is_native=true",
+            "model.is_native: true is not supported: the native-resolution towers' 2-D sin-cos "
+            "positions are not built; only the learnt position table (false)",
+        ),
     ],
-    ids=["internvit-no-positions", "internvit-mean-pooling-norm"],
+    ids=["internvit-no-positions", "internvit-mean-pooling-norm", "aimv2-native"],
 )
 def test_family_refuses_what_it_does_not_build(capsys, preset, override, message):
     code, out, err = run(capsys, "check", preset, override)
