@@ -105,9 +105,10 @@ class TowerConfig:
         return True
 
     @property
-    def qk_norm(self) -> bool:
-        """A norm over the full width on q and k before the head split (InternViT)."""
-        return False
+    def qk_norm(self) -> tuple[str, float] | None:
+        """A norm over the full width on q and k before the head split (InternViT's): its
+        norm block and eps, which need not be the tower's; None: no qk-norm."""
+        return None
 
     @property
     def layer_scale(self) -> bool:
@@ -128,6 +129,12 @@ class TowerConfig:
     def normed_last_state(self) -> bool:
         """Whether HF's last_hidden_state has the final norm (CLIP's has not)."""
         return True
+
+    @property
+    def final_norm_block(self) -> str | None:
+        """The final norm's block where it is not the tower's `blocks.norm` (InternViT's is a
+        LayerNorm whatever its norm_type); None: `blocks.norm`."""
+        return None
 
     @property
     def final_norm(self) -> bool:

@@ -102,6 +102,36 @@ def test_post_layernorm_needs_the_final_state(capsys):
     )
 
 
+@pytest.mark.parametrize(
+    "preset, override, message",
+    [
+        (
+            "internvit-300m-448px",
+            "model.use_absolute_position_embeddings=false",
+            "model.use_absolute_position_embeddings: false is not supported: the tower adds its "
+            "learnt position table (HF's default, and every released InternViT's)",
+        ),
+        (
+            "internvit-300m-448px",
+            "model.post_layernorm=true",
+            "model.post_layernorm: with model.use_mean_pooling the tower has no final norm "
+            "(HF's layernorm is an Identity); set post_layernorm: null, or use_mean_pooling: false",
+        ),
+        (
+            "aimv2-large-patch14-224",
+            "model.is_native=true",
+            "model.is_native: true is not supported: the native-resolution towers' 2-D sin-cos "
+            "positions are not built; only the learnt position table (false)",
+        ),
+    ],
+    ids=["internvit-no-positions", "internvit-mean-pooling-norm", "aimv2-native"],
+)
+def test_family_refuses_what_it_does_not_build(capsys, preset, override, message):
+    code, out, err = run(capsys, "check", preset, override)
+    assert code == 2 and out == ""
+    assert err.splitlines() == [f"override {override!r}: {message}"]
+
+
 def test_override_unknown_key_names_the_override(capsys):
     code, out, err = run(capsys, "show", "presets/llava-clip.yaml", "model.hiden_size=8")
     assert code == 2 and out == ""

@@ -195,6 +195,42 @@ def test_truncated_and_wrong_dtype(tiny_checkpoint, tmp_path):
     assert "'pre_layrnorm.weight' has dtype I32" in line
 
 
+@pytest.mark.parametrize(
+    "preset, other, bare_says",
+    [
+        # The same anchor key: the tower is found, most of its keys are not InternViT's.
+        ("internvit-300m-448px", "dinov2", "are not parameters of the internvit family's"),
+        # Another anchor key: no AIMv2 tower, but CLIP's anchor is there.
+        ("aimv2-large-patch14-224", "clip", "it looks like a checkpoint of the clip family"),
+        # Fewer than half of the keys are unknown (DINOv2 reads q_proj, fc1 ...), but most
+        # of its parameters are missing.
+        ("dinov2-base", "internvit", "are not parameters of the dinov2 family's"),
+    ],
+    ids=["internvit-given-dinov2", "aimv2-given-clip", "dinov2-given-internvit"],
+)
+def test_checkpoint_of_another_family_is_one_line(preset, other, bare_says, tmp_path):
+    """A checkpoint of another family (HF's, saved by save_pretrained), with its config.json
+    and as a bare .safetensors file: one line naming the file (exit 2 in the CLI), not a line
+    per key."""
+    from builder import families
+
+    def tiny(family):
+        return {k: v for k, v in TINY.items() if k in family.config.__dataclass_fields__}
+
+    family = families.get(other)
+    hf_model = family.reference_model(family.config(**tiny(family)))
+    randomize(hf_model).save_pretrained(tmp_path / "hf")
+    ours = [f"model.{k}={v}" for k, v in tiny(families.get(load_preset(preset).family)).items()]
+    bare = tmp_path / "bare" / "model.safetensors"
+    bare.parent.mkdir()
+    bare.write_bytes((tmp_path / "hf" / "model.safetensors").read_bytes())
+    config = tmp_path / "hf" / "config.json"
+    says = f"a checkpoint of the {other} family (model_type"
+    for path, named, message in [(tmp_path / "hf", config, says), (bare, bare, bare_says)]:
+        (line,) = _errors(load_preset(preset, [*ours, f"weights.path={path}"]))
+        assert line.startswith(f"{named}: ") and message in line, line
+
+
 def test_no_vision_tower(tmp_path):
     save_file({"text_model.x": torch.zeros(2)}, tmp_path / "model.safetensors")
     (line,) = _errors(tiny_preset(tmp_path))

@@ -78,7 +78,8 @@ class CLIPVisionEmbeddings(nn.Module):
 @register("clip_attention", kind="attention")
 class CLIPAttention(nn.Module):
     """Full bidirectional multi-head attention with separate q/k/v/out projections; biases
-    and a qk-norm (over the full width, before the head split) as the family config says."""
+    and a qk-norm (over the full width, before the head split; its own norm block and eps) as
+    the family config says."""
 
     def __init__(self, config: TowerConfig, blocks: BlocksConfig):
         self.num_heads = config.num_attention_heads
@@ -89,8 +90,9 @@ class CLIPAttention(nn.Module):
         self.k_proj = Linear(d, d, bias=qkv_bias)
         self.v_proj = Linear(d, d, bias=qkv_bias)
         self.out_proj = Linear(d, d, bias=out_bias)
-        self.q_norm = make_norm(config, blocks) if config.qk_norm else None
-        self.k_norm = make_norm(config, blocks) if config.qk_norm else None
+        qk_norm = config.qk_norm
+        self.q_norm = create(qk_norm[0], "norm", d, qk_norm[1]) if qk_norm else None
+        self.k_norm = create(qk_norm[0], "norm", d, qk_norm[1]) if qk_norm else None
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         b, s, d = hidden_states.shape
@@ -201,7 +203,10 @@ class CLIPVisionTransformer(nn.Module):
         # Built only when used (on the final state only), so an unused norm is neither
         # loaded nor exported.
         final = config.final_norm and config.selects_final_state
-        self.post_layernorm = make_norm(config, blocks) if final else None
+        norm = config.final_norm_block or blocks.norm
+        self.post_layernorm = (
+            create(norm, "norm", config.hidden_size, config.norm_eps) if final else None
+        )
         # HF keeps SigLIP's head inside the tower (`vision_model.head.*`): so do we.
         pooled = config.output == "pooled"
         self.head = create(blocks.head, "head", config, blocks) if pooled else None

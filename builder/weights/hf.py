@@ -88,6 +88,11 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     return ckpt
 
 
+def _named(ckpt: Checkpoint) -> Path:
+    """How an error about the whole checkpoint names it: its one file, or its folder."""
+    return ckpt.files[0] if len(ckpt.files) == 1 else ckpt.root
+
+
 def checkpoint_files(path: str | Path) -> list[Path]:
     """Every file a build reads from the checkpoint at `path`: its safetensors files, and its
     index and config.json where present (the build cache hashes them)."""
@@ -102,7 +107,7 @@ def tower_prefix(ckpt: Checkpoint, family: Family) -> str:
     if not found:
         sample = sorted(ckpt.keys)[:5]
         raise InputError(
-            f"{ckpt.root}: no vision tower of the {family.name} family: no key ends with "
+            f"{_named(ckpt)}: no vision tower of the {family.name} family: no key ends with "
             f"{anchor!r} "
             f"(keys start {sample}){_other_family(ckpt, family)}"
         )
@@ -112,7 +117,8 @@ def tower_prefix(ckpt: Checkpoint, family: Family) -> str:
 
 
 def _other_family(ckpt: Checkpoint, family: Family) -> str:
-    """'; it holds a dinov2 tower ...' when another family's anchor is in the checkpoint."""
+    """'; it looks like a checkpoint of the dinov2 family ...' when another family's anchor
+    is in the checkpoint."""
     from .. import families
 
     for other in families.all_families():
@@ -120,8 +126,8 @@ def _other_family(ckpt: Checkpoint, family: Family) -> str:
             k.endswith(other.names.anchor) for k in ckpt.keys
         ):
             return (
-                f"; it looks like a {other.name} checkpoint: set family: {other.name} "
-                "(or import its config.json with `build import`)"
+                f"; it looks like a checkpoint of the {other.name} family: set family: "
+                f"{other.name} (or import its config.json with `build import`)"
             )
     return ""
 
@@ -245,12 +251,13 @@ def read_tower(
                 plan[name] = mapped
             else:
                 skipped += 1
-    if len(unexpected) * 2 > used:
-        # Most keys are not this family's: one line, not hundreds.
-        errors = [_other_checkpoint(ckpt, family, unexpected, used)] + [
-            e for e in errors if e not in unexpected
-        ]
-    for name in sorted(set(needed) - set(plan) - misshapen):
+    missing = sorted(set(needed) - set(plan) - misshapen)
+    if unexpected and (len(unexpected) * 2 > used or len(missing) * 2 > len(needed)):
+        # Most keys are not this family's, or most parameters are missing beside keys it does
+        # not know (a family sharing the anchor): one line, not hundreds. The missing and
+        # misshapen parameters follow from that, so they are not listed.
+        raise InputError(_other_checkpoint(ckpt, family, unexpected, used))
+    for name in missing:
         errors.append(f"{ckpt.root}: missing {_checkpoint_name(name, names, tower, projector)}")
     if errors:
         raise InputError(errors)
@@ -290,8 +297,8 @@ def _other_checkpoint(ckpt: Checkpoint, family: Family, lines: list[str], used: 
     from .. import families
 
     return (
-        f"{ckpt.root}: {len(lines)} of its {used} vision keys are not parameters of a "
-        f"{family.name} tower ({lines[0].split(': ', 1)[1]}): a checkpoint of another "
+        f"{_named(ckpt)}: {len(lines)} of its {used} vision keys are not parameters of the "
+        f"{family.name} family's tower ({lines[0].split(': ', 1)[1]}): a checkpoint of another "
         f"family? Set the preset's family to the checkpoint's (the families: "
         f"{families.names()}), or import its config.json with `build import`"
     )
@@ -355,9 +362,9 @@ def check_config(
     other = families.for_model_type(model_type) if isinstance(model_type, str) else None
     if other is not None and other.name != family.name:
         raise InputError(
-            f"{config_path}: a {other.name} checkpoint (model_type {model_type!r}), but the "
-            f"preset's family is {family.name}; set family: {other.name} (or import this "
-            "config.json with `build import`)"
+            f"{config_path}: a checkpoint of the {other.name} family (model_type "
+            f"{model_type!r}), but the preset's family is {family.name}; set family: "
+            f"{other.name} (or import this config.json with `build import`)"
         )
     # A learnt position grid of another size is resampled where the family says how.
     sized = ("image_size",) if family.resample else ()
