@@ -410,7 +410,7 @@ def _import(args: argparse.Namespace) -> int:
         raise InputError(f"{args.out}: exists; pass --force to overwrite it")
     # Validated as the file it will be, so a bad value is reported before anything is written.
     validate(RawPreset(str(args.out), copy.deepcopy(imported.preset)))
-    _err(f"import {args.config}: a {imported.kind} config -> {args.out}")
+    _err(f"import {args.config}: {imported.kind} config -> {args.out}")
     for key in imported.unused:
         _err(f"not used: {key}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
