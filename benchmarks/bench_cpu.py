@@ -129,6 +129,15 @@ def hf_model(preset):
     return families.get(preset.family).reference_model(cut)
 
 
+def _figure(value: float | None, spec: str) -> str:
+    """A table cell: n/a where the peer was not timed."""
+    return "n/a" if value is None else format(value, spec)
+
+
+def _over(a: float, b: float | None) -> float | None:
+    return None if b is None else a / b
+
+
 def onnx_session(hf, model, threads: int, path: Path):
     import onnxruntime as ort
     import torch
@@ -142,21 +151,25 @@ def onnx_session(hf, model, threads: int, path: Path):
             return self.inner(pixel_values=pixel_values).last_hidden_state
 
     x = torch.zeros(1, 3, model.image_size, model.image_size)
-    with torch.inference_mode():
-        torch.onnx.export(
-            LastState(hf),
-            (x,),
-            str(path),
-            input_names=["pixel_values"],
-            output_names=["features"],
-            dynamic_axes={"pixel_values": {0: "b"}},
-            opset_version=17,
-            dynamo=False,
-        )
+    try:
+        with torch.inference_mode():
+            torch.onnx.export(
+                LastState(hf),
+                (x,),
+                str(path),
+                input_names=["pixel_values"],
+                output_names=["features"],
+                dynamic_axes={"pixel_values": {0: "b"}},
+                opset_version=17,
+                dynamo=False,
+            )
+    except torch.onnx.errors.OnnxExporterError as e:
+        # DINOv2's position-grid resize (antialiased bicubic) has no ONNX op at opset 17.
+        return None, f"torch.onnx.export fails: {str(e).splitlines()[0]}"
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]), None
 
 
 def kernel_breakdown(encoder, x, forwards: int = 5) -> list[tuple[str, int, float]]:
@@ -214,7 +227,11 @@ def gemms_alone(encoder, x, sample_peak, rounds: int = 7, window: float = ALONE_
     of the round's median rate over the faster of its two FMA samples)."""
     rows = []
     for name, (func, args) in sorted(first_calls(encoder, x, "gemm").items()):
-        (m, k), n = args[0].shape, args[-1].shape[-1]
+        (m, k), out = args[0].shape, args[-1].shape[-1]
+        # The packed weight's columns: (panels, K, panel width), the last panel padded.
+        # SwiGLU's gate and up share one GEMM, whose weight is twice the output wide.
+        columns = args[1].shape[0] * args[1].shape[-1]
+        n = out * round(columns / out)
         work = 2 * m * k * n / 1e9
         rates, ratios = [], []
         time.sleep(SETTLE_S)
@@ -279,7 +296,9 @@ def bench_preset(name: str, args: argparse.Namespace, workdir: Path, sample_peak
     encoder = builder.load(paths["llvm"], threads=args.threads)
     sixteen_bit_encoder = builder.load(paths[HALF], threads=args.threads) if half else None
     hf = hf_model(preset)
-    session = onnx_session(hf, model, args.threads, workdir / f"{name}.onnx")
+    session, no_onnx = onnx_session(hf, model, args.threads, workdir / f"{name}.onnx")
+    if no_onnx:
+        note += f"; onnxruntime not timed: {no_onnx}"
     rows = []
     for batch in args.batches:
         shape = (batch, 3, model.image_size, model.image_size)
@@ -290,16 +309,20 @@ def bench_preset(name: str, args: argparse.Namespace, workdir: Path, sample_peak
             with torch.inference_mode():
                 return hf(pixel_values=xt)
 
-        runners = {
-            "artifact": lambda x=x: encoder(x),
-            "torch": eager,
-            "ort": lambda x=x: session.run(None, {"pixel_values": x}),
-        }
+        runners = {"artifact": lambda x=x: encoder(x), "torch": eager}
+        if session is not None:
+            runners["ort"] = lambda x=x, session=session: session.run(None, {"pixel_values": x})
         if half:
             runners["half"] = lambda x=x: sixteen_bit_encoder(x)
         times = interleaved_times(runners, args.runs, args.seconds)
-        ours, eager_s, ort_s = (statistics.median(times[k]) for k in ("artifact", "torch", "ort"))
-        paired = tuple(paired_ratio(times["artifact"], times[k]) for k in ("torch", "ort"))
+        ours, eager_s, ort_s = (
+            statistics.median(times[k]) if k in times else None
+            for k in ("artifact", "torch", "ort")
+        )
+        paired = tuple(
+            paired_ratio(times["artifact"], times[k]) if k in times else None
+            for k in ("torch", "ort")
+        )
         rounds = len(times["artifact"])
         work = encoder.manifest["gflop_per_image"] * batch
         sixteen_bit_row = None
@@ -309,12 +332,16 @@ def bench_preset(name: str, args: argparse.Namespace, workdir: Path, sample_peak
             error = float(np.abs(sixteen_bit_encoder(x) - full).max() / np.abs(full).max())
             sixteen_bit_row = (
                 statistics.median(times["half"]),
-                tuple(paired_ratio(times["half"], times[k]) for k in ("artifact", "torch", "ort")),
+                tuple(
+                    paired_ratio(times["half"], times[k]) if k in times else None
+                    for k in ("artifact", "torch", "ort")
+                ),
                 error,
             )
         rows.append((name, batch, work, ours, eager_s, ort_s, paired, rounds, sixteen_bit_row))
         print(
-            f"{name} b{batch}: ours {ours:.3f} s, torch {eager_s:.3f} s, ort {ort_s:.3f} s "
+            f"{name} b{batch}: ours {ours:.3f} s, torch {eager_s:.3f} s, "
+            f"ort {_figure(ort_s, '.3f')} s "
             f"({rounds} rounds)",
             file=sys.stderr,
         )
@@ -349,6 +376,7 @@ def main() -> int:
     )
     args = parser.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
+    asked_half = args.half
     args.half = host_16_bit_precision() if args.half else None
 
     import torch
@@ -388,9 +416,10 @@ def main() -> int:
     ]
     for name, batch, work, ours, eager, ort_s, (p_eager, p_ort), rounds, _ in rows:
         lines.append(
-            f"| {name} | {batch} | {work:.1f} | {ours:.3f} | {eager:.3f} | {ort_s:.3f} | "
-            f"{work / ours:.1f} | {100 * work / ours / peak:.0f}% | {ours / eager:.2f} | "
-            f"{ours / ort_s:.2f} | {p_eager:.2f} | {p_ort:.2f} | {rounds} |"
+            f"| {name} | {batch} | {work:.1f} | {ours:.3f} | {eager:.3f} | "
+            f"{_figure(ort_s, '.3f')} | {work / ours:.1f} | {100 * work / ours / peak:.0f}% | "
+            f"{ours / eager:.2f} | {_figure(_over(ours, ort_s), '.2f')} | {p_eager:.2f} | "
+            f"{_figure(p_ort, '.2f')} | {rounds} |"
         )
     lines += [
         "",
@@ -423,13 +452,18 @@ def main() -> int:
             lines.append(
                 f"| {name} | {batch} | {sixteen_bit_s:.3f} | {work / sixteen_bit_s:.1f} | "
                 f"{sixteen_bit_s / ours:.2f} | {sixteen_bit_s / eager:.2f} | "
-                f"{sixteen_bit_s / ort_s:.2f} | "
-                + " | ".join(f"{r:.2f}" for r in paired)
+                f"{_figure(_over(sixteen_bit_s, ort_s), '.2f')} | "
+                + " | ".join(_figure(r, ".2f") for r in paired)
                 + f" | {error:.1e} |"
             )
         lines.append("")
     else:
-        lines += ["No 16-bit artifact: this CPU has neither AVX-512 FP16 nor BF16.", ""]
+        lines += [
+            "No 16-bit artifact: this CPU has neither AVX-512 FP16 nor BF16."
+            if asked_half
+            else "No 16-bit artifact: not asked for (`--no-half`).",
+            "",
+        ]
     from builder import flops
     from builder.assemble import export
 

@@ -48,7 +48,7 @@ def _split(args: Sequence[str]) -> tuple[list[str], list[str]]:
 def _parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="build",
-        description="Build CLIP-family vision encoders from YAML presets with Apache TVM.",
+        description="Build the vision towers of vision-language models from YAML presets with Apache TVM.",
         epilog="With no command, `build PRESET ...` builds. Exit codes: 1 build failure, "
         "2 bad input.",
     )
@@ -97,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "import",
-        help="write a sparse preset from an HF config.json (CLIP, SigLIP, LLaVA)",
+        help="write a sparse preset from an HF config.json (a tower family's, or a VLM's around one)",
         description="Keys of the config that the builder does not use are printed and "
         "listed in the preset's header. The preset is validated before it is written.",
     )
