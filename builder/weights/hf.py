@@ -182,6 +182,8 @@ def _stored_shape(mapped: Mapped) -> tuple[int, ...]:
         shape = _squeezed(shape)
     if mapped.part is not None:
         _, count, axis = mapped.part
+        if shape[axis] % count:  # not equal parts: the whole shape, which cannot match
+            return tuple(shape)
         shape[axis] //= count
     return tuple(reversed(shape)) if mapped.transpose else tuple(shape)
 

@@ -1,0 +1,244 @@
+"""Image embeddings (`model.output: embeds`) against their references, from checkpoints in
+the layouts people have them: open_clip hub repos (`open_clip_config.json` beside
+`open_clip_model.safetensors` or `open_clip_pytorch_model.bin`, written by open_clip's own
+`save_for_hf`), timm hub repos (timm's `save_for_hf`) and HF's
+`CLIPVisionModelWithProjection`. Every parameter random, norms and biases included; odd
+sizes (30 px at patch 8, MLP ratio 2.5, head width 8, embedding width 24)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.numpy import load_file, save_file
+
+from builder.assemble import parameter_shapes
+from builder.errors import InputError
+from builder.hf_import import import_config
+from builder.preset import load_preset
+from builder.weights import load_weights
+from builder.weights.hf import open_checkpoint
+
+from .conftest import REPO, assert_close, build_and_load, pixels, randomize, tiny_overrides
+from .peers import open_clip_and_timm
+
+VISION = {"image_size": 30, "layers": 3, "width": 32, "head_width": 8, "mlp_ratio": 2.5}
+TEXT = {"context_length": 7, "vocab_size": 50, "width": 16, "heads": 2, "layers": 1}
+PREPROCESS = {
+    "mean": [0.5, 0.4, 0.3],
+    "std": [0.2, 0.3, 0.25],
+    "interpolation": "bilinear",
+    "resize_mode": "squash",
+}
+
+
+class _NoTokenizer:
+    """`save_for_hf` saves the text tokenizer too; the vision tower needs none."""
+
+    def save_pretrained(self, folder: Any) -> None:
+        pass
+
+
+def save_open_clip(folder: Path, quick_gelu: bool, safetensors: bool = True) -> Any:
+    """An open_clip CLIP model made by `open_clip.create_model` from a hub-style config, every
+    parameter random, saved by open_clip's `save_for_hf` as a hub repo folder."""
+    open_clip, _ = open_clip_and_timm()
+    from open_clip.push_to_hf_hub import save_for_hf
+
+    source = folder.with_name(folder.name + "-config")
+    source.mkdir()
+    model_cfg = {
+        "embed_dim": 24,
+        "quick_gelu": quick_gelu,
+        "vision_cfg": {**VISION, "patch_size": 8},
+        "text_cfg": TEXT,
+    }
+    config = {"model_cfg": model_cfg, "preprocess_cfg": PREPROCESS}
+    (source / "open_clip_config.json").write_text(json.dumps(config))
+    model = open_clip.create_model(f"local-dir:{source}", load_weights=False)
+    randomize(model)
+    save_for_hf(model, _NoTokenizer(), model_cfg, folder, safe_serialization=safetensors)
+    return model
+
+
+def encode_image(model: Any, x: np.ndarray, normalize: bool) -> np.ndarray:
+    with torch.inference_mode():
+        return model.encode_image(torch.from_numpy(x), normalize=normalize).numpy()
+
+
+@pytest.fixture(scope="module")
+def quick_gelu_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    folder = tmp_path_factory.mktemp("open-clip") / "hub"
+    return folder, save_open_clip(folder, quick_gelu=True)
+
+
+@pytest.mark.e2e
+def test_open_clip_repo_through_the_cli(quick_gelu_repo, tmp_path):
+    """`build import` of the repo's open_clip_config.json, `build` from the repo folder, the
+    artifact in a fresh process: open_clip's encode_image."""
+    folder, model = quick_gelu_repo
+    preset = tmp_path / "mine.yaml"
+    cli = [sys.executable, "-m", "builder"]
+    run = dict(cwd=REPO, capture_output=True, text=True, check=True)
+    subprocess.run(
+        [*cli, "import", str(folder / "open_clip_config.json"), "--out", str(preset)], **run
+    )
+    written = yaml.safe_load(preset.read_text())
+    assert written["model"]["output"] == "embeds" and "hidden_act" not in written["model"]
+    assert written["preprocess"] == {
+        "resize": "square",
+        "resample": "bilinear",
+        "center_crop": False,
+        "mean": PREPROCESS["mean"],
+        "std": PREPROCESS["std"],
+    }
+    out = tmp_path / "out"
+    subprocess.run([*cli, str(preset), f"weights.path={folder}", "--out", str(out)], **run)
+    x = pixels(2, 30)
+    np.save(tmp_path / "x.npy", x)
+    script = (
+        "import builder, numpy as np, sys; "
+        f"np.save(sys.argv[2], builder.load(sys.argv[1])(np.load({str(tmp_path / 'x.npy')!r})))"
+    )
+    subprocess.run(
+        [sys.executable, "-c", script, str(out / "mine" / "llvm"), str(tmp_path / "y.npy")], **run
+    )
+    assert_close(np.load(tmp_path / "y.npy"), encode_image(model, x, normalize=False))
+
+
+@pytest.mark.parity
+def test_open_clip_pickle_gelu_normalized(tmp_path):
+    """GELU, the repo's `open_clip_pytorch_model.bin` (torch.load(weights_only=True)),
+    encode_image(normalize=True)."""
+    folder = tmp_path / "hub"
+    model = save_open_clip(folder, quick_gelu=False, safetensors=False)
+    assert [p.name for p in open_checkpoint(folder).files] == ["open_clip_pytorch_model.bin"]
+    imported = import_config(folder / "open_clip_config.json").preset
+    assert imported["model"]["hidden_act"] == "gelu"
+    overrides = [f"model.{k}={v}" for k, v in imported["model"].items()]
+    overrides += [f"weights.path={folder}", "model.normalize_embeds=true"]
+    encoder = build_and_load("clip-vit-b-32", overrides, tmp_path / "out")
+    x = pixels(3, 30, seed=4)
+    ours = encoder(x)
+    assert_close(ours, encode_image(model, x, normalize=True))
+    assert np.allclose(np.linalg.norm(ours, axis=-1), 1, atol=1e-6)
+
+
+@pytest.mark.parity
+def test_timm_clip_vit(tmp_path):
+    """timm's CLIP ViT (its `head` Linear, with a bias, is the projection), saved by timm's
+    `save_for_hf`; `build import` of its config.json."""
+    _, timm = open_clip_and_timm()
+    from timm.models._hub import save_for_hf
+
+    args = {"embed_dim": 32, "depth": 3, "num_heads": 4, "mlp_ratio": 2.5, "patch_size": 8}
+    args["img_size"] = 30
+    model = timm.create_model("vit_base_patch16_clip_224", num_classes=24, **args)
+    randomize(model)
+    save_for_hf(model, tmp_path / "hub", model_args=args, safe_serialization=True)
+    imported = import_config(tmp_path / "hub" / "config.json").preset
+    assert imported["model"]["projection_bias"] is True
+    overrides = [f"model.{k}={v}" for k, v in imported["model"].items()]
+    encoder = build_and_load(
+        "clip-vit-b-32", [*overrides, f"weights.path={tmp_path / 'hub'}"], tmp_path / "out"
+    )
+    x = pixels(2, 30)
+    with torch.inference_mode():
+        assert_close(encoder(x), model(torch.from_numpy(x)).numpy())
+
+
+@pytest.mark.parity
+def test_hf_image_embeds(tmp_path):
+    """HF's CLIPVisionModelWithProjection: `visual_projection` beside the tower."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from .conftest import TINY
+
+    model = randomize(CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY, projection_dim=24)))
+    model.save_pretrained(tmp_path / "hf")
+    overrides = tiny_overrides(projection_dim=24, output="embeds", feature_layer=-1)
+    overrides += ["model.post_layernorm=true", f"weights.path={tmp_path / 'hf'}"]
+    encoder = build_and_load("clip-vit-b-32", overrides, tmp_path / "out")
+    x = pixels(2, 30)
+    with torch.inference_mode():
+        assert_close(encoder(x), model(torch.from_numpy(x)).image_embeds.numpy())
+
+
+@pytest.mark.unit
+def test_siglip_embeds_are_its_pooled_output():
+    """SigLIP has no projection: its embedding is the head's pooled vector, the same graph."""
+    from builder.assemble import output_shape
+
+    pooled, embeds = (
+        load_preset("siglip-base-16-224", tiny_overrides(output=o)) for o in ("pooled", "embeds")
+    )
+    assert parameter_shapes(embeds.model, embeds.blocks) == parameter_shapes(
+        pooled.model, pooled.blocks
+    )
+    assert output_shape(embeds.model, embeds.blocks) == ["batch", 32]
+
+
+@pytest.mark.unit
+def test_fused_qkv_of_the_wrong_shape(quick_gelu_repo, tmp_path):
+    """One line naming the file, the key and the shapes, and exit 2."""
+    from builder.cli import main
+
+    folder, _ = quick_gelu_repo
+    state = load_file(folder / "open_clip_model.safetensors")
+    key = "visual.transformer.resblocks.1.attn.in_proj_weight"
+    state[key] = np.zeros((97, 32), np.float32)
+    bad = tmp_path / "open_clip_model.safetensors"
+    save_file(state, bad)
+    preset = tmp_path / "p.yaml"
+    preset.write_text(yaml.safe_dump(import_config(folder / "open_clip_config.json").preset))
+    resolved = load_preset(str(preset), [f"weights.path={bad}"])
+    with pytest.raises(InputError) as e:
+        load_weights(resolved, parameter_shapes(resolved.model, resolved.blocks))
+    assert e.value.lines == [
+        f"{bad}: {key!r} has shape [97, 32]: a fused tensor of 3 equal parts (q_proj, k_proj, "
+        "v_proj) on axis 0; the preset needs [96, 32] (3 x [32, 32])"
+    ]
+    assert main([str(preset), f"weights.path={bad}", "--out", str(tmp_path / "o")]) == 2
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("RN50", "model_cfg.vision_cfg.layers: [3, 4, 6, 3] is a ModifiedResNet tower"),
+        ("convnext_base", "model_cfg.vision_cfg.timm_model_name: 'convnext_base' is a timm tower"),
+    ],
+)
+def test_non_vit_open_clip_configs(name, message, tmp_path, capsys):
+    """open_clip's own model configs of other towers, as a hub repo holds them: exit 2, one
+    line naming the file and the field."""
+    from builder.cli import main
+
+    open_clip, _ = open_clip_and_timm()
+    shipped = Path(open_clip.__file__).parent / "model_configs" / f"{name}.json"
+    config = tmp_path / "open_clip_config.json"
+    config.write_text(json.dumps({"model_cfg": json.loads(shipped.read_text())}))
+    assert main(["import", str(config), "--out", str(tmp_path / "p.yaml")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"{config}: {message}") and "only" in line
+    assert not (tmp_path / "p.yaml").exists()
+
+
+@pytest.mark.unit
+def test_pickles_need_torch(quick_gelu_repo, tmp_path, monkeypatch):
+    folder, model = quick_gelu_repo
+    torch.save(model.state_dict(), tmp_path / "open_clip_pytorch_model.bin")
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` fails
+    with pytest.raises(InputError) as e:
+        open_checkpoint(tmp_path)
+    assert e.value.lines == [
+        f"{tmp_path / 'open_clip_pytorch_model.bin'}: a PyTorch pickle; reading it needs torch "
+        "(pip install 'clip-tvm-builder[torch]'), or convert it to safetensors"
+    ]
