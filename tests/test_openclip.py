@@ -8,6 +8,8 @@ sizes (30 px at patch 8, MLP ratio 2.5, head width 8, embedding width 24)."""
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -242,3 +244,63 @@ def test_pickles_need_torch(quick_gelu_repo, tmp_path, monkeypatch):
         f"{tmp_path / 'open_clip_pytorch_model.bin'}: a PyTorch pickle; reading it needs torch "
         "(pip install 'clip-tvm-builder[torch]'), or convert it to safetensors"
     ]
+
+
+# Each shipped open_clip preset: (open_clip model config, pretrained tag).
+SHIPPED = {
+    "open-clip-vit-h-14-laion2b": ("ViT-H-14", "laion2b_s32b_b79k"),
+    "open-clip-vit-bigg-14-laion2b": ("ViT-bigG-14", "laion2b_s39b_b160k"),
+    "open-clip-vit-l-14-openai": ("ViT-L-14", "openai"),
+    "dfn5b-clip-vit-h-14-378": ("ViT-H-14-378", "dfn5b"),
+}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("preset", sorted(SHIPPED))
+def test_presets_are_open_clips_configs(preset, tmp_path):
+    """The preset equals `build import` of the open_clip_config.json that open_clip's own
+    model config and pretrained entry make (its QuickGELU and preprocessing included)."""
+    open_clip, _ = open_clip_and_timm()
+    name, tag = SHIPPED[preset]
+    model_cfg = open_clip.get_model_config(name)
+    pretrained = open_clip.get_pretrained_cfg(name, tag)
+    model_cfg["quick_gelu"] = pretrained.get("quick_gelu", model_cfg.get("quick_gelu", False))
+    keys = ("mean", "std", "interpolation", "resize_mode")
+    config = {"model_cfg": model_cfg, "preprocess_cfg": {k: pretrained[k] for k in keys}}
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(config))
+    imported = import_config(tmp_path / "open_clip_config.json").preset
+    (tmp_path / "imported.yaml").write_text(yaml.safe_dump(imported))
+    ours = load_preset(preset)
+    theirs = load_preset(str(tmp_path / "imported.yaml"), ["model.normalize_embeds=true"])
+    assert (ours.model, ours.preprocess) == (theirs.model, theirs.preprocess)
+
+
+@pytest.mark.e2e
+def test_the_embeddings_doc_runs_as_written(quick_gelu_repo, tmp_path, monkeypatch, capsys):
+    """docs/embeddings.md's commands and code, in order, with only `CKPT`, `checkpoint` (the
+    tiny repo) changed, on generated JPEGs; its own asserts check the norms and open_clip."""
+    from PIL import Image
+
+    folder, _ = quick_gelu_repo
+    text = (REPO / "docs" / "embeddings.md").read_text()
+    (bash,) = re.findall(r"```bash\n(.*?)```", text, re.S)
+    python = re.findall(r"```python\n(.*?)```", text, re.S)
+    bash, swapped = re.subn(r"^CKPT=.*$", f"CKPT={folder}", bash, flags=re.M)
+    assert swapped == 1 and len(python) == 2
+    rng = np.random.default_rng(0)
+    (tmp_path / "photos").mkdir()
+    for i, size in enumerate([(40, 30), (30, 55), (64, 64), (33, 31)]):
+        pixels_ = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+        Image.fromarray(pixels_).save(tmp_path / "photos" / f"{i}.jpg")
+    shell = f'build() {{ {sys.executable} -m builder "$@"; }}\nset -e\n{bash}'
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    subprocess.run(["bash", "-c", shell], cwd=tmp_path, env=env, check=True, capture_output=True)
+    open_clip_and_timm()  # the doc imports open_clip (torchvision's stand-in where missing)
+    monkeypatch.chdir(tmp_path)
+    code, swapped = re.subn(
+        r"^checkpoint = .*$", f"checkpoint = {str(folder)!r}", "\n".join(python), flags=re.M
+    )
+    assert swapped == 1
+    exec(compile(code, "docs/embeddings.md", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 5 and printed[-1].startswith("max abs error / max |open_clip|: ")

@@ -56,7 +56,7 @@ def add_positions(tokens: Tensor, position_embedding: nn.Embedding) -> Tensor:
 
 def l2_normalize(x: Tensor) -> Tensor:
     """x / max(|x|, 1e-12) over the last axis, as torch's F.normalize."""
-    norm = op.sqrt(op.sum(x * x, axis=-1, keepdims=True))  # (B, 1)
+    norm = op.sqrt(op.sum(op.square(x), axis=-1, keepdims=True))  # (B, 1)
     return x / op.maximum(norm, op.full(norm.shape, 1e-12, dtype=x.dtype))
 
 

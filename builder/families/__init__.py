@@ -105,6 +105,10 @@ class Family:
     variants: tuple[dict[str, Any], ...] = ()
     # Other HF (model, config) classes the tower equals, checked like `reference`.
     also_equals: tuple[tuple[str, str], ...] = ()
+    # The HF (model, config) classes whose `image_embeds` the embeds output equals, where the
+    # family has an embedding projection (CLIP's CLIPVisionModelWithProjection); None: the
+    # embedding is `reference`'s pooler_output.
+    embeds_reference: tuple[str, str] | None = None
     # Other checkpoint layouts of the tower (open_clip's, timm's), tried after `names`: a
     # checkpoint is read with the first layout whose anchor one of its keys ends with.
     layouts: tuple[NameMap, ...] = ()

@@ -85,6 +85,7 @@ FAMILY = register(
         hf_values={"hidden_act": ACTIVATIONS},
         own_fields=("vocab_size", "pre_layernorm", "projection_bias"),
         also_equals=(("MetaClip2VisionModel", "MetaClip2VisionConfig"),),
+        embeds_reference=("CLIPVisionModelWithProjection", "CLIPVisionConfig"),
         layouts=(OPEN_CLIP, TIMM),
     )
 )
