@@ -41,7 +41,6 @@ VISION_FIXED: dict[str, Any] = {
     "scale_attn": False,
     "scale_fc": False,
     "timm_model_name": None,
-    "proj_type": "linear",
     "act_kwargs": None,
 }
 # Settings that change nothing at inference: read and dropped without a note.
@@ -189,10 +188,9 @@ def _open_clip(path: Path, cfg: dict[str, Any]) -> tuple[dict, dict, list[str], 
         "hidden_act": "quick_gelu" if model_cfg.get("quick_gelu", False) else "gelu",
         "layer_norm_eps": eps,
         "pre_layernorm": not vision.get("no_ln_pre", False),
-        "projection_bias": bool(vision.get("proj_bias", False)),
     }
     read = ["width", "layers", "head_width", "mlp_ratio", "patch_size", "image_size"]
-    read += ["norm_kwargs", "no_ln_pre", "proj_bias", "class_token", *VISION_FIXED, *VISION_INERT]
+    read += ["norm_kwargs", "no_ln_pre", "class_token", *VISION_FIXED, *VISION_INERT]
     used = [at + k for k in read] + [where + "embed_dim", where + "quick_gelu"]
     preprocess, more = _open_clip_preprocess(path, cfg.get("preprocess_cfg"))
     kind = "open_clip_config" if where else "open_clip model config"
@@ -310,3 +308,28 @@ def _timm_preprocess(path: Path, cfg: dict[str, Any], image_size: int) -> dict[s
         "mean": [float(x) for x in cfg.get("mean", CLIP_MEAN)],
         "std": [float(x) for x in cfg.get("std", CLIP_STD)],
     }
+
+
+CONFIG = "open_clip_config.json"
+
+
+def check_config(path: str | Path, model: CLIPVisionConfig) -> None:
+    """Compare the tower fields of an `open_clip_config.json` beside the checkpoint (if any)
+    with the preset's: a difference is an error naming both, never a silent choice (a
+    QuickGELU repo built with GELU has the same shapes and wrong numbers)."""
+    from .hf_import import _read
+
+    root = Path(path)
+    config = (root if root.is_dir() else root.parent) / CONFIG
+    if not config.is_file():
+        return
+    theirs, _, _, _ = _open_clip(config, _read(config))
+    errors = [
+        f"{config}: {name} is {value!r} but the preset has model.{name} "
+        f"{getattr(model, name)!r}; change the preset (or override model.{name}={value}) to "
+        "match the checkpoint"
+        for name, value in theirs.items()
+        if getattr(model, name) != value
+    ]
+    if errors:
+        raise InputError(errors)

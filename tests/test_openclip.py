@@ -304,3 +304,19 @@ def test_the_embeddings_doc_runs_as_written(quick_gelu_repo, tmp_path, monkeypat
     exec(compile(code, "docs/embeddings.md", "exec"), {})
     printed = capsys.readouterr().out.splitlines()
     assert len(printed) == 5 and printed[-1].startswith("max abs error / max |open_clip|: ")
+
+
+@pytest.mark.unit
+def test_open_clip_config_beside_the_weights_is_compared(quick_gelu_repo, tmp_path):
+    """A QuickGELU repo built as GELU has the right shapes and wrong numbers: an error."""
+    folder, _ = quick_gelu_repo
+    preset = tmp_path / "p.yaml"
+    preset.write_text(yaml.safe_dump(import_config(folder / "open_clip_config.json").preset))
+    resolved = load_preset(str(preset), [f"weights.path={folder}", "model.hidden_act=gelu"])
+    with pytest.raises(InputError) as e:
+        load_weights(resolved, parameter_shapes(resolved.model, resolved.blocks))
+    assert e.value.lines == [
+        f"{folder / 'open_clip_config.json'}: hidden_act is 'quick_gelu' but the preset has "
+        "model.hidden_act 'gelu'; change the preset (or override model.hidden_act=quick_gelu) "
+        "to match the checkpoint"
+    ]

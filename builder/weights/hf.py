@@ -102,9 +102,10 @@ def _named(ckpt: Checkpoint) -> Path:
 
 def checkpoint_files(path: str | Path) -> list[Path]:
     """Every file a build reads from the checkpoint at `path`: its safetensors files, and its
-    index and config.json where present (the build cache hashes them)."""
+    index, config.json and open_clip_config.json where present (the build cache hashes
+    them)."""
     ckpt = open_checkpoint(path)
-    extra = [ckpt.root / INDEX, ckpt.root / "config.json"]
+    extra = [ckpt.root / INDEX, ckpt.root / "config.json", ckpt.root / "open_clip_config.json"]
     return ckpt.files + [f for f in extra if f.is_file()]
 
 
