@@ -139,11 +139,21 @@ def _check(path: Path, where: str, value: Any, allowed: Any, errors: list[str]) 
         errors.append(f"{path}: {where}: {value!r} is not supported; supported: {shown}")
 
 
+def _positive(path: Path, where: str, value: Any, integer: bool, errors: list[str]) -> None:
+    kinds, what = (int, "integer") if integer else (int | float, "number")
+    if not isinstance(value, kinds) or isinstance(value, bool) or value <= 0:
+        errors.append(f"{path}: {where}: {value!r} is not a positive {what}")
+
+
 def _side(path: Path, where: str, value: Any) -> int:
-    if isinstance(value, list) and len(value) == 2 and value[0] == value[1]:
+    if isinstance(value, list):
+        if len(value) != 2 or value[0] != value[1]:
+            raise InputError(f"{path}: {where} is {value!r}; only square sizes are supported")
         value = value[0]
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise InputError(f"{path}: {where} is {value!r}; only square sizes are supported")
+    errors: list[str] = []
+    _positive(path, where, value, True, errors)
+    if errors:
+        raise InputError(errors)
     return value
 
 
@@ -155,7 +165,7 @@ def _open_clip(path: Path, cfg: dict[str, Any]) -> tuple[dict, dict, list[str], 
     at = f"{where}vision_cfg."
     errors = []
     layers = vision.get("layers", 12)
-    if not isinstance(layers, int) or isinstance(layers, bool):
+    if isinstance(layers, list):
         errors.append(
             f"{path}: {at}layers: {layers!r} is a ModifiedResNet tower; only ViT towers are "
             "supported (vision_cfg.layers an integer)"
@@ -169,7 +179,12 @@ def _open_clip(path: Path, cfg: dict[str, Any]) -> tuple[dict, dict, list[str], 
     for key, allowed in VISION_FIXED.items():
         if key != "timm_model_name":
             _check(path, at + key, vision.get(key, allowed), allowed, errors)
-    _check(path, at + "class_token", vision.get("class_token", True), True, errors)
+    numbers = {"width": 768, "head_width": 64, "mlp_ratio": 4.0, "embed_dim": 512}
+    if not isinstance(layers, list):
+        numbers["layers"] = 12
+    for key, default in numbers.items():
+        place, within = (where, model_cfg) if key == "embed_dim" else (at, vision)
+        _positive(path, place + key, within.get(key, default), isinstance(default, int), errors)
     if errors:
         raise InputError(errors)
     width = vision.get("width", 768)
@@ -190,7 +205,7 @@ def _open_clip(path: Path, cfg: dict[str, Any]) -> tuple[dict, dict, list[str], 
         "pre_layernorm": not vision.get("no_ln_pre", False),
     }
     read = ["width", "layers", "head_width", "mlp_ratio", "patch_size", "image_size"]
-    read += ["norm_kwargs", "no_ln_pre", "class_token", *VISION_FIXED, *VISION_INERT]
+    read += ["norm_kwargs", "no_ln_pre", *VISION_FIXED, *VISION_INERT]
     used = [at + k for k in read] + [where + "embed_dim", where + "quick_gelu"]
     preprocess, more = _open_clip_preprocess(path, cfg.get("preprocess_cfg"))
     kind = "open_clip_config" if where else "open_clip model config"
@@ -268,7 +283,10 @@ def _timm(path: Path, cfg: dict[str, Any]) -> tuple[dict, dict, list[str], str]:
                 f"{path}: model_args.{key}: not supported; supported: "
                 f"{[*TIMM_ARGS, 'mlp_ratio', 'act_layer', *TIMM_TOP]}"
             )
-    if "mlp_ratio" in args:
+    for key in ("embed_dim", "mlp_ratio"):
+        if key in args:
+            _positive(path, f"model_args.{key}", args[key], key == "embed_dim", errors)
+    if "mlp_ratio" in args and not errors:
         model["intermediate_size"] = int(model["hidden_size"] * args["mlp_ratio"])
     cfg = {**cfg, **{k: args[k] for k in TIMM_TOP if k in args}}
     classes = cfg.get("num_classes", 0)
@@ -301,6 +319,9 @@ def _timm_preprocess(path: Path, cfg: dict[str, Any], image_size: int) -> dict[s
     if errors:
         raise InputError(errors)
     crop_pct = cfg.get("crop_pct") or 1.0
+    _positive(path, at + "crop_pct", crop_pct, False, errors)
+    if errors:
+        raise InputError(errors)
     return {
         "resample": resample,
         "size": math.floor(image_size / crop_pct),

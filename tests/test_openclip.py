@@ -320,3 +320,40 @@ def test_open_clip_config_beside_the_weights_is_compared(quick_gelu_repo, tmp_pa
         "model.hidden_act 'gelu'; change the preset (or override model.hidden_act=quick_gelu) "
         "to match the checkpoint"
     ]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (
+            {"model_cfg": {"vision_cfg": {"width": "wide"}}},
+            "model_cfg.vision_cfg.width: 'wide' is not a positive integer",
+        ),
+        (
+            {"vision_cfg": {"image_size": [224, 160]}},
+            "vision_cfg.image_size is [224, 160]; only square sizes are supported",
+        ),
+        (
+            {"vision_cfg": {"pool_type": "avg"}},
+            "vision_cfg.pool_type: 'avg' is not supported; supported: 'tok'",
+        ),
+        (
+            {"model_cfg": {"vision_cfg": {}}, "preprocess_cfg": {"resize_mode": "longest"}},
+            "preprocess_cfg.resize_mode: 'longest' is not supported; supported: "
+            "['shortest', 'squash']",
+        ),
+        (
+            {"architecture": "vit_base_patch16_clip_224", "num_classes": 0},
+            "num_classes: 0: the model has no head, so no embedding",
+        ),
+    ],
+    ids=["type", "not-square", "pooling", "resize-mode", "no-head"],
+)
+def test_bad_open_clip_and_timm_configs(config, message, tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(InputError) as e:
+        import_config(path)
+    (line,) = e.value.lines
+    assert line.startswith(f"{path}: {message}")

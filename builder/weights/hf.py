@@ -170,6 +170,21 @@ def local_names(names: NameMap, local: str) -> list[tuple[str, tuple[int, int, i
     return [(local, None)]
 
 
+def _local_key(key: str, tower: str, names: NameMap) -> str | None:
+    """The key's local part: under the tower's prefix, or a key of the layout's `beside` one
+    level above that prefix; None: not the tower's."""
+    if key.startswith(tower):
+        return key[len(tower) :]
+    if not tower:
+        return None  # no level above
+    parent = tower[:-1].rpartition(".")[0]
+    parent += "." if parent else ""
+    rest = key[len(parent) :]
+    if key.startswith(parent) and any(rest.startswith(b) for b in names.beside):
+        return rest
+    return None
+
+
 def _squeezed(shape: tuple[int, ...] | list[int]) -> list[int]:
     shape = list(shape)
     while len(shape) > 1 and shape[0] == 1:
@@ -230,8 +245,6 @@ def read_tower(
     """
     ckpt = open_checkpoint(path)
     names, tower = find_tower(ckpt, family)
-    # One level above the tower's prefix, where `names.beside` keys sit (None: no level).
-    parent = tower[:-1].rpartition(".")[0] + "." if "." in tower[:-1] else ("" if tower else None)
     projector = None
     if any(name.startswith(OUR_PROJECTOR) for name in needed):
         projector = projector_prefix(ckpt)
@@ -246,10 +259,7 @@ def read_tower(
         if projector is not None and key.startswith(projector):
             mapped_names = [(OUR_PROJECTOR + key[len(projector) :], None)]
             ours = ""
-        elif key.startswith(tower) or (
-            parent is not None and key[len(parent) :].startswith(names.beside or ("\x00",))
-        ):
-            local = key[len(tower) :] if key.startswith(tower) else key[len(parent) :]
+        elif (local := _local_key(key, tower, names)) is not None:
             if any(re.search(pattern, local) for pattern in names.ignore):
                 used += 1
                 ignored += 1
