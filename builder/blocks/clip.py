@@ -198,7 +198,7 @@ class CLIPEncoder(nn.Module):
 class CLIPVisionTransformer(nn.Module):
     """Embeddings -> the family's pre-norm (CLIP's pre-LayerNorm) -> encoder; the family's
     final norm on the final state when it is selected; the `blocks.head` pooling block when
-    `model.output` is pooled."""
+    `model.output` is pooled or embeds, and the embedding projection for embeds."""
 
     def __init__(self, config: TowerConfig, blocks: BlocksConfig):
         self.embeddings = create(blocks.embeddings, "embeddings", config, blocks)
@@ -236,7 +236,7 @@ class CLIPVisionTransformer(nn.Module):
 class CLIPVisionModel(nn.Module):
     """The top module: selects the feature layer(s) and the tokens a language model gets, then
     applies the projector if `blocks.projector` names one; or returns the pooled vector of the
-    tower's head."""
+    tower's head, through the embedding projection and normalized for `embeds`."""
 
     def __init__(self, config: TowerConfig, blocks: BlocksConfig):
         self.feature_layers = config.feature_layers
