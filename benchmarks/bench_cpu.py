@@ -138,6 +138,41 @@ def _over(a: float, b: float | None) -> float | None:
     return None if b is None else a / b
 
 
+def open_clip_model(preset):
+    """open_clip's CLIP with the preset's image tower (its `encode_image`: normalized when the
+    preset normalizes), cut to the layers the artifact computes; None for a preset whose
+    output is not the embedding of a CLIP tower, or without open_clip installed."""
+    model = preset.model
+    if preset.family != "clip" or model.output != "embeds" or model.projection_bias:
+        return None
+    try:
+        from tests.peers import open_clip_and_timm
+
+        open_clip, _ = open_clip_and_timm()
+    except ImportError as e:
+        print(f"no open_clip peer: {e}", file=sys.stderr)
+        return None
+    import torch
+
+    vision = {
+        "width": model.hidden_size,
+        "layers": model.num_layers_computed,
+        "head_width": model.head_dim,
+        "mlp_ratio": model.intermediate_size / model.hidden_size,
+        "patch_size": model.patch_size,
+        "image_size": model.image_size,
+        "no_ln_pre": not model.pre_layernorm,
+    }
+    text = {"context_length": 2, "vocab_size": 2, "width": 64, "heads": 1, "layers": 1}
+    torch.manual_seed(0)
+    clip = open_clip.CLIP(
+        model.projection_dim, vision, text, quick_gelu=model.hidden_act == "quick_gelu"
+    )
+    if clip.visual.transformer.resblocks[0].mlp.c_fc.out_features != model.intermediate_size:
+        raise ValueError(f"{preset.name}: open_clip's MLP width (int(width x ratio)) differs")
+    return clip.eval()
+
+
 def onnx_session(hf, model, threads: int, path: Path):
     import onnxruntime as ort
     import torch
@@ -299,6 +334,7 @@ def bench_preset(name: str, args: argparse.Namespace, workdir: Path, sample_peak
     session, no_onnx = onnx_session(hf, model, args.threads, workdir / f"{name}.onnx")
     if no_onnx:
         note += f"; onnxruntime not timed: {no_onnx}"
+    peer = open_clip_model(preset)
     rows = []
     for batch in args.batches:
         shape = (batch, 3, model.image_size, model.image_size)
@@ -314,6 +350,13 @@ def bench_preset(name: str, args: argparse.Namespace, workdir: Path, sample_peak
             runners["ort"] = lambda x=x, session=session: session.run(None, {"pixel_values": x})
         if half:
             runners["half"] = lambda x=x: sixteen_bit_encoder(x)
+        if peer is not None:
+
+            def open_clip_encode(xt=xt):
+                with torch.inference_mode():
+                    return peer.encode_image(xt, normalize=model.normalize_embeds)
+
+            runners["open_clip"] = open_clip_encode
         times = interleaved_times(runners, args.runs, args.seconds)
         ours, eager_s, ort_s = (
             statistics.median(times[k]) if k in times else None
@@ -338,7 +381,14 @@ def bench_preset(name: str, args: argparse.Namespace, workdir: Path, sample_peak
                 ),
                 error,
             )
-        rows.append((name, batch, work, ours, eager_s, ort_s, paired, rounds, sixteen_bit_row))
+        open_clip_row = None
+        if peer is not None:
+            theirs = statistics.median(times["open_clip"])
+            open_clip_row = (theirs, paired_ratio(times["artifact"], times["open_clip"]))
+        rows.append(
+            (name, batch, work, ours, eager_s, ort_s, paired, rounds, sixteen_bit_row)
+            + (open_clip_row,)
+        )
         print(
             f"{name} b{batch}: ours {ours:.3f} s, torch {eager_s:.3f} s, "
             f"ort {_figure(ort_s, '.3f')} s "
@@ -414,7 +464,7 @@ def main() -> int:
         "vs PyTorch, paired | vs onnxruntime, paired | rounds |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, batch, work, ours, eager, ort_s, (p_eager, p_ort), rounds, _ in rows:
+    for name, batch, work, ours, eager, ort_s, (p_eager, p_ort), rounds, *_ in rows:
         lines.append(
             f"| {name} | {batch} | {work:.1f} | {ours:.3f} | {eager:.3f} | "
             f"{_figure(ort_s, '.3f')} | {work / ours:.1f} | {100 * work / ours / peak:.0f}% | "
@@ -429,6 +479,25 @@ def main() -> int:
         "spell of the machine that spans a round cancels).",
         "",
     ]
+    open_clip_rows = [r for r in rows if r[-1] is not None]
+    if open_clip_rows:
+        lines += [
+            "## open_clip",
+            "",
+            "Presets whose output is the image embedding, against open_clip's CLIP with the "
+            "same image tower (`open_clip.CLIP`, `encode_image`, normalized as the preset "
+            "says; PyTorch eager, same threads), timed in the same rounds as the runners "
+            "above.",
+            "",
+            "| preset | batch | artifact s | open_clip s | vs open_clip | vs open_clip, paired |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, batch, _, ours, *_, (theirs, paired) in open_clip_rows:
+            lines.append(
+                f"| {name} | {batch} | {ours:.3f} | {theirs:.3f} | {ours / theirs:.2f} | "
+                f"{paired:.2f} |"
+            )
+        lines.append("")
     if args.half:
         how = {
             "float16": "AVX-512 FP16): the GEMMs multiply float16 operands",
@@ -448,7 +517,8 @@ def main() -> int:
             "vs onnxruntime, paired | error |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
-        for name, batch, work, ours, eager, ort_s, _, _, (sixteen_bit_s, paired, error) in rows:
+        for name, batch, work, ours, eager, ort_s, _, _, sixteen, _ in rows:
+            sixteen_bit_s, paired, error = sixteen
             lines.append(
                 f"| {name} | {batch} | {sixteen_bit_s:.3f} | {work / sixteen_bit_s:.1f} | "
                 f"{sixteen_bit_s / ours:.2f} | {sixteen_bit_s / eager:.2f} | "

@@ -38,8 +38,8 @@ def output_tokens(config: TowerConfig, blocks: BlocksConfig) -> int:
 
 
 def output_shape(config: TowerConfig, blocks: BlocksConfig) -> list[int | str]:
-    if config.output == "pooled":
-        return ["batch", config.hidden_size]
+    if config.pools:
+        return ["batch", config.output_dim]
     width = config.projector_hidden_size if blocks.projector else config.output_dim
     return ["batch", output_tokens(config, blocks), width]
 

@@ -28,10 +28,14 @@ class TowerConfig:
     # "full" keeps the tokens before the patches (CLS, registers), "default" drops them
     # (HF LLaVA's names).
     feature_select_strategy: str = "full"
-    # What the artifact returns: "features" (the selected hidden states, as above) or
+    # What the artifact returns: "features" (the selected hidden states, as above),
     # "pooled" (one vector per image: the `blocks.head` block applied to the normed final
-    # state, HF's `pooler_output`).
+    # state, HF's `pooler_output`) or "embeds" (the pooled vector through the family's
+    # embedding projection where it has one: CLIP's `image_embeds`, open_clip's
+    # `encode_image`; SigLIP's is its pooled output).
     output: str = "features"
+    # L2-normalize the embedding (open_clip's `encode_image(normalize=True)`); embeds only.
+    normalize_embeds: bool = False
     # The family's final norm on the final state (CLIP's post_layernorm, DINOv2's layernorm,
     # AIMv2's rms_norm). None: as in HF's last_hidden_state (`normed_last_state`); False: the
     # raw hidden_states[-1], as VLMs take it. Only valid when the final state is selected.
@@ -78,8 +82,22 @@ class TowerConfig:
         return self.num_layers_computed == self.num_hidden_layers
 
     @property
+    def pools(self) -> bool:
+        """The output is one vector per image, made by the head."""
+        return self.output in ("pooled", "embeds")
+
+    @property
+    def embed_projection(self) -> tuple[int, bool] | None:
+        """The linear map from the pooled vector to the embedding (output width, bias), or
+        None: the embedding is the pooled vector."""
+        return None
+
+    @property
     def output_dim(self) -> int:
-        if self.output == "pooled":
+        projection = self.embed_projection
+        if self.output == "embeds" and projection is not None:
+            return projection[0]
+        if self.pools:
             return self.hidden_size
         return self.hidden_size * len(self.feature_layers)
 
@@ -142,11 +160,11 @@ class TowerConfig:
         return self.normed_last_state if self.post_layernorm is None else self.post_layernorm
 
     def full(self) -> TowerConfig:
-        """The same tower with every layer, its final norm and its head: the parameter names
-        a checkpoint may hold. As many states stay selected, so the projector's input width
-        is unchanged."""
+        """The same tower with every layer, its final norm, its head and its embedding
+        projection: the parameter names a checkpoint may hold. As many states stay selected,
+        so the projector's input width is unchanged."""
         layers = [-1, *self.feature_layers[1:]]
-        return dataclasses.replace(self, feature_layer=layers, output="pooled", post_layernorm=True)
+        return dataclasses.replace(self, feature_layer=layers, output="embeds", post_layernorm=True)
 
     def errors(self) -> list[tuple[tuple[str | int, ...], str]]:
         """Checks of the family's own fields that the schema cannot express: (path, message)."""
@@ -168,7 +186,7 @@ class CLIPVisionConfig(TowerConfig):
     num_attention_heads: int = 12
     num_hidden_layers: int = 12
     patch_size: int = 32
-    # CLIP's visual projection width: recorded from HF configs, not used by the tower.
+    # Width of CLIP's visual projection (`visual_projection`): the embedding's width.
     projection_dim: int = 512
     # Read by nothing: accepted so that MLC LLM's CLIP configs load unchanged.
     vocab_size: int = 49408
@@ -180,10 +198,17 @@ class CLIPVisionConfig(TowerConfig):
     feature_layer: int | list[int] = -2
     # Apply pre_layrnorm to the embeddings before the encoder: CLIP does, SigLIP does not.
     pre_layernorm: bool = True
+    # The visual projection has a bias: timm's CLIP ViTs hold it as `head`, a Linear with one
+    # (HF's and open_clip's have none).
+    projection_bias: bool = False
 
     @property
     def pre_norm(self) -> bool:
         return self.pre_layernorm
+
+    @property
+    def embed_projection(self) -> tuple[int, bool] | None:
+        return self.projection_dim, self.projection_bias
 
     @property
     def normed_last_state(self) -> bool:

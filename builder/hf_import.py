@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from . import families
+from . import families, openclip_import
 from .errors import InputError
 from .families import Family
 from .weights.hf import LLAVA_FIELDS
@@ -86,6 +86,8 @@ def import_config(path: str | Path) -> Imported:
     """Read an HF config.json and map it to a sparse preset (not yet written)."""
     path = Path(path)
     cfg = _read(path)
+    if openclip_import.recognizes(cfg):  # open_clip's or timm's, not HF's
+        return openclip_import.import_config(path, cfg)
     family, vision, prefix = _tower(path, cfg)
     used = {prefix + "model_type", "model_type"}
     model: dict[str, Any] = {}

@@ -468,20 +468,28 @@ def _token_errors(preset: Preset, reported: set[Path_]) -> list[tuple[Path_, str
                 "has none; use 'full'",
             )
         )
-    if m.output == "pooled":
+    if m.normalize_embeds and m.output != "embeds":
+        found.append(
+            (
+                ("model", "normalize_embeds"),
+                f"normalizes the embedding, but model.output is {m.output!r}; "
+                "set model.output: embeds",
+            )
+        )
+    if m.pools:
         if b.projector:
             found.append(
                 (
                     ("blocks", "projector"),
                     f"{b.projector!r} projects the selected features, but model.output is "
-                    "'pooled'; set blocks.projector: null or model.output: features",
+                    f"{m.output!r}; set blocks.projector: null or model.output: features",
                 )
             )
         if not (m.final_norm and m.selects_final_state) and ("model", "output") not in reported:
             found.append(
                 (
                     ("model", "output"),
-                    "'pooled' pools the normed final state (HF's pooler_output); "
+                    f"{m.output!r} pools the normed final state (HF's pooler_output); "
                     "set model.post_layernorm: true and model.feature_layer: -1",
                 )
             )

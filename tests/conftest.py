@@ -115,7 +115,9 @@ def save_siglip_model(folder: Path, seed: int = 0, **fields: Any) -> Any:
 def save_hf_tower(folder: Path, preset: Any, seed: int = 0) -> Any:
     """The HF model a preset describes (its family's reference class), at the preset's
     widths, with every parameter random, saved to `folder` with save_pretrained."""
-    model = randomize(families.get(preset.family).reference_model(preset.model), seed)
+    family = families.get(preset.family)
+    classes = family.embeds_reference if preset.model.output == "embeds" else None
+    model = randomize(family.reference_model(preset.model, classes), seed)
     model.save_pretrained(folder)
     return model
 
@@ -189,10 +191,16 @@ def expected_features(hf_model: Any, config: Any, pixels_: np.ndarray) -> np.nda
 
 
 def expected_output(hf_model: Any, config: Any, pixels_: np.ndarray) -> np.ndarray:
-    """The artifact's output for `config.output`: HF's pooler_output, or the features."""
+    """The artifact's output for `config.output`: HF's image_embeds (or pooler_output where
+    the family has no projection; normalized if asked), pooler_output, or the features."""
     import torch
 
-    if config.output == "pooled":
+    if config.pools:
         with torch.inference_mode():
-            return hf_model(torch.from_numpy(pixels_)).pooler_output.numpy()
+            out = hf_model(torch.from_numpy(pixels_))
+        projected = getattr(out, "image_embeds", None)  # CLIPVisionModelWithProjection's
+        pooled = (out.pooler_output if projected is None else projected).numpy()
+        if config.output == "embeds" and config.normalize_embeds:
+            pooled /= np.linalg.norm(pooled, axis=-1, keepdims=True)
+        return pooled
     return expected_features(hf_model, config, pixels_)

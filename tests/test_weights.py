@@ -167,7 +167,7 @@ def test_llava_config_fields_are_checked(tiny_checkpoint, tmp_path):
     "make, message",
     [
         (lambda d: (d / "junk.txt").write_text("x"), "no .safetensors files"),
-        (lambda d: (d / "pytorch_model.bin").write_bytes(b"x"), "only safetensors is read"),
+        (lambda d: (d / "pytorch_model.bin").write_bytes(b"x"), "not a PyTorch state dict"),
         (lambda d: (d / "model.safetensors").write_bytes(b"\x01"), "shorter than 8 bytes"),
         (
             lambda d: (d / "model.safetensors").write_bytes(b"\x05" + b"\0" * 7 + b"notjs"),

@@ -54,6 +54,12 @@ def add_positions(tokens: Tensor, position_embedding: nn.Embedding) -> Tensor:
     return tokens + op.reshape(position_embedding.weight, (1, rows, d))
 
 
+def l2_normalize(x: Tensor) -> Tensor:
+    """x / max(|x|, 1e-12) over the last axis, as torch's F.normalize."""
+    norm = op.sqrt(op.sum(op.square(x), axis=-1, keepdims=True))  # (B, 1)
+    return x / op.maximum(norm, op.full(norm.shape, 1e-12, dtype=x.dtype))
+
+
 @register("clip_embeddings", kind="embeddings")
 class CLIPVisionEmbeddings(nn.Module):
     """Conv patch embedding (no bias), a learnt CLS token, learnt position embeddings."""
@@ -192,7 +198,7 @@ class CLIPEncoder(nn.Module):
 class CLIPVisionTransformer(nn.Module):
     """Embeddings -> the family's pre-norm (CLIP's pre-LayerNorm) -> encoder; the family's
     final norm on the final state when it is selected; the `blocks.head` pooling block when
-    `model.output` is pooled."""
+    `model.output` is pooled or embeds, and the embedding projection for embeds."""
 
     def __init__(self, config: TowerConfig, blocks: BlocksConfig):
         self.embeddings = create(blocks.embeddings, "embeddings", config, blocks)
@@ -208,8 +214,13 @@ class CLIPVisionTransformer(nn.Module):
             create(norm, "norm", config.hidden_size, config.norm_eps) if final else None
         )
         # HF keeps SigLIP's head inside the tower (`vision_model.head.*`): so do we.
-        pooled = config.output == "pooled"
-        self.head = create(blocks.head, "head", config, blocks) if pooled else None
+        self.head = create(blocks.head, "head", config, blocks) if config.pools else None
+        # The embedding projection (CLIP's `visual_projection`, which HF keeps beside the
+        # tower; the family's name map finds it there).
+        projection = config.embed_projection if config.output == "embeds" else None
+        self.visual_projection = (
+            Linear(config.hidden_size, projection[0], bias=projection[1]) if projection else None
+        )
 
     def forward(self, pixel_values: Tensor) -> list[Tensor]:
         hidden_states = self.embeddings(pixel_values)  # (B, T, D)
@@ -225,11 +236,12 @@ class CLIPVisionTransformer(nn.Module):
 class CLIPVisionModel(nn.Module):
     """The top module: selects the feature layer(s) and the tokens a language model gets, then
     applies the projector if `blocks.projector` names one; or returns the pooled vector of the
-    tower's head."""
+    tower's head, through the embedding projection and normalized for `embeds`."""
 
     def __init__(self, config: TowerConfig, blocks: BlocksConfig):
         self.feature_layers = config.feature_layers
-        self.pooled = config.output == "pooled"
+        self.pooled = config.pools
+        self.normalize = config.output == "embeds" and config.normalize_embeds
         # The preset check refuses "default" when there are no tokens before the patches.
         default = config.feature_select_strategy == "default"
         self.drop_tokens = prefix_tokens(config, blocks) if default else 0
@@ -245,7 +257,11 @@ class CLIPVisionModel(nn.Module):
     def forward(self, pixel_values: Tensor) -> Tensor:
         states = self.vision_model(pixel_values.astype(self.dtype))
         if self.pooled:
-            return self.vision_model.head(states[-1]).astype("float32")  # (B, D)
+            pooled = self.vision_model.head(states[-1])  # (B, D)
+            if self.vision_model.visual_projection is not None:
+                pooled = self.vision_model.visual_projection(pooled)  # (B, E)
+            pooled = pooled.astype("float32")
+            return l2_normalize(pooled) if self.normalize else pooled
         picked = [states[i] for i in self.feature_layers]
         features = picked[0] if len(picked) == 1 else op.concat(picked, dim=-1)  # (B, T, D * n)
         if self.drop_tokens:

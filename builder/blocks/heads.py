@@ -1,7 +1,7 @@
 """Pooling heads: the final (post-LayerNorm) state (B, T, D) -> one vector per image (B, D).
 
 A head is built inside the transformer block (so its parameters are `vision_model.head.*`, as
-in HF's SigLIP checkpoints) and only when `model.output` is "pooled".
+in HF's SigLIP checkpoints) and only when `model.output` is "pooled" or "embeds".
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ builder needs to know about it, as data:
   `blocks:` section overrides it);
 - `names`: how the keys of the family's checkpoints map onto the tower's parameters
   (`NameMap`: prefixes, renames, fused tensors to split, transposes, keys to ignore, position
-  tables that may be resampled);
+  tables that may be resampled); `layouts`: other checkpoint layouts of the same tower
+  (open_clip's, timm's), each a `NameMap`, the checkpoint's found by its anchor;
 - `hf_model_types`: the `model_type`s of the HF configs `build import` reads as this family;
 - `reference`: the HF transformers model and config classes the tower equals (tests and the
   benchmark build them).
@@ -55,6 +56,8 @@ class NameMap:
     """
 
     anchor: str
+    # What the layout is called (the manifest records it): "hf", "open_clip", "timm".
+    name: str = "hf"
     ours: str = "vision_model."
     renames: tuple[tuple[str, str], ...] = ()
     splits: tuple[Split, ...] = ()
@@ -67,6 +70,12 @@ class NameMap:
     # Our local names of learnt position tables -> leading rows that are not grid positions
     # (the class token's); a table of another grid size is resampled (`Family.resample`).
     position_tables: tuple[tuple[str, int], ...] = ()
+    # Regexes of our local names whose checkpoint tensor has extra leading axes of size 1
+    # (timm's `cls_token` (1, 1, D) for our (D,)): dropped.
+    squeeze: tuple[str, ...] = ()
+    # Starts of local keys that sit beside the tower rather than under its prefix, one level
+    # up (HF's `visual_projection.` beside `vision_model.`).
+    beside: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -96,6 +105,18 @@ class Family:
     variants: tuple[dict[str, Any], ...] = ()
     # Other HF (model, config) classes the tower equals, checked like `reference`.
     also_equals: tuple[tuple[str, str], ...] = ()
+    # The HF (model, config) classes whose `image_embeds` the embeds output equals, where the
+    # family has an embedding projection (CLIP's CLIPVisionModelWithProjection); None: the
+    # embedding is `reference`'s pooler_output.
+    embeds_reference: tuple[str, str] | None = None
+    # Other checkpoint layouts of the tower (open_clip's, timm's), tried after `names`: a
+    # checkpoint is read with the first layout whose anchor one of its keys ends with.
+    layouts: tuple[NameMap, ...] = ()
+
+    @property
+    def name_maps(self) -> tuple[NameMap, ...]:
+        """Every layout the family reads, HF's first."""
+        return (self.names, *self.layouts)
 
     def default_blocks(self, model: Any) -> dict[str, str]:
         return self.blocks(model)

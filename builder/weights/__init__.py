@@ -29,5 +29,9 @@ def load_weights(
 
     family = families.get(preset.family)
     check_config(source.path, family, preset.model, preset.blocks.projector)
+    if any(names.name == "open_clip" for names in family.name_maps):
+        from ..openclip_import import check_config as check_open_clip_config
+
+        check_open_clip_config(source.path, preset.model)
     known = parameter_shapes(preset.model.full(), preset.blocks)
     return read_tower(source.path, family, shapes, known)

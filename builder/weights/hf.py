@@ -24,6 +24,9 @@ from ..config import TowerConfig
 from ..errors import InputError
 from ..families import Family, NameMap
 from ..safetensors_io import SafetensorsFile
+from .torch_pickle import SUFFIXES, TorchPickleFile
+
+TensorFile = SafetensorsFile | TorchPickleFile
 
 # LLaVA's projector: `multi_modal_projector.` at the top in transformers 4 hub files and
 # transformers 5 save_pretrained, `model.multi_modal_projector.` in files written from the
@@ -43,17 +46,21 @@ PROJECTOR_FIELDS = {"projector_hidden_act": "gelu", "multimodal_projector_bias":
 class Checkpoint:
     root: Path
     files: list[Path]
-    keys: dict[str, SafetensorsFile] = field(default_factory=dict)
+    keys: dict[str, TensorFile] = field(default_factory=dict)
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
-    """A checkpoint folder (single or sharded) or one .safetensors file."""
+    """A checkpoint folder (single or sharded) or one .safetensors file; PyTorch pickles
+    (`.bin`, `.pt`, `.pth`) where there is no safetensors, when torch is installed."""
     if "\x00" in str(path):
         raise InputError(f"{str(path)!r}: a path cannot hold a NUL byte")
     root = Path(path)
     if root.is_file():
-        if root.suffix != ".safetensors":
-            raise InputError(f"{root}: expected a .safetensors file or a checkpoint folder")
+        if root.suffix not in (".safetensors", *SUFFIXES):
+            raise InputError(
+                f"{root}: expected a .safetensors file, a PyTorch pickle ({', '.join(SUFFIXES)}) "
+                "or a checkpoint folder"
+            )
         files = [root]
         folder = root.parent
     elif root.is_dir():
@@ -75,14 +82,14 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         else:
             files = sorted(root.glob("*.safetensors"))
         if not files:
-            bins = sorted(p.name for p in root.glob("*.bin"))
-            extra = f" (found {bins}: only safetensors is read)" if bins else ""
-            raise InputError(f"{root}: no .safetensors files{extra}")
+            files = sorted(p for p in root.iterdir() if p.suffix in SUFFIXES and p.is_file())
+        if not files:
+            raise InputError(f"{root}: no .safetensors files (nor PyTorch pickles)")
     else:
         raise InputError(f"{root}: no such file or folder")
     ckpt = Checkpoint(folder, files)
     for f in files:
-        shard = SafetensorsFile(f)
+        shard = SafetensorsFile(f) if f.suffix == ".safetensors" else TorchPickleFile(f)
         for key in shard.entries:
             ckpt.keys[key] = shard
     return ckpt
@@ -95,25 +102,29 @@ def _named(ckpt: Checkpoint) -> Path:
 
 def checkpoint_files(path: str | Path) -> list[Path]:
     """Every file a build reads from the checkpoint at `path`: its safetensors files, and its
-    index and config.json where present (the build cache hashes them)."""
+    index, config.json and open_clip_config.json where present (the build cache hashes
+    them)."""
     ckpt = open_checkpoint(path)
-    extra = [ckpt.root / INDEX, ckpt.root / "config.json"]
+    extra = [ckpt.root / INDEX, ckpt.root / "config.json", ckpt.root / "open_clip_config.json"]
     return ckpt.files + [f for f in extra if f.is_file()]
 
 
-def tower_prefix(ckpt: Checkpoint, family: Family) -> str:
-    anchor = family.names.anchor
-    found = sorted(k[: -len(anchor)] for k in ckpt.keys if k.endswith(anchor))
-    if not found:
-        sample = sorted(ckpt.keys)[:5]
-        raise InputError(
-            f"{_named(ckpt)}: no vision tower of the {family.name} family: no key ends with "
-            f"{anchor!r} "
-            f"(keys start {sample}){_other_family(ckpt, family)}"
-        )
-    if len(found) > 1:
-        raise InputError(f"{ckpt.root}: several vision towers, under prefixes {found}")
-    return found[0]
+def find_tower(ckpt: Checkpoint, family: Family) -> tuple[NameMap, str]:
+    """The checkpoint's layout (the first of the family's whose anchor a key ends with) and
+    the tower's prefix in it."""
+    for names in family.name_maps:
+        anchor = names.anchor
+        found = sorted(k[: -len(anchor)] for k in ckpt.keys if k.endswith(anchor))
+        if len(found) > 1:
+            raise InputError(f"{ckpt.root}: several vision towers, under prefixes {found}")
+        if found:
+            return names, found[0]
+    sample = sorted(ckpt.keys)[:5]
+    anchors = " or ".join(f"{n.anchor!r} ({n.name})" for n in family.name_maps)
+    raise InputError(
+        f"{_named(ckpt)}: no vision tower of the {family.name} family: no key ends with "
+        f"{anchors} (keys start {sample}){_other_family(ckpt, family)}"
+    )
 
 
 def _other_family(ckpt: Checkpoint, family: Family) -> str:
@@ -121,10 +132,10 @@ def _other_family(ckpt: Checkpoint, family: Family) -> str:
     is in the checkpoint."""
     from .. import families
 
+    ours = {n.anchor for n in family.name_maps}
     for other in families.all_families():
-        if other.names.anchor != family.names.anchor and any(
-            k.endswith(other.names.anchor) for k in ckpt.keys
-        ):
+        anchors = {n.anchor for n in other.name_maps} - ours
+        if any(k.endswith(a) for a in anchors for k in ckpt.keys):
             return (
                 f"; it looks like a checkpoint of the {other.name} family: set family: "
                 f"{other.name} (or import its config.json with `build import`)"
@@ -138,10 +149,11 @@ class Mapped:
     maybe transposed, maybe a position table to resample."""
 
     key: str
-    shard: SafetensorsFile
+    shard: TensorFile
     part: tuple[int, int, int] | None = None  # (index, count, axis)
     transpose: bool = False
     resample: int | None = None  # leading rows kept when resampling a position table
+    squeeze: bool = False  # leading axes of size 1 dropped
 
 
 def local_names(names: NameMap, local: str) -> list[tuple[str, tuple[int, int, int] | None]]:
@@ -158,16 +170,44 @@ def local_names(names: NameMap, local: str) -> list[tuple[str, tuple[int, int, i
     return [(local, None)]
 
 
+def _local_key(key: str, tower: str, names: NameMap) -> str | None:
+    """The key's local part: under the tower's prefix, or a key of the layout's `beside` one
+    level above that prefix; None: not the tower's."""
+    if key.startswith(tower):
+        return key[len(tower) :]
+    if not tower:
+        return None  # no level above
+    parent = tower[:-1].rpartition(".")[0]
+    parent += "." if parent else ""
+    rest = key[len(parent) :]
+    if key.startswith(parent) and any(rest.startswith(b) for b in names.beside):
+        return rest
+    return None
+
+
+def _squeezed(shape: tuple[int, ...] | list[int]) -> list[int]:
+    shape = list(shape)
+    while len(shape) > 1 and shape[0] == 1:
+        shape.pop(0)
+    return shape
+
+
 def _stored_shape(mapped: Mapped) -> tuple[int, ...]:
     shape = list(mapped.shard.shape(mapped.key))
+    if mapped.squeeze:
+        shape = _squeezed(shape)
     if mapped.part is not None:
         _, count, axis = mapped.part
+        if shape[axis] % count:  # not equal parts: the whole shape, which cannot match
+            return tuple(shape)
         shape[axis] //= count
     return tuple(reversed(shape)) if mapped.transpose else tuple(shape)
 
 
 def _read(mapped: Mapped, want: tuple[int, ...], family: Family) -> np.ndarray:
     array = mapped.shard.read(mapped.key)
+    if mapped.squeeze:
+        array = array.reshape(_squeezed(array.shape))
     if mapped.part is not None:
         index, count, axis = mapped.part
         array = np.split(array, count, axis=axis)[index]
@@ -204,8 +244,7 @@ def read_tower(
     position table of another grid is resampled where the family says how).
     """
     ckpt = open_checkpoint(path)
-    names = family.names
-    tower = tower_prefix(ckpt, family)
+    names, tower = find_tower(ckpt, family)
     projector = None
     if any(name.startswith(OUR_PROJECTOR) for name in needed):
         projector = projector_prefix(ckpt)
@@ -220,8 +259,7 @@ def read_tower(
         if projector is not None and key.startswith(projector):
             mapped_names = [(OUR_PROJECTOR + key[len(projector) :], None)]
             ours = ""
-        elif key.startswith(tower):
-            local = key[len(tower) :]
+        elif (local := _local_key(key, tower, names)) is not None:
             if any(re.search(pattern, local) for pattern in names.ignore):
                 used += 1
                 ignored += 1
@@ -238,13 +276,12 @@ def read_tower(
                 errors.append(unexpected[-1])
                 continue
             transpose = any(re.search(t, local) for t in names.transposes)
-            mapped = Mapped(key, shard, part, transpose, tables.get(local))
+            squeeze = any(re.search(t, local) for t in names.squeeze)
+            mapped = Mapped(key, shard, part, transpose, tables.get(local), squeeze)
             shape = _stored_shape(mapped)
             if shape != known[name] and not _resamplable(mapped, shape, known[name], family):
-                errors.append(
-                    f"{shard.path}: {key!r} has shape {list(shard.shape(key))}, "
-                    f"the preset needs {list(known[name])}"
-                )
+                if part is None or part[0] == 0:  # a fused tensor: one line, not one a part
+                    errors.append(_misshapen(mapped, known[name], mapped_names))
                 misshapen.add(name)
                 continue
             if name in needed:
@@ -265,6 +302,7 @@ def read_tower(
     info = {
         "kind": "hf",
         "family": family.name,
+        "layout": names.name,
         "path": str(Path(path).resolve()),
         "files": [f.name for f in ckpt.files],
         "prefix": tower,
@@ -280,6 +318,22 @@ def read_tower(
     if projector is not None:
         info["projector_prefix"] = projector
     return arrays, info
+
+
+def _misshapen(mapped: Mapped, want: tuple[int, ...], parts: list[tuple[str, Any]]) -> str:
+    """The line for a checkpoint tensor of the wrong shape; a fused one says what it fuses."""
+    stored = list(mapped.shard.shape(mapped.key))
+    head = f"{mapped.shard.path}: {mapped.key!r} has shape {stored}"
+    if mapped.part is None:
+        return f"{head}, the preset needs {list(want)}"
+    _, count, axis = mapped.part
+    whole = list(reversed(want)) if mapped.transpose else list(want)
+    whole[axis] *= count
+    names = ", ".join(local.rsplit(".", 2)[-2] for local, _ in parts)
+    return (
+        f"{head}: a fused tensor of {count} equal parts ({names}) on axis {axis}; the preset "
+        f"needs {whole} ({count} x {list(want)})"
+    )
 
 
 def _resamplable(
