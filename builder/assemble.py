@@ -8,6 +8,7 @@ from tvm.relax.frontend import nn
 from . import blocks as _blocks  # noqa: F401  (registers the built-in blocks)
 from .config import BlocksConfig, TowerConfig
 from .registry import create, prefix_tokens
+from .vlm import projected_tokens
 
 INPUT_NAME = "pixel_values"
 ENTRY = "forward"
@@ -31,10 +32,11 @@ def input_shape(config: TowerConfig) -> list[int | str]:
 
 
 def output_tokens(config: TowerConfig, blocks: BlocksConfig) -> int:
-    """Tokens per image in the features: the patches, plus the tokens before them (class
-    token, registers) unless the "default" strategy drops them."""
+    """Tokens per crop in the features: the patches, plus the tokens before them (class
+    token, registers) unless the "default" strategy drops them; as many or fewer after a
+    projector that merges them (`builder/vlm.py`)."""
     kept = 0 if config.feature_select_strategy == "default" else prefix_tokens(config, blocks)
-    return config.num_patches + kept
+    return projected_tokens(config, blocks.projector, config.num_patches + kept)
 
 
 def output_shape(config: TowerConfig, blocks: BlocksConfig) -> list[int | str]:

@@ -39,6 +39,12 @@ class TowerConfig:
     # Width of the language model the projector feeds (HF LlavaConfig's
     # text_config.hidden_size); used only when `blocks.projector` is set.
     projector_hidden_size: int = 4096
+    # Pixel shuffle of the projectors that merge f x f neighbouring patches into one token of
+    # f^2 times the width (HF Idefics3's scale_factor; InternVL's downsample_ratio is 1 / f).
+    scale_factor: int = 2
+    # Tokens per image after Gemma 3's average pooling (HF Gemma3Config's mm_tokens_per_image;
+    # a square number whose side divides the patch grid's).
+    mm_tokens_per_image: int = 256
     # Keys of an imported HF config that this builder does not use, kept for reference and
     # never read by a block. Presets cannot set it (the schema has no such field).
     kwargs: dict[str, Any] = field(default_factory=dict)
@@ -223,6 +229,9 @@ class PreprocessConfig:
     mean and std 0.5.
     """
 
+    # A first resize of the longest edge to this many pixels, the other edge keeping the
+    # aspect ratio and rounded up to even (HF Idefics3's `size: {longest_edge: N}`); None: none.
+    longest_edge: int | None = None
     # "shortest_edge" keeps the aspect ratio (HF `size: {shortest_edge: N}`); "square" resizes
     # to size x size (HF `size: {height: N, width: N}`).
     resize: str = "shortest_edge"

@@ -108,6 +108,21 @@ def resize_shape(width: int, height: int, steps: PreprocessConfig) -> tuple[int,
     return (new_long, size) if width <= height else (size, new_long)
 
 
+def longest_edge_shape(width: int, height: int, longest: int) -> tuple[int, int]:
+    """(height, width) with the longest edge at `longest` and the other scaled, truncated and
+    then rounded up to even (HF Idefics3's `_resize_output_size_rescale_to_max_len`)."""
+    aspect = width / height
+    if width >= height:
+        width = longest
+        height = int(width / aspect)
+        height += height % 2
+    else:
+        height = longest
+        width = int(height * aspect)
+        width += width % 2
+    return max(height, 1), max(width, 1)
+
+
 def center_crop(pixels: np.ndarray, size: int) -> np.ndarray:
     """(C, H, W) -> (C, size, size) from the center, zero-padded where smaller (HF's rule)."""
     _, h, w = pixels.shape
@@ -131,6 +146,9 @@ def preprocess(
         img = to_rgb(img)
     elif img.mode != "RGB":
         raise InputError(f"{name}: mode {img.mode}, not RGB, and preprocess.convert_rgb is false")
+    if steps.longest_edge:
+        h, w = longest_edge_shape(img.width, img.height, steps.longest_edge)
+        img = img.resize((w, h), resample=_resample(steps.resample))
     h, w = resize_shape(img.width, img.height, steps)
     img = img.resize((w, h), resample=_resample(steps.resample))
     pixels = np.moveaxis(np.asarray(img), -1, 0)  # (3, H, W) uint8

@@ -24,7 +24,7 @@ from jsonschema.exceptions import ValidationError, best_match
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from . import families, inherit, plugins, registry, resources
+from . import families, inherit, plugins, registry, resources, vlm
 from .config import COMMON_TARGET_FIELDS, KIND_FIELDS, Preset, preset_from_dict
 from .errors import InputError
 
@@ -404,6 +404,8 @@ def _semantic_errors(data: dict[str, Any]) -> list[tuple[Path_, str]]:
     if not found:
         found += m.errors()
     found += _token_errors(preset, reported={path for path, _ in found})
+    if not found:
+        found += vlm.projector_errors(preset)
     found.extend(_preprocess_errors(preset))
     seen: dict[str, int] = {}
     for i, target in enumerate(preset.targets):

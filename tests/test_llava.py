@@ -130,9 +130,9 @@ def test_projector_errors(llava_file, tmp_path):
     with pytest.raises(InputError) as e:
         load_weights(preset, needed(preset))
     assert e.value.lines == [
-        f"{tmp_path}: no LLaVA projector (no key ends with "
-        "'multi_modal_projector.linear_1.weight'), but the preset sets blocks.projector; "
-        "set blocks.projector=null for the tower's features alone"
+        f"{tmp_path}: no projector of blocks.projector 'mlp2x_gelu' (no key ends with "
+        "'multi_modal_projector.linear_1.weight'); set blocks.projector=null for the "
+        "tower's features alone"
     ]
     # The language model's width comes from config.json and must agree with the preset.
     wrong = llava_overrides(folder, -2, "default") + ["model.projector_hidden_size=64"]

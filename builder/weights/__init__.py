@@ -30,4 +30,4 @@ def load_weights(
     family = families.get(preset.family)
     check_config(source.path, family, preset.model, preset.blocks.projector)
     known = parameter_shapes(preset.model.full(), preset.blocks)
-    return read_tower(source.path, family, shapes, known)
+    return read_tower(source.path, family, shapes, known, preset.blocks.projector)
