@@ -1,5 +1,5 @@
 """VLM projectors (`builder/vlm.py`, `builder/blocks/projectors.py`): PaliGemma, Gemma 3,
-Idefics3 and InternVL, one crop per image.
+Idefics3, SmolVLM and InternVL, one crop per image.
 
 Each VLM is a tiny HF model with every parameter random (tower, projector and the language
 model), saved with save_pretrained; `build import` of its config.json gives the preset, which
@@ -81,8 +81,9 @@ class Case:
                 boi_token_index=297,
                 eoi_token_index=298,
             )
-        if self.model == "idefics3":
-            return t.Idefics3Config(
+        if self.model in ("idefics3", "smolvlm"):
+            config = t.Idefics3Config if self.model == "idefics3" else t.SmolVLMConfig
+            return config(
                 vision_config=VISION, text_config=_text("llama"), scale_factor=2, image_token_id=299
             )
         square = {"image_size": [SIZE, SIZE], "patch_size": [PATCH, PATCH]}
@@ -101,6 +102,7 @@ class Case:
                 "paligemma": "PaliGemmaForConditionalGeneration",
                 "gemma3": "Gemma3ForConditionalGeneration",
                 "idefics3": "Idefics3ForConditionalGeneration",
+                "smolvlm": "SmolVLMForConditionalGeneration",
                 "internvl": "InternVLForConditionalGeneration",
             }[self.model],
         )
@@ -109,7 +111,7 @@ class Case:
         """HF's get_image_features(...).pooler_output for a batch of single crops."""
         px = torch.from_numpy(x)
         with torch.inference_mode():
-            if self.model == "idefics3":
+            if self.model in ("idefics3", "smolvlm"):
                 out = hf.get_image_features(px[:, None]).pooler_output  # one crop per image
                 return torch.stack(list(out)).numpy()
             if self.model == "internvl":
@@ -127,8 +129,11 @@ class Case:
             return t.SiglipImageProcessorPil(size=square)
         if self.model == "gemma3":
             return t.Gemma3ImageProcessorPil(size=square)
-        if self.model == "idefics3":
-            return t.Idefics3ImageProcessorPil(
+        if self.model in ("idefics3", "smolvlm"):
+            processor = t.Idefics3ImageProcessorPil
+            if self.model == "smolvlm":
+                processor = t.SmolVLMImageProcessorPil
+            return processor(
                 do_image_splitting=False,
                 size={"longest_edge": 4 * SIZE},
                 max_image_size={"longest_edge": SIZE},
@@ -149,6 +154,7 @@ CASES = {
     "paligemma": Case("paligemma", 16, width=40),
     "gemma3": Case("gemma3", 4),
     "idefics3": Case("idefics3", 4),
+    "smolvlm": Case("smolvlm", 4),
     "internvl": Case("internvl", 4),
 }
 
@@ -199,7 +205,7 @@ def test_image_files_through_encode_images(built, tmp_path):
     from PIL import Image
 
     images = [Image.open(p) for p in paths]
-    if case.model == "idefics3":  # a list per sample, else one sample of three images
+    if case.model in ("idefics3", "smolvlm"):  # a list per sample, else one sample of three images
         images = [[image] for image in images]
     hf_pixels = case.processor()(images, return_tensors="np")
     hf_pixels = np.asarray(hf_pixels["pixel_values"], np.float32)
@@ -220,6 +226,7 @@ def test_imported_presets_name_the_projector(built):
         "paligemma": "paligemma_linear",
         "gemma3": "gemma3_projector",
         "idefics3": "idefics3_connector",
+        "smolvlm": "idefics3_connector",
         "internvl": "internvl_projector",
     }
     assert resolved.blocks.projector == want[case.model]
@@ -233,7 +240,8 @@ def test_missing_projector_tensors_are_named(built, tmp_path):
     its config.json."""
     case, _, preset, _, ckpt = built
     state = load_file(ckpt / "model.safetensors")
-    anchor = {"idefics3": "connector."}.get(case.model, "multi_modal_projector.")
+    merged = case.model in ("idefics3", "smolvlm")
+    anchor = "connector." if merged else "multi_modal_projector."
     kept = {k: v for k, v in state.items() if anchor not in k}
     save_file(kept, tmp_path / "model.safetensors")
     resolved = load_preset(preset, [f"weights.path={tmp_path}"])
