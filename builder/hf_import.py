@@ -65,6 +65,9 @@ def _tower(path: Path, cfg: dict[str, Any]) -> tuple[Family, dict[str, Any], str
         family = families.for_model_type(inner) if isinstance(inner, str) else None
         if family is None and inner is None and isinstance(model_type, str):
             family = families.for_model_type(model_type)  # CLIPConfig's tower has no type
+        record = vlm.for_model_type(model_type)
+        if family is None and record is not None:
+            family = families.get(record.family)
         if family is None:
             raise InputError(
                 f"{path}: vision_config.model_type {inner!r} is not a tower this builder "

@@ -34,6 +34,9 @@ class VLM:
     model_types: tuple[str, ...]
     # The HF model whose `get_image_features(...).pooler_output` the artifact equals.
     reference: str
+    # The tower's family, where the vision config's model_type does not say it (older
+    # Idefics3 files give the VLM's own, "idefics3").
+    family: str
     projector: str
     # Dotted path in config.json of the projector's output width (`projector_hidden_size`).
     width: str
@@ -64,6 +67,7 @@ VLMS: tuple[VLM, ...] = (
         name="paligemma",
         model_types=("paligemma",),
         reference="PaliGemmaForConditionalGeneration",
+        family="siglip",
         projector="paligemma_linear",
         width="projection_dim",
         fields={"projection_dim": ("projector_hidden_size", 2048)},
@@ -82,6 +86,7 @@ VLMS: tuple[VLM, ...] = (
         name="gemma3",
         model_types=("gemma3",),
         reference="Gemma3ForConditionalGeneration",
+        family="siglip",
         projector="gemma3_projector",
         width="text_config.hidden_size",
         fields={"mm_tokens_per_image": ("mm_tokens_per_image", 256)},
@@ -98,6 +103,7 @@ VLMS: tuple[VLM, ...] = (
         name="idefics3",
         model_types=("idefics3", "smolvlm"),
         reference="Idefics3ForConditionalGeneration",
+        family="siglip",
         projector="idefics3_connector",
         width="text_config.hidden_size",
         fields={"scale_factor": ("scale_factor", 2)},
@@ -123,6 +129,7 @@ VLMS: tuple[VLM, ...] = (
         name="internvl",
         model_types=("internvl",),
         reference="InternVLForConditionalGeneration",
+        family="internvit",
         projector="internvl_projector",
         width="text_config.hidden_size",
         fields={

@@ -234,7 +234,7 @@ def test_imported_presets_name_the_projector(built):
 
 
 @pytest.mark.unit
-def test_missing_projector_tensors_are_named(built, tmp_path):
+def test_missing_projector_tensors_are_named(built, tmp_path, capsys):
     """A checkpoint without the projector's tensors: one error naming the folder and the key
     searched. And a checkpoint of this VLM with another VLM's projector block is refused by
     its config.json."""
@@ -250,6 +250,12 @@ def test_missing_projector_tensors_are_named(built, tmp_path):
     (line,) = e.value.lines
     assert line.startswith(f"{tmp_path}: no projector of blocks.projector ")
     assert anchor in line
+    # From the command line: exit 2, that one line, no traceback, no artifact.
+    out = tmp_path / "out"
+    assert main(["build", str(preset), f"weights.path={tmp_path}", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert line in err and "Traceback" not in err
+    assert not list(out.glob("*/*/manifest.json"))
     other = "internvl_projector" if case.model != "internvl" else "idefics3_connector"
     wrong = load_preset(preset, [f"weights.path={ckpt}", f"blocks.projector={other}"])
     with pytest.raises(InputError) as e:
@@ -272,3 +278,19 @@ def test_grid_errors_name_the_field(tmp_path, capsys):
     pooled = ["blocks.projector=gemma3_projector", "model.mm_tokens_per_image=15"]
     assert main(["check", "siglip-so400m-14-384", *pooled]) == 2
     assert "model.mm_tokens_per_image: 15 must be a square number" in capsys.readouterr().err
+
+
+@pytest.mark.unit
+def test_import_of_an_older_idefics3_config(tmp_path):
+    """Older Idefics3 files name the VLM's own model_type in vision_config: the record says
+    which family the tower is."""
+    import json
+
+    config = CASES["idefics3"].config().to_dict()
+    config["vision_config"]["model_type"] = "idefics3"
+    source, out = tmp_path / "config.json", tmp_path / "idefics3.yaml"
+    source.write_text(json.dumps(config))
+    assert main(["import", str(source), "--out", str(out)]) == 0
+    preset = load_preset(out)
+    assert (preset.family, preset.blocks.projector) == ("siglip", "idefics3_connector")
+    assert preset.model.hidden_size == VISION["hidden_size"]
