@@ -46,6 +46,18 @@ def output_shape(config: TowerConfig, blocks: BlocksConfig) -> list[int | str]:
     return ["batch", output_tokens(config, blocks), width]
 
 
+def outputs(config: TowerConfig, blocks: BlocksConfig) -> list[dict]:
+    """What `forward` returns, for the manifest: the features (or pooled vector), and
+    LLaVA-NeXT's newline vector after them where the tower has one."""
+    out: list[dict] = [
+        {"name": config.output, "shape": output_shape(config, blocks), "dtype": "float32"}
+    ]
+    if config.image_newline:
+        width = output_shape(config, blocks)[-1]
+        out.append({"name": "image_newline", "shape": [width], "dtype": "float32"})
+    return out
+
+
 def export(
     config: TowerConfig, blocks: BlocksConfig, dtype: str = "float32"
 ) -> tuple[tvm.IRModule, list[tuple[str, tuple[int, ...]]]]:

@@ -45,6 +45,10 @@ class TowerConfig:
     # Tokens per image after Gemma 3's average pooling (HF Gemma3Config's mm_tokens_per_image;
     # a square number whose side divides the patch grid's).
     mm_tokens_per_image: int = 256
+    # LLaVA-NeXT's learnt `image_newline` (one vector of the projector's output width): the
+    # artifact returns it beside the features, and the host appends it to each row of an
+    # anyres grid when it packs the crops of an image (`builder/crops.py`).
+    image_newline: bool = False
     # Keys of an imported HF config that this builder does not use, kept for reference and
     # never read by a block. Presets cannot set it (the schema has no such field).
     kwargs: dict[str, Any] = field(default_factory=dict)
@@ -246,6 +250,10 @@ class PreprocessConfig:
     std: list[float] = field(default_factory=lambda: list(CLIP_STD))
     # Convert to RGB first; transparency is composited onto white (transformers 5).
     convert_rgb: bool = True
+    # LLaVA-NeXT's anyres crops (HF's `image_grid_pinpoints`, (height, width) pairs, each a
+    # multiple of the tower's image size): the image resized into the best of these
+    # resolutions, cut into tiles, after its resized whole; None: one crop per image.
+    image_grid_pinpoints: list[list[int]] | None = None
 
     def resolved(self, image_size: int) -> PreprocessConfig:
         """The same steps with `size` and `crop_size` filled in."""

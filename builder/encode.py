@@ -151,6 +151,12 @@ def plan(req: EncodeRequest) -> Plan:
         raise InputError(str(e)) from e
     if "preprocess" not in manifest:
         raise InputError(f"{req.artifact}: the manifest records no preprocessing; rebuild it")
+    if manifest["preprocess"].get("image_grid_pinpoints"):
+        raise InputError(
+            f"{req.artifact}: its images have variable token counts (anyres crops, "
+            "preprocess.image_grid_pinpoints) and shards hold fixed-size rows; use `build run` "
+            "or Encoder.encode_images"
+        )
     items = list_items(req.inputs, req.column)
     record = {
         "format": FORMAT,

@@ -135,6 +135,9 @@ def import_config(path: str | Path) -> Imported:
             for k, v in record.preprocess.items()
             if getattr(PREPROCESS, k) != v
         }
+        if record.image_grid_pinpoints:
+            pinpoints = cfg.get("image_grid_pinpoints", record.image_grid_pinpoints)
+            steps["image_grid_pinpoints"] = [list(pair) for pair in pinpoints]
         if record.longest_edge_tiles:
             side = config.image_size * record.longest_edge_tiles
             steps = {"longest_edge": side, **steps}
@@ -158,6 +161,9 @@ def _vlm_fields(
     for theirs, value, ours in vlm.read_fields(record, cfg):
         model[ours] = value
         used.add(theirs)
+    if record.image_grid_pinpoints:
+        model["image_newline"] = True
+        used.add("image_grid_pinpoints")
     width = vlm.hf_value(cfg, record.width)
     if width is not None:
         model["projector_hidden_size"] = width

@@ -406,6 +406,7 @@ def _semantic_errors(data: dict[str, Any]) -> list[tuple[Path_, str]]:
     found += _token_errors(preset, reported={path for path, _ in found})
     if not found:
         found += vlm.projector_errors(preset)
+    found += vlm.crop_errors(preset)
     found.extend(_preprocess_errors(preset))
     seen: dict[str, int] = {}
     for i, target in enumerate(preset.targets):

@@ -52,6 +52,8 @@ class VLM:
     # `preprocess.longest_edge` as a multiple of the tower's image size (Idefics3's first
     # resize: 4 x 364 in Idefics3, 4 x 512 in SmolVLM); 0: no such resize.
     longest_edge_tiles: int = 0
+    # HF's default `image_grid_pinpoints` of an anyres VLM (LLaVA-NeXT); None: one crop.
+    image_grid_pinpoints: list[list[int]] | None = None
 
 
 def _inverse(value: Any) -> Any:
@@ -149,6 +151,25 @@ VLMS: tuple[VLM, ...] = (
 )
 
 
+VLMS += (
+    VLM(
+        name="llava_next",
+        model_types=("llava_next",),
+        reference="LlavaNextForConditionalGeneration",
+        family="clip",
+        projector="mlp2x_gelu",
+        width="text_config.hidden_size",
+        fields={
+            "vision_feature_layer": ("feature_layer", -2),
+            "vision_feature_select_strategy": ("feature_select_strategy", "default"),
+        },
+        fixed={"projector_hidden_act": "gelu", "multimodal_projector_bias": True},
+        # LlavaNextImageProcessorPil: each crop as CLIP's processor (the defaults).
+        image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+    ),
+)
+
+
 def for_model_type(model_type: Any) -> VLM | None:
     return next((v for v in VLMS if model_type in v.model_types), None)
 
@@ -229,3 +250,37 @@ def projector_errors(preset: Preset) -> list[tuple[tuple[str | int, ...], str]]:
                 )
             ]
     return []
+
+
+def crop_errors(preset: Preset) -> list[tuple[tuple[str | int, ...], str]]:
+    """Anyres crops: pinpoints that the tower's tiles cut exactly, and the newline vector
+    their packing needs (and only then)."""
+    m, pinpoints = preset.model, preset.preprocess.image_grid_pinpoints
+    found: list[tuple[tuple[str | int, ...], str]] = []
+    for i, pair in enumerate(pinpoints or []):
+        if any(side % m.image_size for side in pair):
+            found.append(
+                (
+                    ("preprocess", "image_grid_pinpoints", i),
+                    f"{pair} is not a multiple of model.image_size {m.image_size} on both "
+                    "sides: the tiles are the tower's size",
+                )
+            )
+    if pinpoints and not m.image_newline:
+        found.append(
+            (
+                ("model", "image_newline"),
+                "false, but preprocess.image_grid_pinpoints packs the grid with the newline "
+                "vector: set image_newline: true",
+            )
+        )
+    if m.image_newline and not pinpoints:
+        found.append(
+            (
+                ("model", "image_newline"),
+                "the newline vector is for anyres grids: set preprocess.image_grid_pinpoints",
+            )
+        )
+    if pinpoints and m.output != "features":
+        found.append((("model", "output"), "anyres crops pack features: set output: features"))
+    return found

@@ -54,7 +54,10 @@ def tiny(preset):
     sizes = {**TINY}
     if full.blocks.projector:
         sizes.update(image_size=32, scale_factor=2, mm_tokens_per_image=4)
-    return load_preset(preset, [f"model.{k}={v}" for k, v in sizes.items() if k in fields])
+    overrides = [f"model.{k}={v}" for k, v in sizes.items() if k in fields]
+    if full.preprocess.image_grid_pinpoints:  # tiles of the tiny tower's size
+        overrides.append("preprocess.image_grid_pinpoints=[[32,64]]")
+    return load_preset(preset, overrides)
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)

@@ -111,7 +111,7 @@ def distinct_towers(paths: list) -> list:
     against HF in tests/test_vlm.py."""
     skip = {"image_size", "projector_hidden_size", "scale_factor", "mm_tokens_per_image"}
     skip |= {"feature_layer", "feature_select_strategy", "post_layernorm", "output"}
-    skip |= {"vision_use_head", "kwargs"}
+    skip |= {"vision_use_head", "image_newline", "kwargs"}
 
     def key(preset):
         m = preset.model

@@ -252,6 +252,25 @@ def read_tower(
                 plan[name] = mapped
             else:
                 skipped += 1
+    # Top-level parameters of the VLM (LLaVA-NeXT's image_newline): the one key that is the
+    # name or ends with it.
+    for name in needed:
+        if name.startswith((names.ours, OUR_PROJECTOR)):
+            continue
+        found = sorted(k for k in ckpt.keys if k == name or k.endswith("." + name))
+        if len(found) > 1:
+            errors.append(f"{ckpt.root}: several keys for {name!r}: {found}")
+        elif found:
+            mapped = Mapped(found[0], ckpt.keys[found[0]])
+            if _stored_shape(mapped) != needed[name]:
+                errors.append(
+                    f"{mapped.shard.path}: {found[0]!r} has shape "
+                    f"{list(_stored_shape(mapped))}, the preset needs {list(needed[name])}"
+                )
+                misshapen.add(name)
+            else:
+                plan[name] = mapped
+                used += 1
     missing = sorted(set(needed) - set(plan) - misshapen)
     if unexpected and (len(unexpected) * 2 > used or len(missing) * 2 > len(needed)):
         # Most keys are not this family's, or most parameters are missing beside keys it does
@@ -308,6 +327,8 @@ def _other_checkpoint(ckpt: Checkpoint, family: Family, lines: list[str], used: 
 def _checkpoint_name(name: str, names: NameMap, tower: str, projector: str | None) -> str:
     """How a missing parameter is named to the user: its checkpoint key where the name map
     is the identity, else our name and the prefix searched."""
+    if not name.startswith(names.ours) and not name.startswith(OUR_PROJECTOR):
+        return f"key {name!r} (model.{name} is set)"
     if projector is not None and name.startswith(OUR_PROJECTOR):
         return f"key {projector + name[len(OUR_PROJECTOR) :]!r}"
     local = name[len(names.ours) :]

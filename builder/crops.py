@@ -1,0 +1,125 @@
+"""Crop schemes, cut on the host around a fixed-size artifact: one image -> a batch of crops
+of the tower's size, and the crops' features -> the one sequence HF's `get_image_features`
+gives the language model.
+
+LLaVA-NeXT's anyres (`preprocess.image_grid_pinpoints`), step for step as HF transformers 5's
+`LlavaNextImageProcessorPil` and `LlavaNextModel.pack_image_features`:
+- the best resolution among the pinpoints (`select_best_resolution`: the most effective
+  pixels, then the least waste); the image resized into it keeping its aspect ratio (sides
+  ceiled, bicubic), centred on black, cut into tiles of the tower's size, row-major; the
+  whole image resized to the tower's square goes first; each crop then through the preset's
+  steps (resize, crop, rescale, normalize);
+- packing: the base crop's tokens, then the tiles' patch grids joined into one grid, its
+  padding rows or columns removed (`unpad_image`), the newline vector appended to each row,
+  row-major.
+
+Imports numpy and Pillow only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .config import PreprocessConfig
+from .errors import InputError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+
+@dataclass
+class Crops:
+    """One image's crops: float32 (n, 3, S, S), its size (height, width) after RGB, and the
+    tile grid (rows, columns)."""
+
+    pixels: np.ndarray
+    size: tuple[int, int]
+    grid: tuple[int, int]
+
+
+def select_best_resolution(size: tuple[int, int], pinpoints: list[list[int]]) -> tuple[int, int]:
+    """(height, width) of the pinpoint that keeps the most of the image's pixels, then wastes
+    the fewest (HF's `select_best_resolution`)."""
+    height, width = size
+    best, most, least = (0, 0), 0, math.inf
+    for h, w in pinpoints:
+        scale = min(w / width, h / height)
+        effective = min(int(width * scale) * int(height * scale), width * height)
+        wasted = w * h - effective
+        if effective > most or (effective == most and wasted < least):
+            best, most, least = (h, w), effective, wasted
+    return best
+
+
+def _fit(size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
+    """(height, width) of the image resized into `target`, aspect kept, sides ceiled (HF's
+    `get_patch_output_size`)."""
+    (height, width), (th, tw) = size, target
+    if tw / width < th / height:
+        return min(math.ceil(height * tw / width), th), tw
+    return th, min(math.ceil(width * th / height), tw)
+
+
+def anyres_crops(image: Image.Image, steps: PreprocessConfig, side: int, name: str) -> Crops:
+    """An RGB PIL image -> its crops, each through `steps` (resolved)."""
+    from PIL import Image
+
+    from . import preprocess
+
+    size = (image.height, image.width)
+    best = select_best_resolution(size, steps.image_grid_pinpoints)
+    h, w = _fit(size, best)
+    resample = preprocess.resample_filter(steps.resample)
+    canvas = np.zeros((best[0], best[1], 3), np.uint8)
+    top, left = (best[0] - h) // 2, (best[1] - w) // 2
+    canvas[top : top + h, left : left + w] = np.asarray(image.resize((w, h), resample=resample))
+    rows, cols = best[0] // side, best[1] // side
+    tiles = [
+        Image.fromarray(canvas[r * side : (r + 1) * side, c * side : (c + 1) * side])
+        for r in range(rows)
+        for c in range(cols)
+    ]
+    base = image.resize((side, side), resample=resample)
+    pixels = [preprocess.preprocess(crop, steps, name) for crop in [base, *tiles]]
+    return Crops(np.stack(pixels), size, (rows, cols))
+
+
+def unpadded(rows: int, cols: int, size: tuple[int, int]) -> tuple[slice, slice]:
+    """The rows and columns of a (rows, cols) grid that hold the image rather than the
+    padding around it (HF's `unpad_image`, its rounding included)."""
+    height, width = size
+    if width / height > cols / rows:
+        new = int(round(height * (cols / width), 7))
+        pad = (rows - new) // 2
+        return slice(pad, rows - pad), slice(0, cols)
+    new = int(round(width * (rows / height), 7))
+    pad = (cols - new) // 2
+    return slice(0, rows), slice(pad, cols - pad)
+
+
+def pack_anyres(
+    features: np.ndarray, crops: Crops, grid_side: int, newline: np.ndarray, name: str
+) -> np.ndarray:
+    """The crops' features (n, grid_side^2, W), base first -> (tokens, W): the base crop's
+    tokens, then the unpadded grid of the tiles with the newline after each row."""
+    base, tiles = features[0], features[1:]
+    width = features.shape[-1]
+    if not len(tiles):
+        return np.concatenate([base, newline[None]])
+    rows, cols = crops.grid
+    grid = tiles.reshape(rows, cols, grid_side, grid_side, width)
+    grid = grid.transpose(0, 2, 1, 3, 4).reshape(rows * grid_side, cols * grid_side, width)
+    keep_rows, keep_cols = unpadded(rows * grid_side, cols * grid_side, crops.size)
+    grid = grid[keep_rows, keep_cols]
+    if not grid.shape[0] or not grid.shape[1]:
+        raise InputError(
+            f"{name}: {crops.size[1]} x {crops.size[0]} pixels is too small for "
+            "preprocess.image_grid_pinpoints: its grid keeps no row or column of patches"
+        )
+    lines = np.broadcast_to(newline, (grid.shape[0], 1, width))
+    grid = np.concatenate([grid, lines], axis=1).reshape(-1, width)  # rows, newline each
+    return np.concatenate([base, grid])
