@@ -254,6 +254,10 @@ class PreprocessConfig:
     # multiple of the tower's image size): the image resized into the best of these
     # resolutions, cut into tiles, after its resized whole; None: one crop per image.
     image_grid_pinpoints: list[list[int]] | None = None
+    # LLaVA-OneVision's "anyres_max_N" (HF's vision_aspect_ratio): a packed grid larger than
+    # N tiles' worth of patches (by more than 1.1 x in side) is resized down, bilinear;
+    # None: never (LLaVA-NeXT).
+    vision_aspect_ratio: str | None = None
 
     def resolved(self, image_size: int) -> PreprocessConfig:
         """The same steps with `size` and `crop_size` filled in."""

@@ -13,6 +13,10 @@ LLaVA-NeXT's anyres (`preprocess.image_grid_pinpoints`), step for step as HF tra
   padding rows or columns removed (`unpad_image`), the newline vector appended to each row,
   row-major.
 
+LLaVA-OneVision's `anyres_max_N` (`preprocess.vision_aspect_ratio`) adds, as its
+`pack_image_features`, a bilinear downscale of a grid larger than N tiles before the
+newlines go in.
+
 Imports numpy and Pillow only.
 """
 
@@ -101,11 +105,36 @@ def unpadded(rows: int, cols: int, size: tuple[int, int]) -> tuple[slice, slice]
     return slice(0, rows), slice(pad, cols - pad)
 
 
+def max_tiles(vision_aspect_ratio: str | None) -> int:
+    """N of LLaVA-OneVision's "anyres_max_N"; 0 for None."""
+    return int(vision_aspect_ratio.removeprefix("anyres_max_")) if vision_aspect_ratio else 0
+
+
+def _downscaled(grid: np.ndarray, tiles: int, grid_side: int) -> np.ndarray:
+    """OneVision's limit: a (H, W, D) grid of more than `tiles` tiles' patches (its sides
+    over the limit's by more than 1.1) resized down bilinearly, as torch's `interpolate`
+    (HF's `pack_image_features`, the sizes floored as it floors them)."""
+    from .weights.resample import resample_grid
+
+    height, width = grid.shape[:2]
+    ratio = math.sqrt(height * width / (tiles * grid_side**2))
+    if ratio <= 1.1:
+        return grid
+    size = (int(height // ratio), int(width // ratio))
+    return resample_grid(grid, size, "bilinear", False)
+
+
 def pack_anyres(
-    features: np.ndarray, crops: Crops, grid_side: int, newline: np.ndarray, name: str
+    features: np.ndarray,
+    crops: Crops,
+    grid_side: int,
+    newline: np.ndarray,
+    name: str,
+    limit: int = 0,
 ) -> np.ndarray:
     """The crops' features (n, grid_side^2, W), base first -> (tokens, W): the base crop's
-    tokens, then the unpadded grid of the tiles with the newline after each row."""
+    tokens, then the unpadded grid of the tiles (downscaled past `limit` tiles, for
+    OneVision) with the newline after each row."""
     base, tiles = features[0], features[1:]
     width = features.shape[-1]
     if not len(tiles):
@@ -120,6 +149,8 @@ def pack_anyres(
             f"{name}: {crops.size[1]} x {crops.size[0]} pixels is too small for "
             "preprocess.image_grid_pinpoints: its grid keeps no row or column of patches"
         )
+    if limit:
+        grid = _downscaled(grid, limit, grid_side)
     lines = np.broadcast_to(newline, (grid.shape[0], 1, width))
     grid = np.concatenate([grid, lines], axis=1).reshape(-1, width)  # rows, newline each
     return np.concatenate([base, grid])

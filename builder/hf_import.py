@@ -112,7 +112,9 @@ def import_config(path: str | Path) -> Imported:
         _vlm_fields(record, cfg, vision, family, model, used)
     if "feature_layer" not in model:
         model["feature_layer"] = -1  # HF's last_hidden_state
-    if llava and family.config(**model).normed_last_state:
+    # A VLM with a vision_feature_layer takes hidden_states[i], without the final norm.
+    takes_states = llava or (record is not None and "vision_feature_layer" in record.fields)
+    if takes_states and family.config(**model).normed_last_state:
         model["post_layernorm"] = False  # a VLM takes hidden_states[i], without the final norm
     unused = sorted(_leaves(cfg, used))
     config = family.config(**model, kwargs={k: _get(cfg, k) for k in unused})
@@ -138,6 +140,9 @@ def import_config(path: str | Path) -> Imported:
         if record.image_grid_pinpoints:
             pinpoints = cfg.get("image_grid_pinpoints", record.image_grid_pinpoints)
             steps["image_grid_pinpoints"] = [list(pair) for pair in pinpoints]
+        if record.vision_aspect_ratio:
+            limit = cfg.get("vision_aspect_ratio", record.vision_aspect_ratio)
+            steps["vision_aspect_ratio"] = limit
         if record.longest_edge_tiles:
             side = config.image_size * record.longest_edge_tiles
             steps = {"longest_edge": side, **steps}
@@ -163,7 +168,7 @@ def _vlm_fields(
         used.add(theirs)
     if record.image_grid_pinpoints:
         model["image_newline"] = True
-        used.add("image_grid_pinpoints")
+        used.update({"image_grid_pinpoints", "vision_aspect_ratio"})
     width = vlm.hf_value(cfg, record.width)
     if width is not None:
         model["projector_hidden_size"] = width

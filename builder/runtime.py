@@ -176,7 +176,8 @@ class Encoder:
             rgb = preprocess.rgb_image(image, steps, name)
             cut = crops.anyres_crops(rgb, steps, side, name)
             features, newline = self._run(cut.pixels)
-            out.append(crops.pack_anyres(features, cut, grid_side, newline, name))
+            limit = crops.max_tiles(steps.vision_aspect_ratio)
+            out.append(crops.pack_anyres(features, cut, grid_side, newline, name, limit))
             if record is not None:
                 record.append({"crops": len(cut.pixels), "grid": list(cut.grid)})
             if progress is not None:

@@ -54,6 +54,8 @@ class VLM:
     longest_edge_tiles: int = 0
     # HF's default `image_grid_pinpoints` of an anyres VLM (LLaVA-NeXT); None: one crop.
     image_grid_pinpoints: list[list[int]] | None = None
+    # HF's default `vision_aspect_ratio` (OneVision's "anyres_max_9"), read from config.json.
+    vision_aspect_ratio: str | None = None
 
 
 def _inverse(value: Any) -> Any:
@@ -167,6 +169,24 @@ VLMS += (
         # LlavaNextImageProcessorPil: each crop as CLIP's processor (the defaults).
         image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
     ),
+    VLM(
+        name="llava_onevision",
+        model_types=("llava_onevision",),
+        reference="LlavaOnevisionForConditionalGeneration",
+        family="siglip",
+        projector="mlp2x_gelu",
+        width="text_config.hidden_size",
+        fields={
+            "vision_feature_layer": ("feature_layer", -1),
+            "vision_feature_select_strategy": ("feature_select_strategy", "full"),
+        },
+        fixed={"projector_hidden_act": "gelu", "multimodal_projector_bias": True},
+        # LlavaOnevisionImageProcessorPil on one image: each crop resized to the tower's
+        # square, no crop; mean and std 0.5 (OneVision's preprocessor_config.json).
+        preprocess={"resize": "square", "center_crop": False, "mean": HALF, "std": HALF},
+        image_grid_pinpoints=[[384 * h, 384 * w] for h in range(1, 7) for w in range(1, 7)],
+        vision_aspect_ratio="anyres_max_9",
+    ),
 )
 
 
@@ -279,6 +299,13 @@ def crop_errors(preset: Preset) -> list[tuple[tuple[str | int, ...], str]]:
             (
                 ("model", "image_newline"),
                 "the newline vector is for anyres grids: set preprocess.image_grid_pinpoints",
+            )
+        )
+    if preset.preprocess.vision_aspect_ratio and not pinpoints:
+        found.append(
+            (
+                ("preprocess", "vision_aspect_ratio"),
+                "limits anyres grids: set preprocess.image_grid_pinpoints, or null",
             )
         )
     if pinpoints and m.output != "features":

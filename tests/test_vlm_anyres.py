@@ -1,8 +1,10 @@
-"""LLaVA-NeXT's anyres crops and packing (`builder/crops.py`) against HF transformers'
-`LlavaNextImageProcessorPil` and `LlavaNextForConditionalGeneration.get_image_features`.
+"""LLaVA-NeXT's and LLaVA-OneVision's anyres crops and packing (`builder/crops.py`) against
+HF transformers' `LlavaNextImageProcessorPil` / `LlavaOnevisionImageProcessorPil` and their
+models' `get_image_features`.
 
-A tiny LLaVA-NeXT (CLIP tower with a 4 x 4 patch grid, every parameter random, the
-`image_newline` vector included) saved with save_pretrained; `build import` of its
+A tiny LLaVA-NeXT and a tiny OneVision (a 4 x 4 patch grid, every parameter random, the
+`image_newline` vector included; OneVision with anyres_max_1, so that its grids are
+downscaled) saved with save_pretrained; `build import` of its
 config.json; a build from the checkpoint. Image files of several aspect ratios go through
 `encode_images`: each image's crops equal the HF processor's pixels (max abs difference 0)
 and its packed sequence HF's pooler_output for it, newline tokens included.
@@ -30,24 +32,63 @@ PINPOINTS = [[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]]
 SHAPES = [(70, 41), (37, 90), (48, 48), (150, 40), (20, 13)]
 
 
-@pytest.fixture(scope="module")
-def next_model(tmp_path_factory):
-    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+# The two anyres VLMs: LLaVA-NeXT (CLIP, hidden_states[-2] without CLS) and OneVision
+# (SigLIP, hidden_states[-1], every token; grids past one tile's patches downscaled).
+KINDS = {
+    "next": {"limit": None, "layer": -2, "strategy": "default"},
+    "onevision": {"limit": "anyres_max_1", "layer": -1, "strategy": "full"},
+}
 
-    folder = tmp_path_factory.mktemp("llava-next")
-    vision = {**TINY, "image_size": SIZE, "model_type": "clip_vision_model"}
-    config = LlavaNextConfig(
-        vision_config=vision,
-        text_config=tiny_llama(),
-        image_grid_pinpoints=PINPOINTS,
-        image_token_index=99,
-    )
-    hf = randomize(LlavaNextForConditionalGeneration(config), seed=4)
+
+@pytest.fixture(scope="module", params=sorted(KINDS))
+def next_model(request, tmp_path_factory):
+    import transformers as t
+
+    kind = KINDS[request.param]
+    folder = tmp_path_factory.mktemp(f"llava-{request.param}")
+    if request.param == "next":
+        vision = {**TINY, "image_size": SIZE, "model_type": "clip_vision_model"}
+        config = t.LlavaNextConfig(
+            vision_config=vision,
+            text_config=tiny_llama(),
+            image_grid_pinpoints=PINPOINTS,
+            image_token_index=99,
+        )
+        hf = t.LlavaNextForConditionalGeneration(config)
+    else:
+        vision = {**TINY, "image_size": SIZE, "model_type": "siglip_vision_model"}
+        config = t.LlavaOnevisionConfig(
+            vision_config=vision,
+            text_config=tiny_llama(),
+            image_grid_pinpoints=PINPOINTS,
+            image_token_index=99,
+            vision_aspect_ratio=kind["limit"],
+        )
+        hf = t.LlavaOnevisionForConditionalGeneration(config)
+    hf = randomize(hf, seed=4)
     hf.save_pretrained(folder / "ckpt")
-    preset = folder / "llava-next.yaml"
+    preset = folder / "llava.yaml"
     assert main(["import", str(folder / "ckpt" / "config.json"), "--out", str(preset)]) == 0
     enc = build_and_load(preset, [f"weights.path={folder / 'ckpt'}"], folder / "out")
-    return hf, preset, enc
+    return hf, preset, enc, kind
+
+
+def _processor(kind):
+    import transformers as t
+
+    if kind["limit"] is None:
+        return t.LlavaNextImageProcessorPil(
+            size={"shortest_edge": SIZE},
+            crop_size={"height": SIZE, "width": SIZE},
+            image_grid_pinpoints=PINPOINTS,
+        )
+    # OneVision's preprocessor_config.json sets mean and std 0.5.
+    return t.LlavaOnevisionImageProcessorPil(
+        size={"height": SIZE, "width": SIZE},
+        image_grid_pinpoints=PINPOINTS,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
 
 
 def _grid(width: int, height: int) -> list[int]:
@@ -73,16 +114,10 @@ def _images(folder):
 @pytest.mark.parity
 def test_anyres_features_equal_hf_get_image_features(next_model, tmp_path):
     from PIL import Image
-    from transformers import LlavaNextImageProcessorPil
 
-    hf, _, enc = next_model
+    hf, _, enc, kind = next_model
     paths = _images(tmp_path)
-    processor = LlavaNextImageProcessorPil(
-        size={"shortest_edge": SIZE},
-        crop_size={"height": SIZE, "width": SIZE},
-        image_grid_pinpoints=PINPOINTS,
-    )
-    batch = processor([Image.open(p) for p in paths], return_tensors="pt")
+    batch = _processor(kind)([Image.open(p) for p in paths], return_tensors="pt")
     steps = steps_from_manifest(enc.manifest)
     for i, path in enumerate(paths):
         cut = anyres_crops(rgb_image(path, steps, str(path)), steps, SIZE, str(path))
@@ -90,11 +125,13 @@ def test_anyres_features_equal_hf_get_image_features(next_model, tmp_path):
         assert float(np.abs(cut.pixels - want).max()) == 0.0, path
         assert list(cut.size) == batch["image_sizes"][i].tolist()
     with torch.inference_mode():
+        options = {"vision_aspect_ratio": kind["limit"]} if kind["limit"] else {}
         ref = hf.get_image_features(
             batch["pixel_values"],
             batch["image_sizes"],
-            vision_feature_layer=-2,
-            vision_feature_select_strategy="default",
+            vision_feature_layer=kind["layer"],
+            vision_feature_select_strategy=kind["strategy"],
+            **options,
         ).pooler_output
     record: list = []
     ours = enc.encode_images(paths, record=record)
@@ -109,7 +146,7 @@ def test_anyres_features_equal_hf_get_image_features(next_model, tmp_path):
 def test_build_run_writes_one_tensor_per_image(next_model, tmp_path, capsys):
     from safetensors.numpy import load_file
 
-    _, _, enc = next_model
+    _, _, enc, _ = next_model
     paths = _images(tmp_path)[:2]
     out = tmp_path / "feats.safetensors"
     args = ["run", str(enc.folder), *map(str, paths), "--out", str(out)]
@@ -139,8 +176,9 @@ def test_build_run_writes_one_tensor_per_image(next_model, tmp_path, capsys):
 
 @pytest.mark.unit
 def test_anyres_preset_errors(next_model, capsys):
-    _, preset, _ = next_model
+    _, preset, _, kind = next_model
     resolved = load_preset(preset)
+    assert resolved.preprocess.vision_aspect_ratio == kind["limit"]
     assert resolved.blocks.projector == "mlp2x_gelu" and resolved.model.image_newline
     assert resolved.preprocess.image_grid_pinpoints == PINPOINTS
     assert main(["check", str(preset), "preprocess.image_grid_pinpoints=[[32,48]]"]) == 2
