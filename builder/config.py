@@ -258,6 +258,17 @@ class PreprocessConfig:
     # N tiles' worth of patches (by more than 1.1 x in side) is resized down, bilinear;
     # None: never (LLaVA-NeXT).
     vision_aspect_ratio: str | None = None
+    # InternVL's dynamic tiles (HF GotOcr2ImageProcessor's crop_to_patches): the image
+    # resized to the grid of min_patches..max_patches tiles whose aspect ratio is closest to
+    # its own, cut into tiles, and resized whole (a thumbnail) after them when they are more
+    # than one.
+    crop_to_patches: bool = False
+    min_patches: int = 1
+    max_patches: int = 12
+    # Idefics3's image splitting (HF's do_image_splitting): after the longest-edge resize, the
+    # image resized up to whole tiles, cut into them, and resized whole (the global image)
+    # after them when they are more than one.
+    do_image_splitting: bool = False
 
     def resolved(self, image_size: int) -> PreprocessConfig:
         """The same steps with `size` and `crop_size` filled in."""

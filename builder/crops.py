@@ -17,11 +17,17 @@ LLaVA-OneVision's `anyres_max_N` (`preprocess.vision_aspect_ratio`) adds, as its
 `pack_image_features`, a bilinear downscale of a grid larger than N tiles before the
 newlines go in.
 
+InternVL's dynamic tiles (`preprocess.crop_to_patches`, as `GotOcr2ImageProcessorPil`) and
+Idefics3's image splitting (`preprocess.do_image_splitting`, as `Idefics3ImageProcessorPil`)
+give an image's crops, tiles first and the whole image last; the image's sequence is its
+crops' tokens in that order, as their `get_image_features` give them.
+
 Imports numpy and Pillow only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -90,6 +96,100 @@ def anyres_crops(image: Image.Image, steps: PreprocessConfig, side: int, name: s
     base = image.resize((side, side), resample=resample)
     pixels = [preprocess.preprocess(crop, steps, name) for crop in [base, *tiles]]
     return Crops(np.stack(pixels), size, (rows, cols))
+
+
+def optimal_canvas(size: tuple[int, int], side: int, least: int, most: int) -> tuple[int, int]:
+    """(columns, rows) of InternVL's tile grid: the arrangement of least..most tiles whose
+    aspect ratio is closest to the image's; on a tie the later (more tiles) wins while the
+    image covers more than half of it (HF's `get_optimal_tiled_canvas`)."""
+    height, width = size
+    grids = sorted(
+        ((w, h) for w in range(1, most + 1) for h in range(1, most + 1) if least <= w * h <= most),
+        key=lambda g: g[0] * g[1],
+    )
+    aspect, area = width / height, width * height
+    best, best_diff = (1, 1), math.inf
+    for grid in grids:
+        diff = abs(aspect - grid[0] / grid[1])
+        if diff < best_diff:
+            best, best_diff = grid, diff
+        elif diff == best_diff and area > 0.5 * side * side * grid[0] * grid[1]:
+            best = grid
+    return best
+
+
+def _tiles(image: Image.Image, rows: int, cols: int, side: int) -> list[Image.Image]:
+    """The rows x cols tiles of an image of exactly that many tiles, row-major."""
+    return [
+        image.crop((c * side, r * side, (c + 1) * side, (r + 1) * side))
+        for r in range(rows)
+        for c in range(cols)
+    ]
+
+
+def dynamic_tiles(image: Image.Image, steps: PreprocessConfig, side: int, name: str) -> Crops:
+    """InternVL's crops (HF GotOcr2ImageProcessorPil with crop_to_patches): the tiles of the
+    closest grid, then the whole image as a thumbnail when there is more than one tile."""
+    from . import preprocess
+
+    size = (image.height, image.width)
+    cols, rows = optimal_canvas(size, side, steps.min_patches, steps.max_patches)
+    resample = preprocess.resample_filter(steps.resample)
+    crops = _tiles(image.resize((cols * side, rows * side), resample=resample), rows, cols, side)
+    if len(crops) > 1:
+        crops.append(image.resize((side, side), resample=resample))
+    pixels = [preprocess.preprocess(crop, steps, name) for crop in crops]
+    return Crops(np.stack(pixels), size, (rows, cols))
+
+
+def split_tiles(image: Image.Image, steps: PreprocessConfig, side: int, name: str) -> Crops:
+    """Idefics3's crops (HF Idefics3ImageProcessorPil with do_image_splitting): after the
+    longest-edge resize, the image resized up to whole tiles (`resize_for_vision_encoder`),
+    its tiles, then the whole image at the tile's size when there is more than one."""
+    from . import preprocess
+
+    resample = preprocess.resample_filter(steps.resample)
+    size = (image.height, image.width)
+    if steps.longest_edge:
+        h, w = preprocess.longest_edge_shape(image.width, image.height, steps.longest_edge)
+        image = image.resize((w, h), resample=resample)
+    height, width = image.height, image.width
+    aspect = width / height
+    if width >= height:
+        width = math.ceil(width / side) * side
+        height = math.ceil(int(width / aspect) / side) * side
+    else:
+        height = math.ceil(height / side) * side
+        width = math.ceil(int(height * aspect) / side) * side
+    image = image.resize((width, height), resample=resample)
+    rows, cols = height // side, width // side
+    crops = _tiles(image, rows, cols, side) if rows * cols > 1 else [image]
+    if len(crops) > 1:
+        crops.append(image.resize((side, side), resample=resample))
+    # The crops are tiles already: only rescaled and normalized.
+    tile = dataclasses.replace(steps, longest_edge=None)
+    pixels = [preprocess.preprocess(crop, tile, name) for crop in crops]
+    return Crops(np.stack(pixels), size, (rows, cols))
+
+
+def cut(image: Image.Image, steps: PreprocessConfig, side: int, name: str) -> Crops:
+    """An RGB image -> its crops under the preset's scheme (`scheme`)."""
+    if steps.image_grid_pinpoints:
+        return anyres_crops(image, steps, side, name)
+    if steps.crop_to_patches:
+        return dynamic_tiles(image, steps, side, name)
+    return split_tiles(image, steps, side, name)
+
+
+def scheme(steps: PreprocessConfig) -> str | None:
+    """The preset's crop scheme, or None for one crop per image."""
+    if steps.image_grid_pinpoints:
+        return "anyres"
+    if steps.crop_to_patches and steps.max_patches > 1:
+        return "dynamic_tiles"
+    if steps.do_image_splitting:
+        return "image_splitting"
+    return None
 
 
 def unpadded(rows: int, cols: int, size: tuple[int, int]) -> tuple[slice, slice]:

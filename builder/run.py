@@ -40,7 +40,7 @@ def _check(req: RunRequest, variable: bool) -> None:
     if variable and req.out.suffix != ".safetensors":
         errors.append(
             f"--out {req.out}: this artifact gives each image its own number of tokens "
-            "(preprocess.image_grid_pinpoints): the features file must end in .safetensors"
+            "(a crop scheme of its preprocess): the features file must end in .safetensors"
         )
     elif not variable and req.out.suffix != ".npy":
         errors.append(f"--out {req.out}: the features file must end in .npy")

@@ -116,9 +116,13 @@ class Encoder:
 
     @property
     def variable_length(self) -> bool:
-        """Whether an image's token count depends on the image (anyres crops): then
-        `encode_images` returns one array per image."""
-        return bool(self.manifest.get("preprocess", {}).get("image_grid_pinpoints"))
+        """Whether an image's token count depends on the image (a crop scheme: anyres,
+        dynamic tiles, image splitting): then `encode_images` returns one array per image."""
+        from . import crops, preprocess
+
+        if "preprocess" not in self.manifest:
+            return False
+        return crops.scheme(preprocess.steps_from_manifest(self.manifest)) is not None
 
     def encode_images(
         self,
@@ -128,7 +132,7 @@ class Encoder:
         record: list[dict[str, Any]] | None = None,
     ) -> np.ndarray | list[np.ndarray]:
         """Image files or PIL images -> features (N, tokens, dim), in the order given; with
-        anyres crops (`variable_length`), a list of (tokens_i, dim) arrays instead, each what
+        a crop scheme (`variable_length`), a list of (tokens_i, dim) arrays instead, each what
         HF's `get_image_features` gives for the image (its crops run as one batch).
 
         Each image goes through the preprocessing the manifest records (the preset's
@@ -136,7 +140,7 @@ class Encoder:
         work starts: a missing or unreadable image is an `InputError` naming it (all of them at
         once), never a silently shorter result. `progress(done, total)` is called after each
         batch of at most `batch_size` images (of each image with anyres crops). `record`, a
-        list, receives each image's crops and tile grid (anyres crops only).
+        list, receives each image's crop count and tile grid (with a crop scheme only).
         """
         from . import preprocess
 
@@ -174,10 +178,13 @@ class Encoder:
         for i, image in enumerate(images):
             name = preprocess.image_name(image, i)
             rgb = preprocess.rgb_image(image, steps, name)
-            cut = crops.anyres_crops(rgb, steps, side, name)
-            features, newline = self._run(cut.pixels)
-            limit = crops.max_tiles(steps.vision_aspect_ratio)
-            out.append(crops.pack_anyres(features, cut, grid_side, newline, name, limit))
+            cut = crops.cut(rgb, steps, side, name)
+            features, *newline = self._run(cut.pixels)  # the crops of an image: one batch
+            if steps.image_grid_pinpoints:
+                limit = crops.max_tiles(steps.vision_aspect_ratio)
+                out.append(crops.pack_anyres(features, cut, grid_side, newline[0], name, limit))
+            else:  # the crops' tokens in order
+                out.append(features.reshape(-1, features.shape[-1]))
             if record is not None:
                 record.append({"crops": len(cut.pixels), "grid": list(cut.grid)})
             if progress is not None:

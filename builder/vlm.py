@@ -118,14 +118,15 @@ VLMS: tuple[VLM, ...] = (
             "num_attention_heads": 16,
             "patch_size": 32,
         },
-        # Idefics3ImageProcessorPil without image splitting: the longest edge to 4 tiles,
-        # then the tile's square, LANCZOS both times; mean and std 0.5.
+        # Idefics3ImageProcessorPil: the longest edge to 4 tiles, then image splitting,
+        # LANCZOS throughout; mean and std 0.5.
         preprocess={
             "resize": "square",
             "center_crop": False,
             "resample": "lanczos",
             "mean": HALF,
             "std": HALF,
+            "do_image_splitting": True,
         },
         longest_edge_tiles=4,
     ),
@@ -142,12 +143,14 @@ VLMS: tuple[VLM, ...] = (
             "vision_feature_select_strategy": ("feature_select_strategy", "default"),
         },
         fixed={"projector_hidden_act": "gelu"},
-        # GotOcr2ImageProcessorPil on one tile: square bicubic resize, ImageNet mean and std.
+        # GotOcr2ImageProcessorPil as InternVL configures it: dynamic tiles (1 to 12) of a
+        # square bicubic resize, ImageNet mean and std.
         preprocess={
             "resize": "square",
             "center_crop": False,
             "mean": IMAGENET_MEAN,
             "std": IMAGENET_STD,
+            "crop_to_patches": True,
         },
     ),
 )
@@ -301,6 +304,34 @@ def crop_errors(preset: Preset) -> list[tuple[tuple[str | int, ...], str]]:
                 "the newline vector is for anyres grids: set preprocess.image_grid_pinpoints",
             )
         )
+    steps = preset.preprocess
+    chosen = [
+        f
+        for f, on in (
+            ("image_grid_pinpoints", bool(pinpoints)),
+            ("crop_to_patches", steps.crop_to_patches),
+            ("do_image_splitting", steps.do_image_splitting),
+        )
+        if on
+    ]
+    if len(chosen) > 1:
+        found.append(
+            (
+                ("preprocess", chosen[1]),
+                f"one crop scheme per preset, but preprocess.{chosen[0]} is set too",
+            )
+        )
+    if steps.min_patches > steps.max_patches:
+        found.append(
+            (
+                ("preprocess", "min_patches"),
+                f"{steps.min_patches} is more than preprocess.max_patches {steps.max_patches}",
+            )
+        )
+    if chosen and m.output != "features":
+        found.append(
+            (("model", "output"), f"{chosen[0]} cuts crops of features: set output: features")
+        )
     if preset.preprocess.vision_aspect_ratio and not pinpoints:
         found.append(
             (
@@ -308,6 +339,4 @@ def crop_errors(preset: Preset) -> list[tuple[tuple[str | int, ...], str]]:
                 "limits anyres grids: set preprocess.image_grid_pinpoints, or null",
             )
         )
-    if pinpoints and m.output != "features":
-        found.append((("model", "output"), "anyres crops pack features: set output: features"))
     return found

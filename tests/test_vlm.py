@@ -19,8 +19,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from builder.cli import main
+from builder.crops import cut, scheme
 from builder.errors import InputError
-from builder.preprocess import preprocess_batch
+from builder.preprocess import preprocess_batch, rgb_image, steps_from_manifest
 from builder.preset import load_preset
 from builder.weights import load_weights
 
@@ -134,18 +135,38 @@ class Case:
             if self.model == "smolvlm":
                 processor = t.SmolVLMImageProcessorPil
             return processor(
-                do_image_splitting=False,
+                do_image_splitting=True,
                 size={"longest_edge": 4 * SIZE},
                 max_image_size={"longest_edge": SIZE},
             )
-        # InternVL's preprocessor_config.json sets ImageNet's mean and std (the class
-        # defaults to OpenAI CLIP's).
+        # InternVL's preprocessor_config.json: dynamic tiles (1 to 12), ImageNet's mean and
+        # std (the class defaults to OpenAI CLIP's, and to one crop).
         return t.GotOcr2ImageProcessorPil(
             size=square,
-            crop_to_patches=False,
+            crop_to_patches=True,
             image_mean=[0.485, 0.456, 0.406],
             image_std=[0.229, 0.224, 0.225],
         )
+
+    def per_image(self, hf: Any, images: list) -> tuple[list, list]:
+        """The HF processor's crops of each image, and get_image_features's sequence for
+        each image (its crops' tokens in order)."""
+        if self.model in ("idefics3", "smolvlm"):
+            out = self.processor()([[image] for image in images], return_tensors="pt")
+            with torch.inference_mode():
+                feats = hf.get_image_features(
+                    out["pixel_values"], pixel_attention_mask=out["pixel_attention_mask"]
+                ).pooler_output
+            counts = [len(f) // self.tokens for f in feats]
+            pixels = [p[:n].numpy() for p, n in zip(out["pixel_values"], counts, strict=True)]
+            return pixels, [f.numpy() for f in feats]
+        out = self.processor()(images, return_tensors="np")
+        pixels = np.asarray(out["pixel_values"], np.float32)
+        feats = self.features(hf, pixels)
+        counts = out.get("num_patches", [1] * len(images))
+        spans = [slice(end - n, end) for n, end in zip(counts, np.cumsum(counts), strict=True)]
+        width = feats.shape[-1]
+        return [pixels[s] for s in spans], [feats[s].reshape(-1, width) for s in spans]
 
 
 # Tokens per crop: PaliGemma keeps the 16 patches; Gemma 3 pools them to 4; Idefics3 and
@@ -198,24 +219,28 @@ def _images(folder) -> list:
 
 @pytest.mark.parity
 def test_image_files_through_encode_images(built, tmp_path):
-    """The preset's preprocessing equals the VLM's HF Pil processor on one crop (max abs
-    difference 0), and encode_images gives get_image_features of those pixels."""
-    case, hf, _, enc, _ = built
-    paths = _images(tmp_path)
+    """The preset's crops of each image equal the VLM's HF Pil processor's (max abs
+    difference 0): one crop, or InternVL's dynamic tiles, or Idefics3's and SmolVLM's image
+    splitting; and encode_images gives, per image, get_image_features's sequence."""
     from PIL import Image
 
-    images = [Image.open(p) for p in paths]
-    if case.model in ("idefics3", "smolvlm"):  # a list per sample, else one sample of three images
-        images = [[image] for image in images]
-    hf_pixels = case.processor()(images, return_tensors="np")
-    hf_pixels = np.asarray(hf_pixels["pixel_values"], np.float32)
-    if hf_pixels.ndim == 5:  # Idefics3: (images, crops, C, H, W) with one crop each
-        hf_pixels = hf_pixels[:, 0]
-    from builder.preprocess import steps_from_manifest
-
-    ours = preprocess_batch(paths, steps_from_manifest(enc.manifest))
-    assert float(np.abs(ours - hf_pixels).max()) == 0.0
-    assert_close(enc.encode_images(paths, batch_size=2), case.features(hf, hf_pixels))
+    case, hf, _, enc, _ = built
+    paths = _images(tmp_path)
+    hf_pixels, ref = case.per_image(hf, [Image.open(p) for p in paths])
+    steps = steps_from_manifest(enc.manifest)
+    for path, want in zip(paths, hf_pixels, strict=True):
+        if scheme(steps):
+            mine = cut(rgb_image(path, steps, str(path)), steps, SIZE, str(path)).pixels
+        else:
+            mine = preprocess_batch([path], steps)
+        assert mine.shape == want.shape, path
+        assert float(np.abs(mine - want).max()) == 0.0, path
+    ours = enc.encode_images(paths, batch_size=2)
+    assert isinstance(ours, list) == bool(scheme(steps))
+    for mine, theirs in zip(ours, ref, strict=True):
+        assert_close(mine, theirs)
+    if scheme(steps):  # the count follows the image
+        assert len({len(o) for o in ours}) > 1
 
 
 @pytest.mark.unit
@@ -278,6 +303,17 @@ def test_grid_errors_name_the_field(tmp_path, capsys):
     pooled = ["blocks.projector=gemma3_projector", "model.mm_tokens_per_image=15"]
     assert main(["check", "siglip-so400m-14-384", *pooled]) == 2
     assert "model.mm_tokens_per_image: 15 must be a square number" in capsys.readouterr().err
+    # Crop schemes: one per preset, and a tile range that is one.
+    assert main(["check", "internvl3-1b", "preprocess.do_image_splitting=true"]) == 2
+    assert (
+        "preprocess.do_image_splitting: one crop scheme per preset, but "
+        "preprocess.crop_to_patches is set too"
+    ) in capsys.readouterr().err
+    tiles = ["preprocess.min_patches=5", "preprocess.max_patches=2"]
+    assert main(["check", "internvl3-1b", *tiles]) == 2
+    assert "preprocess.min_patches: 5 is more than preprocess.max_patches 2" in (
+        capsys.readouterr().err
+    )
 
 
 @pytest.mark.unit
