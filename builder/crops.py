@@ -82,6 +82,11 @@ def anyres_crops(image: Image.Image, steps: PreprocessConfig, side: int, name: s
 
     size = (image.height, image.width)
     best = select_best_resolution(size, steps.image_grid_pinpoints)
+    if best == (0, 0):  # no pinpoint keeps a pixel of it (HF's processor fails)
+        raise InputError(
+            f"{name}: {image.width} x {image.height} pixels is too small for "
+            "preprocess.image_grid_pinpoints: no pinpoint keeps any of its pixels"
+        )
     h, w = _fit(size, best)
     resample = preprocess.resample_filter(steps.resample)
     canvas = np.zeros((best[0], best[1], 3), np.uint8)

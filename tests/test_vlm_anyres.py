@@ -190,3 +190,21 @@ def test_anyres_preset_errors(next_model, capsys):
     assert "model.image_newline: false, but preprocess.image_grid_pinpoints" in (
         capsys.readouterr().err
     )
+
+
+@pytest.mark.unit
+def test_an_image_too_small_for_the_crops_is_named(next_model, tmp_path, capsys):
+    """An image so thin that its grid keeps no row of patches (200 x 3: HF's packing returns
+    its base tokens alone), or no pinpoint keeps any of its pixels (300 x 1: HF's processor
+    fails): one line naming the file and the field, exit 2, nothing written."""
+    from PIL import Image
+
+    _, _, enc, _ = next_model
+    out = tmp_path / "feats.safetensors"
+    for w, h in ((200, 3), (300, 1)):
+        path = tmp_path / f"thin{w}.png"
+        Image.new("RGB", (w, h), (200, 10, 10)).save(path)
+        assert main(["run", str(enc.folder), str(path), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"{path}: {w} x {h} pixels is too small for preprocess.image_grid_pinpoints" in err
+        assert "Traceback" not in err and not out.exists()
