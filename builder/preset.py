@@ -120,6 +120,12 @@ def _line_map(node: yaml.Node, file: str) -> dict[Path_, int]:
         if isinstance(n, yaml.MappingNode):
             seen: set[Any] = set()
             for key, value in n.value:
+                if not isinstance(key, yaml.ScalarNode):  # `? [a]` or `? {a: b}`: unhashable
+                    errors.append(
+                        f"{file}:{key.start_mark.line + 1}: {format_path(path)}: a key must be "
+                        "a plain name, not a list or a mapping"
+                    )
+                    continue
                 k = key.value
                 if k in seen:
                     errors.append(
