@@ -8,6 +8,7 @@ from tvm.relax.frontend import nn
 from . import blocks as _blocks  # noqa: F401  (registers the built-in blocks)
 from .config import BlocksConfig, TowerConfig
 from .registry import create, prefix_tokens
+from .vlm import projected_tokens
 
 INPUT_NAME = "pixel_values"
 ENTRY = "forward"
@@ -31,10 +32,11 @@ def input_shape(config: TowerConfig) -> list[int | str]:
 
 
 def output_tokens(config: TowerConfig, blocks: BlocksConfig) -> int:
-    """Tokens per image in the features: the patches, plus the tokens before them (class
-    token, registers) unless the "default" strategy drops them."""
+    """Tokens per crop in the features: the patches, plus the tokens before them (class
+    token, registers) unless the "default" strategy drops them; as many or fewer after a
+    projector that merges them (`builder/vlm.py`)."""
     kept = 0 if config.feature_select_strategy == "default" else prefix_tokens(config, blocks)
-    return config.num_patches + kept
+    return projected_tokens(config, blocks.projector, config.num_patches + kept)
 
 
 def output_shape(config: TowerConfig, blocks: BlocksConfig) -> list[int | str]:
@@ -42,6 +44,18 @@ def output_shape(config: TowerConfig, blocks: BlocksConfig) -> list[int | str]:
         return ["batch", config.output_dim]
     width = config.projector_hidden_size if blocks.projector else config.output_dim
     return ["batch", output_tokens(config, blocks), width]
+
+
+def outputs(config: TowerConfig, blocks: BlocksConfig) -> list[dict]:
+    """What `forward` returns, for the manifest: the features (or pooled vector), and
+    LLaVA-NeXT's newline vector after them where the tower has one."""
+    out: list[dict] = [
+        {"name": config.output, "shape": output_shape(config, blocks), "dtype": "float32"}
+    ]
+    if config.image_newline:
+        width = output_shape(config, blocks)[-1]
+        out.append({"name": "image_newline", "shape": [width], "dtype": "float32"})
+    return out
 
 
 def export(

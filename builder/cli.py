@@ -48,7 +48,8 @@ def _split(args: Sequence[str]) -> tuple[list[str], list[str]]:
 def _parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="build",
-        description="Build the vision towers of vision-language models from YAML presets with Apache TVM.",
+        description="Build the vision towers of vision-language models from YAML presets with "
+        "Apache TVM.",
         epilog="With no command, `build PRESET ...` builds. Exit codes: 1 build failure, "
         "2 bad input.",
     )
@@ -97,7 +98,8 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "import",
-        help="write a sparse preset from an HF config.json (a tower family's, or a VLM's around one)",
+        help="write a sparse preset from an HF config.json (a tower family's, or a VLM's "
+        "around one)",
         description="Keys of the config that the builder does not use are printed and "
         "listed in the preset's header. The preset is validated before it is written.",
     )
@@ -111,7 +113,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("artifact", type=Path, help="an artifact folder, e.g. artifacts/llava-clip/llvm")
     p.add_argument("images", nargs="+", metavar="IMG", help="image files (JPEG, PNG, ...)")
-    p.add_argument("--out", type=Path, required=True, help="the features file (.npy)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="the features file (.npy; .safetensors, a tensor per image, with anyres crops)",
+    )
     p.add_argument("--batch", type=int, default=8, help="images per call (default: %(default)s)")
     p.add_argument("--threads", type=int, help="CPU threads (default: every core available)")
     p.add_argument("--verbose", action="store_true", help="show a traceback on a failure")
@@ -240,7 +247,11 @@ def _run(args: argparse.Namespace) -> int:
     record = run_images(req, progress=_err)
     if record["weights"] == "random":
         _err("note: the artifact has RANDOM weights: these features mean nothing")
-    _err(f"features {tuple(record['shape'])} {record['dtype']}")
+    if "shapes" in record:
+        tokens = sorted({shape[0] for shape in record["shapes"]})
+        _err(f"features of {tokens} tokens x {record['shapes'][0][1]} per image, float32")
+    else:
+        _err(f"features {tuple(record['shape'])} {record['dtype']}")
     print(req.out)
     return 0
 

@@ -43,6 +43,16 @@ class TowerConfig:
     # Width of the language model the projector feeds (HF LlavaConfig's
     # text_config.hidden_size); used only when `blocks.projector` is set.
     projector_hidden_size: int = 4096
+    # Pixel shuffle of the projectors that merge f x f neighbouring patches into one token of
+    # f^2 times the width (HF Idefics3's scale_factor; InternVL's downsample_ratio is 1 / f).
+    scale_factor: int = 2
+    # Tokens per image after Gemma 3's average pooling (HF Gemma3Config's mm_tokens_per_image;
+    # a square number whose side divides the patch grid's).
+    mm_tokens_per_image: int = 256
+    # LLaVA-NeXT's learnt `image_newline` (one vector of the projector's output width): the
+    # artifact returns it beside the features, and the host appends it to each row of an
+    # anyres grid when it packs the crops of an image (`builder/crops.py`).
+    image_newline: bool = False
     # Keys of an imported HF config that this builder does not use, kept for reference and
     # never read by a block. Presets cannot set it (the schema has no such field).
     kwargs: dict[str, Any] = field(default_factory=dict)
@@ -248,6 +258,9 @@ class PreprocessConfig:
     mean and std 0.5.
     """
 
+    # A first resize of the longest edge to this many pixels, the other edge keeping the
+    # aspect ratio and rounded up to even (HF Idefics3's `size: {longest_edge: N}`); None: none.
+    longest_edge: int | None = None
     # "shortest_edge" keeps the aspect ratio (HF `size: {shortest_edge: N}`); "square" resizes
     # to size x size (HF `size: {height: N, width: N}`).
     resize: str = "shortest_edge"
@@ -262,6 +275,25 @@ class PreprocessConfig:
     std: list[float] = field(default_factory=lambda: list(CLIP_STD))
     # Convert to RGB first; transparency is composited onto white (transformers 5).
     convert_rgb: bool = True
+    # LLaVA-NeXT's anyres crops (HF's `image_grid_pinpoints`, (height, width) pairs, each a
+    # multiple of the tower's image size): the image resized into the best of these
+    # resolutions, cut into tiles, after its resized whole; None: one crop per image.
+    image_grid_pinpoints: list[list[int]] | None = None
+    # LLaVA-OneVision's "anyres_max_N" (HF's vision_aspect_ratio): a packed grid larger than
+    # N tiles' worth of patches (by more than 1.1 x in side) is resized down, bilinear;
+    # None: never (LLaVA-NeXT).
+    vision_aspect_ratio: str | None = None
+    # InternVL's dynamic tiles (HF GotOcr2ImageProcessor's crop_to_patches): the image
+    # resized to the grid of min_patches..max_patches tiles whose aspect ratio is closest to
+    # its own, cut into tiles, and resized whole (a thumbnail) after them when they are more
+    # than one.
+    crop_to_patches: bool = False
+    min_patches: int = 1
+    max_patches: int = 12
+    # Idefics3's image splitting (HF's do_image_splitting): after the longest-edge resize, the
+    # image resized up to whole tiles, cut into them, and resized whole (the global image)
+    # after them when they are more than one.
+    do_image_splitting: bool = False
 
     def resolved(self, image_size: int) -> PreprocessConfig:
         """The same steps with `size` and `crop_size` filled in."""

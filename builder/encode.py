@@ -151,6 +151,15 @@ def plan(req: EncodeRequest) -> Plan:
         raise InputError(str(e)) from e
     if "preprocess" not in manifest:
         raise InputError(f"{req.artifact}: the manifest records no preprocessing; rebuild it")
+    from .crops import scheme
+    from .preprocess import steps_from_manifest
+
+    if scheme(steps_from_manifest(manifest)):
+        raise InputError(
+            f"{req.artifact}: its images have variable token counts (the crop scheme "
+            f"{scheme(steps_from_manifest(manifest))!r} of its preprocess) and shards hold "
+            "fixed-size rows; use `build run` or Encoder.encode_images"
+        )
     items = list_items(req.inputs, req.column)
     record = {
         "format": FORMAT,

@@ -21,10 +21,13 @@ from typing import Any
 
 import yaml
 
-from . import families, openclip_import
+from . import families, openclip_import, vlm
+from .config import PreprocessConfig
 from .errors import InputError
 from .families import Family
 from .weights.hf import LLAVA_FIELDS
+
+PREPROCESS = PreprocessConfig()
 
 
 @dataclass
@@ -62,6 +65,9 @@ def _tower(path: Path, cfg: dict[str, Any]) -> tuple[Family, dict[str, Any], str
         family = families.for_model_type(inner) if isinstance(inner, str) else None
         if family is None and inner is None and isinstance(model_type, str):
             family = families.for_model_type(model_type)  # CLIPConfig's tower has no type
+        record = vlm.for_model_type(model_type)
+        if family is None and record is not None:
+            family = families.get(record.family)
         if family is None:
             raise InputError(
                 f"{path}: vision_config.model_type {inner!r} is not a tower this builder "
@@ -99,13 +105,18 @@ def import_config(path: str | Path) -> Imported:
         # CLIPConfig's own projection_dim is the one CLIPModel's visual_projection uses.
         model["projection_dim"] = cfg["projection_dim"]
         used.add("projection_dim")
-    vlm = [theirs for theirs in LLAVA_FIELDS if theirs in cfg]
-    for theirs in vlm:
+    llava = [theirs for theirs in LLAVA_FIELDS if theirs in cfg]
+    for theirs in llava:
         model[LLAVA_FIELDS[theirs]] = cfg[theirs]
         used.add(theirs)
+    record = vlm.for_model_type(cfg.get("model_type")) if prefix else None
+    if record is not None:
+        _vlm_fields(record, cfg, vision, family, model, used)
     if "feature_layer" not in model:
         model["feature_layer"] = -1  # HF's last_hidden_state
-    if vlm and family.config(**model).normed_last_state:
+    # A VLM with a vision_feature_layer takes hidden_states[i], without the final norm.
+    takes_states = llava or (record is not None and "vision_feature_layer" in record.fields)
+    if takes_states and family.config(**model).normed_last_state:
         model["post_layernorm"] = False  # a VLM takes hidden_states[i], without the final norm
     unused = sorted(_leaves(cfg, used))
     config = family.config(**model, kwargs={k: _get(cfg, k) for k in unused})
@@ -118,8 +129,53 @@ def import_config(path: str | Path) -> Imported:
     sparse_model = _sparse(config, defaults)
     if sparse_model:
         preset["model"] = sparse_model
-    # The blocks follow from the family and its fields (`Family.blocks`): none are written.
+    # The blocks follow from the family and its fields (`Family.blocks`): only a VLM's
+    # projector is written.
+    if record is not None:
+        preset["blocks"] = {"projector": record.projector}
+        # Lists copied: YAML would write a list met twice as an anchor and an alias.
+        steps = {
+            k: list(v) if isinstance(v, list) else v
+            for k, v in record.preprocess.items()
+            if getattr(PREPROCESS, k) != v
+        }
+        if record.image_grid_pinpoints:
+            pinpoints = cfg.get("image_grid_pinpoints", record.image_grid_pinpoints)
+            steps["image_grid_pinpoints"] = [list(pair) for pair in pinpoints]
+        if record.vision_aspect_ratio:
+            limit = cfg.get("vision_aspect_ratio", record.vision_aspect_ratio)
+            steps["vision_aspect_ratio"] = limit
+        if record.longest_edge_tiles:
+            side = config.image_size * record.longest_edge_tiles
+            steps = {"longest_edge": side, **steps}
+        if steps:
+            preset["preprocess"] = steps
     return Imported(preset, unused, cfg.get("model_type", family.name))
+
+
+def _vlm_fields(
+    record: vlm.VLM,
+    cfg: dict[str, Any],
+    vision: dict[str, Any],
+    family: Family,
+    model: dict[str, Any],
+    used: set[str],
+) -> None:
+    """A VLM's projector fields, and the HF vision config's defaults its config.json omits."""
+    for name, value in record.vision_defaults.items():
+        if name not in vision and name in family.hf_field_names():
+            model[name] = value
+    for theirs, value, ours in vlm.read_fields(record, cfg):
+        model[ours] = value
+        used.add(theirs)
+    if record.image_grid_pinpoints:
+        model["image_newline"] = True
+        used.update({"image_grid_pinpoints", "vision_aspect_ratio"})
+    width = vlm.hf_value(cfg, record.width)
+    if width is not None:
+        model["projector_hidden_size"] = width
+        if "." not in record.width:
+            used.add(record.width)
 
 
 def _sparse(obj: Any, default: Any) -> dict[str, Any]:

@@ -23,7 +23,7 @@ import tvm_ffi  # noqa: E402
 from tvm import relax  # noqa: E402
 
 from . import __version__, artifact, targets  # noqa: E402
-from .assemble import ENTRY, INPUT_NAME, export, input_shape, output_shape  # noqa: E402
+from .assemble import ENTRY, INPUT_NAME, export, input_shape, outputs  # noqa: E402
 from .cache import KEY_FORMAT, Cache, digest, pipeline_sources, write_part  # noqa: E402
 from .config import Preset, TargetConfig  # noqa: E402
 from .errors import BuilderError  # noqa: E402
@@ -121,13 +121,7 @@ def make_artifact(
         "library": kind.LIBRARY,
         "entry": ENTRY,
         "inputs": [{"name": INPUT_NAME, "shape": input_shape(preset.model), "dtype": "float32"}],
-        "outputs": [
-            {
-                "name": preset.model.output,
-                "shape": output_shape(preset.model, preset.blocks),
-                "dtype": "float32",
-            }
-        ],
+        "outputs": outputs(preset.model, preset.blocks),
         # Matmuls, attention and the patch conv of one image (`builder/flops.py`).
         "gflop_per_image": round(gflop(mod), 6),
         "params": {

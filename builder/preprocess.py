@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
 
-def _resample(name: str) -> int:
+def resample_filter(name: str) -> int:
     from PIL import Image
 
     return getattr(Image.Resampling, name.upper())
@@ -108,6 +108,21 @@ def resize_shape(width: int, height: int, steps: PreprocessConfig) -> tuple[int,
     return (new_long, size) if width <= height else (size, new_long)
 
 
+def longest_edge_shape(width: int, height: int, longest: int) -> tuple[int, int]:
+    """(height, width) with the longest edge at `longest` and the other scaled, truncated and
+    then rounded up to even (HF Idefics3's `_resize_output_size_rescale_to_max_len`)."""
+    aspect = width / height
+    if width >= height:
+        width = longest
+        height = int(width / aspect)
+        height += height % 2
+    else:
+        height = longest
+        width = int(height * aspect)
+        width += width % 2
+    return max(height, 1), max(width, 1)
+
+
 def center_crop(pixels: np.ndarray, size: int) -> np.ndarray:
     """(C, H, W) -> (C, size, size) from the center, zero-padded where smaller (HF's rule)."""
     _, h, w = pixels.shape
@@ -122,17 +137,27 @@ def center_crop(pixels: np.ndarray, size: int) -> np.ndarray:
     return padded[:, max(0, top) : min(new_h, top + size), max(0, left) : min(new_w, left + size)]
 
 
+def rgb_image(image: str | Path | Image.Image, steps: PreprocessConfig, name: str) -> Image.Image:
+    """The decoded image in RGB (`to_rgb`), or an `InputError` where it is not RGB and the
+    steps do not convert it."""
+    img = load_image(image)
+    if steps.convert_rgb:
+        return to_rgb(img)
+    if img.mode != "RGB":
+        raise InputError(f"{name}: mode {img.mode}, not RGB, and preprocess.convert_rgb is false")
+    return img
+
+
 def preprocess(
     image: str | Path | Image.Image, steps: PreprocessConfig, name: str = "image"
 ) -> np.ndarray:
     """One image -> float32 (3, H, W). `steps` must be resolved (sizes filled in)."""
-    img = load_image(image)
-    if steps.convert_rgb:
-        img = to_rgb(img)
-    elif img.mode != "RGB":
-        raise InputError(f"{name}: mode {img.mode}, not RGB, and preprocess.convert_rgb is false")
+    img = rgb_image(image, steps, name)
+    if steps.longest_edge:
+        h, w = longest_edge_shape(img.width, img.height, steps.longest_edge)
+        img = img.resize((w, h), resample=resample_filter(steps.resample))
     h, w = resize_shape(img.width, img.height, steps)
-    img = img.resize((w, h), resample=_resample(steps.resample))
+    img = img.resize((w, h), resample=resample_filter(steps.resample))
     pixels = np.moveaxis(np.asarray(img), -1, 0)  # (3, H, W) uint8
     if steps.center_crop:
         pixels = center_crop(pixels, steps.crop_size)

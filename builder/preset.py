@@ -24,7 +24,7 @@ from jsonschema.exceptions import ValidationError, best_match
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from . import families, inherit, plugins, registry, resources
+from . import families, inherit, plugins, registry, resources, vlm
 from .config import COMMON_TARGET_FIELDS, KIND_FIELDS, Preset, preset_from_dict
 from .errors import InputError
 
@@ -120,6 +120,12 @@ def _line_map(node: yaml.Node, file: str) -> dict[Path_, int]:
         if isinstance(n, yaml.MappingNode):
             seen: set[Any] = set()
             for key, value in n.value:
+                if not isinstance(key, yaml.ScalarNode):  # `? [a]` or `? {a: b}`: unhashable
+                    errors.append(
+                        f"{file}:{key.start_mark.line + 1}: {format_path(path)}: a key must be "
+                        "a plain name, not a list or a mapping"
+                    )
+                    continue
                 k = key.value
                 if k in seen:
                     errors.append(
@@ -404,6 +410,9 @@ def _semantic_errors(data: dict[str, Any]) -> list[tuple[Path_, str]]:
     if not found:
         found += m.errors()
     found += _token_errors(preset, reported={path for path, _ in found})
+    if not found:
+        found += vlm.projector_errors(preset)
+    found += vlm.crop_errors(preset)
     found.extend(_preprocess_errors(preset))
     seen: dict[str, int] = {}
     for i, target in enumerate(preset.targets):

@@ -100,24 +100,47 @@ class Encoder:
         return np.ascontiguousarray(pixel_values)
 
     def __call__(self, pixel_values: np.ndarray) -> np.ndarray:
+        """Features of a float32 batch of crops, (batch, tokens, dim)."""
+        return self._run(pixel_values)[0]
+
+    def _run(self, pixel_values: np.ndarray) -> list[np.ndarray]:
+        """Every output of `forward`: the features, and LLaVA-NeXT's newline vector where
+        the artifact has one (`manifest["outputs"]`)."""
         import tvm
 
         x = tvm.runtime.tensor(self.check_input(pixel_values), self.device)
-        return self._fn(x, *self._params).numpy()
+        out = self._fn(x, *self._params)
+        if len(self.manifest["outputs"]) == 1:
+            return [out.numpy()]
+        return [o.numpy() for o in out]
+
+    @property
+    def variable_length(self) -> bool:
+        """Whether an image's token count depends on the image (a crop scheme: anyres,
+        dynamic tiles, image splitting): then `encode_images` returns one array per image."""
+        from . import crops, preprocess
+
+        if "preprocess" not in self.manifest:
+            return False
+        return crops.scheme(preprocess.steps_from_manifest(self.manifest)) is not None
 
     def encode_images(
         self,
         images: Sequence[str | Path | Any],
         batch_size: int = 8,
         progress: Callable[[int, int], None] | None = None,
-    ) -> np.ndarray:
-        """Image files or PIL images -> features (N, tokens, dim), in the order given.
+        record: list[dict[str, Any]] | None = None,
+    ) -> np.ndarray | list[np.ndarray]:
+        """Image files or PIL images -> features (N, tokens, dim), in the order given; with
+        a crop scheme (`variable_length`), a list of (tokens_i, dim) arrays instead, each what
+        HF's `get_image_features` gives for the image (its crops run as one batch).
 
         Each image goes through the preprocessing the manifest records (the preset's
         `preprocess` section, as HF's CLIPImageProcessorPil). Every path is checked before any
         work starts: a missing or unreadable image is an `InputError` naming it (all of them at
         once), never a silently shorter result. `progress(done, total)` is called after each
-        batch of at most `batch_size` images.
+        batch of at most `batch_size` images (of each image with anyres crops). `record`, a
+        list, receives each image's crop count and tile grid (with a crop scheme only).
         """
         from . import preprocess
 
@@ -130,6 +153,8 @@ class Encoder:
             raise ValueError("no images given")
         preprocess.check_images(images)
         steps = preprocess.steps_from_manifest(self.manifest)
+        if self.variable_length:
+            return self._encode_crops(images, steps, progress, record)
         out = []
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]
@@ -137,6 +162,34 @@ class Encoder:
             if progress is not None:
                 progress(start + len(chunk), len(images))
         return np.concatenate(out)
+
+    def _encode_crops(
+        self,
+        images: list[Any],
+        steps: Any,
+        progress: Callable[[int, int], None] | None,
+        record: list[dict[str, Any]] | None = None,
+    ) -> list[np.ndarray]:
+        from . import crops, preprocess
+
+        side = int(self.input_shape[-1])
+        grid_side = side // self.manifest["resolved_preset"]["model"]["patch_size"]
+        out = []
+        for i, image in enumerate(images):
+            name = preprocess.image_name(image, i)
+            rgb = preprocess.rgb_image(image, steps, name)
+            cut = crops.cut(rgb, steps, side, name)
+            features, *newline = self._run(cut.pixels)  # the crops of an image: one batch
+            if steps.image_grid_pinpoints:
+                limit = crops.max_tiles(steps.vision_aspect_ratio)
+                out.append(crops.pack_anyres(features, cut, grid_side, newline[0], name, limit))
+            else:  # the crops' tokens in order
+                out.append(features.reshape(-1, features.shape[-1]))
+            if record is not None:
+                record.append({"crops": len(cut.pixels), "grid": list(cut.grid)})
+            if progress is not None:
+                progress(i + 1, len(images))
+        return out
 
     def __repr__(self) -> str:
         return (

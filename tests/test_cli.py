@@ -185,6 +185,7 @@ def test_show_prints_the_merged_preset(capsys):
         (b"model: [1, 2\n", ": invalid YAML:"),
         (b"- 1\n- 2\n", ":1: (top level): expected a mapping of fields, got list"),
         (b"model:\n  hidden_size: 64\n  hidden_size: 32\n", ":3: model.hidden_size: duplicate key"),
+        (b"description:\n  ? ''  : null\n", ":2: description: a key must be a plain name"),
         (
             b"a: &a [x, x, x, x, x, x, x, x, x]\n"
             b"b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
@@ -194,7 +195,16 @@ def test_show_prints_the_merged_preset(capsys):
             "YAML nodes",
         ),
     ],
-    ids=["empty", "not-utf8", "python-tag", "syntax", "not-a-map", "duplicate", "alias-bomb"],
+    ids=[
+        "empty",
+        "not-utf8",
+        "python-tag",
+        "syntax",
+        "not-a-map",
+        "duplicate",
+        "mapping-key",
+        "alias-bomb",
+    ],
 )
 def test_unreadable_presets(tmp_path, capsys, content, message):
     path = tmp_path / "p.yaml"

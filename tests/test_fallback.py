@@ -47,9 +47,17 @@ def hot_on_the_fallback(report: list[dict]) -> list[dict]:
 
 def tiny(preset):
     """The preset with the tiny widths (`conftest.TINY`) of the fields its model config has:
-    a family may name its MLP width otherwise (DINOv2's `mlp_ratio`)."""
-    fields = {f.name for f in dataclasses.fields(load_preset(preset).model)}
-    return load_preset(preset, [f"model.{k}={v}" for k, v in TINY.items() if k in fields])
+    a family may name its MLP width otherwise (DINOv2's `mlp_ratio`). A VLM's projector that
+    merges patches gets a 4 x 4 grid, merged 2 x 2 or pooled to 4 tokens."""
+    full = load_preset(preset)
+    fields = {f.name for f in dataclasses.fields(full.model)}
+    sizes = {**TINY}
+    if full.blocks.projector:
+        sizes.update(image_size=32, scale_factor=2, mm_tokens_per_image=4)
+    overrides = [f"model.{k}={v}" for k, v in sizes.items() if k in fields]
+    if full.preprocess.image_grid_pinpoints:  # tiles of the tiny tower's size
+        overrides.append("preprocess.image_grid_pinpoints=[[32,64]]")
+    return load_preset(preset, overrides)
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)

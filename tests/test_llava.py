@@ -19,10 +19,11 @@ from .test_weights import needed
 TEXT_WIDTH = 48  # not the tower's 32: a swapped width shows up as a shape error
 
 
-def save_llava(folder, feature_layer, strategy, seed=0):
-    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+def tiny_llama():
+    """A one-layer Llama of width TEXT_WIDTH: the language model of the tiny LLaVAs."""
+    from transformers import LlamaConfig
 
-    text = LlamaConfig(
+    return LlamaConfig(
         hidden_size=TEXT_WIDTH,
         intermediate_size=64,
         num_attention_heads=4,
@@ -30,9 +31,14 @@ def save_llava(folder, feature_layer, strategy, seed=0):
         num_hidden_layers=1,
         vocab_size=100,
     )
+
+
+def save_llava(folder, feature_layer, strategy, seed=0):
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
     config = LlavaConfig(
         vision_config=hf_vision_config(),
-        text_config=text,
+        text_config=tiny_llama(),
         image_token_index=99,
         vision_feature_layer=feature_layer,
         vision_feature_select_strategy=strategy,
@@ -130,9 +136,9 @@ def test_projector_errors(llava_file, tmp_path):
     with pytest.raises(InputError) as e:
         load_weights(preset, needed(preset))
     assert e.value.lines == [
-        f"{tmp_path}: no LLaVA projector (no key ends with "
-        "'multi_modal_projector.linear_1.weight'), but the preset sets blocks.projector; "
-        "set blocks.projector=null for the tower's features alone"
+        f"{tmp_path}: no projector of blocks.projector 'mlp2x_gelu' (no key ends with "
+        "'multi_modal_projector.linear_1.weight'); set blocks.projector=null for the "
+        "tower's features alone"
     ]
     # The language model's width comes from config.json and must agree with the preset.
     wrong = llava_overrides(folder, -2, "default") + ["model.projector_hidden_size=64"]

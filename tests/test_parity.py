@@ -104,14 +104,39 @@ def test_tiny_clip_pooled(tiny_checkpoint, tmp_path):
     assert_close(enc(x), expected_output(hf_model, preset.model, x))
 
 
-@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
+def distinct_towers(paths: list) -> list:
+    """The presets whose tower's widths (every model field but the image size and the
+    projector's) no earlier preset has: a VLM's preset reuses a shipped tower (Gemma 3's and
+    PaliGemma's SigLIP so400m, InternVL's InternViT-300M), and its projector is checked
+    against HF in tests/test_vlm.py."""
+    skip = {"image_size", "projector_hidden_size", "scale_factor", "mm_tokens_per_image"}
+    skip |= {"feature_layer", "feature_select_strategy", "post_layernorm", "output"}
+    skip |= {"vision_use_head", "image_newline", "kwargs"}
+
+    def key(preset):
+        m = preset.model
+        return preset.family, *[(f, str(getattr(m, f))) for f in sorted(vars(m)) if f not in skip]
+
+    presets = {path: load_preset(path) for path in paths}
+    seen = {key(p) for p in presets.values() if p.blocks.projector is None}
+    out = []
+    for path, preset in presets.items():
+        if preset.blocks.projector is None or key(preset) not in seen:
+            out.append(path)
+        seen.add(key(preset))
+    return out
+
+
+@pytest.mark.parametrize("path", distinct_towers(PRESETS), ids=lambda p: p.stem)
 def test_preset_real_widths(path, tmp_path):
     """Each shipped preset at its real widths and image size, with 2 layers instead of all
     (CI time), its own feature selection and output, against the HF model class it names
     (CLIPVisionModel or SiglipVisionModel), through the CPU pipeline as shipped."""
-    preset = load_preset(path, ["model.num_hidden_layers=2"])
+    # The tower alone: a projector is checked in tests/test_vlm.py.
+    tower = ["model.num_hidden_layers=2", "blocks.projector=null"]
+    preset = load_preset(path, tower)
     hf_model = save_hf_tower(tmp_path / "ckpt", preset, seed=3)
-    overrides = ["model.num_hidden_layers=2", f"weights.path={tmp_path / 'ckpt'}"]
+    overrides = [*tower, f"weights.path={tmp_path / 'ckpt'}"]
     enc = build_and_load(path, overrides, tmp_path / "out")
     x = pixels(1, preset.model.image_size)
     assert_close(enc(x), expected_output(hf_model, preset.model, x))

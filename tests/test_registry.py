@@ -58,12 +58,21 @@ def test_every_slot_has_a_default_block():
             assert registry.get(f.default, f.name).kind == f.name
 
 
+# A projector that merges tokens takes the patch grid alone, of a side its 2 x 2 merge or
+# pooling to 4 tokens divides.
+GRID_CONFIG = dataclasses.replace(CONFIG, image_size=32, mm_tokens_per_image=4)
+
+
+def _merges(block: registry.BlockType) -> bool:
+    return block.kind == "projector" and block.attr("token_merge") is not None
+
+
 def _instantiate(block: registry.BlockType) -> nn.Module:
     if block.kind == "activation":
         return block.factory()
     if block.kind == "norm":
         return block.factory(CONFIG.hidden_size, CONFIG.layer_norm_eps)
-    return block.factory(CONFIG, BlocksConfig())
+    return block.factory(GRID_CONFIG if _merges(block) else CONFIG, BlocksConfig())
 
 
 def _input_spec(block: registry.BlockType) -> nn.spec.Tensor:
@@ -72,6 +81,8 @@ def _input_spec(block: registry.BlockType) -> nn.spec.Tensor:
     width = {"activation": CONFIG.intermediate_size, "projector": CONFIG.output_dim}.get(
         block.kind, CONFIG.hidden_size
     )
+    if _merges(block):
+        return nn.spec.Tensor(["batch", GRID_CONFIG.num_patches, width], "float32")
     return nn.spec.Tensor(["batch", CONFIG.num_patches + 1, width], "float32")
 
 

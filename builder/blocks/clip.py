@@ -253,8 +253,12 @@ class CLIPVisionModel(nn.Module):
         self.multi_modal_projector = (
             create(blocks.projector, "projector", config, blocks) if blocks.projector else None
         )
+        # LLaVA-NeXT's newline vector, returned beside the features for the host's packing
+        # of an image's crops (HF's `image_newline`, a top-level checkpoint key).
+        width = config.projector_hidden_size if blocks.projector else config.output_dim
+        self.image_newline = nn.Parameter((width,)) if config.image_newline else None
 
-    def forward(self, pixel_values: Tensor) -> Tensor:
+    def forward(self, pixel_values: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         states = self.vision_model(pixel_values.astype(self.dtype))
         if self.pooled:
             pooled = self.vision_model.head(states[-1])  # (B, D)
@@ -268,4 +272,6 @@ class CLIPVisionModel(nn.Module):
             features = op.split(features, [self.drop_tokens], axis=1)[1]  # (B, P, D * n)
         if self.multi_modal_projector is not None:
             features = self.multi_modal_projector(features)  # (B, P, W)
+        if self.image_newline is not None:
+            return features.astype("float32"), self.image_newline.astype("float32")  # (W,)
         return features.astype("float32")

@@ -19,6 +19,9 @@ from .common import Linear
 class LlavaMultiModalProjector(nn.Module):
     """LLaVA-1.5's projector: Linear -> exact GELU -> Linear to model.projector_hidden_size."""
 
+    # The key, behind `multi_modal_projector.`, by which the loader finds it in a checkpoint.
+    anchor = "linear_1.weight"
+
     def __init__(self, config: TowerConfig, blocks: BlocksConfig):
         width = config.projector_hidden_size
         # Input: the selected states concatenated, hidden_size times the number of layers.

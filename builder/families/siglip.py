@@ -44,7 +44,9 @@ FAMILY = register(
         names=NameMap(
             anchor="embeddings.patch_embedding.weight", ignore=(r"^embeddings\.position_ids$",)
         ),
-        hf_model_types=("siglip_vision_model", "siglip"),
+        # Idefics3's and SmolVLM's towers are SigLIP's: on a full square crop their position
+        # ids are the raster order (docs/vlm.md).
+        hf_model_types=("siglip_vision_model", "siglip", "idefics3_vision", "smolvlm_vision"),
         reference="SiglipVisionModel",
         reference_config="SiglipVisionConfig",
         hf_values={"hidden_act": ACTIVATIONS},

@@ -34,4 +34,4 @@ def load_weights(
 
         check_open_clip_config(source.path, preset.model)
     known = parameter_shapes(preset.model.full(), preset.blocks)
-    return read_tower(source.path, family, shapes, known)
+    return read_tower(source.path, family, shapes, known, preset.blocks.projector)

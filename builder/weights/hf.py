@@ -234,9 +234,10 @@ def read_tower(
     family: Family,
     needed: dict[str, tuple[int, ...]],
     known: dict[str, tuple[int, ...]],
+    projector_block: str | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Fill every parameter in `needed` exactly once from the checkpoint: the tower's, and
-    LLaVA's projector's when the preset has one.
+    the projector's (the block `projector_block`) when the preset has one.
 
     `known` holds every parameter of the full tower: keys for parameters that exist but are
     not computed (layers after the feature layer, an unused final norm) are skipped;
@@ -246,8 +247,8 @@ def read_tower(
     ckpt = open_checkpoint(path)
     names, tower = find_tower(ckpt, family)
     projector = None
-    if any(name.startswith(OUR_PROJECTOR) for name in needed):
-        projector = projector_prefix(ckpt)
+    if projector_block and any(name.startswith(OUR_PROJECTOR) for name in needed):
+        projector = projector_prefix(ckpt, projector_block)
     tables = dict(names.position_tables)
     errors: list[str] = []
     unexpected: list[str] = []
@@ -288,6 +289,25 @@ def read_tower(
                 plan[name] = mapped
             else:
                 skipped += 1
+    # Top-level parameters of the VLM (LLaVA-NeXT's image_newline): the one key that is the
+    # name or ends with it.
+    for name in needed:
+        if name.startswith((names.ours, OUR_PROJECTOR)):
+            continue
+        found = sorted(k for k in ckpt.keys if k == name or k.endswith("." + name))
+        if len(found) > 1:
+            errors.append(f"{ckpt.root}: several keys for {name!r}: {found}")
+        elif found:
+            mapped = Mapped(found[0], ckpt.keys[found[0]])
+            if _stored_shape(mapped) != needed[name]:
+                errors.append(
+                    f"{mapped.shard.path}: {found[0]!r} has shape "
+                    f"{list(_stored_shape(mapped))}, the preset needs {list(needed[name])}"
+                )
+                misshapen.add(name)
+            else:
+                plan[name] = mapped
+                used += 1
     missing = sorted(set(needed) - set(plan) - misshapen)
     if unexpected and (len(unexpected) * 2 > used or len(missing) * 2 > len(needed)):
         # Most keys are not this family's, or most parameters are missing beside keys it does
@@ -361,6 +381,8 @@ def _other_checkpoint(ckpt: Checkpoint, family: Family, lines: list[str], used: 
 def _checkpoint_name(name: str, names: NameMap, tower: str, projector: str | None) -> str:
     """How a missing parameter is named to the user: its checkpoint key where the name map
     is the identity, else our name and the prefix searched."""
+    if not name.startswith(names.ours) and not name.startswith(OUR_PROJECTOR):
+        return f"key {name!r} (model.{name} is set)"
     if projector is not None and name.startswith(OUR_PROJECTOR):
         return f"key {projector + name[len(OUR_PROJECTOR) :]!r}"
     local = name[len(names.ours) :]
@@ -369,16 +391,22 @@ def _checkpoint_name(name: str, names: NameMap, tower: str, projector: str | Non
     return f"parameter {local!r} (under prefix {tower!r}; the family's name map: builder/families/)"
 
 
-def projector_prefix(ckpt: Checkpoint) -> str:
-    anchor = OUR_PROJECTOR + PROJECTOR_ANCHOR
-    found = sorted(k[: -len(PROJECTOR_ANCHOR)] for k in ckpt.keys if k.endswith(anchor))
+def projector_prefix(ckpt: Checkpoint, block: str) -> str:
+    """The checkpoint's prefix of the projector module, found by the block's anchor key
+    (`anchor` behind its `checkpoint_module`, as the block declares them)."""
+    from .. import registry
+
+    entry = registry.get(block, "projector")
+    local = entry.attr("anchor", PROJECTOR_ANCHOR)
+    anchor = entry.attr("checkpoint_module", OUR_PROJECTOR[:-1]) + "." + local
+    found = sorted(k[: -len(local)] for k in ckpt.keys if k.endswith(anchor))
     if not found:
         raise InputError(
-            f"{ckpt.root}: no LLaVA projector (no key ends with {anchor!r}), but the preset "
-            "sets blocks.projector; set blocks.projector=null for the tower's features alone"
+            f"{ckpt.root}: no projector of blocks.projector {block!r} (no key ends with "
+            f"{anchor!r}); set blocks.projector=null for the tower's features alone"
         )
     if len(found) > 1:
-        raise InputError(f"{ckpt.root}: several LLaVA projectors, under prefixes {found}")
+        raise InputError(f"{ckpt.root}: several projectors, under prefixes {found}")
     return found[0]
 
 
@@ -394,8 +422,9 @@ def check_config(
     path: str | Path, family: Family, model: TowerConfig, projector: str | None = None
 ) -> None:
     """Compare the tower fields of the checkpoint's config.json (if any) with the preset,
-    and LLaVA's projector fields when the preset has a projector."""
-    from .. import families
+    and the projector's fields when the preset has a projector (a VLM's, `builder/vlm.py`,
+    or LLaVA's)."""
+    from .. import families, vlm
 
     root = Path(path)
     config_path = (root if root.is_dir() else root.parent) / "config.json"
@@ -420,20 +449,33 @@ def check_config(
             f"{model_type!r}), but the preset's family is {family.name}; set family: "
             f"{other.name} (or import this config.json with `build import`)"
         )
+    record = vlm.for_model_type(cfg.get("model_type"))
+    omitted = record.vision_defaults if record else {}
     # A learnt position grid of another size is resampled where the family says how.
     sized = ("image_size",) if family.resample else ()
     pairs = [
-        (where + f, family.from_hf(f, square(vision.get(f))), f)
+        (where + f, family.from_hf(f, square(vision.get(f, omitted.get(f)))), f)
         for f in family.hf_field_names()
         if f not in sized
     ]
-    pairs += [(f, cfg.get(f), ours) for f, ours in LLAVA_FIELDS.items()]
+    theirs_fields = record.fields if record else {}
+    pairs += [(f, cfg.get(f), ours) for f, ours in LLAVA_FIELDS.items() if f not in theirs_fields]
     errors = []
-    if projector:
+    if projector and record is not None:
+        if projector != record.projector:
+            errors.append(
+                f"{config_path}: a {cfg['model_type']} checkpoint, whose projector is "
+                f"{record.projector!r}, but the preset has blocks.projector {projector!r}"
+            )
+        pairs.append((record.width, vlm.hf_value(cfg, record.width), "projector_hidden_size"))
+        pairs += vlm.read_fields(record, cfg)
+    elif projector:
         text = cfg.get("text_config")
         width = text.get("hidden_size") if isinstance(text, dict) else None
         pairs.append(("text_config.hidden_size", width, "projector_hidden_size"))
-        for theirs_name, want in PROJECTOR_FIELDS.items():
+    fixed = record.fixed if record else PROJECTOR_FIELDS
+    if projector:
+        for theirs_name, want in fixed.items():
             if cfg.get(theirs_name, want) != want:
                 errors.append(
                     f"{config_path}: {theirs_name} is {cfg[theirs_name]!r}; blocks.projector "
