@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import datetime
 import os
 import platform
@@ -117,7 +118,6 @@ def paired_ratio(ours: list[float], theirs: list[float]) -> float:
 def hf_model(preset):
     """The preset's HF reference model (its family's), cut to the layers the artifact
     computes, so that both do the same work."""
-    import dataclasses
 
     import torch
 
@@ -130,12 +130,34 @@ def hf_model(preset):
 
 
 def _figure(value: float | None, spec: str) -> str:
-    """A table cell: n/a where the peer was not timed."""
+    """A table cell: n/a where a runner was not timed."""
     return "n/a" if value is None else format(value, spec)
 
 
-def _over(a: float, b: float | None) -> float | None:
-    return None if b is None else a / b
+@dataclasses.dataclass
+class Row:
+    """One preset at one batch: each runner's times in the same rounds ("artifact", "torch",
+    and where they ran "ort", "half", "open_clip"); a runner that did not run gives None."""
+
+    name: str
+    batch: int
+    work: float  # GFLOP
+    times: dict[str, list[float]]
+    error: float | None = None  # the 16-bit artifact's, against the float32 one
+
+    def median(self, runner: str) -> float | None:
+        return statistics.median(self.times[runner]) if runner in self.times else None
+
+    def ratio(self, runner: str, peer: str) -> float | None:
+        """runner's median time over peer's."""
+        if runner not in self.times or peer not in self.times:
+            return None
+        return self.median(runner) / self.median(peer)
+
+    def paired(self, runner: str, peer: str) -> float | None:
+        if runner not in self.times or peer not in self.times:
+            return None
+        return paired_ratio(self.times[runner], self.times[peer])
 
 
 def open_clip_model(preset):
@@ -357,42 +379,21 @@ def bench_preset(name: str, args: argparse.Namespace, workdir: Path, sample_peak
                     return peer.encode_image(xt, normalize=model.normalize_embeds)
 
             runners["open_clip"] = open_clip_encode
-        times = interleaved_times(runners, args.runs, args.seconds)
-        ours, eager_s, ort_s = (
-            statistics.median(times[k]) if k in times else None
-            for k in ("artifact", "torch", "ort")
+        row = Row(
+            name,
+            batch,
+            encoder.manifest["gflop_per_image"] * batch,
+            interleaved_times(runners, args.runs, args.seconds),
         )
-        paired = tuple(
-            paired_ratio(times["artifact"], times[k]) if k in times else None
-            for k in ("torch", "ort")
-        )
-        rounds = len(times["artifact"])
-        work = encoder.manifest["gflop_per_image"] * batch
-        sixteen_bit_row = None
         if half:
             # Same weights (the same seeded init); the float32 artifact is HF's to ~1e-5.
             full = encoder(x)
-            error = float(np.abs(sixteen_bit_encoder(x) - full).max() / np.abs(full).max())
-            sixteen_bit_row = (
-                statistics.median(times["half"]),
-                tuple(
-                    paired_ratio(times["half"], times[k]) if k in times else None
-                    for k in ("artifact", "torch", "ort")
-                ),
-                error,
-            )
-        open_clip_row = None
-        if peer is not None:
-            theirs = statistics.median(times["open_clip"])
-            open_clip_row = (theirs, paired_ratio(times["artifact"], times["open_clip"]))
-        rows.append(
-            (name, batch, work, ours, eager_s, ort_s, paired, rounds, sixteen_bit_row)
-            + (open_clip_row,)
-        )
+            row.error = float(np.abs(sixteen_bit_encoder(x) - full).max() / np.abs(full).max())
+        rows.append(row)
         print(
-            f"{name} b{batch}: ours {ours:.3f} s, torch {eager_s:.3f} s, "
-            f"ort {_figure(ort_s, '.3f')} s "
-            f"({rounds} rounds)",
+            f"{name} b{batch}: "
+            + ", ".join(f"{k} {row.median(k):.3f} s" for k in row.times)
+            + f" ({len(row.times['artifact'])} rounds)",
             file=sys.stderr,
         )
     x1 = np.zeros((1, 3, model.image_size, model.image_size), np.float32)
@@ -464,12 +465,18 @@ def main() -> int:
         "vs PyTorch, paired | vs onnxruntime, paired | rounds |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, batch, work, ours, eager, ort_s, (p_eager, p_ort), rounds, *_ in rows:
+    for r in rows:
+        ours = r.median("artifact")
         lines.append(
-            f"| {name} | {batch} | {work:.1f} | {ours:.3f} | {eager:.3f} | "
-            f"{_figure(ort_s, '.3f')} | {work / ours:.1f} | {100 * work / ours / peak:.0f}% | "
-            f"{ours / eager:.2f} | {_figure(_over(ours, ort_s), '.2f')} | {p_eager:.2f} | "
-            f"{_figure(p_ort, '.2f')} | {rounds} |"
+            f"| {r.name} | {r.batch} | {r.work:.1f} | {ours:.3f} | {r.median('torch'):.3f} | "
+            f"{_figure(r.median('ort'), '.3f')} | {r.work / ours:.1f} | "
+            f"{100 * r.work / ours / peak:.0f}% | "
+            + " | ".join(
+                _figure(f("artifact", peer), ".2f")
+                for f in (r.ratio, r.paired)
+                for peer in ("torch", "ort")
+            )
+            + f" | {len(r.times['artifact'])} |"
         )
     lines += [
         "",
@@ -479,7 +486,7 @@ def main() -> int:
         "spell of the machine that spans a round cancels).",
         "",
     ]
-    open_clip_rows = [r for r in rows if r[-1] is not None]
+    open_clip_rows = [r for r in rows if "open_clip" in r.times]
     if open_clip_rows:
         lines += [
             "## open_clip",
@@ -492,10 +499,11 @@ def main() -> int:
             "| preset | batch | artifact s | open_clip s | vs open_clip | vs open_clip, paired |",
             "|---|---|---|---|---|---|",
         ]
-        for name, batch, _, ours, *_, (theirs, paired) in open_clip_rows:
+        for r in open_clip_rows:
             lines.append(
-                f"| {name} | {batch} | {ours:.3f} | {theirs:.3f} | {ours / theirs:.2f} | "
-                f"{paired:.2f} |"
+                f"| {r.name} | {r.batch} | {r.median('artifact'):.3f} | "
+                f"{r.median('open_clip'):.3f} | {r.ratio('artifact', 'open_clip'):.2f} | "
+                f"{r.paired('artifact', 'open_clip'):.2f} |"
             )
         lines.append("")
     if args.half:
@@ -517,14 +525,16 @@ def main() -> int:
             "vs onnxruntime, paired | error |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
-        for name, batch, work, ours, eager, ort_s, _, _, sixteen, _ in rows:
-            sixteen_bit_s, paired, error = sixteen
+        for r in rows:
             lines.append(
-                f"| {name} | {batch} | {sixteen_bit_s:.3f} | {work / sixteen_bit_s:.1f} | "
-                f"{sixteen_bit_s / ours:.2f} | {sixteen_bit_s / eager:.2f} | "
-                f"{_figure(_over(sixteen_bit_s, ort_s), '.2f')} | "
-                + " | ".join(_figure(r, ".2f") for r in paired)
-                + f" | {error:.1e} |"
+                f"| {r.name} | {r.batch} | {r.median('half'):.3f} | "
+                f"{r.work / r.median('half'):.1f} | "
+                + " | ".join(
+                    _figure(f("half", peer), ".2f")
+                    for f in (r.ratio, r.paired)
+                    for peer in ("artifact", "torch", "ort")
+                )
+                + f" | {r.error:.1e} |"
             )
         lines.append("")
     else:
