@@ -21,9 +21,14 @@ Layout, under `BUILDER_CACHE_DIR` (default `$XDG_CACHE_HOME/clip-tvm-builder`, e
     artifacts/<key>/        a finished artifact (lib, params, manifest)
     libraries/<key>/        a compiled library and `part.json` (its files' digests)
     params/<key>/           packed parameters and `part.json` (their order, source, digests)
+    kernels/<key>.json      a CPU kernel parsed from its TVMScript text (`kernel_key`)
     locks/<key>.lock        held while a key is built or reused: a second build waits
     locks/out-<hash>.lock   held while an output folder's link is swapped
     hashes.json             checkpoint file digests by (path, size, mtime, inode)
+
+The kernel store holds the CPU pipeline's kernels as TVM's JSON of the parsed function, keyed
+by a sha256 of their TVMScript text and the TVM versions: loading one takes a tenth of parsing
+it, and towers that share widths share kernels.
 
 An artifact's files are hard links to the library's and the parameters' files, so the three
 stores hold one copy of the bytes.
@@ -31,6 +36,7 @@ stores hold one copy of the bytes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib.metadata
@@ -38,6 +44,7 @@ import json
 import os
 import platform
 import shutil
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from functools import cache
@@ -105,6 +112,13 @@ def weights_code() -> str:
     (`builder/families`): part of the weights' digest, so a changed name map or init scheme
     never reuses stale parameters."""
     return files_digest(_package_files("weights") | _package_files("families"))
+
+
+@cache
+def kernel_key(src: str) -> str:
+    """The kernel store's key of a kernel's TVMScript text: the text and the TVM versions
+    that parse it."""
+    return digest({"key_format": KEY_FORMAT, "tvm": tvm_versions(), "src": src})
 
 
 @cache
@@ -271,8 +285,36 @@ class Cache:
         with artifact.staging(self.entry(key, store)) as tmp:
             yield tmp
 
+    def kernel_json(self, key: str) -> str | None:
+        """A stored kernel's JSON, or None."""
+        try:
+            return (self.root / "kernels" / f"{key}.json").read_text()
+        except (OSError, UnicodeDecodeError):
+            return None
+
+    def store_kernel_json(self, key: str, text: str) -> None:
+        """Store a kernel's JSON, atomically; a cache folder that cannot be written only
+        means the next process parses the kernel again."""
+        folder = self.root / "kernels"
+        tmp = folder / f".{key}.tmp-{os.getpid()}"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(text)
+            os.replace(tmp, folder / f"{key}.json")
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
     def sweep(self) -> None:
-        """Remove what killed builds left: temporary folders of keys no build holds."""
+        """Remove what killed builds left: temporary folders of keys no build holds, and
+        kernel files a killed process did not finish writing (a write takes milliseconds: any
+        older than a minute is a leftover)."""
+        kernels = self.root / "kernels"
+        if kernels.is_dir():
+            for p in kernels.glob(".*.tmp-*"):
+                with contextlib.suppress(OSError):
+                    if time.time() - p.stat().st_mtime > 60:
+                        p.unlink()
         for store in STORES:
             folder = self.root / store
             if not folder.is_dir():

@@ -254,3 +254,34 @@ def test_two_builds_at_once(tmp_path, build_cache):
     assert len(list((build_cache / "artifacts").iterdir())) == 1
     assert [p.name for p in art.parent.iterdir() if p.name != "llvm"][0].startswith(".llvm.v-")
     assert len(list(art.parent.iterdir())) == 2
+
+
+def test_kernel_store_serves_a_parse_to_other_processes(build_cache, monkeypatch, tmp_path):
+    """A parsed kernel is stored in the cache and loaded instead of parsed by the next
+    process (the same function); a damaged entry is parsed again and replaced; a cache that
+    cannot be written only costs the parse."""
+    cfg = kernels.KernelConfig(vec=16, nv=4, mr=6)
+    parsed = []
+    real = kernels.tvm.script.from_source
+    monkeypatch.setattr(kernels.tvm.script, "from_source", lambda s: parsed.append(s) or real(s))
+
+    def new_process_parse():
+        kernels._parse.cache_clear()
+        return kernels.layer_norm_kernel(cfg, 40, 1e-5)
+
+    first = new_process_parse()
+    (stored,) = (build_cache / "kernels").glob("*.json")
+    assert len(parsed) == 1
+    kernels.tvm.ir.assert_structural_equal(new_process_parse(), first)
+    assert len(parsed) == 1  # loaded, not parsed
+
+    stored.write_text("{not json")
+    kernels.tvm.ir.assert_structural_equal(new_process_parse(), first)
+    assert len(parsed) == 2
+    kernels.tvm.ir.assert_structural_equal(kernels.tvm.ir.load_json(stored.read_text()), first)
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    monkeypatch.setenv("BUILDER_CACHE_DIR", str(blocked / "cache"))
+    kernels.tvm.ir.assert_structural_equal(new_process_parse(), first)
+    assert len(parsed) == 3

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 
 import tvm
 from tvm import tirx
+from tvm_ffi.serialization import from_json_graph_str
+
+from ... import cache
 
 KERNEL_ATTR = "builder.cpu_kernel"
 
@@ -320,15 +323,27 @@ def _act_lines(act, v: str, dst: str, ind: str) -> list[str]:
 
 @functools.cache
 def _parse(src: str) -> tirx.PrimFunc:
-    # Parsing TVMScript is most of a small tower's compile time; a PrimFunc is immutable, so
-    # one parsed kernel serves every compile of this process that emits the same text.
+    # Parsing TVMScript is a large share of a compile; a PrimFunc is immutable, so one parsed
+    # kernel serves every compile of this process that emits the same text, and the build
+    # cache's kernel store serves other processes (`cache.kernel_json`).
+    key = cache.kernel_key(src)
+    stored = cache.Cache().kernel_json(key)
+    if stored is not None:
+        try:
+            # Not tvm.ir.load_json: its upgrade of older TVM versions' JSON decodes and
+            # re-encodes the text in Python, and the key holds the TVM version that wrote it.
+            return from_json_graph_str(stored)
+        except Exception:  # a damaged entry is a miss; storing the parse replaces it
+            pass
     # Relax passes (e.g. RewriteDataflowReshape's HasReshapePattern) require every PrimFunc
     # body to be a root SBlockRealize ("s_tir" dialect): wrap the main loop nest in one
     # (match_buffer declarations must stay outside).
     lines = src.strip("\n").split("\n")
     k = next(i for i, l in enumerate(lines) if l.startswith(("    for ", "    with ")))
     body = ["    " + l if l.strip() else l for l in lines[k:]]
-    return tvm.script.from_source("\n".join(lines[:k] + ['    with T.sblock("root"):'] + body))
+    func = tvm.script.from_source("\n".join(lines[:k] + ['    with T.sblock("root"):'] + body))
+    cache.Cache().store_kernel_json(key, tvm.ir.save_json(func))
+    return func
 
 
 # --------------------------------------------------------------------------------------
