@@ -961,7 +961,11 @@ def attention_kernel(
         L.append(f"{ind}sc{i}[1] = {_f(1.0)} / {_tree(lambda a, b: f'({a} + {b})', lanes)}")
     # ---- O tile = P V, scaled by 1/sum
     for i in range(mr):
-        L += _fill(f"out{i}", DP, ind)
+        L += [
+            f"{ind}for v in T.unroll({_i(DP // vec)}):",
+            f"{ind}    for l in T.vectorized({_i(vec)}):",
+            f"{ind}        out{i}[v * {_i(vec)} + l] = {_f(0.0)}",
+        ]
     # P.V in whole vectors (an 80-lane vector, head dim 72, made LLVM shuffle through the
     # stack), unrolled so the accumulators stay in registers.
     L.append(f"{ind}for j in range({_i(S)}):")
@@ -972,9 +976,20 @@ def attention_kernel(
             f"{ind}            out{i}[v * {_i(vec)} + l] = out{i}[v * {_i(vec)} + l]"
             f" + s{i}[j] * VP[b, h, j, v * {_i(vec)} + l]",
         ]
-    loop = f"for l in T.vectorized({_i(D)}):" if D == DP else f"for l in range({_i(D)}):"
+    # The output rows in whole vectors and an unrolled tail: every access to the
+    # accumulators at a constant offset, or LLVM keeps them on the stack for the whole tile.
+    full_v, tail = divmod(D, vec)
     for i in range(mr):
-        L += [f"{ind}{loop}", f"{ind}    O[b, r{i}, h, l] = out{i}[l] * sc{i}[1]"]
+        L += [
+            f"{ind}for v in T.unroll({_i(full_v)}):",
+            f"{ind}    for l in T.vectorized({_i(vec)}):",
+            f"{ind}        O[b, r{i}, h, v * {_i(vec)} + l] = out{i}[v * {_i(vec)} + l] * sc{i}[1]",
+        ]
+        if tail:
+            L += [
+                f"{ind}for l in T.unroll({_i(tail)}):",
+                f"{ind}    O[b, r{i}, h, {_i(full_v * vec)} + l] = out{i}[{_i(full_v * vec)} + l] * sc{i}[1]",
+            ]
     return _parse("\n".join(L))
 
 
