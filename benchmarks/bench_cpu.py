@@ -1,4 +1,5 @@
-"""The llvm artifact against PyTorch eager and onnxruntime, in one process, on one input.
+"""The llvm artifact against PyTorch eager, onnxruntime and OpenVINO, in one process, on one
+input.
 
     python benchmarks/bench_cpu.py [--presets clip-vit-b-16 llava-clip] [--batches 1 8]
                                    [--runs 5] [--seconds 60] [--threads N]
@@ -6,22 +7,27 @@
 
 For each preset and batch: the artifact built by the builder (random init: the weights do not
 change the time), HF `CLIPVisionModel` with the same config cut to the layers the artifact
-computes (PyTorch eager, `torch.inference_mode`, same thread count), and that HF model
-exported to ONNX and run by onnxruntime (same thread count). After one warm-up call each, the
-three run in turn, round after round, the first runner rotating: at least `--runs` rounds,
-and more until `--seconds` have passed. A slow spell of the machine so falls on all three
-alike; each call starts 0.2 s after the previous one, once the pool threads of the last
-runner have stopped spinning. Each time is the median of its rounds; the ratios to the
-peers are given both as the ratio of the medians and as the median of the rounds' ratios
-(paired: a slow spell that spans a round cancels). The FMA peak is
+computes (PyTorch eager, `torch.inference_mode`, same thread count), that HF model
+exported to ONNX and run by onnxruntime, and converted by `ov.convert_model` and run by
+OpenVINO's CPU plugin with the float32 inference-precision hint and, where its default
+precision on this CPU is another (bfloat16 with AVX-512 BF16), at that default (same thread
+count). After one warm-up call each, the runners take turns, round after round, the first
+runner rotating: at least `--runs` rounds, and more until `--seconds` have passed. A slow
+spell of the machine so falls on all of them alike; each call starts 0.2 s after the
+previous one, once the pool threads of the last runner have stopped spinning. Each time is
+the median of its rounds; the ratios to the peers are given both as the ratio of the
+medians and as the median of the rounds' ratios (paired: a slow spell that spans a round
+cancels). The FMA peak is
 measured by `fma_peak.c` on the same threads before and after every preset and around its
 kernel breakdown: the table uses the highest sample and reports the range, which shows how
 steady the machine was. Also a per-kernel breakdown of the artifact at batch 1 (median of 5
 instrumented forwards), its GEMMs also against the FMA samples just around it, and each GEMM
 kernel alone against FMA samples taken around its calls. Where the CPU has AVX-512 FP16, a
-`precision: float16` artifact of the same preset runs in the same rounds, as a fourth runner,
-with its error against the float32 artifact and its own kernel breakdown; where it has
-AVX-512 BF16 instead, a `precision: bfloat16` one. Writes Markdown.
+`precision: float16` artifact of the same preset runs in the same rounds, as one more
+runner, with its error against the float32 artifact and its own kernel breakdown; where it
+has AVX-512 BF16 instead, a `precision: bfloat16` one, compared with OpenVINO at its default
+precision and with the vdpbf16ps peak, measured by the same loop of that instruction
+(`fma_peak.c bf16`) at the same moments as the FMA peak. Writes Markdown.
 
 Needs the `bench` extras (`pip install '.[bench]'`), and a C
 compiler with OpenMP for the FMA peak. Run it on an idle machine: the GEMM and attention
@@ -52,7 +58,9 @@ from builder.runtime import available_cores  # noqa: E402  (imports no TVM)
 
 
 def fma_peak_sampler(threads: int, scratch: Path):
-    """A function that measures the FMA peak (GFLOP/s) once more and returns it."""
+    """A function that measures the FMA peak (GFLOP/s) once more and returns it; with
+    `kind="bf16"`, the peak of AVX-512 BF16's vdpbf16ps instead (the same loop of that
+    instruction: 64 flops each)."""
     exe = scratch / "fma_peak"
     subprocess.run(
         [
@@ -68,9 +76,12 @@ def fma_peak_sampler(threads: int, scratch: Path):
         check=True,
     )
 
-    def sample(iterations: int = 100_000_000) -> float:
+    def sample(iterations: int = 100_000_000, kind: str = "fma") -> float:
         out = subprocess.run(
-            [str(exe), str(iterations), str(threads)], check=True, capture_output=True, text=True
+            [str(exe), str(iterations), str(threads), kind],
+            check=True,
+            capture_output=True,
+            text=True,
         )
         return float(out.stdout)
 
@@ -137,7 +148,8 @@ def _figure(value: float | None, spec: str) -> str:
 @dataclasses.dataclass
 class Row:
     """One preset at one batch: each runner's times in the same rounds ("artifact", "torch",
-    and where they ran "ort", "half", "open_clip"); a runner that did not run gives None."""
+    and where they ran "ort", "ov" (OpenVINO, float32 hint), "ov_default" (OpenVINO at its
+    default precision), "half", "open_clip"); a runner that did not run gives None."""
 
     name: str
     batch: int
@@ -195,8 +207,9 @@ def open_clip_model(preset):
     return clip.eval()
 
 
-def onnx_session(hf, model, threads: int, path: Path):
-    import onnxruntime as ort
+def last_state(hf):
+    """The HF model as a module of the pixel values alone that returns the last hidden state:
+    what the ONNX export and OpenVINO's conversion trace."""
     import torch
 
     class LastState(torch.nn.Module):
@@ -207,11 +220,18 @@ def onnx_session(hf, model, threads: int, path: Path):
         def forward(self, pixel_values):
             return self.inner(pixel_values=pixel_values).last_hidden_state
 
+    return LastState(hf)
+
+
+def onnx_session(hf, model, threads: int, path: Path):
+    import onnxruntime as ort
+    import torch
+
     x = torch.zeros(1, 3, model.image_size, model.image_size)
     try:
         with torch.inference_mode():
             torch.onnx.export(
-                LastState(hf),
+                last_state(hf),
                 (x,),
                 str(path),
                 input_names=["pixel_values"],
@@ -227,6 +247,37 @@ def onnx_session(hf, model, threads: int, path: Path):
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]), None
+
+
+def openvino_requests(hf, model, threads: int) -> tuple[dict[str, Callable], str | None]:
+    """OpenVINO's CPU plugin running the HF model (`ov.convert_model`, any batch), on
+    `threads` threads, one request at a time (latency mode): {"ov": a call with the float32
+    inference-precision hint, "ov_default": a call at the plugin's default precision} and
+    that default's name (bf16 on a CPU with AVX-512 BF16 or AMX), or ({}, why) without
+    OpenVINO."""
+    try:
+        import openvino as ov
+    except ImportError as e:
+        return {}, f"no OpenVINO: {e}"
+    import torch
+
+    side = model.image_size
+    with torch.inference_mode():
+        converted = ov.convert_model(
+            last_state(hf),
+            example_input=torch.zeros(1, 3, side, side),
+            input=[ov.PartialShape([-1, 3, side, side])],
+        )
+    core = ov.Core()
+    common = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
+    calls, default = {}, None
+    for name, extra in (("ov", {"INFERENCE_PRECISION_HINT": "f32"}), ("ov_default", {})):
+        compiled = core.compile_model(converted, "CPU", {**common, **extra})
+        if not extra:
+            default = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+        request = compiled.create_infer_request()
+        calls[name] = lambda x, request=request: request.infer({0: x})
+    return calls, default
 
 
 def kernel_breakdown(encoder, x, forwards: int = 5) -> list[tuple[str, int, float]]:
@@ -312,6 +363,26 @@ def gemms_alone(encoder, x, sample_peak, rounds: int = 7, window: float = ALONE_
     return rows
 
 
+@dataclasses.dataclass
+class Breakdown:
+    """One preset's kernels at batch 1: (kernel, calls, seconds) of one forward of each
+    artifact, with the peak samples taken just around them."""
+
+    name: str
+    preset: object
+    gflop: float  # one image's work
+    kernels: list[tuple[str, int, float]]
+    around: float  # the faster of the FMA samples just before and after `kernels`
+    alone: list[tuple]  # `gemms_alone`'s rows
+    sixteen_bit_kernels: list[tuple[str, int, float]] | None
+    bf16_around: list[float]  # vdpbf16ps samples around those (a bfloat16 artifact only)
+
+
+def gemm_seconds(kernels: list[tuple[str, int, float]]) -> float:
+    """The GEMM kernels' share of a breakdown's seconds."""
+    return sum(t for n, _, t in kernels if n.startswith("gemm"))
+
+
 HALF = "llvm-half"  # the 16-bit artifact's target name
 
 
@@ -356,6 +427,12 @@ def bench_preset(name: str, args: argparse.Namespace, workdir: Path, sample_peak
     session, no_onnx = onnx_session(hf, model, args.threads, workdir / f"{name}.onnx")
     if no_onnx:
         note += f"; onnxruntime not timed: {no_onnx}"
+    openvino, ov_default = openvino_requests(hf, model, args.threads)
+    if not openvino:
+        note += f"; OpenVINO not timed: {ov_default}"
+        ov_default = None
+    elif ov_default == "f32":  # the same as the float32 hint: not timed twice
+        del openvino["ov_default"]
     peer = open_clip_model(preset)
     rows = []
     for batch in args.batches:
@@ -372,6 +449,7 @@ def bench_preset(name: str, args: argparse.Namespace, workdir: Path, sample_peak
             runners["ort"] = lambda x=x, session=session: session.run(None, {"pixel_values": x})
         if half:
             runners["half"] = lambda x=x: sixteen_bit_encoder(x)
+        runners.update({name: lambda x=x, call=call: call(x) for name, call in openvino.items()})
         if peer is not None:
 
             def open_clip_encode(xt=xt):
@@ -403,9 +481,24 @@ def bench_preset(name: str, args: argparse.Namespace, workdir: Path, sample_peak
     kernels = kernel_breakdown(encoder, x1)
     time.sleep(SETTLE_S)
     after = sample_peak()
-    sixteen_bit_kernels = kernel_breakdown(sixteen_bit_encoder, x1) if half else None
-    breakdown = (name, preset, kernels, max(before, after), alone, sixteen_bit_kernels)
-    return rows, note, breakdown, [before, after]
+    sixteen_bit_kernels, bf16_around = None, []
+    if half:
+        bf16_around = [sample_peak(kind="bf16")] if half == "bfloat16" else []
+        time.sleep(SETTLE_S)
+        sixteen_bit_kernels = kernel_breakdown(sixteen_bit_encoder, x1)
+        time.sleep(SETTLE_S)
+        bf16_around += [sample_peak(kind="bf16")] if half == "bfloat16" else []
+    breakdown = Breakdown(
+        name,
+        preset,
+        encoder.manifest["gflop_per_image"],
+        kernels,
+        max(before, after),
+        alone,
+        sixteen_bit_kernels,
+        bf16_around,
+    )
+    return rows, note, breakdown, [before, after], ov_default
 
 
 def main() -> int:
@@ -435,19 +528,32 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     rows, notes, breakdowns = [], [], []
+    bf16 = args.half == "bfloat16"
+    bf16_peaks: list[float] = []  # vdpbf16ps samples, where the 16-bit artifact is bfloat16
     # The artifacts, ONNX files and the FMA loop's binary: gigabytes for llava-clip.
     with tempfile.TemporaryDirectory(prefix="bench-cpu-") as scratch:
         workdir = Path(scratch)
         sample_peak = fma_peak_sampler(args.threads, workdir)
-        peaks = [sample_peak() for _ in range(3)]
+
+        def samples() -> tuple[list[float], list[float]]:
+            fma = [sample_peak() for _ in range(3)]
+            return fma, [sample_peak(kind="bf16") for _ in range(3)] if bf16 else []
+
+        peaks, bf16_peaks = samples()
         print(f"FMA peak {max(peaks):.1f} GFLOP/s on {args.threads} threads", file=sys.stderr)
         for name in args.presets:
-            preset_rows, note, breakdown, samples = bench_preset(name, args, workdir, sample_peak)
+            preset_rows, note, breakdown, around, ov_default = bench_preset(
+                name, args, workdir, sample_peak
+            )
             rows += preset_rows
             notes.append(note)
+            ov_precision = ov_default
             breakdowns.append(breakdown)
-            peaks += samples + [sample_peak() for _ in range(3)]
+            fma, more = samples()
+            peaks += around + fma
+            bf16_peaks += breakdown.bf16_around + more
     peak = max(peaks)
+    bf16_peak = max(bf16_peaks) if bf16_peaks else None
 
     lines = [
         "# CPU benchmark",
@@ -461,29 +567,32 @@ def main() -> int:
         "patch conv of the layers computed (llava-clip: 23 of 24).",
         "",
         "| preset | batch | GFLOP | artifact s | PyTorch eager s | onnxruntime s | "
-        "artifact GFLOP/s | % of FMA peak | vs PyTorch | vs onnxruntime | "
-        "vs PyTorch, paired | vs onnxruntime, paired | rounds |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "OpenVINO f32 s | artifact GFLOP/s | % of FMA peak | vs PyTorch | vs onnxruntime | "
+        "vs OpenVINO f32 | vs PyTorch, paired | vs onnxruntime, paired | "
+        "vs OpenVINO f32, paired | rounds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ours = r.median("artifact")
         lines.append(
             f"| {r.name} | {r.batch} | {r.work:.1f} | {ours:.3f} | {r.median('torch'):.3f} | "
-            f"{_figure(r.median('ort'), '.3f')} | {r.work / ours:.1f} | "
-            f"{100 * r.work / ours / peak:.0f}% | "
+            f"{_figure(r.median('ort'), '.3f')} | {_figure(r.median('ov'), '.3f')} | "
+            f"{r.work / ours:.1f} | {100 * r.work / ours / peak:.0f}% | "
             + " | ".join(
                 _figure(f("artifact", peer), ".2f")
                 for f in (r.ratio, r.paired)
-                for peer in ("torch", "ort")
+                for peer in ("torch", "ort", "ov")
             )
             + f" | {len(r.times['artifact'])} |"
         )
     lines += [
         "",
-        "Ratios are artifact time / peer time: below 1.0 the artifact is faster. The first two "
-        "divide the medians; the paired ones are the median over rounds of each round's "
+        "Ratios are artifact time / peer time: below 1.0 the artifact is faster. The first "
+        "three divide the medians; the paired ones are the median over rounds of each round's "
         "ratio (the runners of a round follow each other within seconds, so a slow "
-        "spell of the machine that spans a round cancels).",
+        "spell of the machine that spans a round cancels). OpenVINO runs the same HF model "
+        "(`ov.convert_model`, one request at a time, latency mode, the same threads) with "
+        "the float32 inference-precision hint.",
         "",
     ]
     open_clip_rows = [r for r in rows if "open_clip" in r.times]
@@ -509,30 +618,42 @@ def main() -> int:
     if args.half:
         how = {
             "float16": "AVX-512 FP16): the GEMMs multiply float16 operands",
-            "bfloat16": "AVX-512 BF16): the GEMMs sum products of bfloat16 operands in "
-            "float32 (vdpbf16ps)",
+            "bfloat16": "AVX-512 BF16): the GEMMs and attention's Q.K^T and P.V sum "
+            "products of bfloat16 operands in float32 (vdpbf16ps), the softmax in float32",
         }[args.half]
+        peak_note = (
+            f" vdpbf16ps peak measured by `benchmarks/fma_peak.c bf16` (the same loop of "
+            f"that instruction): {bf16_peak:.1f} GFLOP/s (the highest of {len(bf16_peaks)} "
+            f"samples; the lowest was {min(bf16_peaks):.1f}, the median "
+            f"{statistics.median(bf16_peaks):.1f})."
+            if bf16_peak
+            else ""
+        )
+        ov = f"OpenVINO {ov_precision or 'default'}"
         lines += [
             f"## The {args.half} artifact",
             "",
             f"`precision: {args.half}` on this CPU ({how}, the rest runs in float32 (see "
             "docs/cpu-pipeline.md). Timed in the same rounds as the runners above; error: "
             f"max |{args.half} - float32 artifact| over max |float32 artifact|, same weights "
-            "and input.",
+            f"and input. {ov}: OpenVINO at its default inference precision on this CPU."
+            + peak_note,
             "",
-            f"| preset | batch | {args.half} s | GFLOP/s | vs float32 artifact | vs PyTorch | "
-            "vs onnxruntime | vs float32, paired | vs PyTorch, paired | "
-            "vs onnxruntime, paired | error |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            f"| preset | batch | {args.half} s | {ov} s | GFLOP/s | % of bf16 peak | "
+            f"vs float32 artifact | vs PyTorch | vs onnxruntime | vs {ov} | vs float32, paired | "
+            f"vs PyTorch, paired | vs onnxruntime, paired | vs {ov}, paired | error |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in rows:
+            rate = r.work / r.median("half")
             lines.append(
                 f"| {r.name} | {r.batch} | {r.median('half'):.3f} | "
-                f"{r.work / r.median('half'):.1f} | "
+                f"{_figure(r.median('ov_default'), '.3f')} | {rate:.1f} | "
+                f"{f'{100 * rate / bf16_peak:.0f}%' if bf16_peak else 'n/a'} | "
                 + " | ".join(
                     _figure(f("half", peer), ".2f")
                     for f in (r.ratio, r.paired)
-                    for peer in ("artifact", "torch", "ort")
+                    for peer in ("artifact", "torch", "ort", "ov_default")
                 )
                 + f" | {r.error:.1e} |"
             )
@@ -547,12 +668,12 @@ def main() -> int:
     from builder import flops
     from builder.assemble import export
 
-    for name, preset, kernels, around, alone, sixteen_bit_kernels in breakdowns:
-        model = preset.model
+    for b in breakdowns:
+        name, model, kernels, around = b.name, b.preset.model, b.kernels, b.around
         total = sum(t for _, _, t in kernels)
         layers = model.num_layers_computed
-        gemm = sum(t for n, _, t in kernels if n.startswith("gemm"))
-        linear = flops.work(export(model, preset.blocks)[0])["matmul"]
+        gemm = gemm_seconds(kernels)
+        linear = flops.work(export(model, b.preset.blocks)[0])["matmul"]
         lines += [
             f"## Per-kernel time, {name}, batch 1 (one forward; per layer = total / {layers})",
             "",
@@ -569,13 +690,25 @@ def main() -> int:
                 f"| {kernel} | {calls} | {1e3 * seconds / layers:.2f} | "
                 f"{100 * seconds / total:.1f}% |"
             )
-        if sixteen_bit_kernels:
+        if b.sixteen_bit_kernels:
+            sixteen_bit_kernels = b.sixteen_bit_kernels
             sixteen_bit_total = sum(t for _, _, t in sixteen_bit_kernels)
+            shares = ""
+            if bf16_peak:
+                gemm_rate = linear / gemm_seconds(sixteen_bit_kernels)
+                whole_rate = b.gflop / sixteen_bit_total
+                shares = (
+                    f" GEMMs: {gemm_rate:.1f} GFLOP/s, {100 * gemm_rate / bf16_peak:.0f}% of the "
+                    f"vdpbf16ps peak, {100 * gemm_rate / max(b.bf16_around):.0f}% of the faster "
+                    f"of the vdpbf16ps samples just around these forwards "
+                    f"({max(b.bf16_around):.1f} GFLOP/s); the whole forward "
+                    f"{whole_rate:.1f} GFLOP/s, {100 * whole_rate / bf16_peak:.0f}% of the peak."
+                )
             lines += [
                 "",
                 f"The {args.half} artifact, {name}, batch 1: "
                 f"{1e3 * sixteen_bit_total / layers:.2f} ms per layer, against "
-                f"{1e3 * total / layers:.2f}.",
+                f"{1e3 * total / layers:.2f}." + shares,
                 "",
                 "| kernel | calls | ms per layer | share |",
                 "|---|---|---|---|",
@@ -599,7 +732,7 @@ def main() -> int:
             "best GFLOP/s | best, % of FMA peak |",
             "|---|---|---|---|---|---|",
         ]
-        for kernel, m, k, n, median, best, ratio in alone:
+        for kernel, m, k, n, median, best, ratio in b.alone:
             lines.append(
                 f"| {kernel} | {m} x {k} x {n} | {median:.1f} | {100 * ratio:.0f}% | "
                 f"{best:.1f} | {100 * best / peak:.0f}% |"

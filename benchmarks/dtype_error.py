@@ -6,7 +6,9 @@ forward call, on a tower with random weights (norms and biases included).
 
 Prints one Markdown table row per dtype: max abs error / max |reference| of the artifact and
 of HF's model run by torch in that dtype, and the artifact's seconds per image (batch 1, one
-call after a warm-up). Works in a temporary folder that it deletes.
+call after a warm-up); then the same for a float32 model built with each 16-bit `precision`
+(for bfloat16 what `targets=[llvm-bf16]` builds), against HF's model in that type. Works in
+a temporary folder that it deletes.
 """
 
 from __future__ import annotations
@@ -22,9 +24,8 @@ from builder.preset import load_preset
 from tests.conftest import (
     build_and_load,
     expected_features,
-    hf_fields,
     pixels,
-    save_vision_model,
+    save_hf_tower,
     tiny_overrides,
 )
 
@@ -39,23 +40,33 @@ def measure(preset_name: str | None, layers: int, work: Path) -> None:
         preset_name, overrides = "clip-vit-b-32", tiny_overrides()
     else:
         overrides = [f"model.num_hidden_layers={layers}"]
-    model = load_preset(preset_name, overrides).model
-    hf = save_vision_model(work / "ckpt", seed=3, **hf_fields(model))
+    preset = load_preset(preset_name, overrides)
+    model = preset.model
+    hf = save_hf_tower(work / "ckpt", preset, seed=3)
     overrides.append(f"weights.path={work / 'ckpt'}")
     x = pixels(1, model.image_size)
     ref = expected_features(hf, model, x)
     print(f"{preset_name} {overrides[:-1]}: features {ref.shape}")
     print("| dtype | error | HF in that dtype: error | s per image |")
     print("|---|---|---|---|")
-    for dtype in ("float32", "float16", "bfloat16"):
-        enc = build_and_load(preset_name, [*overrides, f"dtype={dtype}"], work / dtype)
+    cases = [(dtype, f"dtype={dtype}", dtype) for dtype in ("float32", "float16", "bfloat16")]
+    cases += [
+        (
+            f"precision: {precision}",
+            f"targets=[{{name: llvm, kind: llvm, precision: {precision}}}]",
+            precision,
+        )
+        for precision in ("float16", "bfloat16")
+    ]
+    for label, override, dtype in cases:
+        enc = build_and_load(preset_name, [*overrides, override], work / label.replace(": ", "-"))
         enc(x)  # warm-up
         t0 = time.perf_counter()
         out = enc(x)
         seconds = time.perf_counter() - t0
         err = float(np.max(np.abs(out - ref)) / np.max(np.abs(ref)))
         hf_err = torch_error(hf, model, x, ref, dtype)
-        print(f"| {dtype} | {err:.1e} | {hf_err:.1e} | {seconds:.3f} |", flush=True)
+        print(f"| {label} | {err:.1e} | {hf_err:.1e} | {seconds:.3f} |", flush=True)
 
 
 def torch_error(hf, model, x: np.ndarray, ref: np.ndarray, dtype: str) -> float:

@@ -388,6 +388,8 @@ KNOWN_TARGETS: dict[str, dict[str, Any]] = {
         "mtriple": "aarch64-linux-gnu",
         "mcpu": "generic",
     },
+    # This CPU's artifact with bfloat16 GEMMs and attention (`build PRESET targets=[llvm-bf16]`).
+    "llvm-bf16": {"name": "llvm-bf16", "kind": "llvm", "mcpu": "host", "precision": "bfloat16"},
 }
 
 

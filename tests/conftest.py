@@ -167,12 +167,14 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any
 def expected_features(hf_model: Any, config: Any, pixels_: np.ndarray) -> np.ndarray:
     """What the preset's feature selection means, computed from HF's own outputs:
     hidden_states[i] for each selected i (post_layernorm on the final one if asked),
-    concatenated on the last axis, CLS dropped for the 'default' strategy."""
+    concatenated on the last axis, CLS dropped for the 'default' strategy. A model in half
+    precision takes the pixels in its dtype; its states come back as float32."""
     import torch
 
+    dtype = next(hf_model.parameters()).dtype
     with torch.inference_mode():
-        out = hf_model(torch.from_numpy(pixels_), output_hidden_states=True)
-    states = [h.numpy() for h in out.hidden_states]
+        out = hf_model(torch.from_numpy(pixels_).to(dtype), output_hidden_states=True)
+    states = [h.float().numpy() for h in out.hidden_states]
     picked = []
     for i in config.feature_layers:
         state = states[i]

@@ -50,7 +50,7 @@ def test_check_reports_every_error_with_file_line_and_path(tmp_path, capsys):
         f"{path}:4: model.image_size: -3 is less than the minimum of 1",
         f"{path}:6: blocks.mlp: 'clip_mpl' is not one of ['clip_mlp', 'swiglu_mlp'], "
         "did you mean 'clip_mlp'?",
-        f"{path}:7: targets[0]: 'rocm' is not one of ['llvm', 'cuda', 'aarch64']",
+        f"{path}:7: targets[0]: 'rocm' is not one of ['llvm', 'cuda', 'aarch64', 'llvm-bf16']",
     ]
     assert "Traceback" not in err
 

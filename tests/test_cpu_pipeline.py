@@ -448,6 +448,85 @@ def test_cross_attention_kernel_against_numpy(queries):
     assert_close(o.numpy(), ref, rel=1e-5)
 
 
+@needs_bf16
+@pytest.mark.parametrize(
+    "S,D,queries",
+    [(51, 16, None), (50, 64, None), (197, 64, 1), (26, 72, 7)],
+    ids=["odd-keys-scalar-q", "vector-q", "probe", "head72"],
+)
+def test_bf16_attention_against_numpy(S, D, queries):
+    """bfloat16 attention (AVX-512 BF16): K^T packed as pairs along the head dim and V as
+    pairs of keys, bit for bit the roundings to bfloat16 (an odd head dim or key count
+    padded with a zero half); the output that of float64 sums of the rounded Q, K and V and
+    of the rounded unnormalized probabilities, with the softmax in float32. Odd key counts,
+    head dims converted in vectors (64) and one at a time (16, 72: 4-row tiles), and fewer
+    queries than keys."""
+    cfg = kernels.kernel_config(HOST, bf16=True)
+    B, H = 2, 3
+    SQ = S if queries is None else queries
+    rng = np.random.default_rng(S + D)
+    q = rng.standard_normal((B, SQ, H, D)).astype(np.float32)
+    k, v = (rng.standard_normal((B, S, H, D)).astype(np.float32) for _ in range(2))
+    (kt_shape, vp_shape) = kernels.attn_packed(cfg, S, D)
+    SP, DP = kernels.attn_padding(cfg, S, D)
+    assert kt_shape == (-(-D // 2), SP) and vp_shape == (-(-S // 2), DP)
+    kt = tvm.runtime.empty((B, H, *kt_shape), "float32")
+    vp = tvm.runtime.empty((B, H, *vp_shape), "float32")
+    compile_kernel(kernels.attn_pack_k_kernel(cfg, S, H, D), HOST)(tvm.runtime.tensor(k), kt)
+    compile_kernel(kernels.attn_pack_v_kernel(cfg, S, H, D), HOST)(tvm.runtime.tensor(v), vp)
+    keys = np.zeros((B, H, SP, D), np.float32)  # each key's head dim, keys padded to SP
+    keys[:, :, :S] = k.transpose(0, 2, 1, 3)
+    want_kt = pair_words(keys.reshape(-1, D), "bfloat16").reshape(B, H, SP, -1)
+    np.testing.assert_array_equal(kt.numpy().view(np.uint32), want_kt.transpose(0, 1, 3, 2))
+    values = np.zeros((B, H, DP, S), np.float32)  # each head dim's keys, head dim padded
+    values[:, :, :D] = v.transpose(0, 2, 3, 1)
+    want_vp = pair_words(values.reshape(-1, S), "bfloat16").reshape(B, H, DP, -1)
+    np.testing.assert_array_equal(vp.numpy().view(np.uint32), want_vp.transpose(0, 1, 3, 2))
+    o = tvm.runtime.empty((B, SQ, H, D), "float32")
+    attention = kernels.attention_kernel(cfg, S, H, D, D**-0.5, queries=queries)
+    compile_kernel(attention, HOST)(tvm.runtime.tensor(q), kt, vp, o)
+
+    def reference(q, k, v, round_p):
+        s = np.einsum("bqhd,bkhd->bhqk", q.astype(np.float64), k) * D**-0.5
+        p = np.exp(s - s.max(-1, keepdims=True))
+        pv = rounded(p.astype(np.float32), "bfloat16") if round_p else p
+        return np.einsum("bhqk,bkhd->bqhd", pv, v) / p.sum(-1)[..., None].transpose(0, 2, 1, 3)
+
+    bf16 = [rounded(a, "bfloat16") for a in (q, k, v)]
+    assert_close(o.numpy(), reference(*bf16, True), rel=1e-3)
+    # against float32 operands: bfloat16's error, not float32's
+    assert assert_close(o.numpy(), reference(q, k, v, False), rel=3e-2) > 1e-4
+
+
+def test_bf16_attention_only_where_the_cpu_has_it():
+    """`precision: bfloat16` makes attention's packed K and V bfloat16 pairs for a CPU with
+    AVX-512 BF16 (Zen 4) and keeps them float32 for one without (x86-64-v4: AVX-512, no BF16),
+    whose GEMMs take rounded operands instead; float32 keeps them float32 everywhere."""
+    from builder.targets.cpu.pipeline import _with_kernels
+
+    mod, _ = small_tower()
+    D, S = 16, 26  # CASES["quick_gelu"]: width 64 in 4 heads; 30 px in patches of 6, and CLS
+
+    def packed(mcpu: str, precision: str) -> dict[str, tuple[int, ...]]:
+        target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "num-cores": 2})
+        forward = _with_kernels(mod, target, precision)[0]["forward"]
+        call_tir, shapes = tvm.ir.Op.get("relax.call_tir"), {}
+        for block in forward.body.blocks:
+            for b in block.bindings:
+                if isinstance(b.value, tvm.ir.Call) and b.value.op.same_as(call_tir):
+                    name = re.sub(r"\d+$", "", b.value.args[0].name_hint)
+                    if name.startswith("attn_pack"):
+                        shapes[name] = tuple(int(d) for d in b.var.ty.shape.values[2:])
+        return shapes
+
+    SP = 64
+    pairs = {"attn_pack_k": (D // 2, SP), "attn_pack_v": (S // 2, D)}
+    floats = {"attn_pack_k": (D, SP), "attn_pack_v": (S, D)}
+    assert packed("znver4", "bfloat16") == pairs
+    assert packed("x86-64-v4", "bfloat16") == floats
+    assert packed("znver4", "float32") == floats
+
+
 # The float16 GEMM sums 64 products in float16 (measured 5.4-6.0e-4); the bfloat16 one sums
 # in float32 (measured 5e-8 to 1e-6).
 PAIR_GEMM_TOLERANCE = {"float16": 2e-3, "bfloat16": 1e-5}

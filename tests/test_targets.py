@@ -72,6 +72,22 @@ def test_known_target_names_expand():
 
 
 @pytest.mark.unit
+def test_llvm_bf16_is_this_cpus_target_in_bfloat16(capsys):
+    """`targets=[llvm-bf16]`: the short way to a bfloat16 artifact of any preset, written
+    to its own folder; `build show` spells the entry out."""
+    (target,) = load_preset("llava-clip", ["targets=[llvm-bf16]"]).targets
+    assert (target.name, target.kind, target.mcpu, target.precision) == (
+        "llvm-bf16",
+        "llvm",
+        "host",
+        "bfloat16",
+    )
+    assert main(["show", "llava-clip", "targets=[llvm, llvm-bf16]"]) == 0
+    shown = capsys.readouterr().out
+    assert "name: llvm-bf16" in shown and "precision: bfloat16" in shown
+
+
+@pytest.mark.unit
 def test_options_of_another_kind_and_cuda_without_arch_are_errors(tmp_path, capsys):
     path = tmp_path / "p.yaml"
     path.write_text(

@@ -800,40 +800,72 @@ def attn_padding(cfg: KernelConfig, S: int, D: int) -> tuple[int, int]:
     return -(-S // cfg.nb) * cfg.nb, -(-D // cfg.vec) * cfg.vec
 
 
+def attn_packed(cfg: KernelConfig, S: int, D: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The shapes after (B, H) of the packed K^T and V that `attention_kernel` takes:
+    float32 [D, SP] and [S, DP], or with `cfg.bf16` words of bfloat16 pairs: K^T's pairs
+    along the head dim, [D/2, SP], V's pairs of keys, [S/2, DP] (odd counts rounded up, the
+    last word's high half zero)."""
+    SP, DP = attn_padding(cfg, S, D)
+    if cfg.bf16:
+        return (-(-D // 2), SP), (-(-S // 2), DP)
+    return (D, SP), (S, DP)
+
+
+def _bf16_pair_at(at, index: str, count: int) -> str:
+    """The word of the bfloat16 pair (`at(2 index)`, `at(2 index + 1)`), where `at(i)` is the
+    element expression at i of `count` (past it, an odd count's last word, a zero half)."""
+    odd = f"{index} * {_i(2)} + {_i(1)}"
+    high = f"T.if_then_else({odd} < {_i(count)}, {at(f'T.min({odd}, {_i(count - 1)})')}, {_f(0.0)})"
+    return _pair_word(at(f"{index} * {_i(2)}"), high, "bfloat16")
+
+
 def attn_pack_k_kernel(cfg: KernelConfig, S: int, H: int, D: int):
     """K [B,S,H,D] -> K^T [B,H,D,SP] (keys contiguous, zero padded to the N block; tiled by
-    16 keys so the 16 source rows stay in L1 across the head dim)."""
-    SP, _ = attn_padding(cfg, S, D)
+    16 keys so the 16 source rows stay in L1 across the head dim); with `cfg.bf16`,
+    [B,H,D/2,SP] words of bfloat16 pairs (d even, d odd) of each key (`attn_packed`)."""
+    (DK, SP), _ = attn_packed(cfg, S, D)
+    j = f"jb * {_i(16)} + jj"
+
+    def k_at(d: str) -> str:
+        return f"Kb[bh // {_i(H)}, T.min({j}, {_i(S - 1)}), bh % {_i(H)}, {d}]"
+
+    value = _bf16_pair_at(k_at, "d", D) if cfg.bf16 else k_at("d")
     kt = f"""
 @T.prim_func(private=True, check_well_formed=False)
 def attn_pack_k(k: T.handle, kt: T.handle):
 {_ATTRS}
     B = T.int64()
     Kb = T.match_buffer(k, (B, {_i(S)}, {_i(H)}, {_i(D)}), "float32")
-    KT = T.match_buffer(kt, (B, {_i(H)}, {_i(D)}, {_i(SP)}), "float32")
+    KT = T.match_buffer(kt, (B, {_i(H)}, {_i(DK)}, {_i(SP)}), "float32")
     for bh in T.parallel(B * {_i(H)}):
         for jb in range({_i(SP // 16)}):
-            for d in range({_i(D)}):
+            for d in range({_i(DK)}):
                 for jj in range({_i(16)}):
-                    KT[bh // {_i(H)}, bh % {_i(H)}, d, jb * {_i(16)} + jj] = T.if_then_else(jb * {_i(16)} + jj < {_i(S)}, Kb[bh // {_i(H)}, T.min(jb * {_i(16)} + jj, {_i(S - 1)}), bh % {_i(H)}, d], {_f(0.0)})
+                    KT[bh // {_i(H)}, bh % {_i(H)}, d, {j}] = T.if_then_else({j} < {_i(S)}, {value}, {_f(0.0)})
 """
     return _parse(kt)
 
 
 def attn_pack_v_kernel(cfg: KernelConfig, S: int, H: int, D: int):
-    """V [B,S,H,D] -> [B,H,S,DP] (head dim padded to whole vectors)."""
-    _, DP = attn_padding(cfg, S, D)
+    """V [B,S,H,D] -> [B,H,S,DP] (head dim padded to whole vectors); with `cfg.bf16`,
+    [B,H,S/2,DP] words of bfloat16 pairs of keys (even, odd) for each d (`attn_packed`)."""
+    _, (SK, DP) = attn_packed(cfg, S, D)
+
+    def v_at(j: str) -> str:
+        return f"Vb[bh // {_i(H)}, {j}, bh % {_i(H)}, T.min(d, {_i(D - 1)})]"
+
+    value = _bf16_pair_at(v_at, "j", S) if cfg.bf16 else v_at("j")
     vp = f"""
 @T.prim_func(private=True, check_well_formed=False)
 def attn_pack_v(v: T.handle, vp: T.handle):
 {_ATTRS}
     B = T.int64()
     Vb = T.match_buffer(v, (B, {_i(S)}, {_i(H)}, {_i(D)}), "float32")
-    VP = T.match_buffer(vp, (B, {_i(H)}, {_i(S)}, {_i(DP)}), "float32")
+    VP = T.match_buffer(vp, (B, {_i(H)}, {_i(SK)}, {_i(DP)}), "float32")
     for bh in T.parallel(B * {_i(H)}):
-        for j in range({_i(S)}):
+        for j in range({_i(SK)}):
             for d in range({_i(DP)}):
-                VP[bh // {_i(H)}, bh % {_i(H)}, j, d] = T.if_then_else(d < {_i(D)}, Vb[bh // {_i(H)}, j, bh % {_i(H)}, T.min(d, {_i(D - 1)})], {_f(0.0)})
+                VP[bh // {_i(H)}, bh % {_i(H)}, j, d] = T.if_then_else(d < {_i(D)}, {value}, {_f(0.0)})
 """
     return _parse(vp)
 
@@ -853,11 +885,19 @@ def attention_kernel(
     the vectors the last keys need (577 keys: 9 blocks of 64 and one vector, not 10 blocks).
     P.V runs one vector at a time, unrolled: an 80-lane vector (head dim 72) made LLVM
     shuffle through the stack (docs/cpu-pipeline.md). The scale goes into the exponent; the 1/sum
-    normalization is applied to the output tile instead of P. Needs scale > 0."""
+    normalization is applied to the output tile instead of P. Needs scale > 0.
+
+    With `cfg.bf16`, Q.K^T and P.V sum products of bfloat16 operands in float32 lanes
+    (vdpbf16ps, as the bfloat16 GEMMs): K^T and V come packed as bfloat16 pairs
+    (`attn_packed`), each tile converts its Q rows to pairs along the head dim and, after
+    the softmax (float32), its P rows to pairs of keys. The last key block then covers
+    whole pairs of vectors (P's pairs are converted a vector pair at a time)."""
     nb, vec, mr = cfg.nb, cfg.vec, cfg.mr
-    SP, DP = attn_padding(cfg, S, D)
+    bf16 = cfg.bf16
+    (DK, SP), (SK, DP) = attn_packed(cfg, S, D)
     full, rest = divmod(S, nb)
-    rv = -(-rest // vec) * vec  # lanes of the last, partial key block
+    step = 2 * vec if bf16 else vec
+    rv = -(-rest // step) * step  # lanes of the last, partial key block
     SV = full * nb + rv  # scores computed (the rest of SP is never read)
     if DP // vec > 4:  # keep accumulators within the register file
         mr = 4
@@ -869,13 +909,13 @@ def attention_kernel(
         _ATTRS,
         "    B = T.int64()",
         f'    Q = T.match_buffer(q, (B, {_i(SQ)}, {_i(H)}, {_i(D)}), "float32")',
-        f'    KT = T.match_buffer(kt, (B, {_i(H)}, {_i(D)}, {_i(SP)}), "float32")',
-        f'    VP = T.match_buffer(vp, (B, {_i(H)}, {_i(S)}, {_i(DP)}), "float32")',
+        f'    KT = T.match_buffer(kt, (B, {_i(H)}, {_i(DK)}, {_i(SP)}), "float32")',
+        f'    VP = T.match_buffer(vp, (B, {_i(H)}, {_i(SK)}, {_i(DP)}), "float32")',
         f'    O = T.match_buffer(o, (B, {_i(SQ)}, {_i(H)}, {_i(D)}), "float32")',
     ]
     G = _ATTN_TILES
     CA = -(-MT // G)  # tasks per (batch, head)
-    L += _task_loop(f"B * {_i(H * CA)}")
+    L += _task_loop(f"B * {_i(H * CA)}", BF16_DOT_IR if bf16 else "")
     ind = " " * 16
     L += [
         f"{ind}b: T.let[T.int64] = cur[0] // {_i(H * CA)}",
@@ -894,20 +934,60 @@ def attention_kernel(
             ind + _local(f"red{i}", vec),
             ind + _local(f"sc{i}", 2),
         ]
+        if bf16:
+            L.append(ind + _local(f"qw{i}", DK))
     for i in range(mr):
         L += _fill(f"red{i}", vec, ind, -1e30)
+    if bf16:  # the tile's Q rows as bfloat16 pairs along the head dim
+        for i in range(mr):
+            if D % (2 * vec) == 0:
+                L += [
+                    f"{ind}for c in range({_i(D // (2 * vec))}):",
+                    f"{ind}    qw{i}[T.Ramp(c * {_i(vec)}, {_i(1)}, {vec})] = "
+                    + _as_pairs(
+                        f"Q[b, r{i}, h, T.Ramp(c * {_i(2 * vec)}, {_i(1)}, {2 * vec})]",
+                        2 * vec,
+                        "bfloat16",
+                    ),
+                ]
+            else:
+                q_at = lambda d, i=i: f"Q[b, r{i}, h, {d}]"  # noqa: E731
+                L += [
+                    f"{ind}for c in range({_i(DK)}):",
+                    f"{ind}    qw{i}[c] = {_bf16_pair_at(q_at, 'c', D)}",
+                ]
+
+    def pair_products(ind2: str, step: str, count: int, acc: str, word: str, operand, n: int):
+        """A loop over `count` pair steps (index `step`) that adds to vector v < n of each
+        row's `acc`{i} the pair products of the broadcast word `word`{i}[step] and the
+        vector `operand(v)` (vdpbf16ps)."""
+        lanes = f"int32x{vec}"
+        out = [f"{ind2}for {step} in range({_i(count)}):"]
+        for v in range(n):
+            w = f'T.reinterpret("{lanes}", {operand(v)})'
+            for i in range(mr):
+                a = f"{acc}{i}[T.Ramp({_i(v * vec)}, {_i(1)}, {vec})]"
+                x = f'T.reinterpret("{lanes}", T.Broadcast({word}{i}[{step}], {vec}))'
+                out.append(
+                    f"{ind2}    {a} = T.call_extern('float32x{vec}', '{BF16_DOT}', {a}, {x}, {w})"
+                )
+        return out
 
     # ---- raw scores s_i[j] = q_i . k_j, keys [base, base + width)
     def score_block(base: str, width: int, ind2: str, ragged: bool) -> list[str]:
         out = []
         for i in range(mr):
             out += _fill(f"acc{i}", width, ind2)
-        out.append(f"{ind2}for d in range({_i(D)}):")
-        for i in range(mr):
-            out += [
-                f"{ind2}    for j in T.vectorized({_i(width)}):",
-                f"{ind2}        acc{i}[j] = acc{i}[j] + Q[b, r{i}, h, d] * KT[b, h, d, {base} + j]",
-            ]
+        if bf16:
+            kv = lambda v: f"KT[b, h, d, T.Ramp({base} + {_i(v * vec)}, {_i(1)}, {vec})]"  # noqa: E731
+            out += pair_products(ind2, "d", DK, "acc", "qw", kv, width // vec)
+        else:
+            out.append(f"{ind2}for d in range({_i(D)}):")
+            for i in range(mr):
+                out += [
+                    f"{ind2}    for j in T.vectorized({_i(width)}):",
+                    f"{ind2}        acc{i}[j] = acc{i}[j] + Q[b, r{i}, h, d] * KT[b, h, d, {base} + j]",
+                ]
         for i in range(mr):
             value = (
                 f"T.Select({base} + j < {_i(S)}, acc{i}[j], {_f(-1e30)})"
@@ -966,16 +1046,31 @@ def attention_kernel(
             f"{ind}    for l in T.vectorized({_i(vec)}):",
             f"{ind}        out{i}[v * {_i(vec)} + l] = {_f(0.0)}",
         ]
-    # P.V in whole vectors (an 80-lane vector, head dim 72, made LLVM shuffle through the
-    # stack), unrolled so the accumulators stay in registers.
-    L.append(f"{ind}for j in range({_i(S)}):")
-    L.append(f"{ind}    for v in T.unroll({_i(DP // vec)}):")
-    for i in range(mr):
-        L += [
-            f"{ind}        for l in T.vectorized({_i(vec)}):",
-            f"{ind}            out{i}[v * {_i(vec)} + l] = out{i}[v * {_i(vec)} + l]"
-            f" + s{i}[j] * VP[b, h, j, v * {_i(vec)} + l]",
-        ]
+    if bf16:
+        # P as bfloat16 pairs of keys, in place: word t of row i goes to s_i[t], where
+        # the scores it came from (2t, 2t + 1) or ones already converted lay. A masked key's
+        # p is at most exp(-87) (the exp's clamp) and past S its V pairs are zero.
+        for i in range(mr):
+            L += [
+                f"{ind}for c in range({_i(SV // (2 * vec))}):",
+                f"{ind}    s{i}[T.Ramp(c * {_i(vec)}, {_i(1)}, {vec})] = "
+                + _as_pairs(
+                    f"s{i}[T.Ramp(c * {_i(2 * vec)}, {_i(1)}, {2 * vec})]", 2 * vec, "bfloat16"
+                ),
+            ]
+        vv = lambda v: f"VP[b, h, t, T.Ramp({_i(v * vec)}, {_i(1)}, {vec})]"  # noqa: E731
+        L += pair_products(ind, "t", SK, "out", "s", vv, DP // vec)
+    else:
+        # P.V in whole vectors (an 80-lane vector, head dim 72, made LLVM shuffle through
+        # the stack), unrolled so the accumulators stay in registers.
+        L.append(f"{ind}for j in range({_i(S)}):")
+        L.append(f"{ind}    for v in T.unroll({_i(DP // vec)}):")
+        for i in range(mr):
+            L += [
+                f"{ind}        for l in T.vectorized({_i(vec)}):",
+                f"{ind}            out{i}[v * {_i(vec)} + l] = out{i}[v * {_i(vec)} + l]"
+                f" + s{i}[j] * VP[b, h, j, v * {_i(vec)} + l]",
+            ]
     # The output rows in whole vectors and an unrolled tail: every access to the
     # accumulators at a constant offset, or LLVM keeps them on the stack for the whole tile.
     full_v, tail = divmod(D, vec)

@@ -15,7 +15,7 @@ from .kernels import (
     attention_kernel,
     attn_pack_k_kernel,
     attn_pack_v_kernel,
-    attn_padding,
+    attn_packed,
     gemm_kernel,
     layer_norm_kernel,
     pack_weight_kernel,
@@ -531,7 +531,7 @@ class _KernelRewriter(PyExprMutator):
             S, H, D = spec["S"], spec["H"], spec["D"]
             q, k, v = self._v(spec["q"]), self._v(spec["k"]), self._v(spec["v"])
             B = _sinfo(q).shape.values[0]
-            SP, DP = attn_padding(self.cfg, S, D)
+            kt_shape, vp_shape = attn_packed(self.cfg, S, D)
             kt = self._emit(
                 relax.call_tir(
                     self._gv(
@@ -540,7 +540,7 @@ class _KernelRewriter(PyExprMutator):
                         "attn_pack_k",
                     ),
                     [k],
-                    relax.TensorType([B, H, D, SP], "float32"),
+                    relax.TensorType([B, H, *kt_shape], "float32"),
                 )
             )
             vp = self._emit(
@@ -551,7 +551,7 @@ class _KernelRewriter(PyExprMutator):
                         "attn_pack_v",
                     ),
                     [v],
-                    relax.TensorType([B, H, S, DP], "float32"),
+                    relax.TensorType([B, H, *vp_shape], "float32"),
                 )
             )
             SQ, scale = spec["SQ"], spec["scale"]
