@@ -4,6 +4,8 @@ input.
     python benchmarks/bench_cpu.py [--presets clip-vit-b-16 llava-clip] [--batches 1 8]
                                    [--runs 5] [--seconds 60] [--threads N]
                                    [--out docs/benchmarks.md] [--no-half]
+                                   [--multi-crop PRESET [KEY=VALUE ...]]
+                                   [--multi-crop-out docs/benchmarks-vlm.md]
 
 For each preset and batch: the artifact built by the builder (random init: the weights do not
 change the time), HF `CLIPVisionModel` with the same config cut to the layers the artifact
@@ -27,7 +29,10 @@ kernel alone against FMA samples taken around its calls. Where the CPU has AVX-5
 runner, with its error against the float32 artifact and its own kernel breakdown; where it
 has AVX-512 BF16 instead, a `precision: bfloat16` one, compared with OpenVINO at its default
 precision and with the vdpbf16ps peak, measured by the same loop of that instruction
-(`fma_peak.c bf16`) at the same moments as the FMA peak. Writes Markdown.
+(`fma_peak.c bf16`) at the same moments as the FMA peak. Then a preset with a crop scheme
+(`--multi-crop`, a SmolVLM image of 5 crops by default): one image, its crops as one batch,
+against one crop of the same tower at batch 1, into its own page (`--multi-crop-out`;
+`--presets` with no name runs that alone). Writes Markdown.
 
 Needs the `bench` extras (`pip install '.[bench]'`), and a C
 compiler with OpenMP for the FMA peak. Run it on an idle machine: the GEMM and attention
@@ -501,9 +506,93 @@ def bench_preset(name: str, args: argparse.Namespace, workdir: Path, sample_peak
     return rows, note, breakdown, [before, after], ov_default
 
 
+# A preset with a crop scheme, and overrides that keep its image to a few crops.
+MULTI_CROP = ["smolvlm-256m-instruct", "preprocess.longest_edge=1024"]
+# The override that makes a crop scheme's preset one crop per image (the same tower).
+ONE_CROP = {
+    "dynamic_tiles": "preprocess.crop_to_patches=false",
+    "image_splitting": "preprocess.do_image_splitting=false",
+}
+
+
+def bench_crops(spec: list[str], args: argparse.Namespace, workdir: Path) -> list[str]:
+    """A multi-crop preset (`spec`: its name and overrides): one image, the most crops its
+    scheme cuts as one batch, against the same preset with one crop per image at batch 1,
+    interleaved as the runners above. Markdown lines."""
+    import numpy as np
+
+    import builder
+    from builder.bench import most_crops
+    from builder.build import build
+    from builder.crops import scheme
+    from builder.preset import load_preset
+
+    name, overrides = spec[0], spec[1:]
+    preset = load_preset(name, overrides)
+    single = load_preset(name, [*overrides, ONE_CROP[scheme(preset.preprocess)]])
+    encoders = {}
+    for key, p in (("image", preset), ("crop", single)):
+        (built,) = build(p, workdir / key, only=["llvm"])
+        encoders[key] = builder.load(built.path, threads=args.threads)
+    crops = most_crops(encoders["image"])
+    side = preset.model.image_size
+    rng = np.random.default_rng(0)
+    x = {
+        k: rng.standard_normal((n, 3, side, side), dtype=np.float32)
+        for k, n in (("image", crops), ("crop", 1))
+    }
+    runners = {k: (lambda k=k: encoders[k](x[k])) for k in encoders}
+    per_crop = encoders["crop"].manifest["gflop_per_image"]
+    row = Row(
+        " ".join(spec), crops, per_crop * crops, interleaved_times(runners, args.runs, args.seconds)
+    )
+    image, crop = row.median("image"), row.median("crop")
+    print(
+        f"{row.name}: {image:.3f} s per image of {crops} crops, {crop:.3f} s per crop alone",
+        file=sys.stderr,
+    )
+    return [
+        "| preset | crops per image | GFLOP per crop | s per image | s per crop | "
+        "one crop, batch 1, s | per crop / one crop | paired | rounds |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| {row.name} | {crops} | {per_crop:.1f} | {image:.3f} | {image / crops:.3f} | "
+        f"{crop:.3f} | {image / crops / crop:.2f} | {row.paired('image', 'crop') / crops:.2f} | "
+        f"{len(row.times['image'])} |",
+    ]
+
+
+def multi_crop_page(args: argparse.Namespace, table: list[str]) -> list[str]:
+    from tvm.target.codegen import llvm_get_system_cpu
+
+    return [
+        "# CPU benchmark: a multi-crop VLM preset",
+        "",
+        f"Written by `benchmarks/bench_cpu.py` on {datetime.date.today()}: "
+        f"{platform.machine()}, LLVM's CPU `{llvm_get_system_cpu()}`, {args.threads} threads, "
+        "float32, random init, medians of interleaved rounds after a warm-up. A round times "
+        "one image, the most crops its preset's scheme cuts as one batch (as `encode_images` "
+        "runs an image), and one crop of the same preset with the scheme off at batch 1. "
+        "The paired ratio is the median over rounds of each round's ratio.",
+        "",
+        *table,
+        "",
+    ]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--presets", nargs="+", default=["clip-vit-b-16", "llava-clip"])
+    parser.add_argument("--presets", nargs="*", default=["clip-vit-b-16", "llava-clip"])
+    parser.add_argument(
+        "--multi-crop",
+        nargs="*",
+        default=MULTI_CROP,
+        metavar="PRESET [KEY=VALUE]",
+        help="a preset with a crop scheme and overrides, timed per image and per crop "
+        "(nothing: skip it)",
+    )
+    parser.add_argument(
+        "--multi-crop-out", type=Path, default=HERE.parent / "docs" / "benchmarks-vlm.md"
+    )
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--runs", type=int, default=5, help="fewest timed rounds")
     parser.add_argument(
@@ -552,6 +641,7 @@ def main() -> int:
             fma, more = samples()
             peaks += around + fma
             bf16_peaks += breakdown.bf16_around + more
+        crop_lines = bench_crops(args.multi_crop, args, workdir) if args.multi_crop else []
     peak = max(peaks)
     bf16_peak = max(bf16_peaks) if bf16_peaks else None
 
@@ -739,8 +829,12 @@ def main() -> int:
             )
         lines.append("")
     lines += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
-    args.out.write_text("\n".join(lines))
-    print(args.out)
+    if rows:
+        args.out.write_text("\n".join(lines))
+        print(args.out)
+    if crop_lines:
+        args.multi_crop_out.write_text("\n".join(multi_crop_page(args, crop_lines)))
+        print(args.multi_crop_out)
     return 0
 
 

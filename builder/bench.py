@@ -14,14 +14,23 @@ from .runtime import Encoder
 
 @dataclass
 class BenchResult:
+    """`batch` images per run; an artifact with a crop scheme runs one image per run, its
+    `crops` as one batch (as `encode_images` does)."""
+
     batch: int
     threads: int
     runs: list[float]
     gflop: float
+    crops: int | None = None
 
     @property
     def median(self) -> float:
         return statistics.median(self.runs)
+
+    @property
+    def per_crop(self) -> float:
+        """The median run's seconds per crop (per image without a crop scheme)."""
+        return self.median / (self.crops or self.batch)
 
     @property
     def images_per_s(self) -> float:
@@ -44,11 +53,31 @@ def time_call(fn: Callable[[], object], runs: int, warmup: int = 1) -> list[floa
 
 
 def bench(
-    encoder: Encoder, batch: int, runs: int, progress: Callable[[str], None] = lambda _: None
+    encoder: Encoder,
+    batch: int,
+    runs: int,
+    progress: Callable[[str], None] = lambda _: None,
+    crops: int | None = None,
 ) -> BenchResult:
-    shape = [batch, *encoder.input_shape[1:]]
+    """`crops`: an artifact with a crop scheme runs one image of this many crops per run
+    (`batch` must be 1)."""
+    calls = crops or batch
+    shape = [calls, *encoder.input_shape[1:]]
     x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
-    work = encoder.manifest["gflop_per_image"] * batch
-    progress(f"warm-up, then {runs} runs at batch {batch} on {encoder.threads} threads")
+    # the manifest's figure is per crop, the artifact's batch element
+    work = encoder.manifest["gflop_per_image"] * calls
+    what = f"one image of {crops} crops" if crops else f"batch {batch}"
+    progress(f"warm-up, then {runs} runs of {what} on {encoder.threads} threads")
     times = time_call(lambda: encoder(x), runs)
-    return BenchResult(batch, encoder.threads, times, work)
+    return BenchResult(batch, encoder.threads, times, work, crops)
+
+
+def most_crops(encoder: Encoder) -> int | None:
+    """The most crops the artifact's crop scheme cuts from one image (`crops.most_crops`);
+    None without a crop scheme."""
+    from . import crops, preprocess
+
+    if not encoder.variable_length:
+        return None
+    steps = preprocess.steps_from_manifest(encoder.manifest)
+    return crops.most_crops(steps, int(encoder.input_shape[-1]))

@@ -9,7 +9,7 @@
 
 `--plugin MODULE` (repeatable) imports a block-plugin module first.
     build run ARTIFACT IMG [IMG ...] --out FEATS.npy [--batch N]    images -> features
-    build bench ARTIFACT [--batch N] [--threads N]                  latency and throughput
+    build bench ARTIFACT [--batch N | --crops N] [--threads N]      latency and throughput
     build encode ARTIFACT INPUT [INPUT ...] --out DIR               a dataset -> feature shards
 
 Exit codes: 0 done, 1 a failure while building, 2 bad input (usage, preset, override).
@@ -90,6 +90,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="images per call (default: %(default)s)")
     p.add_argument("--threads", type=int, help="CPU threads (default: all this process may use)")
     p.add_argument("--runs", type=int, default=10, help="timed runs after one warm-up")
+    p.add_argument(
+        "--crops",
+        type=int,
+        help="crops per image, for an artifact with a crop scheme (anyres, dynamic tiles, "
+        "image splitting): a run is one image, its crops as one batch (default: the most "
+        "the scheme cuts)",
+    )
 
     p = sub.add_parser(
         "list", help="list tower families, shipped presets and registered block types"
@@ -387,10 +394,10 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import bench
+    from .bench import bench, most_crops
     from .runtime import load
 
-    for flag in ("batch", "runs", "threads"):
+    for flag in ("batch", "runs", "threads", "crops"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise InputError(f"--{flag} {value}: must be at least 1")
@@ -398,15 +405,43 @@ def _bench(args: argparse.Namespace) -> int:
         encoder = load(args.artifact, threads=args.threads)
     except (OSError, ValueError) as e:
         raise InputError(f"{args.artifact}: {e}") from e
-    _err(f"bench {args.artifact}: batch {args.batch}, {args.runs} runs, threads {encoder.threads}")
-    r = bench(encoder, args.batch, args.runs, progress=_err)
-    print(
-        f"latency   median {r.median * 1e3:.1f} ms, min {min(r.runs) * 1e3:.1f} ms, "
-        f"max {max(r.runs) * 1e3:.1f} ms ({len(r.runs)} runs, batch {r.batch})"
-    )
-    print(
-        f"throughput {r.images_per_s:.2f} images/s, {r.gflops:.1f} GFLOP/s on {r.threads} threads"
-    )
+    most = most_crops(encoder)
+    if encoder.variable_length:
+        if args.batch != 1:
+            raise InputError(
+                f"--batch {args.batch}: {args.artifact} has a crop scheme and runs one image "
+                "at a time, its crops as one batch; set --crops instead"
+            )
+        if args.crops is None and most is None:
+            raise InputError(
+                f"{args.artifact}: image splitting without preprocess.longest_edge has no "
+                "largest crop count; set --crops"
+            )
+        crops = args.crops or most
+    elif args.crops is not None:
+        raise InputError(
+            f"--crops {args.crops}: {args.artifact} has no crop scheme (one crop per image)"
+        )
+    else:
+        crops = None
+    what = f"{crops} crops per image" if crops else f"batch {args.batch}"
+    _err(f"bench {args.artifact}: {what}, {args.runs} runs, threads {encoder.threads}")
+    r = bench(encoder, args.batch, args.runs, progress=_err, crops=crops)
+    runs = f"{len(r.runs)} runs"
+    if crops:
+        print(
+            f"latency   median {r.median * 1e3:.1f} ms per image ({crops} crops as one batch: "
+            f"{r.per_crop * 1e3:.1f} ms per crop), min {min(r.runs) * 1e3:.1f} ms, "
+            f"max {max(r.runs) * 1e3:.1f} ms ({runs})"
+        )
+        rate = f"{r.images_per_s:.2f} images/s, {crops / r.median:.2f} crops/s"
+    else:
+        print(
+            f"latency   median {r.median * 1e3:.1f} ms, min {min(r.runs) * 1e3:.1f} ms, "
+            f"max {max(r.runs) * 1e3:.1f} ms ({runs}, batch {r.batch})"
+        )
+        rate = f"{r.images_per_s:.2f} images/s"
+    print(f"throughput {rate}, {r.gflops:.1f} GFLOP/s on {r.threads} threads")
     return 0
 
 

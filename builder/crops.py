@@ -197,6 +197,23 @@ def scheme(steps: PreprocessConfig) -> str | None:
     return None
 
 
+def most_crops(steps: PreprocessConfig, side: int) -> int | None:
+    """The most crops the preset's scheme cuts from one image: the largest grid and the
+    whole image beside it (anyres: the base crop and the largest pinpoint's tiles; dynamic
+    tiles: max_patches and the thumbnail; image splitting: the longest edge's tiles squared
+    and the whole image). None for one crop per image, or image splitting without a
+    longest edge (no bound)."""
+    kind = scheme(steps)
+    if kind == "anyres":
+        return 1 + max((h // side) * (w // side) for h, w in steps.image_grid_pinpoints)
+    if kind == "dynamic_tiles":
+        return steps.max_patches + 1
+    if kind == "image_splitting" and steps.longest_edge:
+        tiles = math.ceil(steps.longest_edge / side) ** 2
+        return tiles + 1 if tiles > 1 else 1
+    return None
+
+
 def unpadded(rows: int, cols: int, size: tuple[int, int]) -> tuple[slice, slice]:
     """The rows and columns of a (rows, cols) grid that hold the image rather than the
     padding around it (HF's `unpad_image`, its rounding included)."""

@@ -19,6 +19,8 @@ from tvm.relax.frontend.nn import Tensor, op
 from builder.blocks.common import Linear, RMSNorm, SiLU, in_float32
 from builder.config import TargetConfig
 from builder.make_artifact import pack_params
+from builder.preset import load_preset
+from builder.registry import create
 from builder.targets import llvm
 from builder.targets.cpu import kernels
 from builder.targets.cpu.pipeline import compile_kernel, fallback_report
@@ -385,3 +387,112 @@ def test_norm_kernels_against_numpy(C, rms):
         )
         ref = (xd - xd.mean(-1, keepdims=True)) / np.sqrt(xd.var(-1, keepdims=True) + EPS) * g + b
     assert_close(y.numpy(), ref, rel=1e-6)
+
+
+# -- the VLM projectors' token merges ------------------------------------------------------
+
+PROJECTORS = {  # block: (kernel calls, tokens the tower puts before the grid)
+    "idefics3_connector": ({"gemm": 1}, 0),
+    "internvl_projector": ({"layer_norm": 1, "gemm": 2}, 1),
+    "gemma3_projector": ({"avg_pool": 1, "rms_norm": 1, "gemm": 1}, 0),
+}
+GRID_WIDTH = 32  # a 4 x 4 grid of 32-wide tokens, merged 2 x 2
+
+
+class OnTokens(nn.Module):
+    """A registered projector on a tower's last state, its first `skip` tokens (a CLS)
+    dropped as the top module drops them, at a tiny width: 4 x 4 patches, merges of 2 x 2
+    (pixel shuffle) or pooled to 4 tokens, out width 40 (a ragged weight block)."""
+
+    def __init__(self, block: str, skip: int):
+        preset = "internvl3-1b" if block == "internvl_projector" else "gemma-3-4b-it"
+        resolved = load_preset(preset)
+        sizes = dict(hidden_size=GRID_WIDTH, image_size=32, patch_size=8, scale_factor=2)
+        sizes.update(mm_tokens_per_image=4, projector_hidden_size=40)
+        model = dataclasses.replace(resolved.model, **sizes)
+        self.p = create(block, "projector", model, resolved.blocks)
+        self.skip = skip
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.skip:
+            x = op.split(x, [self.skip], axis=1)[1]  # (B, 16, D)
+        return self.p(x)
+
+
+def projector(block: str) -> tuple[tvm.IRModule, list]:
+    skip = PROJECTORS[block][1]
+    spec = {"forward": {"x": nn.spec.Tensor(["batch", skip + 16, GRID_WIDTH], "float32")}}
+    mod, params = OnTokens(block, skip).export_tvm(spec=spec)
+    return mod, [(name, tuple(int(d) for d in p.shape)) for name, p in params]
+
+
+@pytest.mark.ir
+@pytest.mark.parametrize("block", list(PROJECTORS))
+@pytest.mark.parametrize("cfg", ["float32", "bfloat16-pairs", "rounded"])
+def test_token_merges_are_read_in_place(block, cfg):
+    """The pixel shuffle (Idefics3, InternVL; the CLS drop before InternVL's included) is
+    read by the kernel after it, the GEMM or the LayerNorm, and Gemma 3's pooling is a
+    kernel: nothing of the projector is left to `forward` but reshapes, with float32, 16-bit
+    pairs or rounded GEMM operands (whose conversion reads the shuffle)."""
+    mod = projector(block)[0]
+    config = (
+        FLOAT32_KERNELS
+        if cfg != "bfloat16-pairs"
+        else dataclasses.replace(FLOAT32_KERNELS, bf16=True)
+    )
+    rounded = "bfloat16" if cfg == "rounded" else None
+    rewritten = relax.transform.LiftTransformParams()(rewrite_to_kernels(mod, config, rounded))
+    calls = kernel_calls(rewritten)
+    want = PROJECTORS[block][0]
+    assert {k: calls[k] for k in want} == want
+    assert forward_ops(rewritten) <= {"astype"}
+
+
+@pytest.mark.ir
+@pytest.mark.parametrize("block", list(PROJECTORS))
+def test_token_merges_leave_nothing_to_the_fallback(block):
+    """Through the Relax passes: the only fallback function is the copy of the output (a
+    reshape that leaves the dataflow block); no permute, split, sum or divide."""
+    report = fallback_report(projector(block)[0], HOST)
+    assert [entry["ops"] for entry in report] == [["reshape"]], report
+
+
+def torch_projector(t: dict, x, block: str):
+    """The projectors in torch (float64), HF's way: the shuffle as Idefics3's and
+    InternVL's view-permute steps compose, the pooling as a mean over each block."""
+    import torch.nn.functional as F
+
+    b, s, d = x.shape
+    if block == "gemma3_projector":
+        pooled = x.reshape(b, 2, 2, 2, 2, d).mean((2, 4)).reshape(b, 4, d)
+        w, eps = t["p.mm_soft_emb_norm.weight"], load_preset("gemma-3-4b-it").model.norm_eps
+        normed = pooled * (pooled.pow(2).mean(-1, keepdim=True) + eps).rsqrt() * (1 + w)
+        return normed @ t["p.mm_input_projection_weight"]
+    x = x[:, PROJECTORS[block][1] :]
+    merged = x.reshape(b, 2, 2, 2, 2, d).permute(0, 1, 3, 2, 4, 5).reshape(b, 4, 4 * d)
+    if block == "idefics3_connector":
+        return torch_linear(t, "p.modality_projection.proj", merged)
+    h = F.layer_norm(merged, (4 * d,), t["p.layer_norm.weight"], t["p.layer_norm.bias"], 1e-5)
+    return torch_linear(t, "p.linear_2", F.gelu(torch_linear(t, "p.linear_1", h)))
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("block", list(PROJECTORS))
+@pytest.mark.parametrize(
+    "build",
+    ["float32", "avx2", pytest.param("bfloat16-pairs", marks=needs_bf16), "bfloat16-rounded"],
+)
+def test_token_merges_against_torch(block, build):
+    """Each projector compiled, against torch in float64, batch 2 (8 merged rows: a row tile
+    and 2 rows one at a time): float32 within 1e-5 of max|reference|, 16-bit GEMM operands
+    within their tolerance; the compiled executable's fallback list is the report's."""
+    options, precision = LAYER_BUILDS[build]
+    mod, params = projector(block)
+    target = llvm.tvm_target(TargetConfig(**options))[0] if options else HOST
+    executable = llvm.compile(mod, target, precision)
+    assert executable.fallback_ops == fallback_report(mod, target, precision)
+    w = weights(params)
+    skip = PROJECTORS[block][1]
+    x = np.random.default_rng(4).standard_normal((2, skip + 16, GRID_WIDTH)).astype(np.float32)
+    ours, ref = run(executable, params, w, x), in_torch(torch_projector, w, x, block)
+    assert_close(ours, ref, rel=1e-5 if precision == "float32" else HALF_TOLERANCE[precision])

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from builder.cli import main
-from builder.crops import cut, scheme
+from builder.crops import cut, most_crops, scheme
 from builder.errors import InputError
 from builder.preprocess import preprocess_batch, rgb_image, steps_from_manifest
 from builder.preset import load_preset
@@ -241,6 +241,52 @@ def test_image_files_through_encode_images(built, tmp_path):
         assert_close(mine, theirs)
     if scheme(steps):  # the count follows the image
         assert len({len(o) for o in ours}) > 1
+
+
+@pytest.mark.e2e
+def test_bench_times_an_image_of_crops(built, capsys):
+    """`build bench` of an artifact with a crop scheme times one image, its crops as one
+    batch (the most the scheme cuts, or --crops), and reports it per image and per crop;
+    --batch is refused there, and --crops where there is no crop scheme."""
+    case, _, _, enc, _ = built
+    art = str(enc.folder)
+    steps = steps_from_manifest(enc.manifest)
+    if not scheme(steps):
+        assert main(["bench", art, "--crops", "2", "--runs", "1"]) == 2
+        assert "has no crop scheme (one crop per image)" in capsys.readouterr().err
+        return
+    most = {"idefics3": 17, "smolvlm": 17, "internvl": 13}[case.model]  # 4 x 4 tiles, 12
+    assert most_crops(steps, SIZE) == most
+    assert main(["bench", art, "--runs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f" ms per image ({most} crops as one batch: " in out, out
+    assert " ms per crop)" in out and "images/s" in out and "crops/s" in out
+    assert main(["bench", art, "--crops", "3", "--runs", "2"]) == 0
+    assert "(3 crops as one batch: " in capsys.readouterr().out
+    assert main(["bench", art, "--batch", "2"]) == 2
+    assert "runs one image at a time, its crops as one batch; set --crops instead" in (
+        capsys.readouterr().err
+    )
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    "preset, most",
+    [
+        ("smolvlm-256m-instruct", 17),  # 2048 px in 512 px tiles: 4 x 4, and the whole image
+        ("idefics3-8b-llama3", 17),  # 1456 in 364: 4 x 4
+        ("internvl3-1b", 13),  # 12 tiles and the thumbnail
+        ("llava-v1-6-mistral-7b", 5),  # the base crop and 2 x 2 (or 3 x 1) tiles
+        ("llava-onevision-qwen2-0-5b-ov", 37),  # the base crop and 6 x 6 tiles
+        ("paligemma2-3b-pt-224", None),  # one crop per image
+        ("smolvlm-256m-instruct preprocess.do_image_splitting=false", None),
+        ("smolvlm-256m-instruct preprocess.longest_edge=1024", 5),
+    ],
+)
+def test_most_crops_of_the_shipped_schemes(preset, most):
+    name, *overrides = preset.split()
+    resolved = load_preset(name, overrides)
+    assert most_crops(resolved.preprocess, resolved.model.image_size) == most
 
 
 @pytest.mark.unit

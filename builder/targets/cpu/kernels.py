@@ -182,6 +182,76 @@ def _pair_word(lo: str, hi: str, pairs: str = "float16") -> str:
     )
 
 
+@dataclass(frozen=True)
+class Shuffle:
+    """A pixel shuffle that a kernel reads in place (the VLM projectors'): the kernel's
+    [M, f^2 D] input X is the shuffle of a [B, skip + side^2, D] tensor of tokens, read where
+    it lies instead of copied. Row m of X is the merged token (b, i, j) of image b's
+    n x n grid (n = side / f); its columns are the f x f tokens it covers, in the order (row
+    in the block, column in the block, channel), as HF's Idefics3 and InternVL shuffles give
+    them. `skip`: the tokens before the grid (a CLS token the feature selection drops)."""
+
+    factor: int
+    side: int
+    width: int
+    skip: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return self.skip + self.side**2
+
+    def declare(self) -> list[str]:
+        """The kernel's input `x` as the token tensor (the symbolic M then comes from the
+        output's shape)."""
+        return [
+            "    XB = T.int64()",
+            f'    X = T.match_buffer(x, (XB, {_i(self.tokens)}, {_i(self.width)}), "float32")',
+        ]
+
+    def flat(self) -> str:
+        """`Xf`, a flat view of the tokens (after the kernel's other declarations)."""
+        return f'    Xf = T.decl_buffer((XB * {_i(self.tokens * self.width)},), "float32", data=X.data)'
+
+    def row(self, m: str) -> str:
+        """Xf's offset of row m's first element (the first token of its block)."""
+        f, side, n = self.factor, self.side, self.side // self.factor
+        token = (
+            f"{m} // {_i(n * n)} * {_i(self.tokens)} + {_i(self.skip)} + "
+            f"{m} % {_i(n * n)} // {_i(n)} * {_i(f * side)} + {m} % {_i(n)} * {_i(f)}"
+        )
+        return f"({token}) * {_i(self.width)}"
+
+    def col(self, k: str) -> str:
+        """The offset of column k from its row's: the whole segments of f D columns are rows
+        of the grid apart, and a segment's columns lie side by side."""
+        f, d = self.factor, self.width
+        return f"({k}) // {_i(f * d)} * {_i(self.side * d)} + ({k}) % {_i(f * d)}"
+
+    def whole(self, lanes: int) -> bool:
+        """Whether vectors of `lanes` columns each lie within one segment."""
+        return self.factor * self.width % lanes == 0
+
+
+def _x_input(shuffle: Shuffle | None, cols: int) -> list[str]:
+    """The declarations of a kernel's input X: [M, cols], or the tokens that `shuffle`
+    reads in place."""
+    if shuffle is None:
+        return [f'    X = T.match_buffer(x, (M, {_i(cols)}), "float32")']
+    return shuffle.declare()
+
+
+def _x_at(shuffle: Shuffle | None, k: str) -> str:
+    """X[r, k] (`xr`, with a shuffle: row r's offset, bound by the kernel)."""
+    return f"X[r, {k}]" if shuffle is None else f"Xf[xr + {shuffle.col(k)}]"
+
+
+def _x_vector(shuffle: Shuffle | None, k: str, lanes: int) -> str:
+    """X[r, k:k + lanes], with a shuffle within one segment (`Shuffle.whole`)."""
+    if shuffle is None:
+        return f"X[r, T.Ramp({k}, {_i(1)}, {lanes})]"
+    return f"Xf[T.Ramp(xr + {shuffle.col(k)}, {_i(1)}, {lanes})]"
+
+
 # Work queue. TIR's `parallel` splits a loop statically over the pool's threads, so a thread
 # that the OS or the hypervisor slows holds up every kernel. The kernels below instead run
 # `_WORKERS` static workers that take tasks from a shared counter until none are left: a
@@ -337,9 +407,9 @@ def _parse(src: str) -> tirx.PrimFunc:
             pass
     # Relax passes (e.g. RewriteDataflowReshape's HasReshapePattern) require every PrimFunc
     # body to be a root SBlockRealize ("s_tir" dialect): wrap the main loop nest in one
-    # (match_buffer declarations must stay outside).
+    # (match_buffer declarations must stay outside; a shuffle's flat view of X goes in).
     lines = src.strip("\n").split("\n")
-    k = next(i for i, l in enumerate(lines) if l.startswith(("    for ", "    with ")))
+    k = next(i for i, l in enumerate(lines) if l.startswith(("    for ", "    with ", "    Xf = ")))
     body = ["    " + l if l.strip() else l for l in lines[k:]]
     func = tvm.script.from_source("\n".join(lines[:k] + ['    with T.sblock("root"):'] + body))
     cache.Cache().store_kernel_json(key, tvm.ir.save_json(func))
@@ -393,6 +463,7 @@ def gemm_kernel(
     pairs_out: bool = False,
     has_gate: bool = False,
     glu: bool = False,
+    shuffle: Shuffle | None = None,
 ):
     """Y[M, N] = act(X[M, K] @ W + bias) (* G) (+ R), W packed as [NP, K, NB]; G, a
     tensor of Y's shape, is a GLU's other half (SwiGLU: the up projection times the
@@ -421,7 +492,12 @@ def gemm_kernel(
     holding column j's even and odd k. Every `_HALF_BLOCK` pairs, each column's two float16
     partial sums are added and go into its float32 accumulator. `pairs_out` (N a multiple of
     NB, no residual): Y is written as [M, N/2] words of float16 pairs, the next 16-bit GEMM's
-    X."""
+    X.
+
+    `shuffle` (float32 GEMMs): X is a pixel shuffle's input, read in place (`Shuffle`);
+    the k steps go in groups within a segment of the shuffle, each group's offset computed
+    once."""
+    assert shuffle is None or not cfg.pairs
     mr, nb, vec = cfg.mr, cfg.nb, cfg.vec
     ow = nb // 2 if glu else nb  # output columns per weight block
     NP = -(-N // ow)
@@ -439,15 +515,19 @@ def gemm_kernel(
         f"def gemm({', '.join(args)}):",
         _ATTRS,
         "    M = T.int64()",
-        f'    X = T.match_buffer(x, (M, {_i(KW)}), "float32")',
+        *_x_input(shuffle, KW),
         f'    Y = T.match_buffer(y, (M, {_i(N // 2 if pairs_out else N)}), "float32")',
     ]
     assert not pairs_out or (cfg.pairs and N % ow == 0 and not has_res)
     for flag, name, buffer in ((has_gate, "gate", "G"), (has_res, "res", "R")):
         if flag:
             L.append(f'    {buffer} = T.match_buffer({name}, (M, {_i(N)}), "float32")')
+    if shuffle:
+        L.append(shuffle.flat())
     mt = f"((M + {_i(mr - 1)}) // {_i(mr)})"
-    unroll = 8 if cfg.pairs else next(u for u in (8, 4, 2, 1) if K % u == 0)
+    # k steps per group: with a shuffle, a divisor of its segments' width
+    along = shuffle.width if shuffle else K
+    unroll = 8 if cfg.pairs else next(u for u in (8, 4, 2, 1) if along % u == 0)
     ksteps = [(0, KW)] if glu else gemm_k_steps(cfg, K, N, unroll)
     C, PF = _gemm_chunks(cfg, NP), _GEMM_PF
     ct = f"(({mt} + {_i(C - 1)}) // {_i(C)})"  # M tiles per task
@@ -475,18 +555,24 @@ def gemm_kernel(
     def k_groups(ind: str, base: str, n: int, group: str, pf, steps) -> list[str]:
         """`n` k steps (k pairs with cfg.pairs) from `base`, in unrolled groups (the first
         is step group `group`, for the prefetch) and a tail; `steps(ind, k)`: one step's
-        lines."""
+        lines. With a shuffle, `kq` is the offset of a group's first column in X's row."""
         o = []
         groups, tail = divmod(n, unroll)
         if groups:
             o.append(f"{ind}for kg in range({_i(groups)}):")
             if pf:
                 o += prefetch(ind + "    ", f"({group} + kg)", pf)
+            first = f"{base} + kg * {_i(unroll)}"
+            if shuffle:
+                o.append(f"{ind}    kq: T.let[T.int64] = {shuffle.col(first)}")
             o.append(f"{ind}    for ku in T.unroll({_i(unroll)}):")
-            o += steps(ind + "        ", f"{base} + kg * {_i(unroll)} + ku")
+            o += steps(ind + "        ", f"{first} + ku")
         if tail:
+            first = f"{base} + {_i(groups * unroll)}"
+            if shuffle:
+                o.append(f"{ind}kq: T.let[T.int64] = {shuffle.col(first)}")
             o.append(f"{ind}for ku in T.unroll({_i(tail)}):")
-            o += steps(ind + "    ", f"{base} + {_i(groups * unroll)} + ku")
+            o += steps(ind + "    ", f"{first} + ku")
         return o
 
     def k_loop(rows: int, ind: str, pre: str, pf, k0: int, kn: int) -> list[str]:
@@ -495,9 +581,10 @@ def gemm_kernel(
         def steps(ind: str, k: str) -> list[str]:
             o = [f"{ind}k: T.let[T.int64] = {k}"]
             for i in range(rows):
+                x = f"Xf[xr{i} + kq + ku]" if shuffle else f"X[r{i}, k]"
                 o += [
                     f"{ind}for j in T.vectorized({_i(nb)}):",
-                    f"{ind}    {pre}acc{i}[j] = {pre}acc{i}[j] + X[r{i}, k] * w[nbk, k, j]",
+                    f"{ind}    {pre}acc{i}[j] = {pre}acc{i}[j] + {x} * w[nbk, k, j]",
                 ]
             return o
 
@@ -569,6 +656,8 @@ def gemm_kernel(
         over the k steps of `ksteps[step]`; `pf`: the panel to prefetch, or None."""
         (k0, kn), first, last = ksteps[step], step == 0, step == len(ksteps) - 1
         out = []
+        if shuffle:  # each row's offset in X
+            out += [f"{ind}xr{i}: T.let[T.int64] = {shuffle.row(f'r{i}')}" for i in range(rows)]
         for i in range(rows):
             out.append(ind + _local(f"{pre}acc{i}", nb))
             if first:
@@ -737,41 +826,53 @@ def _pack_panel_tiles(cfg: KernelConfig, N: int, K: int, indent: int) -> list[st
     return [" " * indent + line for line in lines]
 
 
-def pairs_kernel(cfg: KernelConfig, K: int):
+def _rows_of_x(shuffle: Shuffle | None) -> str:
+    """The header of a row-parallel kernel's loop over X's rows (with a shuffle, the flat
+    view and row r's offset `xr`)."""
+    if shuffle is None:
+        return "    for r in T.parallel(M):"
+    return f"{shuffle.flat()}\n    for r in T.parallel(M):\n        xr: T.let[T.int64] = {shuffle.row('r')}"
+
+
+def pairs_kernel(cfg: KernelConfig, K: int, shuffle: Shuffle | None = None):
     """X [M, K] float32 -> [M, K/2] words of `cfg.pairs` pairs (k even, k odd; an odd K's
     last word has a zero high half): the X operand of a float16 or bfloat16 GEMM
-    (`gemm_kernel`)."""
+    (`gemm_kernel`). `shuffle`: X is a pixel shuffle's input, read in place."""
     vec = cfg.vec
     KW = -(-K // 2)
-    full = K // (2 * vec)  # whole vectors: 2 * vec floats -> vec words
+    # whole vectors: 2 * vec floats -> vec words
+    full = K // (2 * vec) if shuffle is None or shuffle.whole(2 * vec) else 0
+    odd = _x_at(shuffle, f"T.min(kp * {_i(2)} + {_i(1)}, {_i(K - 1)})")
     tail = _pair_word(
-        f"X[r, kp * {_i(2)}]",
-        f"T.if_then_else(kp * {_i(2)} + {_i(1)} < {_i(K)}, X[r, T.min(kp * {_i(2)} + {_i(1)}, {_i(K - 1)})], {_f(0.0)})",
+        _x_at(shuffle, f"kp * {_i(2)}"),
+        f"T.if_then_else(kp * {_i(2)} + {_i(1)} < {_i(K)}, {odd}, {_f(0.0)})",
         cfg.pairs,
     )
+    words = _as_pairs(_x_vector(shuffle, f"q * {_i(2 * vec)}", 2 * vec), 2 * vec, cfg.pairs)
+    header = "\n".join(["    M = T.int64()", *_x_input(shuffle, K)])
     src = f"""
 @T.prim_func(private=True, check_well_formed=False)
 def to_pairs(x: T.handle, xw: T.handle):
 {_ATTRS}
-    M = T.int64()
-    X = T.match_buffer(x, (M, {_i(K)}), "float32")
+{header}
     XW = T.match_buffer(xw, (M, {_i(KW)}), "float32")
-    for r in T.parallel(M):
+{_rows_of_x(shuffle)}
         for q in range({_i(full)}):
-            XW[r, T.Ramp(q * {_i(vec)}, {_i(1)}, {vec})] = {_as_pairs(f"X[r, T.Ramp(q * {_i(2 * vec)}, {_i(1)}, {2 * vec})]", 2 * vec, cfg.pairs)}
+            XW[r, T.Ramp(q * {_i(vec)}, {_i(1)}, {vec})] = {words}
         for kp in range({_i(full * vec)}, {_i(KW)}):
             XW[r, kp] = {tail}
 """
     return _parse(src)
 
 
-def round_kernel(cfg: KernelConfig, C: int, dtype: str):
+def round_kernel(cfg: KernelConfig, C: int, dtype: str, shuffle: Shuffle | None = None):
     """X [M, C] float32 -> its values rounded to `dtype` (float16, or bfloat16 to nearest
     even), as float32: the operands of the float32 GEMMs under a 16-bit `precision` on a CPU
     without that arithmetic. (Relax's astype to bfloat16 and back does not round on llvm:
-    fused into one kernel, TVM's bfloat16 legalization computes the pair in float32.)"""
+    fused into one kernel, TVM's bfloat16 legalization computes the pair in float32.)
+    `shuffle`: X is a pixel shuffle's input, read in place."""
     vec = cfg.vec
-    full = C // vec
+    full = C // vec if shuffle is None or shuffle.whole(vec) else 0
 
     def rounded(x: str, lanes: str) -> str:
         if dtype == "bfloat16":
@@ -779,20 +880,48 @@ def round_kernel(cfg: KernelConfig, C: int, dtype: str):
             return f'T.reinterpret("float32{lanes}", T.shift_left({bits}, 16))'
         return f'T.Cast("float32{lanes}", T.Cast("float16{lanes}", {x}))'
 
+    header = "\n".join(["    M = T.int64()", *_x_input(shuffle, C)])
     src = f"""
 @T.prim_func(private=True, check_well_formed=False)
 def round16(x: T.handle, y: T.handle):
 {_ATTRS}
-    M = T.int64()
-    X = T.match_buffer(x, (M, {_i(C)}), "float32")
+{header}
     Y = T.match_buffer(y, (M, {_i(C)}), "float32")
-    for r in T.parallel(M):
+{_rows_of_x(shuffle)}
         for q in range({_i(full)}):
-            Y[r, T.Ramp(q * {_i(vec)}, {_i(1)}, {vec})] = {rounded(f"X[r, T.Ramp(q * {_i(vec)}, {_i(1)}, {vec})]", f"x{vec}")}
+            Y[r, T.Ramp(q * {_i(vec)}, {_i(1)}, {vec})] = {rounded(_x_vector(shuffle, f"q * {_i(vec)}", vec), f"x{vec}")}
         for c in range({_i(full * vec)}, {_i(C)}):
-            Y[r, c] = {rounded("X[r, c]", "")}
+            Y[r, c] = {rounded(_x_at(shuffle, "c"), "")}
 """
     return _parse(src)
+
+
+def avg_pool_kernel(cfg: KernelConfig, side: int, k: int, D: int):
+    """The mean of each k x k block of tokens of a [B, side^2, D] grid (row-major) -> Y
+    [B t^2, D], t = side / k, its rows the blocks in row-major order (Gemma 3's projector).
+    Rows in parallel; a row's sums in a stack buffer of D floats, to which the block's
+    tokens are added one after another, in whole vectors and a scalar tail."""
+    t = side // k
+    L = [
+        "@T.prim_func(private=True, check_well_formed=False)",
+        "def avg_pool(x: T.handle, y: T.handle):",
+        _ATTRS,
+        "    B = T.int64()",
+        "    M = T.int64()",
+        f'    X = T.match_buffer(x, (B, {_i(side * side)}, {_i(D)}), "float32")',
+        f'    Y = T.match_buffer(y, (M, {_i(D)}), "float32")',
+        "    for r in T.parallel(M):",
+        f"        b: T.let[T.int64] = r // {_i(t * t)}",
+        f"        first: T.let[T.int64] = r % {_i(t * t)} // {_i(t)} * {_i(k * side)} + r % {_i(t)} * {_i(k)}",
+        "        " + _local("acc", D),
+        *_columns(cfg, D, " " * 8, f"acc[c] = {_f(0.0)}"),
+        f"        for a in range({_i(k)}):",
+        f"            for e in range({_i(k)}):",
+        f"                tok: T.let[T.int64] = first + a * {_i(side)} + e",
+        *_columns(cfg, D, " " * 16, "acc[c] = acc[c] + X[b, tok, c]"),
+        *_columns(cfg, D, " " * 8, f"Y[r, c] = acc[c] * {_f(1.0 / (k * k))}"),
+    ]
+    return _parse("\n".join(L))
 
 
 def attn_padding(cfg: KernelConfig, S: int, D: int) -> tuple[int, int]:
@@ -1088,25 +1217,49 @@ def attention_kernel(
     return _parse("\n".join(L))
 
 
-def layer_norm_kernel(cfg: KernelConfig, C: int, eps: float, pairs_out: bool = False):
+def layer_norm_kernel(
+    cfg: KernelConfig,
+    C: int,
+    eps: float,
+    pairs_out: bool = False,
+    shuffle: Shuffle | None = None,
+):
     """Row-parallel LayerNorm over the last axis: two passes (mean, then centered variance)
     for accuracy, fused scale and shift on the store (`_norm_kernel`)."""
-    return _norm_kernel(cfg, C, eps, pairs_out, centered=True)
+    return _norm_kernel(cfg, C, eps, pairs_out, centered=True, shuffle=shuffle)
 
 
-def rms_norm_kernel(cfg: KernelConfig, C: int, eps: float, pairs_out: bool = False):
+def rms_norm_kernel(
+    cfg: KernelConfig,
+    C: int,
+    eps: float,
+    pairs_out: bool = False,
+    shuffle: Shuffle | None = None,
+):
     """Row-parallel RMSNorm over the last axis, x / sqrt(mean(x^2) + eps) * weight: one pass
     for the sum of squares, the scale on the store (`_norm_kernel`)."""
-    return _norm_kernel(cfg, C, eps, pairs_out, centered=False)
+    return _norm_kernel(cfg, C, eps, pairs_out, centered=False, shuffle=shuffle)
 
 
-def _norm_kernel(cfg: KernelConfig, C: int, eps: float, pairs_out: bool, centered: bool):
+def _norm_kernel(
+    cfg: KernelConfig,
+    C: int,
+    eps: float,
+    pairs_out: bool,
+    centered: bool,
+    shuffle: Shuffle | None = None,
+):
     """LayerNorm (`centered`: gamma and beta) or RMSNorm (gamma only) of each row of X
     [M, C], rows in parallel. The sums run in vector partial sums over whole vectors, a
     scalar tail past them (the legalized version reduces in one serial scalar chain).
     `pairs_out` (C % (2 vec) == 0): Y is [M, C/2] words of float16 or
-    bfloat16 pairs, a 16-bit GEMM's X."""
+    bfloat16 pairs, a 16-bit GEMM's X. `shuffle` (its segments whole vectors, of 2 vec
+    with `pairs_out`): X is a pixel shuffle's input, read in place (`Shuffle`)."""
+    assert shuffle is None or shuffle.whole(2 * cfg.vec if pairs_out else cfg.vec)
     vec = cfg.vec
+    # X's element of column c: with a shuffle, `cx` is its offset in row r (`_row_sum`)
+    x = "X[r, c]" if shuffle is None else "Xf[xr + cx]"
+    col = shuffle.col if shuffle else None
     name = "layer_norm" if centered else "rms_norm"
     params = [f'gamma: T.Buffer(({_i(C)},), "float32")']
     if centered:
@@ -1116,31 +1269,33 @@ def _norm_kernel(cfg: KernelConfig, C: int, eps: float, pairs_out: bool, centere
         f"def {name}(x: T.handle, {', '.join(params)}, y: T.handle):",
         _ATTRS,
         "    M = T.int64()",
-        f'    X = T.match_buffer(x, (M, {_i(C)}), "float32")',
+        *_x_input(shuffle, C),
         f'    Y = T.match_buffer(y, (M, {_i(C // 2 if pairs_out else C)}), "float32")',
-        "    for r in T.parallel(M):",
+        _rows_of_x(shuffle),
         "        " + _local("red", vec),
         "        " + _local("sc", 2),
     ]
     if centered:
-        L += _row_sum(cfg, C, "sc[0]", "X[r, c]", " " * 8)
+        L += _row_sum(cfg, C, "sc[0]", x, " " * 8, col)
         L.append(f"        sc[0] = sc[0] * {_f(1.0 / C)}")
-        squares = "(X[r, c] - sc[0]) * (X[r, c] - sc[0])"
-        norm = "(X[r, c] - sc[0]) * sc[1] * gamma[c] + beta[c]"
+        squares = f"({x} - sc[0]) * ({x} - sc[0])"
+        norm = f"({x} - sc[0]) * sc[1] * gamma[c] + beta[c]"
     else:
-        squares = "X[r, c] * X[r, c]"
-        norm = "X[r, c] * sc[1] * gamma[c]"
-    L += _row_sum(cfg, C, "sc[1]", squares, " " * 8)
+        squares = f"{x} * {x}"
+        norm = f"{x} * sc[1] * gamma[c]"
+    L += _row_sum(cfg, C, "sc[1]", squares, " " * 8, col)
     L.append(f"        sc[1] = {_f(1.0)} / T.sqrt(sc[1] * {_f(1.0 / C)} + {_f(eps)})")
     if not pairs_out:
-        L += _row_store(cfg, C, norm, " " * 8)
+        L += _row_store(cfg, C, norm, " " * 8, col)
         return _parse("\n".join(L))
     assert cfg.pairs and C % (2 * vec) == 0
     L += [
         "        " + _local("ob", 2 * vec),
         f"        for jw in range({_i(C // (2 * vec))}):",
+        *_column_base(col, f"jw * {_i(2 * vec)}", " " * 12),
         f"            for l in T.vectorized({_i(2 * vec)}):",
         f"                c: T.let[T.int64] = jw * {_i(2 * vec)} + l",
+        *_column_at(col, "cq + l", " " * 16),
         f"                ob[l] = {norm}",
         f"            Y[r, T.Ramp(jw * {_i(vec)}, {_i(1)}, {vec})] = "
         + _as_pairs(f"ob[T.Ramp({_i(0)}, {_i(1)}, {2 * vec})]", 2 * vec, cfg.pairs),
@@ -1148,38 +1303,62 @@ def _norm_kernel(cfg: KernelConfig, C: int, eps: float, pairs_out: bool, centere
     return _parse("\n".join(L))
 
 
-def _row_sum(cfg: KernelConfig, C: int, dst: str, term: str, ind: str) -> list[str]:
-    """`dst` = the sum of `term` (an expression of the column `c`) over row r's C columns:
-    vector partial sums in `red` over whole vectors, then a scalar tail."""
-    vec, whole = cfg.vec, C // cfg.vec * cfg.vec
-    lines = _fill("red", vec, ind)
-    if whole:
-        lines += [
-            f"{ind}for jv in range({_i(whole // vec)}):",
-            f"{ind}    for l in T.vectorized({_i(vec)}):",
-            f"{ind}        c: T.let[T.int64] = jv * {_i(vec)} + l",
-            f"{ind}        red[l] = red[l] + {term}",
-        ]
-    lines.append(
-        f"{ind}{dst} = {_tree(lambda a, b: f'({a} + {b})', [f'red[{l}]' for l in range(vec)])}"
+def _column_base(col, first: str, ind: str) -> list[str]:
+    """With a shuffle's `col`: `cq`, the offset in X's row of a vector's first column."""
+    return [] if col is None else [f"{ind}cq: T.let[T.int64] = {col(first)}"]
+
+
+def _column_at(col, offset: str, ind: str) -> list[str]:
+    """With a shuffle's `col`: `cx`, the offset in X's row of the column at hand."""
+    return [] if col is None else [f"{ind}cx: T.let[T.int64] = {offset}"]
+
+
+def _row_sum(cfg: KernelConfig, C: int, dst: str, term: str, ind: str, col=None) -> list[str]:
+    """`dst` = the sum of `term` (an expression of the column `c`, and with a shuffle's
+    `col` of its offset `cx`) over row r's C columns: vector partial sums in `red` over whole
+    vectors, then a scalar tail."""
+    vectors, tail = _column_loops(
+        cfg, C, ind, f"red[l] = red[l] + {term}", f"{dst} = {dst} + {term}", col
     )
-    if whole < C:
-        lines += [f"{ind}for c in range({_i(whole)}, {_i(C)}):", f"{ind}    {dst} = {dst} + {term}"]
-    return lines
+    lanes = [f"red[{l}]" for l in range(cfg.vec)]
+    total = f"{ind}{dst} = {_tree(lambda a, b: f'({a} + {b})', lanes)}"
+    return _fill("red", cfg.vec, ind) + vectors + [total] + tail
 
 
-def _row_store(cfg: KernelConfig, C: int, value: str, ind: str) -> list[str]:
-    """Y[r, c] = `value` (an expression of the column `c`) over row r: whole vectors, then a
-    scalar tail."""
+def _row_store(cfg: KernelConfig, C: int, value: str, ind: str, col=None) -> list[str]:
+    """Y[r, c] = `value` (an expression of the column `c`, and with a shuffle's `col` of its
+    offset `cx`) over row r: whole vectors, then a scalar tail."""
+    return _columns(cfg, C, ind, f"Y[r, c] = {value}", col)
+
+
+def _columns(cfg: KernelConfig, C: int, ind: str, line: str, col=None) -> list[str]:
+    """`line`, a statement of the column `c` (and with a shuffle's `col`, of its offset `cx`
+    in X's row), for each of C columns: whole vectors, then a scalar tail."""
+    vectors, tail = _column_loops(cfg, C, ind, line, line, col)
+    return vectors + tail
+
+
+def _column_loops(
+    cfg: KernelConfig, C: int, ind: str, vector: str, scalar: str, col=None
+) -> tuple[list[str], list[str]]:
+    """The loop over C columns' whole vectors (`vector`, a statement of the column `c` and
+    the lane `l`) and the loop over the columns past them (`scalar`); with a shuffle's `col`,
+    `cx` is the column's offset in X's row."""
     vec, whole = cfg.vec, C // cfg.vec * cfg.vec
-    lines = []
+    vectors, tail = [], []
     if whole:
-        lines += [
+        vectors = [
             f"{ind}for jv in range({_i(whole // vec)}):",
+            *_column_base(col, f"jv * {_i(vec)}", ind + "    "),
             f"{ind}    for l in T.vectorized({_i(vec)}):",
             f"{ind}        c: T.let[T.int64] = jv * {_i(vec)} + l",
-            f"{ind}        Y[r, c] = {value}",
+            *_column_at(col, "cq + l", ind + "        "),
+            f"{ind}        {vector}",
         ]
     if whole < C:
-        lines += [f"{ind}for c in range({_i(whole)}, {_i(C)}):", f"{ind}    Y[r, c] = {value}"]
-    return lines
+        tail = [
+            f"{ind}for c in range({_i(whole)}, {_i(C)}):",
+            *_column_at(col, col("c") if col else "", ind + "    "),
+            f"{ind}    {scalar}",
+        ]
+    return vectors, tail

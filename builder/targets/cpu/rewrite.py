@@ -12,10 +12,12 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from .kernels import (
     KernelConfig,
+    Shuffle,
     attention_kernel,
     attn_pack_k_kernel,
     attn_pack_v_kernel,
     attn_packed,
+    avg_pool_kernel,
     gemm_kernel,
     layer_norm_kernel,
     pack_weight_kernel,
@@ -150,9 +152,32 @@ class _Plan:
             "relax.nn.conv2d": self._match_conv,
             "relax.nn.layer_norm": self._match_norm,
             "relax.nn.rms_norm": self._match_norm,
+            "relax.divide": self._match_pool,
         }.get(_op_name(value))
         if match is not None and var not in self.claimed:
             match(var, value)
+
+    def _match_pool(self, var, call):
+        """The average pooling of k x k blocks of a [B, side^2, D] token grid, as Gemma 3's
+        projector writes it: sum(reshape(x, (B, t, k, t, k, D)), axis=[2, 4]) / k^2."""
+        total, divisor = call.args
+        summed = self.defs.get(total)
+        if _op_name(summed) != "relax.sum" or summed.attrs.keepdims:
+            return
+        blocks = self.defs.get(summed.args[0])
+        if _op_name(blocks) != "relax.reshape" or summed.attrs.axis is None:
+            return
+        x = blocks.args[0]
+        six = _static(_sinfo(summed.args[0]).shape.values[1:])
+        if six is None or not (_is_f32(x) and _is_f32(var)) or len(six) != 5:
+            return
+        t, k, t2, k2, d = six
+        axes = [int(a) for a in summed.attrs.axis]
+        if (t, k) != (t2, k2) or axes != [2, 4] or _scalar_const(divisor) != k * k:
+            return
+        if _static(_sinfo(x).shape.values[1:]) != [(t * k) ** 2, d]:
+            return
+        self.rewrites[var] = dict(kind="pool", x=x, side=t * k, k=k, D=d)
 
     def _match_norm(self, var, call):
         """LayerNorm with weight and bias, or RMSNorm, over the last axis of static width."""
@@ -169,7 +194,10 @@ class _Plan:
         if any(_static(_sinfo(p).shape.values) != [C] for p in params):
             return
         eps = float(a.epsilon)
-        self.rewrites[var] = dict(kind="norm", centered=centered, x=x, params=params, C=C, eps=eps)
+        shuffle = self.shuffle_of(x, 2 * self.vec)  # its segments whole vectors, also as pairs
+        self.rewrites[var] = dict(
+            kind="norm", centered=centered, x=x, params=params, C=C, eps=eps, shuffle=shuffle
+        )
 
     def _match_linear(self, var, mm):
         x, rhs = mm.args
@@ -187,7 +215,7 @@ class _Plan:
             axes = pd.attrs.axes
             if axes is None or [int(a) for a in axes] == [1, 0]:
                 w, nk = pd.args[0], True
-        spec = dict(kind="linear", x=x, w=w, nk=nk, K=K, N=N)
+        spec = dict(kind="linear", x=x, w=w, nk=nk, K=K, N=N, shuffle=self.shuffle_of(x))
         spec.update(bias=None, act=None, scale=None, gate=None, res=None, glu=None)
         self.gemm_x[var] = x
         self.claimed.add(var)
@@ -240,6 +268,52 @@ class _Plan:
         if self.uses.get(cur, 0) == 2 and len(self.consumers.get(cur, [])) == 2:
             return self._match_silu(cur)
         return None
+
+    def shuffle_of(self, x, lanes: int = 1):
+        """(tokens, `Shuffle`) where `x` is the pixel shuffle of a [B, skip + side^2, D]
+        tensor of tokens (as `projectors.pixel_shuffle` writes it: reshape to (B, n, f, n,
+        f, D), permute_dims (0, 1, 3, 2, 4, 5), reshape to (B, n^2, f^2 D)), the skipped
+        tokens a split's first part (`split(h, [skip], axis=1)[1]`), so that a kernel can
+        read x in place; `lanes`: the kernel's vectors must lie within a segment
+        (`Shuffle.whole`). Else None."""
+        merged = self.defs.get(x)
+        if _op_name(merged) != "relax.reshape" or not _is_f32(x):
+            return None
+        permuted = self.defs.get(merged.args[0])
+        if _op_name(permuted) != "relax.permute_dims" or permuted.attrs.axes is None:
+            return None
+        if [int(a) for a in permuted.attrs.axes] != [0, 1, 3, 2, 4, 5]:
+            return None
+        blocks = self.defs.get(permuted.args[0])
+        if _op_name(blocks) != "relax.reshape":
+            return None
+        six = _static(_sinfo(permuted.args[0]).shape.values[1:])
+        tokens = blocks.args[0]
+        if six is None or not _is_f32(tokens) or len(_sinfo(tokens).shape.values) != 3:
+            return None
+        n, f, n2, f2, d = six
+        inner = _static(_sinfo(tokens).shape.values[1:])
+        out = _static(_sinfo(x).shape.values[1:])
+        if (n, f) != (n2, f2) or inner != [(n * f) ** 2, d] or out != [n * n, f * f * d]:
+            return None
+        tokens, skip = self._split_off(tokens)
+        shuffle = Shuffle(factor=f, side=n * f, width=d, skip=skip)
+        return (tokens, shuffle) if shuffle.whole(lanes) else None
+
+    def _split_off(self, tokens):
+        """(h, skip) where `tokens` is the second part of `split(h, [skip], axis=1)`, a
+        float32 [B, skip + S, D] tensor; else (tokens, 0)."""
+        item = self.defs.get(tokens)
+        if not isinstance(item, relax.TupleGetItem) or int(item.index) != 1:
+            return tokens, 0
+        split = self.defs.get(item.tuple_value)
+        if _op_name(split) != "relax.split" or int(split.attrs.axis) != 1:
+            return tokens, 0
+        h, at = split.args[0], split.attrs.indices_or_sections
+        at = None if isinstance(at, (int, tvm.tirx.IntImm)) else _static(at)  # not sections
+        if not _is_f32(h) or at is None or len(at) != 1:
+            return tokens, 0
+        return h, at[0]
 
     def only_gemm_input(self, var) -> bool:
         """Whether every use of `var` is as the X of a linear layer (which a 16-bit GEMM then
@@ -394,12 +468,16 @@ class _KernelRewriter(PyExprMutator):
         pairs_out=False,
         gate2=None,
         glu=False,
+        shuffle=None,
     ):
         """x2: [M, K] var (a view of `source`, if given); returns [M, N] var, or with
         `pairs_out` [M, N/2] float16 or bfloat16 pairs. The epilogue: act(. + bias) * gate2
         + res2, each part where given. `glu`: w and bias are both halves of a GLU,
-        interleaved (`_interleave`)."""
+        interleaved (`_interleave`). `shuffle`: (M, a `Shuffle`), x2 is the tokens whose
+        pixel shuffle is the input, which the GEMM (or the conversion of its operand) reads
+        in place."""
         cfg = self.cfg
+        M, shuffle = shuffle if shuffle else (_sinfo(x2).shape.values[0], None)
         WN = _glu_blocks(cfg, N) * cfg.nb if glu else N  # the packed weight's columns
         NP = -(-WN // cfg.nb)
         KW = -(-K // 2) if cfg.pairs else K
@@ -410,21 +488,21 @@ class _KernelRewriter(PyExprMutator):
             w = self._round_operand(w)  # depends on the weight only: rounded at build time
         wp = self._emit(relax.call_tir(pk, [w], relax.TensorType([NP, KW, cfg.nb], "float32")))
         if cfg.pairs:
-            x2 = self._pairs_of(x2, K, source)
+            x2, shuffle = self._pairs_of(x2, K, source, M, shuffle), None
         elif self.rounded:
-            x2 = self._once(source, lambda: self._round_operand(x2))
+            x2 = self._once(source, lambda: self._round_operand(x2, M, K, shuffle))
+            shuffle = None
         flags = (bias is not None, act, res2 is not None, pairs_out, gate2 is not None, glu)
+        flags += (shuffle,)
         gk = self._gv(("gemm", K, N, *flags), lambda: gemm_kernel(cfg, K, N, *flags), "gemm")
         args = [x2, wp] + [a for a in (bias, gate2, res2) if a is not None]
-        M = _sinfo(x2).shape.values[0]
         out = relax.TensorType([M, N // 2 if pairs_out else N], "float32")
         return self._emit(relax.call_tir(gk, args, out))
 
-    def _pairs_of(self, x2, K, source):
-        """x2 [M, K] as the [M, K/2] 16-bit pairs a 16-bit GEMM takes, converted once per
-        `source`."""
-        hk = self._gv(("half", K), lambda: pairs_kernel(self.cfg, K), "to_pairs")
-        M = _sinfo(x2).shape.values[0]
+    def _pairs_of(self, x2, K, source, M, shuffle=None):
+        """x2 [M, K] (or the tokens of its `shuffle`) as the [M, K/2] 16-bit pairs a 16-bit
+        GEMM takes, converted once per `source`."""
+        hk = self._gv(("half", K, shuffle), lambda: pairs_kernel(self.cfg, K, shuffle), "to_pairs")
         out = relax.TensorType([M, -(-K // 2)], "float32")
         return self._once(source, lambda: self._emit(relax.call_tir(hk, [x2], out)))
 
@@ -436,12 +514,13 @@ class _KernelRewriter(PyExprMutator):
             self.halves[source] = convert()
         return self.halves[source]
 
-    def _round_operand(self, x):
-        """x's values (a matrix) rounded to `self.rounded` (float16 or bfloat16), as
-        float32."""
-        rows, C = _sinfo(x).shape.values
-        key = ("round", int(C), self.rounded)
-        rk = self._gv(key, lambda: round_kernel(self.cfg, int(C), self.rounded), "round16")
+    def _round_operand(self, x, rows=None, C=None, shuffle=None):
+        """x's values (a matrix, or the [rows, C] pixel shuffle of its tokens) rounded to
+        `self.rounded` (float16 or bfloat16), as float32."""
+        if shuffle is None:
+            rows, C = _sinfo(x).shape.values
+        key = ("round", int(C), self.rounded, shuffle)
+        rk = self._gv(key, lambda: round_kernel(self.cfg, int(C), self.rounded, shuffle), "round16")
         return self._emit(relax.call_tir(rk, [x], relax.TensorType([rows, C], "float32")))
 
     def _matrix(self, e, M, N):
@@ -480,17 +559,29 @@ class _KernelRewriter(PyExprMutator):
         return self._emit(relax.op.reshape(both, relax.ShapeExpr([blocks * 2 * half, *rest])))
 
     def _norm(self, spec, args, M, pairs_out=False):
-        """The LayerNorm or RMSNorm kernel's call on `args` (X [M, C] and the weights):
-        [M, C], or with `pairs_out` [M, C/2] 16-bit pairs."""
+        """The LayerNorm or RMSNorm kernel's call on `args` (X [M, C], or the tokens of its
+        pixel shuffle, and the weights): [M, C], or with `pairs_out` [M, C/2] 16-bit
+        pairs."""
         C, eps = spec["C"], spec["eps"]
+        shuffle = spec["shuffle"][1] if spec["shuffle"] else None
         make, name = (
             (layer_norm_kernel, "layer_norm") if spec["centered"] else (rms_norm_kernel, "rms_norm")
         )
         nk = self._gv(
-            (name, C, eps, pairs_out), lambda: make(self.cfg, C, eps, pairs_out=pairs_out), name
+            (name, C, eps, pairs_out, shuffle),
+            lambda: make(self.cfg, C, eps, pairs_out=pairs_out, shuffle=shuffle),
+            name,
         )
         out = relax.TensorType([M, C // 2 if pairs_out else C], "float32")
         return self._emit(relax.call_tir(nk, args, out))
+
+    def _input(self, spec, x, M, K):
+        """A kernel's X: x as an [M, K] matrix, or where x is a pixel shuffle that the
+        kernel reads in place (`_Plan.shuffle_of`), its tokens and (M, the `Shuffle`)."""
+        if spec["shuffle"] is None:
+            return self._emit(relax.op.reshape(x, relax.ShapeExpr([M, K]))), None
+        tokens, shuffle = spec["shuffle"]
+        return self._v(tokens), (M, shuffle)
 
     @staticmethod
     def _rows(x):
@@ -512,7 +603,7 @@ class _KernelRewriter(PyExprMutator):
             x = self._v(spec["x"])
             M = self._rows(x)
             w, K, N = self._v(spec["w"]), spec["K"], spec["N"]
-            x2 = self._emit(relax.op.reshape(x, relax.ShapeExpr([M, K])))
+            x2, shuffle = self._input(spec, x, M, K)
             res2, gate2 = (self._matrix(spec[key], M, N) for key in ("res", "gate"))
             bias = self._v(spec["bias"]) if spec["bias"] is not None else None
             if spec["scale"] is not None:
@@ -523,7 +614,7 @@ class _KernelRewriter(PyExprMutator):
                 w = self._interleave(w, w_up, N)
                 bias = self._interleave(bias, bias_up, N) if bias is not None else None
             args = (x2, w, spec["nk"], K, N, bias, spec["act"], res2, x)
-            extra = dict(gate2=gate2, glu=glu)
+            extra = dict(gate2=gate2, glu=glu, shuffle=shuffle)
             if res2 is None and N % self.cfg.nb == 0 and self._to_pair_gemms(var):
                 self.halves[var] = self._gemm(*args, pairs_out=True, **extra)
             return relax.op.reshape(self._gemm(*args, **extra), out_sinfo.shape)
@@ -565,12 +656,21 @@ class _KernelRewriter(PyExprMutator):
             x = self._v(spec["x"])
             M = self._rows(x)
             C = spec["C"]
-            x2 = self._emit(relax.op.reshape(x, relax.ShapeExpr([M, C])))
+            x2, _ = self._input(spec, x, M, C)
             args = [x2] + [self._v(p) for p in spec["params"]]
             if C % (2 * self.cfg.vec) == 0 and self._to_pair_gemms(var):
                 pairs = self._norm(spec, args, M, pairs_out=True)
                 self.halves[var] = pairs
             return relax.op.reshape(self._norm(spec, args, M), out_sinfo.shape)
+        if kind == "pool":
+            x, side, k, D = self._v(spec["x"]), spec["side"], spec["k"], spec["D"]
+            t = side // k
+            M = _sinfo(x).shape.values[0] * t * t
+            pk = self._gv(
+                ("pool", side, k, D), lambda: avg_pool_kernel(self.cfg, side, k, D), "avg_pool"
+            )
+            pooled = self._emit(relax.call_tir(pk, [x], relax.TensorType([M, D], "float32")))
+            return relax.op.reshape(pooled, out_sinfo.shape)
         if kind == "conv":
             x, w = self._v(spec["x"]), self._v(spec["w"])
             B = _sinfo(x).shape.values[0]
