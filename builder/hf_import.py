@@ -1,4 +1,5 @@
-"""An HF transformers config.json -> a sparse preset.
+"""A model's config JSON -> a sparse preset: HF transformers' config.json here; open_clip's
+and timm's configs are recognized here and read by `openclip_import`.
 
 Reads the config of a standalone tower (`CLIPVisionConfig`, `Dinov2Config`, ...), of a model
 that holds one (`CLIPConfig`, `SiglipConfig`), or of a VLM (`LlavaConfig`) whose
@@ -25,7 +26,7 @@ from . import families, openclip_import, vlm
 from .config import PreprocessConfig
 from .errors import InputError
 from .families import Family
-from .weights.hf import LLAVA_FIELDS
+from .weights.hf import LLAVA_FIELDS, vision_fields
 
 PREPROCESS = PreprocessConfig()
 
@@ -47,7 +48,7 @@ def _read(path: Path) -> dict[str, Any]:
     except (ValueError, UnicodeDecodeError) as e:
         raise InputError(f"{path}: not JSON: {e}") from e
     if not isinstance(data, dict):
-        raise InputError(f"{path}: expected a JSON object (an HF config.json)")
+        raise InputError(f"{path}: expected a JSON object (a model's config JSON)")
     return data
 
 
@@ -89,12 +90,15 @@ def _value(path: Path, family: Family, where: str, name: str, value: Any) -> Any
 
 
 def import_config(path: str | Path) -> Imported:
-    """Read an HF config.json and map it to a sparse preset (not yet written)."""
+    """Read a config JSON (HF, open_clip or timm) and map it to a sparse preset (not yet
+    written)."""
     path = Path(path)
     cfg = _read(path)
     if openclip_import.recognizes(cfg):  # open_clip's or timm's, not HF's
         return openclip_import.import_config(path, cfg)
     family, vision, prefix = _tower(path, cfg)
+    if prefix:
+        vision = vision_fields(cfg, vision)
     used = {prefix + "model_type", "model_type"}
     model: dict[str, Any] = {}
     for f in family.hf_field_names():
@@ -102,9 +106,7 @@ def import_config(path: str | Path) -> Imported:
             model[f] = _value(path, family, prefix + f, f, vision[f])
             used.add(prefix + f)
     if prefix and "projection_dim" in cfg and "projection_dim" in model:
-        # CLIPConfig's own projection_dim is the one CLIPModel's visual_projection uses.
-        model["projection_dim"] = cfg["projection_dim"]
-        used.add("projection_dim")
+        used.add("projection_dim")  # read through vision_fields
     llava = [theirs for theirs in LLAVA_FIELDS if theirs in cfg]
     for theirs in llava:
         model[LLAVA_FIELDS[theirs]] = cfg[theirs]

@@ -436,3 +436,25 @@ def test_saved_params_digest_is_the_file_digest(tmp_path, monkeypatch):
         expect = hashlib.sha256(params.read_bytes()).hexdigest()
         assert manifest["files"][artifact.PARAMS]["sha256"] == expect
         assert hashed == ([params] if changed else [])  # read back only when changed
+
+
+def test_a_clip_models_projection_width_is_its_own(tmp_path):
+    """CLIPModel's visual_projection is CLIPConfig's projection_dim wide; its vision_config
+    keeps the default 512. The checkpoint check and `build import` read the model's."""
+    from transformers import CLIPConfig
+
+    from builder import families
+    from builder.hf_import import import_config
+    from builder.weights.hf import check_config
+
+    config = CLIPConfig(vision_config=TINY, text_config=TEXT, projection_dim=16)
+    config.save_pretrained(tmp_path)
+    assert (
+        json.loads((tmp_path / "config.json").read_text())["vision_config"]["projection_dim"] == 512
+    )  # what makes the two differ
+    assert import_config(tmp_path / "config.json").preset["model"]["projection_dim"] == 16
+    clip = families.get("clip")
+    fields = {k: v for k, v in TINY.items() if k != "model_type"}
+    check_config(tmp_path, clip, clip.config(**fields, projection_dim=16))
+    with pytest.raises(InputError, match="projection_dim"):
+        check_config(tmp_path, clip, clip.config(**fields, projection_dim=512))

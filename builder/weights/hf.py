@@ -52,6 +52,17 @@ class Checkpoint:
 def open_checkpoint(path: str | Path) -> Checkpoint:
     """A checkpoint folder (single or sharded) or one .safetensors file; PyTorch pickles
     (`.bin`, `.pt`, `.pth`) where there is no safetensors, when torch is installed."""
+    folder, files = _checkpoint_paths(path)
+    ckpt = Checkpoint(folder, files)
+    for f in files:
+        shard = SafetensorsFile(f) if f.suffix == ".safetensors" else TorchPickleFile(f)
+        ckpt.keys.update(dict.fromkeys(shard.keys(), shard))
+    return ckpt
+
+
+def _checkpoint_paths(path: str | Path) -> tuple[Path, list[Path]]:
+    """The checkpoint's folder and the weight files `open_checkpoint` reads, found without
+    reading them (a PyTorch pickle can only be read whole, through torch)."""
     if "\x00" in str(path):
         raise InputError(f"{str(path)!r}: a path cannot hold a NUL byte")
     root = Path(path)
@@ -87,12 +98,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
             raise InputError(f"{root}: no .safetensors files (nor PyTorch pickles)")
     else:
         raise InputError(f"{root}: no such file or folder")
-    ckpt = Checkpoint(folder, files)
-    for f in files:
-        shard = SafetensorsFile(f) if f.suffix == ".safetensors" else TorchPickleFile(f)
-        for key in shard.entries:
-            ckpt.keys[key] = shard
-    return ckpt
+    return folder, files
 
 
 def _named(ckpt: Checkpoint) -> Path:
@@ -103,10 +109,10 @@ def _named(ckpt: Checkpoint) -> Path:
 def checkpoint_files(path: str | Path) -> list[Path]:
     """Every file a build reads from the checkpoint at `path`: its safetensors files, and its
     index, config.json and open_clip_config.json where present (the build cache hashes
-    them)."""
-    ckpt = open_checkpoint(path)
-    extra = [ckpt.root / INDEX, ckpt.root / "config.json", ckpt.root / "open_clip_config.json"]
-    return ckpt.files + [f for f in extra if f.is_file()]
+    them). Listed, not read: the cache decides a hit without opening a weight."""
+    folder, files = _checkpoint_paths(path)
+    extra = [folder / INDEX, folder / "config.json", folder / "open_clip_config.json"]
+    return files + [f for f in extra if f.is_file()]
 
 
 def find_tower(ckpt: Checkpoint, family: Family) -> tuple[NameMap, str]:
@@ -418,6 +424,15 @@ def square(value: Any) -> Any:
     return value
 
 
+def vision_fields(cfg: dict[str, Any], vision: dict[str, Any]) -> dict[str, Any]:
+    """A two-tower or VLM config's `vision_config`, with the model's own projection_dim where
+    both hold one: CLIPModel's visual_projection is CLIPConfig's projection_dim wide, and its
+    vision_config keeps the default."""
+    if "projection_dim" in cfg and "projection_dim" in vision:
+        return {**vision, "projection_dim": cfg["projection_dim"]}
+    return vision
+
+
 def check_config(
     path: str | Path, family: Family, model: TowerConfig, projector: str | None = None
 ) -> None:
@@ -439,6 +454,7 @@ def check_config(
     vision, where = (
         (cfg["vision_config"], "vision_config.") if "vision_config" in cfg else (cfg, "")
     )
+    vision = vision_fields(cfg, vision) if isinstance(vision, dict) and where else vision
     if not isinstance(vision, dict):
         vision = {}
     model_type = vision.get("model_type") or cfg.get("model_type")

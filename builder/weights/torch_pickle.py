@@ -44,7 +44,9 @@ class TorchPickleFile:
         self.tensors: dict[str, Any] = {
             k: v for k, v in state.items() if isinstance(k, str) and isinstance(v, torch.Tensor)
         }
-        self.entries = {k: {"shape": list(v.shape)} for k, v in self.tensors.items()}
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.tensors[name].shape)
