@@ -176,6 +176,13 @@ class Row:
             return None
         return paired_ratio(self.times[runner], self.times[peer])
 
+    def ratio_cells(self, runner: str, peers: tuple[str, ...]) -> str:
+        """Table cells: runner's ratio to each peer, then the paired ratios ("n/a" for a
+        peer that did not run)."""
+        return " | ".join(
+            _figure(f(runner, peer), ".2f") for f in (self.ratio, self.paired) for peer in peers
+        )
+
 
 def open_clip_model(preset):
     """open_clip's CLIP with the preset's image tower (its `encode_image`: normalized when the
@@ -668,11 +675,7 @@ def main() -> int:
             f"| {r.name} | {r.batch} | {r.work:.1f} | {ours:.3f} | {r.median('torch'):.3f} | "
             f"{_figure(r.median('ort'), '.3f')} | {_figure(r.median('ov'), '.3f')} | "
             f"{r.work / ours:.1f} | {100 * r.work / ours / peak:.0f}% | "
-            + " | ".join(
-                _figure(f("artifact", peer), ".2f")
-                for f in (r.ratio, r.paired)
-                for peer in ("torch", "ort", "ov")
-            )
+            + r.ratio_cells("artifact", ("torch", "ort", "ov"))
             + f" | {len(r.times['artifact'])} |"
         )
     lines += [
@@ -701,8 +704,7 @@ def main() -> int:
         for r in open_clip_rows:
             lines.append(
                 f"| {r.name} | {r.batch} | {r.median('artifact'):.3f} | "
-                f"{r.median('open_clip'):.3f} | {r.ratio('artifact', 'open_clip'):.2f} | "
-                f"{r.paired('artifact', 'open_clip'):.2f} |"
+                f"{r.median('open_clip'):.3f} | {r.ratio_cells('artifact', ('open_clip',))} |"
             )
         lines.append("")
     if args.half:
@@ -740,11 +742,7 @@ def main() -> int:
                 f"| {r.name} | {r.batch} | {r.median('half'):.3f} | "
                 f"{_figure(r.median('ov_default'), '.3f')} | {rate:.1f} | "
                 f"{f'{100 * rate / bf16_peak:.0f}%' if bf16_peak else 'n/a'} | "
-                + " | ".join(
-                    _figure(f("half", peer), ".2f")
-                    for f in (r.ratio, r.paired)
-                    for peer in ("artifact", "torch", "ort", "ov_default")
-                )
+                + r.ratio_cells("half", ("artifact", "torch", "ort", "ov_default"))
                 + f" | {r.error:.1e} |"
             )
         lines.append("")

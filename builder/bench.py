@@ -61,6 +61,8 @@ def bench(
 ) -> BenchResult:
     """`crops`: an artifact with a crop scheme runs one image of this many crops per run
     (`batch` must be 1)."""
+    if crops and batch != 1:
+        raise ValueError(f"batch {batch} with crops {crops}: an image of crops runs alone")
     calls = crops or batch
     shape = [calls, *encoder.input_shape[1:]]
     x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)

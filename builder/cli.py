@@ -5,7 +5,7 @@
     build check PRESET [PRESET ...] [KEY=VALUE ...]                 validate only
     build verify ARTIFACT [ARTIFACT ...]                            hash an artifact's files
     build list                                                      families, presets, blocks
-    build import CONFIG.json --out PRESET.yaml [--force]            a preset from an HF config
+    build import CONFIG.json --out PRESET.yaml [--force]            a preset from a model config
 
 `--plugin MODULE` (repeatable) imports a block-plugin module first.
     build run ARTIFACT IMG [IMG ...] --out FEATS.npy [--batch N]    images -> features
@@ -105,12 +105,13 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "import",
-        help="write a sparse preset from an HF config.json (a tower family's, or a VLM's "
-        "around one)",
+        help="write a sparse preset from a model's config: an HF config.json (a tower "
+        "family's, or a VLM's around one), open_clip's open_clip_config.json or model config, "
+        "or timm's config.json",
         description="Keys of the config that the builder does not use are printed and "
         "listed in the preset's header. The preset is validated before it is written.",
     )
-    p.add_argument("config", type=Path, help="an HF config.json")
+    p.add_argument("config", type=Path, help="an HF, open_clip or timm config JSON")
     p.add_argument("--out", type=Path, required=True, help="the preset file to write")
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
     p = sub.add_parser(
@@ -405,42 +406,35 @@ def _bench(args: argparse.Namespace) -> int:
         encoder = load(args.artifact, threads=args.threads)
     except (OSError, ValueError) as e:
         raise InputError(f"{args.artifact}: {e}") from e
-    most = most_crops(encoder)
+    crops = None
     if encoder.variable_length:
         if args.batch != 1:
             raise InputError(
                 f"--batch {args.batch}: {args.artifact} has a crop scheme and runs one image "
                 "at a time, its crops as one batch; set --crops instead"
             )
-        if args.crops is None and most is None:
+        crops = args.crops or most_crops(encoder)
+        if crops is None:
             raise InputError(
                 f"{args.artifact}: image splitting without preprocess.longest_edge has no "
                 "largest crop count; set --crops"
             )
-        crops = args.crops or most
     elif args.crops is not None:
         raise InputError(
             f"--crops {args.crops}: {args.artifact} has no crop scheme (one crop per image)"
         )
-    else:
-        crops = None
     what = f"{crops} crops per image" if crops else f"batch {args.batch}"
     _err(f"bench {args.artifact}: {what}, {args.runs} runs, threads {encoder.threads}")
     r = bench(encoder, args.batch, args.runs, progress=_err, crops=crops)
-    runs = f"{len(r.runs)} runs"
+    per = f" per image ({crops} crops as one batch: {r.per_crop * 1e3:.1f} ms per crop)"
+    print(
+        f"latency   median {r.median * 1e3:.1f} ms{per if crops else ''}, "
+        f"min {min(r.runs) * 1e3:.1f} ms, max {max(r.runs) * 1e3:.1f} ms "
+        f"({len(r.runs)} runs{'' if crops else f', batch {r.batch}'})"
+    )
+    rate = f"{r.images_per_s:.2f} images/s"
     if crops:
-        print(
-            f"latency   median {r.median * 1e3:.1f} ms per image ({crops} crops as one batch: "
-            f"{r.per_crop * 1e3:.1f} ms per crop), min {min(r.runs) * 1e3:.1f} ms, "
-            f"max {max(r.runs) * 1e3:.1f} ms ({runs})"
-        )
-        rate = f"{r.images_per_s:.2f} images/s, {crops / r.median:.2f} crops/s"
-    else:
-        print(
-            f"latency   median {r.median * 1e3:.1f} ms, min {min(r.runs) * 1e3:.1f} ms, "
-            f"max {max(r.runs) * 1e3:.1f} ms ({runs}, batch {r.batch})"
-        )
-        rate = f"{r.images_per_s:.2f} images/s"
+        rate += f", {1 / r.per_crop:.2f} crops/s"
     print(f"throughput {rate}, {r.gflops:.1f} GFLOP/s on {r.threads} threads")
     return 0
 
