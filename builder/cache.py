@@ -27,8 +27,8 @@ Layout, under `BUILDER_CACHE_DIR` (default `$XDG_CACHE_HOME/clip-tvm-builder`, e
     hashes.json             checkpoint file digests by (path, size, mtime, inode)
 
 The kernel store holds the CPU pipeline's kernels as TVM's JSON of the parsed function, keyed
-by a sha256 of their TVMScript text and the TVM versions: loading one takes a tenth of parsing
-it, and towers that share widths share kernels.
+by a sha256 of their TVMScript text and the TVM versions: loading one is far cheaper than
+parsing it (docs/build-cache.md), and towers that share widths share kernels.
 
 An artifact's files are hard links to the library's and the parameters' files, so the three
 stores hold one copy of the bytes.
@@ -114,7 +114,6 @@ def weights_code() -> str:
     return files_digest(_package_files("weights") | _package_files("families"))
 
 
-@cache
 def kernel_key(src: str) -> str:
     """The kernel store's key of a kernel's TVMScript text: the text and the TVM versions
     that parse it."""

@@ -147,8 +147,22 @@ def _tile_rows(mr: int, last: str, ind: str) -> list[str]:
     return [f"{ind}r{i}: T.let[T.int64] = T.min(m0 + {_i(i)}, {last})" for i in range(mr)]
 
 
-def _fill(name: str, n: int, ind: str, value: float = 0.0, dtype: str = "float32") -> list[str]:
-    return [f"{ind}for j in T.vectorized({_i(n)}):", f"{ind}    {name}[j] = T.{dtype}({value!r})"]
+def _fill(
+    name: str, n: int, ind: str, value: float = 0.0, dtype: str = "float32", vec: int = 0
+) -> list[str]:
+    """`name[:n] = value`; with `vec`, in whole vectors of that many lanes, unrolled: a buffer
+    that must stay in registers needs every access at a constant offset in vectors the
+    target has (one 80-lane store kept the attention tile's accumulators on the stack)."""
+    if not vec:
+        return [
+            f"{ind}for j in T.vectorized({_i(n)}):",
+            f"{ind}    {name}[j] = T.{dtype}({value!r})",
+        ]
+    return [
+        f"{ind}for v in T.unroll({_i(n // vec)}):",
+        f"{ind}    for l in T.vectorized({_i(vec)}):",
+        f"{ind}        {name}[v * {_i(vec)} + l] = T.{dtype}({value!r})",
+    ]
 
 
 def _bf16_bits(value: str, dtype: str) -> str:
@@ -1170,11 +1184,7 @@ def attention_kernel(
         L.append(f"{ind}sc{i}[1] = {_f(1.0)} / {_tree(lambda a, b: f'({a} + {b})', lanes)}")
     # ---- O tile = P V, scaled by 1/sum
     for i in range(mr):
-        L += [
-            f"{ind}for v in T.unroll({_i(DP // vec)}):",
-            f"{ind}    for l in T.vectorized({_i(vec)}):",
-            f"{ind}        out{i}[v * {_i(vec)} + l] = {_f(0.0)}",
-        ]
+        L += _fill(f"out{i}", DP, ind, vec=vec)
     if bf16:
         # P as bfloat16 pairs of keys, in place: word t of row i goes to s_i[t], where
         # the scores it came from (2t, 2t + 1) or ones already converted lay. A masked key's
@@ -1200,8 +1210,7 @@ def attention_kernel(
                 f"{ind}            out{i}[v * {_i(vec)} + l] = out{i}[v * {_i(vec)} + l]"
                 f" + s{i}[j] * VP[b, h, j, v * {_i(vec)} + l]",
             ]
-    # The output rows in whole vectors and an unrolled tail: every access to the
-    # accumulators at a constant offset, or LLVM keeps them on the stack for the whole tile.
+    # The output rows in whole vectors and an unrolled tail, as the tile was zeroed (`_fill`).
     full_v, tail = divmod(D, vec)
     for i in range(mr):
         L += [
