@@ -6,6 +6,7 @@ import tvm
 from tvm.relax.frontend import nn
 
 from . import blocks as _blocks  # noqa: F401  (registers the built-in blocks)
+from . import families
 from .config import BlocksConfig, TowerConfig
 from .registry import create, prefix_tokens
 from .vlm import projected_tokens
@@ -31,6 +32,15 @@ def input_shape(config: TowerConfig) -> list[int | str]:
     return ["batch", config.num_channels, config.image_size, config.image_size]
 
 
+def inputs(config: TowerConfig, blocks: BlocksConfig) -> list[dict]:
+    """What `forward` takes before the parameters, for the manifest: a batch of images; or
+    a native tower's one image as patches, and what the host computes from its grid."""
+    if config.native:
+        specs = families.input_specs(config, blocks)
+        return [{"name": n, "shape": shape, "dtype": dtype} for n, shape, dtype in specs]
+    return [{"name": INPUT_NAME, "shape": input_shape(config), "dtype": "float32"}]
+
+
 def output_tokens(config: TowerConfig, blocks: BlocksConfig) -> int:
     """Tokens per crop in the features: the patches, plus the tokens before them (class
     token, registers) unless the "default" strategy drops them; as many or fewer after a
@@ -40,6 +50,9 @@ def output_tokens(config: TowerConfig, blocks: BlocksConfig) -> int:
 
 
 def output_shape(config: TowerConfig, blocks: BlocksConfig) -> list[int | str]:
+    if config.native:
+        width = config.projector_hidden_size if blocks.projector else config.output_dim
+        return ["tokens", width]
     if config.pools:
         return ["batch", config.output_dim]
     width = config.projector_hidden_size if blocks.projector else config.output_dim
@@ -66,6 +79,8 @@ def export(
     in `dtype`; pixel values and features stay float32 (the graph casts them)."""
     module = assemble(config, blocks)
     module.to(dtype)
-    spec = {ENTRY: {INPUT_NAME: nn.spec.Tensor(input_shape(config), "float32")}}
+    spec = {
+        ENTRY: {i["name"]: nn.spec.Tensor(i["shape"], i["dtype"]) for i in inputs(config, blocks)}
+    }
     mod, params = module.export_tvm(spec=spec)
     return mod, [(name, tuple(int(d) for d in p.shape)) for name, p in params]

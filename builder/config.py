@@ -92,6 +92,12 @@ class TowerConfig:
         return self.num_layers_computed == self.num_hidden_layers
 
     @property
+    def native(self) -> bool:
+        """The tower takes each image at its own size, one image per call, as flattened
+        patches (`builder/blocks/native.py`); else images of `image_size` in batches."""
+        return False
+
+    @property
     def pools(self) -> bool:
         """The output is one vector per image, made by the head."""
         return self.output in ("pooled", "embeds")

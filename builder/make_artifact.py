@@ -23,7 +23,8 @@ import tvm_ffi  # noqa: E402
 from tvm import relax  # noqa: E402
 
 from . import __version__, artifact, targets  # noqa: E402
-from .assemble import ENTRY, INPUT_NAME, export, input_shape, outputs  # noqa: E402
+from .assemble import ENTRY, export, outputs  # noqa: E402
+from .assemble import inputs as forward_inputs  # noqa: E402
 from .cache import KEY_FORMAT, Cache, digest, pipeline_sources, write_part  # noqa: E402
 from .config import Preset, TargetConfig  # noqa: E402
 from .errors import BuilderError  # noqa: E402
@@ -120,7 +121,7 @@ def make_artifact(
         "params_key": params_key,
         "library": kind.LIBRARY,
         "entry": ENTRY,
-        "inputs": [{"name": INPUT_NAME, "shape": input_shape(preset.model), "dtype": "float32"}],
+        "inputs": forward_inputs(preset.model, preset.blocks),
         "outputs": outputs(preset.model, preset.blocks),
         # Matmuls, attention and the patch conv of one image (`builder/flops.py`).
         "gflop_per_image": round(gflop(mod), 6),

@@ -77,9 +77,46 @@ class Encoder:
         if self.manifest["params"].get("packing") == "load":
             # A cross-compiled library: its pipeline's weight layouts are made here, once.
             self._params = list(self.vm["transform_params"](*self._params))
-        spec = self.manifest["inputs"][0]
-        self.input_shape: list[int | str] = spec["shape"]
+        self._inputs: list[dict[str, Any]] = self.manifest["inputs"]
+        self._config: Any = None
+        self.input_shape: list[int | str] = self._inputs[0]["shape"]
         self.output_shape: list[int | str] = self.manifest["outputs"][0]["shape"]
+
+    @property
+    def native(self) -> bool:
+        """Whether the artifact is a native-resolution tower's: one image per call, as its
+        patches and the arrays computed from its grid (`run_patches`)."""
+        return bool(self._model_config().native)
+
+    def run_patches(self, patches: np.ndarray, grid: Sequence[int]) -> np.ndarray:
+        """A native tower's features for one image: its patches, (n, P) float32 in the order
+        the family's processor gives them, and its patch grid (HF's image_grid_thw or
+        spatial shape; the family's `NativeTower` says which). Returns (tokens, width)."""
+        import tvm
+
+        from . import families
+
+        if not self.native:
+            raise ValueError(
+                f"{self.folder}: not a native-resolution artifact; call it with pixels"
+            )
+        family = families.get(self.manifest["resolved_preset"]["family"])
+        config = self._model_config()
+        width = int(self.input_shape[-1])
+        if not isinstance(patches, np.ndarray) or patches.ndim != 2 or patches.shape[1] != width:
+            raise ValueError(f"patches must be a float32 array of shape (n, {width})")
+        arrays = family.native.inputs(config, np.ascontiguousarray(patches, np.float32), grid)
+        args = [tvm.runtime.tensor(arrays[spec["name"]], self.device) for spec in self._inputs]
+        out = self._fn(*args, *self._params).numpy()
+        return family.native.finish(config, out, grid) if family.native.finish else out
+
+    def _model_config(self) -> Any:
+        from . import families
+
+        if self._config is None:
+            resolved = self.manifest["resolved_preset"]
+            self._config = families.get(resolved["family"]).config(**resolved["model"])
+        return self._config
 
     def check_input(self, pixel_values: Any) -> np.ndarray:
         if not isinstance(pixel_values, np.ndarray):

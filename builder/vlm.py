@@ -193,6 +193,27 @@ VLMS += (
 )
 
 
+VLMS += (
+    VLM(
+        name="mistral3",
+        model_types=("mistral3",),
+        reference="Mistral3ForConditionalGeneration",
+        family="pixtral",
+        projector="mistral3_projector",
+        width="text_config.hidden_size",
+        fields={
+            "vision_feature_layer": ("feature_layer", -1),
+            "spatial_merge_size": ("spatial_merge_size", 2),
+            "multimodal_projector_bias": ("multimodal_projector_bias", False),
+            "projector_hidden_act": ("projector_hidden_act", "gelu"),
+            "text_config.rms_norm_eps": ("projector_norm_eps", 1e-5),
+        },
+        # Mistral3Config's vision_config defaults (Mistral Small 3.1's Pixtral).
+        vision_defaults={"patch_size": 14, "image_size": 1540},
+    ),
+)
+
+
 def for_model_type(model_type: Any) -> VLM | None:
     return next((v for v in VLMS if model_type in v.model_types), None)
 
@@ -212,7 +233,8 @@ def read_fields(vlm: VLM, cfg: dict[str, Any]) -> list[tuple[str, Any, str]]:
     defaults where it omits them."""
     out = []
     for theirs, (ours, default) in vlm.fields.items():
-        value = cfg.get(theirs, default)
+        value = hf_value(cfg, theirs)
+        value = default if value is None else value
         out.append((theirs, CONVERT[theirs](value) if theirs in CONVERT else value, ours))
     return out
 

@@ -11,6 +11,8 @@ from a fixed class.
 
 from __future__ import annotations
 
+from typing import Any
+
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
@@ -160,8 +162,9 @@ class CLIPEncoderLayer(nn.Module):
         self.layer_scale1 = nn.Parameter((config.hidden_size,)) if scaled else None
         self.layer_scale2 = nn.Parameter((config.hidden_size,)) if scaled else None
 
-    def forward(self, hidden_states: Tensor) -> Tensor:
-        attn = self.self_attn(self.layer_norm1(hidden_states))
+    def forward(self, hidden_states: Tensor, *context: Any) -> Tensor:
+        # A native tower's attention takes the image's context (builder/blocks/native.py).
+        attn = self.self_attn(self.layer_norm1(hidden_states), *context)
         if self.layer_scale1 is not None:
             attn = attn * self.layer_scale1
         hidden_states = hidden_states + attn

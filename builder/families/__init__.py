@@ -14,7 +14,9 @@ builder needs to know about it, as data:
   (open_clip's, timm's), each a `NameMap`, the checkpoint's found by its anchor;
 - `hf_model_types`: the `model_type`s of the HF configs `build import` reads as this family;
 - `reference`: the HF transformers model and config classes the tower equals (tests and the
-  benchmark build them).
+  benchmark build them);
+- `native`: for towers that take each image at its own size (`NativeTower`), the host code
+  that turns an image's patches and grid into the arrays the artifact takes.
 
 The loader, the importer, the schema check, the FLOP count, the tests' fixtures and the
 benchmark read these records and nothing family-specific. Built-in families are the modules
@@ -79,6 +81,41 @@ class NameMap:
 
 
 @dataclass(frozen=True)
+class NativeTower:
+    """A tower that takes each image at its own size, one image per call (see
+    `builder/blocks/native.py`). `inputs(config, patches, grid)` gives, by name, every array
+    its artifacts may take for one image (numpy, no torch, no TVM): the patches as `forward`
+    takes them, then what the family computes from the grid (rotary tables, windows, a
+    projector's gather). Which of them an artifact takes is `input_specs`'. `finish(config,
+    features, grid)`, where set, turns `forward`'s output into the image's features (undoes
+    a reordering of the tokens)."""
+
+    inputs: Callable[[Any, Any, Any], dict[str, Any]]
+    finish: Callable[[Any, Any, Any], Any] | None = None
+    # What the family's HF reference model returns for one image given as the artifact
+    # takes it: `reference(hf_model, patches, grid)` -> the tower's last state, float32
+    # numpy (tests and benchmarks; imports torch).
+    reference: Callable[[Any, Any, Any], Any] | None = None
+    # An image of `rows` x `cols` patches as `reference` and the artifact take it (random
+    # pixel values of the family's patch layout): `patches(config, rows, cols, seed)`.
+    sample: Callable[[Any, int, int, int], tuple[Any, Any]] | None = None
+
+
+def input_specs(model: Any, blocks: Any) -> list[tuple[str, list[int | str], str]]:
+    """(name, shape, dtype) of each input of a native tower's `forward`, in order: the
+    family config's (`native_inputs`), then the projector block's (its `inputs` constant)."""
+    from .. import registry
+
+    specs = list(model.native_inputs)
+    if blocks.projector:
+        specs += [
+            (name, list(shape), dtype)
+            for name, shape, dtype in registry.get(blocks.projector, "projector").attr("inputs", ())
+        ]
+    return specs
+
+
+@dataclass(frozen=True)
 class Family:
     """One tower family (see the module docstring)."""
 
@@ -112,6 +149,7 @@ class Family:
     # Other checkpoint layouts of the tower (open_clip's, timm's), tried after `names`: a
     # checkpoint is read with the first layout whose anchor one of its keys ends with.
     layouts: tuple[NameMap, ...] = ()
+    native: NativeTower | None = None
 
     @property
     def name_maps(self) -> tuple[NameMap, ...]:
