@@ -161,6 +161,11 @@ def preprocess(
     pixels = np.moveaxis(np.asarray(img), -1, 0)  # (3, H, W) uint8
     if steps.center_crop:
         pixels = center_crop(pixels, steps.crop_size)
+    return rescale_normalize(pixels, steps)
+
+
+def rescale_normalize(pixels: np.ndarray, steps: PreprocessConfig) -> np.ndarray:
+    """uint8 (3, H, W) -> float32: rescaled in float64, then `(x - mean) / std` in float32."""
     scaled = (pixels.astype(np.float64) * steps.rescale_factor).astype(np.float32)
     mean = np.asarray(steps.mean, np.float32)[:, None, None]
     std = np.asarray(steps.std, np.float32)[:, None, None]
