@@ -152,6 +152,11 @@ def preprocess(
     image: str | Path | Image.Image, steps: PreprocessConfig, name: str = "image"
 ) -> np.ndarray:
     """One image -> float32 (3, H, W). `steps` must be resolved (sizes filled in)."""
+    if steps.native:
+        raise ValueError(
+            f"resize {steps.resize!r} gives patches, not a fixed-size image: "
+            "use builder.native_preprocess.native_patches"
+        )
     img = rgb_image(image, steps, name)
     if steps.longest_edge:
         h, w = longest_edge_shape(img.width, img.height, steps.longest_edge)
