@@ -255,9 +255,14 @@ CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
+# The `preprocess.resize` rules of native-resolution towers, each HF's rule of that name.
+NATIVE_RESIZES = ("smart_resize", "max_longest_edge", "max_num_patches")
+
+
 @dataclass
 class PreprocessConfig:
-    """Image file -> pixel values, as HF's PIL-based `CLIPImageProcessorPil` does it.
+    """Image file -> pixel values, as HF's PIL-based `CLIPImageProcessorPil` does it (a native
+    `resize`: as Qwen2-VL's, Pixtral's or SigLIP2's Pil processor).
 
     The defaults are CLIP's: RGB, shortest edge resized to the image size (bicubic), center
     crop, scale 1/255, CLIP's mean and std. SigLIP's: `resize: square`, `center_crop: false`,
@@ -268,10 +273,19 @@ class PreprocessConfig:
     # aspect ratio and rounded up to even (HF Idefics3's `size: {longest_edge: N}`); None: none.
     longest_edge: int | None = None
     # "shortest_edge" keeps the aspect ratio (HF `size: {shortest_edge: N}`); "square" resizes
-    # to size x size (HF `size: {height: N, width: N}`).
+    # to size x size (HF `size: {height: N, width: N}`). The native-resolution rules keep the
+    # image's aspect ratio and give whole patches, as many as the image needs
+    # (`builder/native_preprocess.py`): "smart_resize" (Qwen2-VL's, between min_pixels and
+    # max_pixels), "max_longest_edge" (Pixtral's: the longest edge at most `size`),
+    # "max_num_patches" (SigLIP2 NaFlex's: at most max_num_patches patches).
     resize: str = "shortest_edge"
     # None: model.image_size.
     size: int | None = None
+    # Qwen2-VL's pixel budget of smart_resize (HF's min_pixels and max_pixels).
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 1280
+    # SigLIP2 NaFlex's patch budget (HF's max_num_patches).
+    max_num_patches: int = 256
     resample: str = "bicubic"
     center_crop: bool = True
     # None: model.image_size.
@@ -308,9 +322,16 @@ class PreprocessConfig:
         )
 
     @property
+    def native(self) -> bool:
+        """The image keeps its aspect ratio and becomes as many patches as it needs."""
+        return self.resize in NATIVE_RESIZES
+
+    @property
     def output_size(self) -> int | None:
         """Side of the square image the steps produce (resolved config), or None when the
-        result is not square (shortest-edge resize without a crop)."""
+        result is not square (shortest-edge resize without a crop, a native resize)."""
+        if self.native:
+            return None
         if self.center_crop:
             return self.crop_size
         return self.size if self.resize == "square" else None

@@ -152,6 +152,11 @@ def preprocess(
     image: str | Path | Image.Image, steps: PreprocessConfig, name: str = "image"
 ) -> np.ndarray:
     """One image -> float32 (3, H, W). `steps` must be resolved (sizes filled in)."""
+    if steps.native:
+        raise ValueError(
+            f"resize {steps.resize!r} gives patches, not a fixed-size image: "
+            "use builder.native_preprocess.native_patches"
+        )
     img = rgb_image(image, steps, name)
     if steps.longest_edge:
         h, w = longest_edge_shape(img.width, img.height, steps.longest_edge)
@@ -161,6 +166,11 @@ def preprocess(
     pixels = np.moveaxis(np.asarray(img), -1, 0)  # (3, H, W) uint8
     if steps.center_crop:
         pixels = center_crop(pixels, steps.crop_size)
+    return rescale_normalize(pixels, steps)
+
+
+def rescale_normalize(pixels: np.ndarray, steps: PreprocessConfig) -> np.ndarray:
+    """uint8 (3, H, W) -> float32: rescaled in float64, then `(x - mean) / std` in float32."""
     scaled = (pixels.astype(np.float64) * steps.rescale_factor).astype(np.float32)
     mean = np.asarray(steps.mean, np.float32)[:, None, None]
     std = np.asarray(steps.std, np.float32)[:, None, None]

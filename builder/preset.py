@@ -25,7 +25,13 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from . import families, inherit, plugins, registry, resources, vlm
-from .config import COMMON_TARGET_FIELDS, KIND_FIELDS, Preset, preset_from_dict
+from .config import (
+    COMMON_TARGET_FIELDS,
+    KIND_FIELDS,
+    PreprocessConfig,
+    Preset,
+    preset_from_dict,
+)
 from .errors import InputError
 
 MAX_PRESET_BYTES = 1 << 20
@@ -513,14 +519,73 @@ def _token_errors(preset: Preset, reported: set[Path_]) -> list[tuple[Path_, str
     return found
 
 
+# The preprocess fields that one native resize rule alone reads.
+NATIVE_FIELDS = {
+    "min_pixels": "smart_resize",
+    "max_pixels": "smart_resize",
+    "max_num_patches": "max_num_patches",
+}
+
+
+def _native_errors(steps: PreprocessConfig) -> list[tuple[Path_, str]]:
+    """A native resize's budget, fields that only such a resize reads, and the steps of a
+    fixed-size image that it leaves out."""
+    found: list[tuple[Path_, str]] = []
+    if steps.min_pixels > steps.max_pixels:
+        found.append(
+            (
+                ("preprocess", "min_pixels"),
+                f"{steps.min_pixels} is more than preprocess.max_pixels {steps.max_pixels}",
+            )
+        )
+    defaults = PreprocessConfig()
+    for name, rule in NATIVE_FIELDS.items():
+        if steps.resize != rule and getattr(steps, name) != getattr(defaults, name):
+            found.append(
+                (
+                    ("preprocess", name),
+                    f"read by resize: {rule} only, but preprocess.resize is {steps.resize!r}",
+                )
+            )
+    if not steps.native:
+        return found
+    fixed = {
+        "center_crop": (steps.center_crop, "false"),
+        "longest_edge": (steps.longest_edge is not None, "null"),
+        "image_grid_pinpoints": (steps.image_grid_pinpoints is not None, "null"),
+        "crop_to_patches": (steps.crop_to_patches, "false"),
+        "do_image_splitting": (steps.do_image_splitting, "false"),
+    }
+    for name, (on, off) in fixed.items():
+        if on:
+            found.append(
+                (
+                    ("preprocess", name),
+                    f"a step for images of a fixed size, but resize {steps.resize!r} keeps the "
+                    f"image's own size in patches: set {name}: {off}",
+                )
+            )
+    budget = " and ".join(name for name, rule in NATIVE_FIELDS.items() if rule == steps.resize)
+    if steps.size is not None and budget:
+        found.append(
+            (
+                ("preprocess", "size"),
+                f"not read by resize {steps.resize!r} (its budget is {budget}): set size: null",
+            )
+        )
+    return found
+
+
 def _preprocess_errors(preset: Preset) -> list[tuple[Path_, str]]:
-    """The preprocessing must produce the square image the tower takes."""
+    """The preprocessing must produce the square image the tower takes, or patches by a
+    native resize."""
     m = preset.model
+    found = _native_errors(preset.preprocess)
     steps = preset.preprocess.resolved(m.image_size)
-    if steps.output_size == m.image_size:
-        return []
+    if steps.native or steps.output_size == m.image_size:
+        return found
     if steps.output_size is None:
-        return [
+        return found + [
             (
                 ("preprocess", "center_crop"),
                 "a shortest_edge resize without a center crop gives images of any aspect "
@@ -528,7 +593,7 @@ def _preprocess_errors(preset: Preset) -> list[tuple[Path_, str]]:
             )
         ]
     field = "crop_size" if steps.center_crop else "size"
-    return [
+    return found + [
         (
             ("preprocess", field),
             f"{steps.output_size} pixels, but model.image_size is {m.image_size}: the "
