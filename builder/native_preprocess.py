@@ -145,11 +145,17 @@ def qwen2_vl_patches(
 
 
 def pixtral_patches(
-    image: Image.Image, steps: PreprocessConfig, patch_size: int, name: str = "image"
+    image: Image.Image,
+    steps: PreprocessConfig,
+    patch_size: int,
+    name: str = "image",
+    merge_size: int = 1,
 ) -> NativeImage:
     """A non-empty RGB image -> Pixtral's `pixel_values` (3, H, W) and its (C, p, p) patches.
-    `steps.size` (resolved) is the longest edge."""
-    shape = max_longest_edge_shape(image.height, image.width, steps.size, patch_size)
+    `steps.size` (resolved) is the longest edge; the sides are multiples of patch_size *
+    merge_size (PixtralProcessor passes its spatial_merge_size: 2 in Mistral 3)."""
+    multiple = patch_size * merge_size
+    shape = max_longest_edge_shape(image.height, image.width, steps.size, multiple)
     if 0 in shape:
         raise InputError(
             f"{name}: {image.width} x {image.height} pixels: its shorter side falls to 0 "
@@ -189,9 +195,10 @@ def native_patches(
     name: str | None = None,
 ) -> NativeImage:
     """One image file or PIL image -> its patches by the native rule `steps.resize` names
-    (steps resolved). `merge_size` and `temporal_patch_size` are read by smart_resize only
-    (HF's defaults). A missing, unreadable or empty image is an `InputError` naming it
-    (`name`, else the path or "image")."""
+    (steps resolved). `merge_size` is read by smart_resize and max_longest_edge (sides
+    multiples of patch_size * merge_size; 1 for a Pixtral tower without Mistral 3's merger),
+    `temporal_patch_size` by smart_resize only. A missing, unreadable or empty image is an
+    `InputError` naming it (`name`, else the path or "image")."""
     if name is None:
         name = str(image) if isinstance(image, (str, Path)) else "image"
     if steps.resize not in NATIVE_RESIZES:
@@ -202,5 +209,5 @@ def native_patches(
     if steps.resize == "smart_resize":
         return qwen2_vl_patches(img, steps, patch_size, merge_size, temporal_patch_size, name)
     if steps.resize == "max_longest_edge":
-        return pixtral_patches(img, steps, patch_size, name)
+        return pixtral_patches(img, steps, patch_size, name, merge_size)
     return siglip2_patches(img, steps, patch_size, name)

@@ -28,6 +28,7 @@ from . import families, inherit, plugins, registry, resources, vlm
 from .config import (
     COMMON_TARGET_FIELDS,
     KIND_FIELDS,
+    NATIVE_RESIZES,
     PreprocessConfig,
     Preset,
     preset_from_dict,
@@ -582,6 +583,23 @@ def _preprocess_errors(preset: Preset) -> list[tuple[Path_, str]]:
     m = preset.model
     found = _native_errors(preset.preprocess)
     steps = preset.preprocess.resolved(m.image_size)
+    native = families.get(preset.family).native
+    rule = native.resize if native else None
+    if (steps.native or rule) and steps.resize != rule:
+        if rule:
+            why = f"each image at its own size: set resize: {rule} (its HF processor's rule)"
+        else:
+            natives = [f.name for f in families.all_families() if f.native]
+            why = (
+                f"images of model.image_size: the native rules ({', '.join(NATIVE_RESIZES)}) "
+                f"are for the native-resolution families ({', '.join(natives)})"
+            )
+        return found + [
+            (
+                ("preprocess", "resize"),
+                f"{steps.resize!r}, but the {preset.family} tower takes {why}",
+            )
+        ]
     if steps.native or steps.output_size == m.image_size:
         return found
     if steps.output_size is None:

@@ -159,6 +159,8 @@ class Encoder:
 
         if "preprocess" not in self.manifest:
             return False
+        if self.native:
+            return True
         return crops.scheme(preprocess.steps_from_manifest(self.manifest)) is not None
 
     def encode_images(
@@ -190,6 +192,8 @@ class Encoder:
             raise ValueError("no images given")
         preprocess.check_images(images)
         steps = preprocess.steps_from_manifest(self.manifest)
+        if self.native:
+            return self._encode_native(images, steps, progress, record)
         if self.variable_length:
             return self._encode_crops(images, steps, progress, record)
         out = []
@@ -199,6 +203,34 @@ class Encoder:
             if progress is not None:
                 progress(start + len(chunk), len(images))
         return np.concatenate(out)
+
+    def _encode_native(
+        self,
+        images: list[Any],
+        steps: Any,
+        progress: Callable[[int, int], None] | None,
+        record: list[dict[str, Any]] | None = None,
+    ) -> list[np.ndarray]:
+        """Each image at its own size through the family's processor, one call each."""
+        from . import preprocess
+        from .native_preprocess import native_patches
+
+        config = self._model_config()
+        sizes = {
+            "merge_size": config.merge_size(self.manifest["resolved_preset"]["blocks"]["projector"])
+        }
+        if hasattr(config, "temporal_patch_size"):
+            sizes["temporal_patch_size"] = config.temporal_patch_size
+        out = []
+        for i, image in enumerate(images):
+            name = preprocess.image_name(image, i)
+            native = native_patches(image, steps, config.patch_size, name=name, **sizes)
+            out.append(self.run_patches(native.patches, native.grid))
+            if record is not None:
+                record.append({"grid": list(native.grid), "size": list(native.size)})
+            if progress is not None:
+                progress(i + 1, len(images))
+        return out
 
     def _encode_crops(
         self,

@@ -139,6 +139,20 @@ def assert_close(ours: np.ndarray, ref: np.ndarray, rel: float = 1e-4) -> float:
     return err / scale
 
 
+# Patch grids (rows, cols) of the images a native tower is checked on: odd, not square, one
+# patch wide, and one larger than the rest.
+NATIVE_GRIDS = [(3, 5), (6, 1), (7, 4), (2, 2)]
+
+
+def assert_native_images_match(enc: Any, hf_model: Any, config: Any) -> None:
+    """A native tower's artifact against its HF reference, image by image (the family's
+    `NativeTower.sample` and `reference`)."""
+    native = families.get(enc.manifest["resolved_preset"]["family"]).native
+    for i, (rows, cols) in enumerate(NATIVE_GRIDS):
+        patches, grid = native.sample(config, rows, cols, i)
+        assert_close(enc.run_patches(patches, grid), native.reference(hf_model, patches, grid))
+
+
 def gemm_panels(folder: Path) -> set[tuple[int, ...]]:
     """Shapes of the packed GEMM weights an artifact stores: [blocks, K rows (K/2 rows of
     float16 pairs), 64 columns]."""

@@ -15,7 +15,14 @@ from builder import families
 from builder.cli import main
 from builder.preset import load_preset
 
-from .conftest import assert_close, build_and_load, expected_output, pixels, randomize
+from .conftest import (
+    assert_close,
+    assert_native_images_match,
+    build_and_load,
+    expected_output,
+    pixels,
+    randomize,
+)
 
 # Odd widths: head_dim 9, an MLP of 76; a 3 x 3 patch grid from 30 px in patches of 8.
 ODD = {
@@ -31,25 +38,12 @@ ODD = {
 # Native towers' 2-D rotary positions split a head in four: head_dim 12.
 NATIVE_ODD = {"hidden_size": 48}
 
-# Patch grids (rows, cols) of the images a native tower is checked on: odd, not square, one
-# patch wide, and one larger than the rest.
-NATIVE_GRIDS = [(3, 5), (6, 1), (7, 4), (2, 2)]
-
 
 def tiny_fields(family: families.Family, **extra) -> dict:
     """ODD's fields that the family has, then `extra`."""
     names = {f.name for f in dataclasses.fields(family.config)}
     odd = {**ODD, **NATIVE_ODD} if family.native else ODD
     return {**{k: v for k, v in odd.items() if k in names}, **extra}
-
-
-def assert_native_images_match(enc, family, hf_model, config) -> None:
-    """A native tower's artifact against its HF reference, image by image."""
-    for i, (rows, cols) in enumerate(NATIVE_GRIDS):
-        patches, grid = family.native.sample(config, rows, cols, i)
-        assert_close(
-            enc.run_patches(patches, grid), family.native.reference(hf_model, patches, grid)
-        )
 
 
 def cases():
@@ -81,7 +75,7 @@ def test_imported_checkpoint_matches_its_hf_reference(name, variant, classes, tm
     enc = build_and_load(preset_path, overrides, tmp_path / "out")
     assert enc.manifest["weights"]["family"] == name
     if family.native:
-        assert_native_images_match(enc, family, hf_model, preset.model)
+        assert_native_images_match(enc, hf_model, preset.model)
         return
     x = pixels(2, preset.model.image_size)
     assert_close(enc(x), expected_output(hf_model, preset.model, x))

@@ -102,7 +102,7 @@ def test_max_longest_edge_equals_pixtral(image_file):
         **hf_kwargs(PIXTRAL),
     )
     ref = hf(Image.open(image_file), return_tensors="np")
-    ours = native_patches(image_file, PIXTRAL, patch)
+    ours = native_patches(image_file, PIXTRAL, patch, merge_size=1)
     assert ours.size == tuple(ref["image_sizes"][0])
     assert ours.grid == (ours.size[0] // patch, ours.size[1] // patch)
     assert max(ours.size) <= PIXTRAL.size
@@ -182,8 +182,8 @@ def test_too_elongated_for_max_longest_edge():
         match=r"^line\.png: 1 x 300 pixels: its shorter side falls to 0 pixels when its "
         r"longest edge is brought to preprocess\.size 256$",
     ):
-        native_patches(img, PIXTRAL, 16, name="line.png")
-    assert native_patches(photo(1, 256, "RGB"), PIXTRAL, 16).grid == (16, 1)
+        native_patches(img, PIXTRAL, 16, merge_size=1, name="line.png")
+    assert native_patches(photo(1, 256, "RGB"), PIXTRAL, 16, merge_size=1).grid == (16, 1)
 
 
 @pytest.mark.unit
@@ -203,15 +203,23 @@ def test_fixed_size_and_native_entry_points_refuse_each_other():
             + ["preprocess.min_pixels=5000", "preprocess.max_pixels=4000"],
             [
                 "override 'preprocess.min_pixels=5000': preprocess.min_pixels: 5000 is more "
-                "than preprocess.max_pixels 4000"
+                "than preprocess.max_pixels 4000",
+                "override 'preprocess.resize=smart_resize': preprocess.resize: 'smart_resize', but the clip tower "
+                "takes images of model.image_size: the native rules (smart_resize, "
+                "max_longest_edge, max_num_patches) are for the native-resolution families "
+                "(pixtral)",
             ],
         ),
         (
             ["preprocess.resize=max_num_patches"],
             [
+                "override 'preprocess.resize=max_num_patches': preprocess.resize: 'max_num_patches', but the clip tower "
+                "takes images of model.image_size: the native rules (smart_resize, "
+                "max_longest_edge, max_num_patches) are for the native-resolution families "
+                "(pixtral)",
                 f"{REPO / 'presets' / 'clip-vit-b-32.yaml'}:2: preprocess.center_crop: a step "
                 "for images of a fixed size, but resize 'max_num_patches' keeps the image's "
-                "own size in patches: set center_crop: false"
+                "own size in patches: set center_crop: false",
             ],
         ),
         (
@@ -221,6 +229,10 @@ def test_fixed_size_and_native_entry_points_refuse_each_other():
                 "override 'preprocess.longest_edge=896': preprocess.longest_edge: a step for "
                 "images of a fixed size, but resize 'smart_resize' keeps the image's own size "
                 "in patches: set longest_edge: null",
+                "override 'preprocess.resize=smart_resize': preprocess.resize: 'smart_resize', "
+                "but the clip tower takes images of model.image_size: the native rules "
+                "(smart_resize, max_longest_edge, max_num_patches) are for the "
+                "native-resolution families (pixtral)",
                 "override 'preprocess.size=448': preprocess.size: not read by resize "
                 "'smart_resize' (its budget is min_pixels and max_pixels): set size: null",
             ],
@@ -253,12 +265,10 @@ def test_preset_checks(capsys, overrides, errors):
 @pytest.mark.parametrize(
     "overrides",
     [
-        ["preprocess.resize=smart_resize", "preprocess.max_pixels=12845056"],
-        ["preprocess.resize=max_longest_edge", "preprocess.size=1024"],
-        ["preprocess.resize=max_num_patches", "preprocess.max_num_patches=1024"],
+        ["mistral-small-3-1-24b-instruct", "preprocess.size=1024"],
     ],
 )
 def test_native_presets_pass(overrides):
     from builder.cli import main
 
-    assert main(["check", "clip-vit-b-32", "preprocess.center_crop=false", *overrides]) == 0
+    assert main(["check", *overrides]) == 0

@@ -11,6 +11,7 @@ from builder.preset import load_preset
 from .conftest import (
     PRESETS,
     assert_close,
+    assert_native_images_match,
     build_and_load,
     expected_output,
     needs_bf16,
@@ -56,6 +57,9 @@ def test_preset_real_widths(path, tmp_path):
     hf_model = save_hf_tower(tmp_path / "ckpt", preset, seed=3)
     overrides = [*tower, f"weights.path={tmp_path / 'ckpt'}"]
     enc = build_and_load(path, overrides, tmp_path / "out")
+    if preset.model.native:
+        assert_native_images_match(enc, hf_model, preset.model)
+        return
     x = pixels(1, preset.model.image_size)
     assert_close(enc(x), expected_output(hf_model, preset.model, x))
 

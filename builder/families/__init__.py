@@ -91,6 +91,9 @@ class NativeTower:
     a reordering of the tokens)."""
 
     inputs: Callable[[Any, Any, Any], dict[str, Any]]
+    # The `preprocess.resize` rule of its HF processor (`builder/native_preprocess.py`),
+    # which gives the patches in the layout `inputs` takes.
+    resize: str
     finish: Callable[[Any, Any, Any], Any] | None = None
     # What the family's HF reference model returns for one image given as the artifact
     # takes it: `reference(hf_model, patches, grid)` -> the tower's last state, float32

@@ -81,6 +81,11 @@ class PixtralVisionConfig(TowerConfig):
     def full_attention_layers(self) -> list[int]:
         return list(range(self.num_hidden_layers))
 
+    def merge_size(self, projector: str | None) -> int:
+        """The side of the patch blocks the processor's sizes are multiples of: Mistral 3's
+        merge with its projector, 1 for the tower alone (PixtralProcessor's default)."""
+        return self.spatial_merge_size if projector else 1
+
     @property
     def projector_act(self) -> str:
         return self.projector_hidden_act
@@ -214,6 +219,8 @@ FAMILY = register(
             "projector_hidden_act",
             "projector_norm_eps",
         ),
-        native=NativeTower(inputs=native_inputs, reference=reference, sample=sample),
+        native=NativeTower(
+            inputs=native_inputs, resize="max_longest_edge", reference=reference, sample=sample
+        ),
     )
 )

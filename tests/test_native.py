@@ -1,0 +1,135 @@
+"""Native-resolution towers end to end as a user runs them: image files of several sizes
+through `build run` (the family's processor, one call per image) against the HF processor and
+model on the same files, image by image; and the errors a bad image gets."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from builder.cli import main
+
+from .conftest import assert_close, build_and_load, randomize
+
+TOWER = {"hidden_size": 48, "intermediate_size": 64, "num_hidden_layers": 2}
+TOWER |= {"num_attention_heads": 4, "patch_size": 8}
+
+
+@dataclass
+class Case:
+    name: str
+    preset: str
+    # The HF model (random), saved to the folder given.
+    make: Any
+    # (hf_model, list of PIL images) -> per image features.
+    reference: Any
+
+
+def _mistral3(folder: Path) -> Any:
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    text = {"hidden_size": 40, "num_hidden_layers": 1, "num_attention_heads": 4}
+    text |= {"num_key_value_heads": 2, "intermediate_size": 64, "vocab_size": 100}
+    text |= {"head_dim": 10, "rms_norm_eps": 1e-5}
+    vision = {**TOWER, "hidden_act": "silu", "image_size": 64}
+    config = Mistral3Config(vision_config=vision, text_config=text)
+    model = randomize(Mistral3ForConditionalGeneration(config).eval(), seed=5)
+    model.save_pretrained(folder)
+    return model
+
+
+def _mistral3_reference(model: Any, images: list) -> list[np.ndarray]:
+    import torch
+    from transformers import PixtralImageProcessorPil
+
+    # What PixtralProcessor asks of its image processor: sides in multiples of the patch
+    # times the merge.
+    proc = PixtralImageProcessorPil(size={"longest_edge": 64}, patch_size=16)
+    out = []
+    for image in images:
+        batch = proc(images=[image], return_tensors="pt")
+        with torch.inference_mode():
+            feats = model.model.get_image_features(batch["pixel_values"], batch["image_sizes"])
+        out.append(feats.pooler_output[0].numpy())
+    return out
+
+
+CASES = [
+    Case(
+        "mistral3",
+        """family: pixtral
+model: {hidden_size: 48, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 4,
+        patch_size: 8, hidden_act: silu, image_size: 64, projector_hidden_size: 40}
+blocks: {projector: mistral3_projector}
+preprocess: {resize: max_longest_edge, center_crop: false}
+""",
+        _mistral3,
+        _mistral3_reference,
+    ),
+]
+
+
+def _images(folder: Path) -> list[Path]:
+    """Image files of odd sizes: wide, tall, larger than the budget, RGBA, tiny."""
+    from PIL import Image
+
+    rng = np.random.default_rng(11)
+    paths = []
+    sizes = [(70, 41, "RGB"), (23, 90, "RGB"), (200, 130, "RGB"), (48, 33, "RGBA"), (9, 17, "RGB")]
+    for i, (w, h, mode) in enumerate(sizes):
+        path = folder / f"img{i}.png"
+        Image.fromarray(rng.integers(0, 256, (h, w, len(mode)), dtype=np.uint8), mode).save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module", params=CASES, ids=lambda c: c.name)
+def built(request, tmp_path_factory):
+    case = request.param
+    folder = tmp_path_factory.mktemp(case.name)
+    model = case.make(folder / "ckpt")
+    preset = folder / f"{case.name}.yaml"
+    preset.write_text(case.preset)
+    overrides = [f"weights.path={folder / 'ckpt'}"]
+    return case, model, build_and_load(preset, overrides, folder / "out"), folder
+
+
+@pytest.mark.parity
+def test_image_files_through_build_run_match_hf(built, tmp_path):
+    """`build run` writes one tensor per image, each HF's features for that image."""
+    from PIL import Image
+    from safetensors.numpy import load_file
+
+    case, model, enc, _ = built
+    paths = _images(tmp_path)
+    out = tmp_path / "feats.safetensors"
+    assert main(["run", str(enc.folder), *map(str, paths), "--out", str(out)]) == 0
+    ours = load_file(out)
+    record = json.loads(out.with_suffix(".json").read_text())
+    theirs = case.reference(model, [Image.open(p) for p in paths])
+    assert sorted(ours, key=int) == [str(i) for i in range(len(paths))]
+    for i, want in enumerate(theirs):
+        assert ours[str(i)].shape == want.shape, paths[i]
+        assert_close(ours[str(i)], want)
+    assert len({f.shape[0] for f in theirs}) > 2  # the token count follows the image
+    assert [len(r["grid"]) for r in record["crops"]] == [len(record["crops"][0]["grid"])] * len(
+        paths
+    )
+
+
+@pytest.mark.e2e
+def test_a_bad_image_is_named_and_nothing_is_written(built, tmp_path, capsys):
+    _, _, enc, _ = built
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    good = _images(tmp_path)[0]
+    out = tmp_path / "feats.safetensors"
+    assert main(["run", str(enc.folder), str(good), str(empty), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert str(empty) in err and "Traceback" not in err
+    assert not out.exists() and not out.with_suffix(".json").exists()
