@@ -16,6 +16,7 @@ import tvm
 from ..config import TargetConfig
 from ..precision import apply as apply_precision
 from . import device_code, toolchain
+from .var_len import lower_attention_var_len
 
 # Part of the build cache key: bump it whenever compile() changes what it produces.
 PIPELINE_VERSION = 1
@@ -45,7 +46,7 @@ def compile(
 ) -> tvm.runtime.Executable:
     """TVM's default GPU pipeline: legalize, fuse, dlight schedules; `precision` through
     TVM's mixed precision (`builder.precision`)."""
-    return tvm.compile(apply_precision(mod, precision), target)
+    return tvm.compile(apply_precision(lower_attention_var_len(mod), precision), target)
 
 
 def params_packing(entry: TargetConfig) -> str:

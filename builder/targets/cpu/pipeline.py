@@ -64,6 +64,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from ..var_len import lower_attention_var_len
 from .kernels import KernelConfig, bf16_gemms, half_gemms, kernel_config
 from .report import FallbackReport
 from .rewrite import rewrite_to_kernels
@@ -215,7 +216,7 @@ def _with_kernels(
     cfg = kernel_config(target, half, bf16)
     native = half or bf16 or precision == "float32"
     mod = rewrite_to_kernels(mod, cfg, rounded=None if native else precision)
-    return _lift_params(mod), cfg
+    return _lift_params(lower_attention_var_len(mod)), cfg
 
 
 def _as_target(target) -> tvm.target.Target:
