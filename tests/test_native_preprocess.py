@@ -194,6 +194,18 @@ def test_fixed_size_and_native_entry_points_refuse_each_other():
         native_patches(photo(8, 8, "RGB"), PreprocessConfig(resize="square"), 14)
 
 
+def _fixed_size_tower_refuses(rule: str) -> str:
+    """What `build check` says of a native resize rule on clip-vit-b-32."""
+    from builder import families
+
+    natives = ", ".join(f.name for f in families.all_families() if f.native)
+    return (
+        f"override 'preprocess.resize={rule}': preprocess.resize: '{rule}', but the clip tower "
+        "takes images of model.image_size: the native rules (smart_resize, max_longest_edge, "
+        f"max_num_patches) are for the native-resolution families ({natives})"
+    )
+
+
 @pytest.mark.unit
 @pytest.mark.parametrize(
     "overrides, errors",
@@ -204,19 +216,13 @@ def test_fixed_size_and_native_entry_points_refuse_each_other():
             [
                 "override 'preprocess.min_pixels=5000': preprocess.min_pixels: 5000 is more "
                 "than preprocess.max_pixels 4000",
-                "override 'preprocess.resize=smart_resize': preprocess.resize: 'smart_resize', but the clip tower "
-                "takes images of model.image_size: the native rules (smart_resize, "
-                "max_longest_edge, max_num_patches) are for the native-resolution families "
-                "(pixtral)",
+                _fixed_size_tower_refuses("smart_resize"),
             ],
         ),
         (
             ["preprocess.resize=max_num_patches"],
             [
-                "override 'preprocess.resize=max_num_patches': preprocess.resize: 'max_num_patches', but the clip tower "
-                "takes images of model.image_size: the native rules (smart_resize, "
-                "max_longest_edge, max_num_patches) are for the native-resolution families "
-                "(pixtral)",
+                _fixed_size_tower_refuses("max_num_patches"),
                 f"{REPO / 'presets' / 'clip-vit-b-32.yaml'}:2: preprocess.center_crop: a step "
                 "for images of a fixed size, but resize 'max_num_patches' keeps the image's "
                 "own size in patches: set center_crop: false",
@@ -229,10 +235,7 @@ def test_fixed_size_and_native_entry_points_refuse_each_other():
                 "override 'preprocess.longest_edge=896': preprocess.longest_edge: a step for "
                 "images of a fixed size, but resize 'smart_resize' keeps the image's own size "
                 "in patches: set longest_edge: null",
-                "override 'preprocess.resize=smart_resize': preprocess.resize: 'smart_resize', "
-                "but the clip tower takes images of model.image_size: the native rules "
-                "(smart_resize, max_longest_edge, max_num_patches) are for the "
-                "native-resolution families (pixtral)",
+                _fixed_size_tower_refuses("smart_resize"),
                 "override 'preprocess.size=448': preprocess.size: not read by resize "
                 "'smart_resize' (its budget is min_pixels and max_pixels): set size: null",
             ],
