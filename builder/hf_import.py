@@ -97,9 +97,10 @@ def import_config(path: str | Path) -> Imported:
     if openclip_import.recognizes(cfg):  # open_clip's or timm's, not HF's
         return openclip_import.import_config(path, cfg)
     family, vision, prefix = _tower(path, cfg)
-    if prefix:
-        vision = vision_fields(cfg, vision)
+    vision = vision_fields(cfg, vision)
     used = {prefix + "model_type", "model_type"}
+    if "rope_theta" in vision and "rope_theta" not in cfg.get("vision_config", cfg):
+        used.add(prefix + "rope_parameters.rope_theta")
     model: dict[str, Any] = {}
     for f in family.hf_field_names():
         if f in vision:
@@ -152,6 +153,9 @@ def import_config(path: str | Path) -> Imported:
             steps = {"longest_edge": side, **steps}
         if steps:
             preset["preprocess"] = steps
+    if family.native:  # its processor's rule: each image at its own size
+        rule = {"resize": family.native.resize, "center_crop": False}
+        preset["preprocess"] = {**rule, **preset.get("preprocess", {})}
     return Imported(preset, unused, cfg.get("model_type", family.name))
 
 

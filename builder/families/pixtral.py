@@ -219,6 +219,8 @@ FAMILY = register(
             "projector_hidden_act",
             "projector_norm_eps",
         ),
+        # Another rotary base: read from transformers 5's rope_parameters, and built.
+        variants=({"rope_theta": 500.0, "hidden_act": "silu"},),
         native=NativeTower(
             inputs=native_inputs, resize="max_longest_edge", reference=reference, sample=sample
         ),

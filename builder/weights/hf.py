@@ -425,12 +425,18 @@ def square(value: Any) -> Any:
 
 
 def vision_fields(cfg: dict[str, Any], vision: dict[str, Any]) -> dict[str, Any]:
-    """A two-tower or VLM config's `vision_config`, with the model's own projection_dim where
-    both hold one: CLIPModel's visual_projection is CLIPConfig's projection_dim wide, and its
-    vision_config keeps the default."""
+    """A tower's fields from its config (a two-tower or VLM config's `vision_config`, or the
+    tower's own): with the model's own projection_dim where both hold one (CLIPModel's
+    visual_projection is CLIPConfig's projection_dim wide, and its vision_config keeps the
+    default), and the rotary base where transformers 5 nests it (`rope_parameters`)."""
+    out = dict(vision)
     if "projection_dim" in cfg and "projection_dim" in vision:
-        return {**vision, "projection_dim": cfg["projection_dim"]}
-    return vision
+        out["projection_dim"] = cfg["projection_dim"]
+    # transformers 5 writes a rotary base under rope_parameters; older files beside the rest.
+    rope = vision.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" in rope and "rope_theta" not in vision:
+        out["rope_theta"] = rope["rope_theta"]
+    return out
 
 
 def check_config(
@@ -454,7 +460,7 @@ def check_config(
     vision, where = (
         (cfg["vision_config"], "vision_config.") if "vision_config" in cfg else (cfg, "")
     )
-    vision = vision_fields(cfg, vision) if isinstance(vision, dict) and where else vision
+    vision = vision_fields(cfg, vision) if isinstance(vision, dict) else vision
     if not isinstance(vision, dict):
         vision = {}
     model_type = vision.get("model_type") or cfg.get("model_type")
