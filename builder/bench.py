@@ -22,6 +22,8 @@ class BenchResult:
     runs: list[float]
     gflop: float
     crops: int | None = None
+    # A native tower's image: its patch grid (rows, cols).
+    grid: tuple[int, int] | None = None
 
     @property
     def median(self) -> float:
@@ -58,9 +60,13 @@ def bench(
     runs: int,
     progress: Callable[[str], None] = lambda _: None,
     crops: int | None = None,
+    grid: tuple[int, int] | None = None,
 ) -> BenchResult:
     """`crops`: an artifact with a crop scheme runs one image of this many crops per run
-    (`batch` must be 1)."""
+    (`batch` must be 1). A native tower's artifact runs one image of `grid` patches (rows,
+    cols) per run, the host's part (rotary tables, windows) included."""
+    if encoder.native:
+        return _bench_native(encoder, runs, progress, grid or square_grid(encoder))
     if crops and batch != 1:
         raise ValueError(f"batch {batch} with crops {crops}: an image of crops runs alone")
     calls = crops or batch
@@ -83,3 +89,28 @@ def most_crops(encoder: Encoder) -> int | None:
         return None
     steps = preprocess.steps_from_manifest(encoder.manifest)
     return crops.most_crops(steps, int(encoder.input_shape[-1]))
+
+
+def _bench_native(
+    encoder: Encoder, runs: int, progress: Callable[[str], None], grid: tuple[int, int]
+) -> BenchResult:
+    from . import families
+    from .flops import native_gflop
+
+    config = encoder.model_config
+    native = families.get(encoder.manifest["resolved_preset"]["family"]).native
+    patches, image_grid = native.sample(config, *grid, 0)
+    work = native_gflop(encoder.manifest["gflop_per_patch"], len(patches))
+    progress(f"warm-up, then {runs} runs of one image of {grid[0]} x {grid[1]} patches")
+    times = time_call(lambda: encoder.run_patches(patches, image_grid), runs)
+    return BenchResult(1, encoder.threads, times, work, grid=grid)
+
+
+def square_grid(encoder: Encoder) -> tuple[int, int]:
+    """The patch grid of the largest square image the artifact's processor rule gives."""
+    from . import native_preprocess, preprocess
+
+    config = encoder.model_config
+    steps = preprocess.steps_from_manifest(encoder.manifest)
+    merge = config.merge_size(encoder.projector)
+    return native_preprocess.square_grid(steps, config.patch_size, merge)

@@ -9,7 +9,7 @@
 
 `--plugin MODULE` (repeatable) imports a block-plugin module first.
     build run ARTIFACT IMG [IMG ...] --out FEATS.npy [--batch N]    images -> features
-    build bench ARTIFACT [--batch N | --crops N] [--threads N]      latency and throughput
+    build bench ARTIFACT [--batch N | --crops N | --grid RxC] [--threads N]  latency and throughput
     build encode ARTIFACT INPUT [INPUT ...] --out DIR               a dataset -> feature shards
 
 Exit codes: 0 done, 1 a failure while building, 2 bad input (usage, preset, override).
@@ -22,6 +22,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .config import DEFAULT_OUT
@@ -96,6 +97,12 @@ def _parser() -> argparse.ArgumentParser:
         help="crops per image, for an artifact with a crop scheme (anyres, dynamic tiles, "
         "image splitting): a run is one image, its crops as one batch (default: the most "
         "the scheme cuts)",
+    )
+    p.add_argument(
+        "--grid",
+        metavar="ROWSxCOLS",
+        help="a native-resolution artifact: the patch grid of the image a run takes (default: "
+        "the largest square image its processor gives)",
     )
 
     p = sub.add_parser(
@@ -407,6 +414,19 @@ def _bench(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         raise InputError(f"{args.artifact}: {e}") from e
     crops = None
+    grid = _grid(args.grid) if args.grid else None
+    if grid and not encoder.native:
+        raise InputError(f"--grid {args.grid}: {args.artifact} is not a native-resolution tower's")
+    if encoder.native:
+        if args.batch != 1 or args.crops:
+            raise InputError(
+                f"{args.artifact} takes one image at its own size per call; set --grid instead "
+                "of --batch or --crops"
+            )
+        _err(f"bench {args.artifact}: {args.runs} runs, threads {encoder.threads}")
+        r = bench(encoder, 1, args.runs, progress=_err, grid=grid)
+        _print_bench(r, f" per image of {r.grid[0]} x {r.grid[1]} patches", "")
+        return 0
     if encoder.variable_length:
         if args.batch != 1:
             raise InputError(
@@ -426,17 +446,30 @@ def _bench(args: argparse.Namespace) -> int:
     what = f"{crops} crops per image" if crops else f"batch {args.batch}"
     _err(f"bench {args.artifact}: {what}, {args.runs} runs, threads {encoder.threads}")
     r = bench(encoder, args.batch, args.runs, progress=_err, crops=crops)
-    per = f" per image ({crops} crops as one batch: {r.per_crop * 1e3:.1f} ms per crop)"
-    print(
-        f"latency   median {r.median * 1e3:.1f} ms{per if crops else ''}, "
-        f"min {min(r.runs) * 1e3:.1f} ms, max {max(r.runs) * 1e3:.1f} ms "
-        f"({len(r.runs)} runs{'' if crops else f', batch {r.batch}'})"
-    )
-    rate = f"{r.images_per_s:.2f} images/s"
     if crops:
-        rate += f", {1 / r.per_crop:.2f} crops/s"
-    print(f"throughput {rate}, {r.gflops:.1f} GFLOP/s on {r.threads} threads")
+        per = f" per image ({crops} crops as one batch: {r.per_crop * 1e3:.1f} ms per crop)"
+        _print_bench(r, per, f", {1 / r.per_crop:.2f} crops/s")
+    else:
+        _print_bench(r, "", "", f", batch {r.batch}")
     return 0
+
+
+def _print_bench(r: Any, per: str, rate: str, runs: str = "") -> None:
+    print(
+        f"latency   median {r.median * 1e3:.1f} ms{per}, min {min(r.runs) * 1e3:.1f} ms, "
+        f"max {max(r.runs) * 1e3:.1f} ms ({len(r.runs)} runs{runs})"
+    )
+    print(
+        f"throughput {r.images_per_s:.2f} images/s{rate}, {r.gflops:.1f} GFLOP/s on "
+        f"{r.threads} threads"
+    )
+
+
+def _grid(text: str) -> tuple[int, int]:
+    rows, _, cols = text.partition("x")
+    if not (rows.isdigit() and cols.isdigit() and int(rows) > 0 and int(cols) > 0):
+        raise InputError(f"--grid {text}: expected ROWSxCOLS, two positive patch counts")
+    return int(rows), int(cols)
 
 
 def _import(args: argparse.Namespace) -> int:

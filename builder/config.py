@@ -97,6 +97,11 @@ class TowerConfig:
         patches (`builder/blocks/native.py`); else images of `image_size` in batches."""
         return False
 
+    def merge_size(self, projector: str | None) -> int:
+        """A native tower's merge of k x k patches into one token (with `projector`, the
+        artifact's projector block): k, which its processor's sizes are multiples of."""
+        return 1
+
     @property
     def pools(self) -> bool:
         """The output is one vector per image, made by the head."""

@@ -14,24 +14,48 @@ import tvm.sym
 from tvm import relax
 
 
-def _dims(expr: relax.Expr) -> list[int]:
-    """The shape of a tensor expression, its symbolic dimensions (the batch) set to 1."""
+def _dims(expr: relax.Expr, sizes: dict[str, int]) -> list[int]:
+    """The shape of a tensor expression, its symbolic dimensions set to `sizes` by name (1
+    where not named: the batch)."""
     analyzer = tvm.sym.Analyzer()
     dims = expr.ty.shape.values
     for dim in dims:
         for var in tvm.tirx.analysis.undefined_vars(dim):
-            analyzer.bind(var, 1)
+            analyzer.bind(var, sizes.get(var.name, 1))
     return [int(analyzer.simplify(dim)) for dim in dims]
 
 
-def gflop(mod: tvm.IRModule, entry: str = "forward") -> float:
-    """GFLOP of one image through `mod[entry]` (its symbolic batch set to 1)."""
-    return sum(work(mod, entry).values())
+def gflop(mod: tvm.IRModule, entry: str = "forward", sizes: dict[str, int] | None = None) -> float:
+    """GFLOP of one image through `mod[entry]` (its symbolic batch set to 1; a native
+    tower's patch counts to `sizes`)."""
+    return sum(work(mod, entry, sizes).values())
 
 
-def work(mod: tvm.IRModule, entry: str = "forward") -> dict[str, float]:
+def per_patch(mod: tvm.IRModule, entry: str = "forward") -> dict[str, float]:
+    """A native tower's GFLOP as `linear * n + quadratic * n^2` for an image of n patches
+    (its linear layers, and its attention over the whole image; windowed attention is left
+    out), from the graph at two sizes; a patch merger keeps every patch (an even grid)."""
+
+    def at(n: int) -> float:
+        return gflop(mod, entry, {"patches": n, "kept_patches": n})
+
+    n = 16
+    small, large = at(n), at(2 * n)
+    quadratic = (large - 2 * small) / (2 * n * n)
+    return {"linear": (small - quadratic * n * n) / n, "quadratic": quadratic}
+
+
+def native_gflop(model: dict[str, float], patches: int) -> float:
+    """`per_patch`'s model at `patches`."""
+    return model["linear"] * patches + model["quadratic"] * patches**2
+
+
+def work(
+    mod: tvm.IRModule, entry: str = "forward", sizes: dict[str, int] | None = None
+) -> dict[str, float]:
     """GFLOP of one image per operator: "matmul" (the linear layers, GEMMs), "attention"
     (Q.K^T and P.V) and "conv" (the patch embedding)."""
+    sizes = sizes or {}
     total = {"matmul": 0, "attention": 0, "conv": 0}
     for block in mod[entry].body.blocks:
         for binding in block.bindings:
@@ -41,8 +65,8 @@ def work(mod: tvm.IRModule, entry: str = "forward") -> dict[str, float]:
             name = call.op.name
             if name not in ("relax.matmul", "relax.nn.attention", "relax.nn.conv2d"):
                 continue
-            args = [_dims(a) for a in call.args[:3]]
-            out = _dims(binding.var)
+            args = [_dims(a, sizes) for a in call.args[:3]]
+            out = _dims(binding.var, sizes)
             if name == "relax.matmul":
                 total["matmul"] += 2 * math.prod(out) * args[0][-1]
             elif name == "relax.nn.attention":

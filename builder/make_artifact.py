@@ -28,7 +28,7 @@ from .assemble import inputs as forward_inputs  # noqa: E402
 from .cache import KEY_FORMAT, Cache, digest, pipeline_sources, write_part  # noqa: E402
 from .config import Preset, TargetConfig  # noqa: E402
 from .errors import BuilderError  # noqa: E402
-from .flops import gflop  # noqa: E402
+from .flops import gflop, per_patch  # noqa: E402
 from .runtime import set_threads  # noqa: E402
 from .weights import load_weights  # noqa: E402
 
@@ -123,8 +123,9 @@ def make_artifact(
         "entry": ENTRY,
         "inputs": forward_inputs(preset.model, preset.blocks),
         "outputs": outputs(preset.model, preset.blocks),
-        # Matmuls, attention and the patch conv of one image (`builder/flops.py`).
-        "gflop_per_image": round(gflop(mod), 6),
+        # Matmuls, attention and the patch conv of one image (`builder/flops.py`); a native
+        # tower's as a function of its patch count.
+        **_work(mod, preset),
         "params": {
             "file": artifact.PARAMS,
             "order": stored["order"],
@@ -141,6 +142,13 @@ def make_artifact(
         **{k: library[k] for k in PIPELINE_REPORT if k in library},
     }
     artifact.write_manifest(folder, manifest, known={**library["files"], **stored["files"]})
+
+
+def _work(mod: tvm.IRModule, preset: Preset) -> dict[str, Any]:
+    if preset.model.native:
+        model = per_patch(mod)
+        return {"gflop_per_patch": {k: round(v, 9) for k, v in model.items()}}
+    return {"gflop_per_image": round(gflop(mod), 6)}
 
 
 def make_library_key(

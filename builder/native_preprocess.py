@@ -104,6 +104,20 @@ def max_num_patches_shape(
     return scaled(low, height), scaled(low, width)
 
 
+def square_grid(steps: PreprocessConfig, patch_size: int, merge_size: int = 2) -> tuple[int, int]:
+    """The patch grid (rows, cols) of a square image larger than the rule's budget (steps
+    resolved): the largest square image the tower gets, `build bench`'s default."""
+    side = 1 << 14
+    if steps.resize == "smart_resize":
+        factor = patch_size * merge_size
+        shape = smart_resize(side, side, factor, steps.min_pixels, steps.max_pixels)
+    elif steps.resize == "max_longest_edge":
+        shape = max_longest_edge_shape(side, side, steps.size, patch_size * merge_size)
+    else:
+        shape = max_num_patches_shape(side, side, patch_size, steps.max_num_patches)
+    return shape[0] // patch_size, shape[1] // patch_size
+
+
 def _resized(image: Image.Image, shape: tuple[int, int], steps: PreprocessConfig) -> np.ndarray:
     """The image resized to `shape` (height, width), rescaled and normalized: float32 (3, H, W)."""
     resized = image.resize((shape[1], shape[0]), resample=resample_filter(steps.resample))

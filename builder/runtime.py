@@ -86,7 +86,11 @@ class Encoder:
     def native(self) -> bool:
         """Whether the artifact is a native-resolution tower's: one image per call, as its
         patches and the arrays computed from its grid (`run_patches`)."""
-        return bool(self._model_config().native)
+        return bool(self.model_config.native)
+
+    @property
+    def projector(self) -> str | None:
+        return self.manifest["resolved_preset"]["blocks"]["projector"]
 
     def run_patches(self, patches: np.ndarray, grid: Sequence[int]) -> np.ndarray:
         """A native tower's features for one image: its patches, (n, P) float32 in the order
@@ -101,7 +105,7 @@ class Encoder:
                 f"{self.folder}: not a native-resolution artifact; call it with pixels"
             )
         family = families.get(self.manifest["resolved_preset"]["family"])
-        config = self._model_config()
+        config = self.model_config
         width = int(self.input_shape[-1])
         if not isinstance(patches, np.ndarray) or patches.ndim != 2 or patches.shape[1] != width:
             raise ValueError(f"patches must be a float32 array of shape (n, {width})")
@@ -110,7 +114,9 @@ class Encoder:
         out = self._fn(*args, *self._params).numpy()
         return family.native.finish(config, out, grid) if family.native.finish else out
 
-    def _model_config(self) -> Any:
+    @property
+    def model_config(self) -> Any:
+        """The artifact's model config (its family's dataclass), from the manifest."""
         from . import families
 
         if self._config is None:
@@ -215,10 +221,8 @@ class Encoder:
         from . import preprocess
         from .native_preprocess import native_patches
 
-        config = self._model_config()
-        sizes = {
-            "merge_size": config.merge_size(self.manifest["resolved_preset"]["blocks"]["projector"])
-        }
+        config = self.model_config
+        sizes = {"merge_size": config.merge_size(self.projector)}
         if hasattr(config, "temporal_patch_size"):
             sizes["temporal_patch_size"] = config.temporal_patch_size
         out = []

@@ -133,3 +133,25 @@ def test_a_bad_image_is_named_and_nothing_is_written(built, tmp_path, capsys):
     err = capsys.readouterr().err
     assert str(empty) in err and "Traceback" not in err
     assert not out.exists() and not out.with_suffix(".json").exists()
+
+
+@pytest.mark.e2e
+def test_bench_times_one_image_of_a_grid(built, capsys):
+    """`build bench` of a native artifact times one image of the patch grid asked for (the
+    host's part included), with the manifest's work model's GFLOP at that size; --batch
+    and --crops are refused."""
+    from builder.assemble import export
+    from builder.flops import gflop, native_gflop
+    from builder.preset import load_preset
+
+    _, _, enc, folder = built
+    art = str(enc.folder)
+    assert main(["bench", art, "--grid", "4x6", "--runs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "ms per image of 4 x 6 patches" in out and "GFLOP/s" in out
+    preset = load_preset(next(folder.glob("*.yaml")), [f"weights.path={folder / 'ckpt'}"])
+    mod, _ = export(preset.model, preset.blocks)
+    want = gflop(mod, sizes={"patches": 24, "kept_patches": 24})
+    assert native_gflop(enc.manifest["gflop_per_patch"], 24) == pytest.approx(want, rel=1e-6)
+    assert main(["bench", art, "--batch", "2"]) == 2
+    assert "set --grid instead of --batch or --crops" in capsys.readouterr().err

@@ -209,8 +209,9 @@ class Mistral3MultiModalProjector(nn.Module):
     -> `linear_2`, biases per `model.multimodal_projector_bias`."""
 
     anchor = "patch_merger.merging_layer.weight"
-    # What the host adds to `forward`'s inputs: the patches of each 2 x 2 block.
-    inputs = (("merge_index", ("merged_patches",), "int32"),)
+    # What the host adds to `forward`'s inputs: the patches of each 2 x 2 block, in order (the
+    # "kept" patches: all but an odd last row or column).
+    inputs = (("merge_index", ("kept_patches",), "int32"),)
 
     def __init__(self, config: TowerConfig, blocks: BlocksConfig):
         d = config.hidden_size * len(config.feature_layers)
