@@ -1,6 +1,7 @@
-"""Native-resolution towers end to end as a user runs them: image files of several sizes
-through `build run` (the family's processor, one call per image) against the HF processor and
-model on the same files, image by image; and the errors a bad image gets."""
+"""Native-resolution towers end to end as a user runs them: `build import` of the model's
+config.json, a build from its checkpoint, then image files of several sizes through `build
+run` (the family's processor, one call per image) against the HF processor and model on the
+same files, image by image; and the errors a bad image gets."""
 
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ TOWER |= {"num_attention_heads": 4, "patch_size": 8}
 @dataclass
 class Case:
     name: str
-    preset: str
     # The HF model (random), saved to the folder given.
     make: Any
     # (hf_model, list of PIL images) -> per image features.
@@ -62,12 +62,6 @@ def _mistral3_reference(model: Any, images: list) -> list[np.ndarray]:
 CASES = [
     Case(
         "mistral3",
-        """family: pixtral
-model: {hidden_size: 48, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 4,
-        patch_size: 8, hidden_act: silu, image_size: 64, projector_hidden_size: 40}
-blocks: {projector: mistral3_projector}
-preprocess: {resize: max_longest_edge, center_crop: false}
-""",
         _mistral3,
         _mistral3_reference,
     ),
@@ -94,7 +88,7 @@ def built(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(case.name)
     model = case.make(folder / "ckpt")
     preset = folder / f"{case.name}.yaml"
-    preset.write_text(case.preset)
+    assert main(["import", str(folder / "ckpt" / "config.json"), "--out", str(preset)]) == 0
     overrides = [f"weights.path={folder / 'ckpt'}"]
     return case, model, build_and_load(preset, overrides, folder / "out"), folder
 
