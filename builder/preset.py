@@ -492,7 +492,15 @@ def _token_errors(preset: Preset, reported: set[Path_]) -> list[tuple[Path_, str
                 "set model.output: embeds",
             )
         )
-    if m.pools:
+    if m.pools and m.native:
+        found.append(
+            (
+                ("model", "output"),
+                f"{m.output!r}, but the {preset.family} tower takes one image at its own size "
+                "and returns its features only (no pooling head is built); set output: features",
+            )
+        )
+    elif m.pools:
         if b.projector:
             found.append(
                 (

@@ -102,7 +102,9 @@ class CLIPAttention(nn.Module):
         self.q_norm = create(qk_norm[0], "norm", d, qk_norm[1]) if qk_norm else None
         self.k_norm = create(qk_norm[0], "norm", d, qk_norm[1]) if qk_norm else None
 
-    def forward(self, hidden_states: Tensor) -> Tensor:
+    def forward(self, hidden_states: Tensor, *context: Any) -> Tensor:
+        # A native tower's layer passes the image's context (SigLIP2's): attention over the
+        # whole image needs nothing from it.
         b, s, d = hidden_states.shape
         h, hd = self.num_heads, self.head_dim
         q, k = self.q_proj(hidden_states), self.k_proj(hidden_states)  # (B, S, D)

@@ -4,9 +4,9 @@ own number of patches.
 The artifact's `forward` takes the image's patches flattened, `pixel_values` (n, P) with n
 symbolic, and the per-image tensors the family's host code computes from the patch grid
 (`builder/families/__init__.py::NativeTower`): rotary cos / sin tables, a window layout, a
-gather of the patch merger. They reach the blocks as one `context` dict, name -> tensor.
-Activations are (1, n, D): the shared layers and encoder run on them unchanged, with the
-context passed to the attention.
+gather of the patch merger, the resize of a position table. They reach the blocks as one
+`context` dict, name -> tensor. Activations are (1, n, D): the shared layers and encoder run
+on them unchanged, with the context passed to the attention.
 """
 
 from __future__ import annotations
@@ -69,6 +69,27 @@ class PatchLinearEmbeddings(nn.Module):
         bias = [conv.bias] if conv.bias is not None else []
         tokens = in_float32(embed, pixel_values, weight, *bias)  # (n, D)
         return op.reshape(tokens, (1, *tokens.shape))
+
+
+@register("siglip2_embeddings", kind="embeddings")
+class Siglip2VisionEmbeddings(nn.Module):
+    """SigLIP2 NaFlex's: patches flattened (n, p p C) through `patch_embedding`, a Linear
+    with bias, plus the learnt G x G position table resized to the image's grid. The resize
+    is linear in the table: the host gives its map, the context's `position_weights`
+    (n, G G), and the table goes through it."""
+
+    def __init__(self, config: TowerConfig, blocks: BlocksConfig):
+        p, c, d = config.patch_size, config.num_channels, config.hidden_size
+        self.patch_embedding = Linear(p * p * c, d)
+        self.position_embedding = nn.Embedding(config.num_patches, d)
+
+    def forward(self, pixel_values: Tensor, context: Context) -> Tensor:
+        tokens = self.patch_embedding(pixel_values)  # (n, D)
+        # In float32 whatever the build's dtype, as HF resizes the table.
+        table = self.position_embedding.weight.astype("float32")  # (G G, D)
+        positions = op.matmul(context["position_weights"], table)  # (n, D)
+        tokens = tokens + positions.astype(tokens.dtype)
+        return op.reshape(tokens, (1, *tokens.shape))  # (1, n, D)
 
 
 @register("rope_attention", kind="attention")
