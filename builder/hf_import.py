@@ -155,6 +155,7 @@ def import_config(path: str | Path) -> Imported:
             preset["preprocess"] = steps
     if family.native:  # its processor's rule: each image at its own size
         rule = {"resize": family.native.resize, "center_crop": False}
+        rule |= {k: list(v) if isinstance(v, tuple) else v for k, v in family.native.steps}
         preset["preprocess"] = {**rule, **preset.get("preprocess", {})}
     return Imported(preset, unused, cfg.get("model_type", family.name))
 

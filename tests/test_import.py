@@ -3,6 +3,7 @@ checkpoint's own config) matches HF."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -117,6 +118,23 @@ def test_imported_siglip_checkpoint_config_matches_hf(tmp_path, capsys):
     enc = build_and_load(out, overrides, tmp_path / "out")
     x = pixels(2, preset.model.image_size)
     assert_close(enc(x), expected_output(hf_model, preset.model, x))
+
+
+@pytest.mark.unit
+def test_import_of_siglip2_so400m_naflex_gives_the_shipped_preset(tmp_path):
+    """Siglip2Config's config.json (the tower in vision_config) -> the siglip2 family at the
+    shipped preset's widths, with its processor's rule and steps."""
+    from transformers import Siglip2Config
+
+    vision = {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27}
+    vision |= {"num_attention_heads": 16, "num_patches": 256}
+    source, out = tmp_path / "config.json", tmp_path / "imported.yaml"
+    Siglip2Config(vision_config=vision, text_config=TEXT).to_json_file(source)
+    assert main(["import", str(source), "--out", str(out)]) == 0
+    imported, shipped = load_preset(out), load_preset("siglip2-so400m-patch16-naflex")
+    assert imported.family == shipped.family == "siglip2"
+    assert imported.model == dataclasses.replace(shipped.model, kwargs=imported.model.kwargs)
+    assert imported.preprocess == shipped.preprocess
 
 
 @pytest.mark.unit

@@ -149,3 +149,15 @@ def test_bench_times_one_image_of_a_grid(built, capsys):
     assert native_gflop(enc.manifest["gflop_per_patch"], 24) == pytest.approx(want, rel=1e-6)
     assert main(["bench", art, "--batch", "2"]) == 2
     assert "set --grid instead of --batch or --crops" in capsys.readouterr().err
+
+
+@pytest.mark.unit
+def test_siglip2_refuses_a_pooled_output_and_a_table_that_is_not_square(capsys):
+    args = ["check", "siglip2-so400m-patch16-naflex", "model.output=pooled"]
+    assert main([*args, "model.num_patches=250"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "override 'model.num_patches=250': model.num_patches: 250 is not a square number",
+        "override 'model.output=pooled': model.output: 'pooled', but the siglip2 tower takes "
+        "one image at its own size and returns its features only (no pooling head is built); "
+        "set output: features",
+    ]

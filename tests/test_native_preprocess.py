@@ -269,6 +269,7 @@ def test_preset_checks(capsys, overrides, errors):
     "overrides",
     [
         ["mistral-small-3-1-24b-instruct", "preprocess.size=1024"],
+        ["siglip2-so400m-patch16-naflex", "preprocess.max_num_patches=1024"],
     ],
 )
 def test_native_presets_pass(overrides):

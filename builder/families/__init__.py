@@ -102,6 +102,9 @@ class NativeTower:
     # An image of `rows` x `cols` patches as `reference` and the artifact take it (random
     # pixel values of the family's patch layout): `patches(config, rows, cols, seed)`.
     sample: Callable[[Any, int, int, int], tuple[Any, Any]] | None = None
+    # The processor's steps where they are not `PreprocessConfig`'s defaults (SigLIP2's
+    # bilinear filter, mean and std 0.5): what `build import` writes beside the rule.
+    steps: tuple[tuple[str, Any], ...] = ()
 
 
 def input_specs(model: Any, blocks: Any) -> list[tuple[str, list[int | str], str]]:

@@ -135,7 +135,11 @@ FAMILY = register(
         # A smaller table than the images' grids: upsampled as well as antialiased down.
         variants=({"num_patches": 16},),
         native=NativeTower(
-            inputs=native_inputs, resize="max_num_patches", reference=reference, sample=sample
+            inputs=native_inputs,
+            resize="max_num_patches",
+            reference=reference,
+            sample=sample,
+            steps=(("resample", "bilinear"), ("mean", (0.5,) * 3), ("std", (0.5,) * 3)),
         ),
     )
 )
