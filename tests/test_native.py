@@ -59,12 +59,35 @@ def _mistral3_reference(model: Any, images: list) -> list[np.ndarray]:
     return out
 
 
+def _siglip2(folder: Path) -> Any:
+    from transformers import Siglip2VisionConfig, Siglip2VisionModel
+
+    config = Siglip2VisionConfig(**TOWER, num_patches=16)
+    model = randomize(Siglip2VisionModel(config).eval(), seed=6)
+    model.save_pretrained(folder)
+    return model
+
+
+def _siglip2_reference(model: Any, images: list) -> list[np.ndarray]:
+    """Every image in one batch, padded to max_num_patches (HF's default, 256) with HF's mask:
+    each image's valid rows, which one call per image must equal."""
+    import torch
+    from transformers import Siglip2ImageProcessorPil
+
+    proc = Siglip2ImageProcessorPil(patch_size=8, do_convert_rgb=True)
+    batch = proc(images=images, return_tensors="pt")
+    with torch.inference_mode():
+        states = model(**batch).last_hidden_state
+    return [states[i, : int(h * w)].numpy() for i, (h, w) in enumerate(batch["spatial_shapes"])]
+
+
 CASES = [
     Case(
         "mistral3",
         _mistral3,
         _mistral3_reference,
     ),
+    Case("siglip2", _siglip2, _siglip2_reference),
 ]
 
 
