@@ -97,6 +97,12 @@ class TowerConfig:
         patches (`builder/blocks/native.py`); else images of `image_size` in batches."""
         return False
 
+    @property
+    def full_attention_layers(self) -> list[int]:
+        """A native tower's layers that attend over the whole image; the others attend within
+        windows (Qwen2.5-VL's)."""
+        return list(range(self.num_hidden_layers))
+
     def merge_size(self, projector: str | None) -> int:
         """A native tower's merge of k x k patches into one token (with `projector`, the
         artifact's projector block): k, which its processor's sizes are multiples of."""

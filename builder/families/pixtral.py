@@ -77,10 +77,6 @@ class PixtralVisionConfig(TowerConfig):
     def native(self) -> bool:
         return True
 
-    @property
-    def full_attention_layers(self) -> list[int]:
-        return list(range(self.num_hidden_layers))
-
     def merge_size(self, projector: str | None) -> int:
         """The side of the patch blocks the processor's sizes are multiples of: Mistral 3's
         merge with its projector, 1 for the tower alone (PixtralProcessor's default)."""

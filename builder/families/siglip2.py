@@ -55,10 +55,6 @@ class Siglip2VisionConfig(TowerConfig):
         return True
 
     @property
-    def full_attention_layers(self) -> list[int]:
-        return list(range(self.num_hidden_layers))
-
-    @property
     def native_inputs(self) -> list[tuple[str, list[int | str], str]]:
         patch = self.num_channels * self.patch_size**2
         return [
