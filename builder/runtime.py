@@ -106,7 +106,8 @@ class Encoder:
             )
         family = families.get(self.manifest["resolved_preset"]["family"])
         config = self.model_config
-        width = int(self.input_shape[-1])
+        row_width = family.native.row_width
+        width = row_width(config) if row_width else int(self.input_shape[-1])
         if not isinstance(patches, np.ndarray) or patches.ndim != 2 or patches.shape[1] != width:
             raise ValueError(f"patches must be a float32 array of shape (n, {width})")
         arrays = family.native.inputs(config, np.ascontiguousarray(patches, np.float32), grid)

@@ -40,9 +40,14 @@ NATIVE_ODD = {"hidden_size": 48}
 
 
 def tiny_fields(family: families.Family, **extra) -> dict:
-    """ODD's fields that the family has, then `extra`."""
+    """ODD's fields that the family has, under its HF config's names for them (Qwen2.5-VL's
+    `depth` and `num_heads`), then `extra`."""
+    import transformers
+
+    aliases = getattr(transformers, family.reference_config).attribute_map
     names = {f.name for f in dataclasses.fields(family.config)}
     odd = {**ODD, **NATIVE_ODD} if family.native else ODD
+    odd = {aliases.get(k, k): v for k, v in odd.items()}
     return {**{k: v for k, v in odd.items() if k in names}, **extra}
 
 

@@ -13,8 +13,9 @@ from builder import registry
 from builder.assemble import export, output_shape, parameter_shapes
 from builder.config import BlocksConfig, CLIPVisionConfig
 from builder.errors import BuilderError
-from builder.families import pixtral, siglip2
+from builder.families import input_specs, pixtral, qwen2_5_vl, siglip2
 from builder.families.pixtral import PixtralVisionConfig
+from builder.families.qwen2_5_vl import Qwen2_5_VLVisionConfig
 from builder.families.siglip2 import Siglip2VisionConfig
 
 from .conftest import TINY
@@ -92,7 +93,34 @@ def _input_spec(block: registry.BlockType) -> nn.spec.Tensor:
 # A native tower's blocks take an image's context beside their tensors: each is exported in
 # a tiny Pixtral tower (with Mistral 3's projector) that holds it in its slot.
 def _native(block: registry.BlockType) -> bool:
-    return block.module == "builder.blocks.native"
+    return block.module in ("builder.blocks.native", "builder.blocks.qwen2_5_vl")
+
+
+def _native_tower(block: registry.BlockType) -> tuple | None:
+    """(config, blocks) of the tiny native tower a native block is exported in, or None."""
+    if block.name in siglip2.blocks(Siglip2VisionConfig()).values():
+        # SigLIP2's embeddings take the resize of its position table: in its own tower.
+        config = Siglip2VisionConfig(**{k: v for k, v in TINY.items() if k != "image_size"})
+        return config, BlocksConfig(**siglip2.blocks(config))
+    if block.module == "builder.blocks.qwen2_5_vl":
+        # Qwen2.5-VL's take the frames of its patch embedding and its merger's width: in its
+        # own tower, with a windowed and a full-attention layer.
+        config = Qwen2_5_VLVisionConfig(
+            hidden_size=32,
+            num_heads=4,
+            depth=2,
+            intermediate_size=64,
+            out_hidden_size=24,
+            patch_size=8,
+            window_size=32,
+            fullatt_block_indexes=[1],
+        )
+        return config, BlocksConfig(**qwen2_5_vl.blocks(config))
+    if _native(block):
+        config = PixtralVisionConfig(**TINY, projector_hidden_size=48)
+        pixtral_blocks = {**pixtral.blocks(config), "projector": "mistral3_projector"}
+        return config, BlocksConfig(**{**pixtral_blocks, block.kind: block.name})
+    return None
 
 
 @pytest.mark.ir
@@ -100,22 +128,12 @@ def _native(block: registry.BlockType) -> bool:
 def test_each_block_exports(block):
     """Every registered block builds and exports to Relax with a symbolic batch (a native
     tower's, in a tower with a symbolic number of patches)."""
-    if block.name in siglip2.blocks(Siglip2VisionConfig()).values():
-        # SigLIP2's embeddings take the resize of its position table: in its own tower.
-        config = Siglip2VisionConfig(**{k: v for k, v in TINY.items() if k != "image_size"})
-        mod, params = export(config, BlocksConfig(**siglip2.blocks(config)))
-        inputs = ["pixel_values", "position_weights"]
-        assert [p.name for p in mod["forward"].params[:2]] == inputs
-        assert len(mod["forward"].params) == len(inputs) + len(params)
-        return
-    if _native(block):
-        config = PixtralVisionConfig(**TINY, projector_hidden_size=48)
-        blocks = BlocksConfig(
-            **{**pixtral.blocks(config), "projector": "mistral3_projector", block.kind: block.name}
-        )
+    tower = _native_tower(block)
+    if tower is not None:
+        config, blocks = tower
         mod, params = export(config, blocks)
-        inputs = ["pixel_values", "cos", "sin", "merge_index"]
-        assert [p.name for p in mod["forward"].params[:4]] == inputs
+        inputs = [name for name, _, _ in input_specs(config, blocks)]
+        assert [p.name for p in mod["forward"].params[: len(inputs)]] == inputs
         assert len(mod["forward"].params) == len(inputs) + len(params)
         return
     module = _instantiate(block)

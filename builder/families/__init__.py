@@ -105,6 +105,10 @@ class NativeTower:
     # The processor's steps where they are not `PreprocessConfig`'s defaults (SigLIP2's
     # bilinear filter, mean and std 0.5): what `build import` writes beside the rule.
     steps: tuple[tuple[str, Any], ...] = ()
+    # The width of the processor's rows where `inputs` takes other rows than `forward`'s
+    # pixel_values (Qwen2.5-VL's hold each patch's T frames; the tower takes the first):
+    # `row_width(config)`; None: pixel_values' width.
+    row_width: Callable[[Any], int] | None = None
 
 
 def input_specs(model: Any, blocks: Any) -> list[tuple[str, list[int | str], str]]:
@@ -174,7 +178,7 @@ class Family:
             inverse: dict[Any, Any] = {}
             for theirs, ours in self.hf_values.get(name, {}).items():
                 inverse.setdefault(ours, theirs)  # the first HF name listed is the one written
-            out[name] = inverse.get(value, value)
+            out[name] = inverse.get(value, value) if inverse else value  # lists unhashable
         return out
 
     def hf_field_names(self) -> list[str]:
