@@ -81,6 +81,35 @@ def _siglip2_reference(model: Any, images: list) -> list[np.ndarray]:
     return [states[i, : int(h * w)].numpy() for i, (h, w) in enumerate(batch["spatial_shapes"])]
 
 
+def _qwen2_5_vl(folder: Path) -> Any:
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    text = {"hidden_size": 40, "num_hidden_layers": 1, "num_attention_heads": 4}
+    text |= {"num_key_value_heads": 2, "intermediate_size": 64, "vocab_size": 100}
+    # Windows of 2 x 2 merge blocks (ragged at the edges of these images), the second layer
+    # over the whole image.
+    vision = {"depth": 2, "hidden_size": 48, "intermediate_size": 64, "num_heads": 4}
+    vision |= {"patch_size": 8, "window_size": 32, "fullatt_block_indexes": [1]}
+    vision |= {"out_hidden_size": 40}
+    config = Qwen2_5_VLConfig(vision_config=vision, text_config=text)
+    model = randomize(Qwen2_5_VLForConditionalGeneration(config).eval(), seed=7)
+    model.save_pretrained(folder)
+    return model
+
+
+def _qwen2_5_vl_reference(model: Any, images: list) -> list[np.ndarray]:
+    """Every image in one call of get_image_features (HF packs them into one sequence):
+    each image's merged tokens."""
+    import torch
+    from transformers import Qwen2VLImageProcessorPil
+
+    proc = Qwen2VLImageProcessorPil(patch_size=8, merge_size=2, temporal_patch_size=2)
+    batch = proc(images=images, return_tensors="pt")
+    with torch.inference_mode():
+        feats = model.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
+    return [f.numpy() for f in feats.pooler_output]
+
+
 CASES = [
     Case(
         "mistral3",
@@ -88,6 +117,7 @@ CASES = [
         _mistral3_reference,
     ),
     Case("siglip2", _siglip2, _siglip2_reference),
+    Case("qwen2_5_vl", _qwen2_5_vl, _qwen2_5_vl_reference),
 ]
 
 
