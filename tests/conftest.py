@@ -112,6 +112,16 @@ def save_siglip_model(folder: Path, seed: int = 0, **fields: Any) -> Any:
     return model
 
 
+def hf_names(family: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """`fields`, named as the shared interface names them (num_hidden_layers,
+    num_attention_heads), under the family config's names: its HF config's (Qwen2.5-VL's
+    `depth`, `num_heads`, from the HF class's attribute_map)."""
+    import transformers
+
+    reference = getattr(transformers, families.get(family).reference_config)
+    return {reference.attribute_map.get(k, k): v for k, v in fields.items()}
+
+
 def save_hf_tower(folder: Path, preset: Any, seed: int = 0) -> Any:
     """The HF model a preset describes (its family's reference class), at the preset's
     widths, with every parameter random, saved to `folder` with save_pretrained."""

@@ -15,7 +15,7 @@ from builder.preset import load_preset
 from builder.targets import llvm
 from builder.targets.cpu.pipeline import fallback_report
 
-from .conftest import HOST, PRESETS, TINY
+from .conftest import HOST, PRESETS, TINY, hf_names
 
 pytestmark = pytest.mark.ir
 
@@ -54,6 +54,7 @@ def tiny(preset):
     sizes = {**TINY}
     if full.blocks.projector:
         sizes.update(image_size=32, scale_factor=2, mm_tokens_per_image=4)
+    sizes = hf_names(full.family, sizes)
     overrides = [f"model.{k}={v}" for k, v in sizes.items() if k in fields]
     if full.preprocess.image_grid_pinpoints:  # tiles of the tiny tower's size
         overrides.append("preprocess.image_grid_pinpoints=[[32,64]]")

@@ -20,6 +20,7 @@ from .conftest import (
     assert_native_images_match,
     build_and_load,
     expected_output,
+    hf_names,
     pixels,
     randomize,
 )
@@ -42,12 +43,8 @@ NATIVE_ODD = {"hidden_size": 48}
 def tiny_fields(family: families.Family, **extra) -> dict:
     """ODD's fields that the family has, under its HF config's names for them (Qwen2.5-VL's
     `depth` and `num_heads`), then `extra`."""
-    import transformers
-
-    aliases = getattr(transformers, family.reference_config).attribute_map
     names = {f.name for f in dataclasses.fields(family.config)}
-    odd = {**ODD, **NATIVE_ODD} if family.native else ODD
-    odd = {aliases.get(k, k): v for k, v in odd.items()}
+    odd = hf_names(family.name, {**ODD, **NATIVE_ODD} if family.native else ODD)
     return {**{k: v for k, v in odd.items() if k in names}, **extra}
 
 

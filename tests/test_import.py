@@ -121,20 +121,40 @@ def test_imported_siglip_checkpoint_config_matches_hf(tmp_path, capsys):
 
 
 @pytest.mark.unit
-def test_import_of_siglip2_so400m_naflex_gives_the_shipped_preset(tmp_path):
-    """Siglip2Config's config.json (the tower in vision_config) -> the siglip2 family at the
-    shipped preset's widths, with its processor's rule and steps."""
-    from transformers import Siglip2Config
+@pytest.mark.parametrize(
+    "config_class, vision, shipped_name",
+    [
+        (
+            "Siglip2Config",
+            {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27}
+            | {"num_attention_heads": 16, "num_patches": 256},
+            "siglip2-so400m-patch16-naflex",
+        ),
+        (
+            "Qwen2_5_VLConfig",
+            {"hidden_size": 1280, "out_hidden_size": 2048},
+            "qwen2-5-vl-3b-instruct",
+        ),
+    ],
+    ids=["siglip2", "qwen2_5_vl"],
+)
+def test_import_of_a_native_model_gives_the_shipped_preset(
+    config_class, vision, shipped_name, tmp_path
+):
+    """The config.json of a model with a native tower in vision_config (SigLIP2 NaFlex,
+    Qwen2.5-VL 3B) -> its family at the shipped preset's widths, with its processor's rule and
+    steps (SigLIP2's filter, mean and std; Qwen2.5-VL's pixel budget)."""
+    import transformers
 
-    vision = {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27}
-    vision |= {"num_attention_heads": 16, "num_patches": 256}
     source, out = tmp_path / "config.json", tmp_path / "imported.yaml"
-    Siglip2Config(vision_config=vision, text_config=TEXT).to_json_file(source)
+    config = getattr(transformers, config_class)(vision_config=vision, text_config=TEXT)
+    config.to_json_file(source)
     assert main(["import", str(source), "--out", str(out)]) == 0
-    imported, shipped = load_preset(out), load_preset("siglip2-so400m-patch16-naflex")
-    assert imported.family == shipped.family == "siglip2"
+    imported, shipped = load_preset(out), load_preset(shipped_name)
+    assert imported.family == shipped.family
     assert imported.model == dataclasses.replace(shipped.model, kwargs=imported.model.kwargs)
     assert imported.preprocess == shipped.preprocess
+    assert imported.blocks == shipped.blocks
 
 
 @pytest.mark.unit

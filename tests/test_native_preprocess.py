@@ -270,6 +270,7 @@ def test_preset_checks(capsys, overrides, errors):
     [
         ["mistral-small-3-1-24b-instruct", "preprocess.size=1024"],
         ["siglip2-so400m-patch16-naflex", "preprocess.max_num_patches=1024"],
+        ["qwen2-5-vl-3b-instruct", "preprocess.max_pixels=1003520"],
     ],
 )
 def test_native_presets_pass(overrides):

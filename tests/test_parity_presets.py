@@ -14,6 +14,7 @@ from .conftest import (
     assert_native_images_match,
     build_and_load,
     expected_output,
+    hf_names,
     needs_bf16,
     needs_half,
     pixels,
@@ -46,13 +47,27 @@ def distinct_towers(paths: list) -> list:
     return out
 
 
+def two_layers(path) -> list[str]:
+    """Overrides that keep 2 layers of a preset's tower, under its HF config's name for the
+    count (Qwen2.5-VL's `depth`). A windowed tower (Qwen2.5-VL's) also gets windows of 2 x 2
+    merge blocks, which the test images' grids overflow, and its second layer over the whole
+    image: both kinds of layer are checked."""
+    preset = load_preset(path)
+    model = preset.model
+    out = [f"model.{k}={v}" for k, v in hf_names(preset.family, {"num_hidden_layers": 2}).items()]
+    if hasattr(model, "fullatt_block_indexes"):
+        window = 2 * model.spatial_merge_size * model.patch_size
+        out += ["model.fullatt_block_indexes=[1]", f"model.window_size={window}"]
+    return out
+
+
 @pytest.mark.parametrize("path", distinct_towers(PRESETS), ids=lambda p: p.stem)
 def test_preset_real_widths(path, tmp_path):
     """Each shipped preset at its real widths and image size, with 2 layers instead of all
     (CI time), its own feature selection and output, against the HF model class it names
     (CLIPVisionModel or SiglipVisionModel), through the CPU pipeline as shipped."""
     # The tower alone: a projector is checked in tests/test_vlm.py.
-    tower = ["model.num_hidden_layers=2", "blocks.projector=null"]
+    tower = [*two_layers(path), "blocks.projector=null"]
     preset = load_preset(path, tower)
     hf_model = save_hf_tower(tmp_path / "ckpt", preset, seed=3)
     overrides = [*tower, f"weights.path={tmp_path / 'ckpt'}"]

@@ -295,6 +295,9 @@ FAMILY = register(
             reference=reference,
             sample=sample,
             row_width=row_width,
+            # Qwen2.5-VL's preprocessor_config.json: a larger pixel budget than the
+            # processor's default (28 x 28 x 1280).
+            steps=(("max_pixels", 12845056),),
         ),
     )
 )
