@@ -214,3 +214,17 @@ def test_siglip2_refuses_a_pooled_output_and_a_table_that_is_not_square(capsys):
         "one image at its own size and returns its features only (no pooling head is built); "
         "set output: features",
     ]
+
+
+@pytest.mark.unit
+def test_qwen2_5_vl_refuses_an_inner_feature_layer_a_rotary_width_and_a_small_window(capsys):
+    args = ["check", "qwen2-5-vl-3b-instruct", "model.feature_layer=-2", "model.num_heads=128"]
+    assert main([*args, "model.window_size=20"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "override 'model.feature_layer=-2': model.feature_layer: -2: the tower returns its "
+        "merger's tokens, made from the final state (HF's pooler_output); only -1 is allowed",
+        "override 'model.num_heads=128': model.num_heads: hidden_size 1280 / num_heads 128 must "
+        "be a whole head width that is a multiple of 4 (the 2-D rotary layout)",
+        "override 'model.window_size=20': model.window_size: 20 pixels is less than one merge "
+        "block (2 x 14 pixels)",
+    ]
