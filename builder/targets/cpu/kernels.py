@@ -8,6 +8,7 @@ generic schedule there. Sizes derive from the target's vector width (`kernel_con
 from __future__ import annotations
 
 import functools
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -964,10 +965,12 @@ def _bf16_pair_at(at, index: str, count: int) -> str:
 
 def attn_pack_k_kernel(cfg: KernelConfig, S: int, H: int, D: int):
     """K [B,S,H,D] -> K^T [B,H,D,SP] (keys contiguous, zero padded to the N block; tiled by
-    16 keys so the 16 source rows stay in L1 across the head dim); with `cfg.bf16`,
-    [B,H,D/2,SP] words of bfloat16 pairs (d even, d odd) of each key (`attn_packed`)."""
+    16 keys so the 16 source rows stay in L1 across the head dim, 8 where the N block is 8
+    keys: 4-lane vectors); with `cfg.bf16`, [B,H,D/2,SP] words of bfloat16 pairs (d even,
+    d odd) of each key (`attn_packed`)."""
     (DK, SP), _ = attn_packed(cfg, S, D)
-    j = f"jb * {_i(16)} + jj"
+    tile = math.gcd(16, cfg.nb)
+    j = f"jb * {_i(tile)} + jj"
 
     def k_at(d: str) -> str:
         return f"Kb[bh // {_i(H)}, T.min({j}, {_i(S - 1)}), bh % {_i(H)}, {d}]"
@@ -981,9 +984,9 @@ def attn_pack_k(k: T.handle, kt: T.handle):
     Kb = T.match_buffer(k, (B, {_i(S)}, {_i(H)}, {_i(D)}), "float32")
     KT = T.match_buffer(kt, (B, {_i(H)}, {_i(DK)}, {_i(SP)}), "float32")
     for bh in T.parallel(B * {_i(H)}):
-        for jb in range({_i(SP // 16)}):
+        for jb in range({_i(SP // tile)}):
             for d in range({_i(DK)}):
-                for jj in range({_i(16)}):
+                for jj in range({_i(tile)}):
                     KT[bh // {_i(H)}, bh % {_i(H)}, d, {j}] = T.if_then_else({j} < {_i(S)}, {value}, {_f(0.0)})
 """
     return _parse(kt)
