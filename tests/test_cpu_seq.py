@@ -2,8 +2,9 @@
 image at its own resolution export them (Qwen2.5-VL, Pixtral, SigLIP2 NaFlex: one image per
 call, activations (1, n, D)): one build serves every n. Attention runs the sequence kernel
 (n an argument), and `attention_var_len` (block-diagonal by cu_seqlens, Qwen2.5-VL's window
-layers) its segment form. At IR level: which kernels the rewrite calls and what is left to
-the fallback schedule; in numbers: builds run at several n against torch in float64."""
+layers) its segment form; without the kernels, `var_len` lowers the latter to masked
+attention. At IR level: which kernels the rewrite calls and what is left to the fallback
+schedule; in numbers: builds run at several n against torch in float64."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from builder.targets import llvm
 from builder.targets.cpu import kernels
 from builder.targets.cpu.pipeline import compile_kernel, fallback_report
 from builder.targets.cpu.rewrite import rewrite_to_kernels
+from builder.targets.var_len import lower_attention_var_len
 
 from .conftest import HOST, assert_close, needs_bf16
 from .test_cpu_patterns import forward_ops, torch_linear, weights
@@ -184,6 +186,16 @@ def test_symbolic_layer_leaves_only_elementwise_ops_parallel(var_len):
     assert all(entry["parallel"] for entry in report), report
 
 
+@pytest.mark.ir
+def test_var_len_lowers_to_masked_attention():
+    """Without the kernels, `attention_var_len` becomes attention with a bias, which
+    legalizes; the CPU rewrite takes it first where it can."""
+    mod = exported(True)[0]
+    lowered = lower_attention_var_len(mod)["forward"].script()
+    assert "R.nn.attention_var_len(" not in lowered and "R.nn.attention_bias(" in lowered
+    assert "R.nn.attention_var_len(" not in rewrite_to_kernels(mod, FLOAT32_KERNELS).script()
+
+
 # -- numbers -------------------------------------------------------------------------------
 
 # (target options, precision, tolerance relative to max|reference|)
@@ -213,6 +225,23 @@ def test_symbolic_layer_against_torch(build, var_len):
             ours = run(executable, params, w, *arrays, *extra)
             ref = in_torch64(torch_seq_layer, w, *arrays, starts=starts)
             assert_close(ours, ref, tolerance)
+
+
+def test_var_len_through_the_stock_pipeline():
+    """The lowered `attention_var_len` on TVM's own llvm pipeline (no kernels), against
+    torch per segment."""
+    mod, params = exported(True)
+    executable = tvm.compile(lower_attention_var_len(mod), "llvm")
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    w = weights(params)
+    args = [tvm.runtime.tensor(w[name]) for name, _ in params]
+    for n in (5, 100):
+        arrays = inputs(n)
+        for starts in layouts(n):
+            extra = [tvm.runtime.tensor(np.array(starts, np.int32))]
+            ours = vm["forward"](*(tvm.runtime.tensor(a) for a in arrays), *extra, *args)
+            ref = in_torch64(torch_seq_layer, w, *arrays, starts=starts)
+            assert_close(ours.numpy(), ref, 1e-5)
 
 
 # Past one chunk of keys (512) and its N blocks: the online softmax's rescaling.
