@@ -426,6 +426,21 @@ def test_rounding_kernel_matches_numpy(dtype):
     assert (want.view(np.uint32)[0, :40][odd] >> 16 == (bits[0, :40][odd] >> 16) + 1).all()
 
 
+@pytest.mark.parametrize("S", [20, 64])
+def test_k_pack_writes_every_key_with_4_lane_vectors(S):
+    """With 4-lane vectors (NEON, SSE) the N block is 8 keys: K^T's width an odd number of
+    blocks (20 keys: 24) is still packed whole, in tiles of 8 keys."""
+    cfg = kernels.KernelConfig(vec=4, nv=2, mr=6)
+    H, D = 2, 8
+    k = np.random.default_rng(S).standard_normal((1, S, H, D)).astype(np.float32)
+    (DK, SP), _ = kernels.attn_packed(cfg, S, D)
+    kt = tvm.runtime.tensor(np.full((1, H, DK, SP), np.nan, np.float32))
+    compile_kernel(kernels.attn_pack_k_kernel(cfg, S, H, D), HOST)(tvm.runtime.tensor(k), kt)
+    want = np.zeros((1, H, DK, SP), np.float32)
+    want[..., :S] = k.transpose(0, 2, 3, 1)
+    np.testing.assert_array_equal(kt.numpy(), want)
+
+
 @pytest.mark.parametrize("queries", [1, 7])
 def test_cross_attention_kernel_against_numpy(queries):
     """Fewer queries than keys (SigLIP's pooling probe: one) through the attention kernel."""

@@ -8,6 +8,7 @@ generic schedule there. Sizes derive from the target's vector width (`kernel_con
 from __future__ import annotations
 
 import functools
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -954,23 +955,39 @@ def attn_packed(cfg: KernelConfig, S: int, D: int) -> tuple[tuple[int, int], tup
     return (D, SP), (S, DP)
 
 
-def _bf16_pair_at(at, index: str, count: int) -> str:
+def _n(v: int | str) -> str:
+    """A size in TVMScript: a constant, or the name of a symbolic one."""
+    return v if isinstance(v, str) else _i(v)
+
+
+def _last(v: int | str) -> str:
+    """The last index below a size (`_n`)."""
+    return f"{v} - {_i(1)}" if isinstance(v, str) else _i(v - 1)
+
+
+def _bf16_pair_at(at, index: str, count: int | str) -> str:
     """The word of the bfloat16 pair (`at(2 index)`, `at(2 index + 1)`), where `at(i)` is the
     element expression at i of `count` (past it, an odd count's last word, a zero half)."""
     odd = f"{index} * {_i(2)} + {_i(1)}"
-    high = f"T.if_then_else({odd} < {_i(count)}, {at(f'T.min({odd}, {_i(count - 1)})')}, {_f(0.0)})"
+    high = f"T.if_then_else({odd} < {_n(count)}, {at(f'T.min({odd}, {_last(count)})')}, {_f(0.0)})"
     return _pair_word(at(f"{index} * {_i(2)}"), high, "bfloat16")
 
 
-def attn_pack_k_kernel(cfg: KernelConfig, S: int, H: int, D: int):
+def attn_pack_k_kernel(cfg: KernelConfig, S: int | None, H: int, D: int):
     """K [B,S,H,D] -> K^T [B,H,D,SP] (keys contiguous, zero padded to the N block; tiled by
     16 keys so the 16 source rows stay in L1 across the head dim); with `cfg.bf16`,
-    [B,H,D/2,SP] words of bfloat16 pairs (d even, d odd) of each key (`attn_packed`)."""
-    (DK, SP), _ = attn_packed(cfg, S, D)
-    j = f"jb * {_i(16)} + jj"
+    [B,H,D/2,SP] words of bfloat16 pairs (d even, d odd) of each key (`attn_packed`).
+    `S` None: the key count is K's symbolic length, and SP whatever whole N blocks K^T's
+    shape gives (`attention_seq_kernel`'s)."""
+    (DK, SP), _ = attn_packed(cfg, S or 1, D)
+    tile = math.gcd(16, cfg.nb)
+    j = f"jb * {_i(tile)} + jj"
+    n, blocks = ("S", f"SP // {_i(tile)}") if S is None else (_i(S), _i(SP // tile))
+    sizes = "    S = T.int64()\n    SP = T.int64()\n" if S is None else ""
+    width = "SP" if S is None else _i(SP)
 
     def k_at(d: str) -> str:
-        return f"Kb[bh // {_i(H)}, T.min({j}, {_i(S - 1)}), bh % {_i(H)}, {d}]"
+        return f"Kb[bh // {_i(H)}, T.min({j}, {_last(S or n)}), bh % {_i(H)}, {d}]"
 
     value = _bf16_pair_at(k_at, "d", D) if cfg.bf16 else k_at("d")
     kt = f"""
@@ -978,42 +995,251 @@ def attn_pack_k_kernel(cfg: KernelConfig, S: int, H: int, D: int):
 def attn_pack_k(k: T.handle, kt: T.handle):
 {_ATTRS}
     B = T.int64()
-    Kb = T.match_buffer(k, (B, {_i(S)}, {_i(H)}, {_i(D)}), "float32")
-    KT = T.match_buffer(kt, (B, {_i(H)}, {_i(DK)}, {_i(SP)}), "float32")
+{sizes}    Kb = T.match_buffer(k, (B, {n}, {_i(H)}, {_i(D)}), "float32")
+    KT = T.match_buffer(kt, (B, {_i(H)}, {_i(DK)}, {width}), "float32")
     for bh in T.parallel(B * {_i(H)}):
-        for jb in range({_i(SP // 16)}):
+        for jb in range({blocks}):
             for d in range({_i(DK)}):
-                for jj in range({_i(16)}):
-                    KT[bh // {_i(H)}, bh % {_i(H)}, d, {j}] = T.if_then_else({j} < {_i(S)}, {value}, {_f(0.0)})
+                for jj in range({_i(tile)}):
+                    KT[bh // {_i(H)}, bh % {_i(H)}, d, {j}] = T.if_then_else({j} < {n}, {value}, {_f(0.0)})
 """
     return _parse(kt)
 
 
-def attn_pack_v_kernel(cfg: KernelConfig, S: int, H: int, D: int):
+def attn_pack_v_kernel(cfg: KernelConfig, S: int | None, H: int, D: int):
     """V [B,S,H,D] -> [B,H,S,DP] (head dim padded to whole vectors); with `cfg.bf16`,
-    [B,H,S/2,DP] words of bfloat16 pairs of keys (even, odd) for each d (`attn_packed`)."""
-    _, (SK, DP) = attn_packed(cfg, S, D)
+    [B,H,S/2,DP] words of bfloat16 pairs of keys (even, odd) for each d (`attn_packed`).
+    `S` None: the key count is V's symbolic length."""
+    _, (SK, DP) = attn_packed(cfg, S or 1, D)
+    n, rows = ("S", "SK") if S is None else (_i(S), _i(SK))
+    sizes = "    S = T.int64()\n    SK = T.int64()\n" if S is None else ""
 
     def v_at(j: str) -> str:
         return f"Vb[bh // {_i(H)}, {j}, bh % {_i(H)}, T.min(d, {_i(D - 1)})]"
 
-    value = _bf16_pair_at(v_at, "j", S) if cfg.bf16 else v_at("j")
+    value = _bf16_pair_at(v_at, "j", S or n) if cfg.bf16 else v_at("j")
     vp = f"""
 @T.prim_func(private=True, check_well_formed=False)
 def attn_pack_v(v: T.handle, vp: T.handle):
 {_ATTRS}
     B = T.int64()
-    Vb = T.match_buffer(v, (B, {_i(S)}, {_i(H)}, {_i(D)}), "float32")
-    VP = T.match_buffer(vp, (B, {_i(H)}, {_i(SK)}, {_i(DP)}), "float32")
+{sizes}    Vb = T.match_buffer(v, (B, {n}, {_i(H)}, {_i(D)}), "float32")
+    VP = T.match_buffer(vp, (B, {_i(H)}, {rows}, {_i(DP)}), "float32")
     for bh in T.parallel(B * {_i(H)}):
-        for j in range({_i(SK)}):
+        for j in range({rows}):
             for d in range({_i(DP)}):
                 VP[bh // {_i(H)}, bh % {_i(H)}, j, d] = T.if_then_else(d < {_i(D)}, {value}, {_f(0.0)})
 """
     return _parse(vp)
 
 
+def _attn_pair_products(
+    cfg: KernelConfig,
+    mr: int,
+    ind: str,
+    step: str,
+    count: str,
+    acc: str,
+    word: str,
+    operand,
+    n: int,
+) -> list[str]:
+    """A loop over `count` pair steps (index `step`) that adds to vector v < n of each of the
+    mr rows' `acc`{i} the pair products of the broadcast word `word`{i}[step] and the vector
+    `operand(v)` (vdpbf16ps)."""
+    vec = cfg.vec
+    lanes = f"int32x{vec}"
+    out = [f"{ind}for {step} in range({count}):"]
+    for v in range(n):
+        w = f'T.reinterpret("{lanes}", {operand(v)})'
+        for i in range(mr):
+            a = f"{acc}{i}[T.Ramp({_i(v * vec)}, {_i(1)}, {vec})]"
+            x = f'T.reinterpret("{lanes}", T.Broadcast({word}{i}[{step}], {vec}))'
+            out.append(
+                f"{ind}    {a} = T.call_extern('float32x{vec}', '{BF16_DOT}', {a}, {x}, {w})"
+            )
+    return out
+
+
+def _attn_scores(
+    cfg: KernelConfig, mr: int, D: int, base: str, width: int, ind: str, at: str, valid=None
+) -> list[str]:
+    """The raw scores s_i[`at` + j] = q_i . k_(`base` + j) of one block of `width` keys, for
+    the mr rows r_i of the tile; where `valid(i, key)` is given, a key it rejects scores
+    `_ATTN_MASKED` instead."""
+    vec = cfg.vec
+    out = []
+    for i in range(mr):
+        out += _fill(f"acc{i}", width, ind)
+    if cfg.bf16:
+        kv = lambda v: f"KT[b, h, d, T.Ramp({base} + {_i(v * vec)}, {_i(1)}, {vec})]"  # noqa: E731
+        count = _i(-(-D // 2))
+        out += _attn_pair_products(cfg, mr, ind, "d", count, "acc", "qw", kv, width // vec)
+    else:
+        out.append(f"{ind}for d in range({_i(D)}):")
+        for i in range(mr):
+            out += [
+                f"{ind}    for j in T.vectorized({_i(width)}):",
+                f"{ind}        acc{i}[j] = acc{i}[j] + Q[b, r{i}, h, d] * KT[b, h, d, {base} + j]",
+            ]
+    for i in range(mr):
+        value = f"acc{i}[j]"
+        if valid is not None:
+            value = f"T.Select({valid(i, f'{base} + j')}, {value}, {_f(_ATTN_MASKED)})"
+        out += [
+            f"{ind}for j in T.vectorized({_i(width)}):",
+            f"{ind}    s{i}[{at} + j] = {value}",
+        ]
+    return out
+
+
+def _attn_q_pairs(cfg: KernelConfig, mr: int, D: int, ind: str) -> list[str]:
+    """The tile's Q rows as bfloat16 pairs along the head dim, in `qw`{i}."""
+    vec, out = cfg.vec, []
+    for i in range(mr):
+        if D % (2 * vec) == 0:
+            out += [
+                f"{ind}for c in range({_i(D // (2 * vec))}):",
+                f"{ind}    qw{i}[T.Ramp(c * {_i(vec)}, {_i(1)}, {vec})] = "
+                + _as_pairs(
+                    f"Q[b, r{i}, h, T.Ramp(c * {_i(2 * vec)}, {_i(1)}, {2 * vec})]",
+                    2 * vec,
+                    "bfloat16",
+                ),
+            ]
+        else:
+            q_at = lambda d, i=i: f"Q[b, r{i}, h, {d}]"  # noqa: E731
+            out += [
+                f"{ind}for c in range({_i(-(-D // 2))}):",
+                f"{ind}    qw{i}[c] = {_bf16_pair_at(q_at, 'c', D)}",
+            ]
+    return out
+
+
+def _attn_p_pairs(cfg: KernelConfig, mr: int, groups: str, ind: str) -> list[str]:
+    """P as bfloat16 pairs of keys, in place, `groups` vector pairs of each row: word t of
+    row i goes to s_i[t], where the scores it came from (2t, 2t + 1) or ones already
+    converted lay."""
+    vec, out = cfg.vec, []
+    for i in range(mr):
+        out += [
+            f"{ind}for c in range({groups}):",
+            f"{ind}    s{i}[T.Ramp(c * {_i(vec)}, {_i(1)}, {vec})] = "
+            + _as_pairs(
+                f"s{i}[T.Ramp(c * {_i(2 * vec)}, {_i(1)}, {2 * vec})]", 2 * vec, "bfloat16"
+            ),
+        ]
+    return out
+
+
+def _attn_store(cfg: KernelConfig, mr: int, D: int, ind: str) -> list[str]:
+    """The output rows, `out`{i} times `sc`{i}[1], in whole vectors and an unrolled tail, as
+    the tile was zeroed (`_fill`)."""
+    vec, out = cfg.vec, []
+    full_v, tail = divmod(D, vec)
+    for i in range(mr):
+        out += [
+            f"{ind}for v in T.unroll({_i(full_v)}):",
+            f"{ind}    for l in T.vectorized({_i(vec)}):",
+            f"{ind}        O[b, r{i}, h, v * {_i(vec)} + l] = out{i}[v * {_i(vec)} + l] * sc{i}[1]",
+        ]
+        if tail:
+            out += [
+                f"{ind}for l in T.unroll({_i(tail)}):",
+                f"{ind}    O[b, r{i}, h, {_i(full_v * vec)} + l] = out{i}[{_i(full_v * vec)} + l] * sc{i}[1]",
+            ]
+    return out
+
+
+def _attn_tasks(
+    cfg: KernelConfig, mr: int, H: int, CA: str, HCA: str, MT: str, ca: str = ""
+) -> list[str]:
+    """The work queue over (batch, head, `_ATTN_TILES` query tiles): `CA` tasks per (batch,
+    head), `HCA` per batch, `MT` tiles per head; `ca`, where given, is the value of `CA`, a
+    let bound in each task. The tile's body goes at 20 spaces, its first row `m0`."""
+    G, ind = _ATTN_TILES, " " * 16
+    ntask = f"B * {_i(H)} * ({ca})" if ca else f"B * {HCA}"
+    out = _task_loop(ntask, BF16_DOT_IR if cfg.bf16 else "")
+    if ca:
+        out.append(f"{ind}{CA}: T.let[T.int64] = {ca}")
+    return out + [
+        f"{ind}b: T.let[T.int64] = cur[0] // {HCA}",
+        f"{ind}h: T.let[T.int64] = cur[0] // {CA} % {_i(H)}",
+        f"{ind}mlo: T.let[T.int64] = cur[0] % {CA} * {_i(G)}",
+        f"{ind}for mi in range(mlo, T.min(mlo + {_i(G)}, {MT})):",
+        f"{ind}    m0: T.let[T.int64] = mi * {_i(mr)}",
+    ]
+
+
+def _attn_locals(cfg: KernelConfig, mr: int, scores: int, DP: int, DK: int, ind: str) -> list[str]:
+    """The tile's stack buffers, per row: `scores` scores, a key block's accumulators, the
+    output row, a vector for the row reductions, two scalars; with `cfg.bf16` the Q row's
+    pairs."""
+    out = []
+    for i in range(mr):
+        out += [
+            ind + _local(f"s{i}", scores),
+            ind + _local(f"acc{i}", cfg.nb),
+            ind + _local(f"out{i}", DP),
+            ind + _local(f"red{i}", cfg.vec),
+            ind + _local(f"sc{i}", 2),
+        ]
+        if cfg.bf16:
+            out.append(ind + _local(f"qw{i}", DK))
+    return out
+
+
+def _attn_row_max(cfg: KernelConfig, mr: int, count: str, ind: str) -> list[str]:
+    """red_i = the lane-wise max of red_i and the scores s_i of `count` vectors, the rows side
+    by side so that their max chains overlap."""
+    vec, out = cfg.vec, [f"{ind}for jv in range({count}):"]
+    for i in range(mr):
+        out += [
+            f"{ind}    for l in T.vectorized({_i(vec)}):",
+            f"{ind}        red{i}[l] = T.max(red{i}[l], s{i}[jv * {_i(vec)} + l])",
+        ]
+    return out
+
+
+def _attn_exps(cfg: KernelConfig, mr: int, count: str, scale: float, top, ind: str) -> list[str]:
+    """p = exp(s_i * scale - `top(i)`) (one FMA, <= 0) in place of the scores of `count`
+    vectors, summed lane-wise into red_i."""
+    vec, out = cfg.vec, [f"{ind}for jv in range({count}):"]
+    for i in range(mr):
+        out.append(f"{ind}    for l in T.vectorized({_i(vec)}):")
+        out += _exp_lines(
+            f"s{i}[jv * {_i(vec)} + l] * {_f(scale)} - {top(i)}",
+            f"ex{i}",
+            ind + "        ",
+            f"e{i}",
+            upper=False,
+        )
+        out += [
+            f"{ind}        s{i}[jv * {_i(vec)} + l] = ex{i}",
+            f"{ind}        red{i}[l] = red{i}[l] + ex{i}",
+        ]
+    return out
+
+
+def _attn_pv(cfg: KernelConfig, mr: int, DP: int, count: str, row: str, ind: str) -> list[str]:
+    """out_i += p_i[j] V[`row`] for j < `count`, in whole vectors (an 80-lane vector, head
+    dim 72, made LLVM shuffle through the stack), unrolled so the accumulators stay in
+    registers."""
+    vec = cfg.vec
+    out = [f"{ind}for j in range({count}):", f"{ind}    for v in T.unroll({_i(DP // vec)}):"]
+    for i in range(mr):
+        out += [
+            f"{ind}        for l in T.vectorized({_i(vec)}):",
+            f"{ind}            out{i}[v * {_i(vec)} + l] = out{i}[v * {_i(vec)} + l]"
+            f" + s{i}[j] * VP[b, h, {row}, v * {_i(vec)} + l]",
+        ]
+    return out
+
+
 _ATTN_TILES = 8  # query tiles per task
+# The score of a key that the kernel must not weigh (past the last key, outside the query's
+# segment). Its weight, exp(score * scale - max), is the exp's floor, exp(-87) ~ 1.6e-38.
+_ATTN_MASKED = -1e30
 
 
 def attention_kernel(
@@ -1058,90 +1284,19 @@ def attention_kernel(
     ]
     G = _ATTN_TILES
     CA = -(-MT // G)  # tasks per (batch, head)
-    L += _task_loop(f"B * {_i(H * CA)}", BF16_DOT_IR if bf16 else "")
-    ind = " " * 16
-    L += [
-        f"{ind}b: T.let[T.int64] = cur[0] // {_i(H * CA)}",
-        f"{ind}h: T.let[T.int64] = cur[0] // {_i(CA)} % {_i(H)}",
-        f"{ind}mlo: T.let[T.int64] = cur[0] % {_i(CA)} * {_i(G)}",
-        f"{ind}for mi in range(mlo, T.min(mlo + {_i(G)}, {_i(MT)})):",
-        f"{ind}    m0: T.let[T.int64] = mi * {_i(mr)}",
-    ]
+    L += _attn_tasks(cfg, mr, H, _i(CA), _i(H * CA), _i(MT))
     ind = " " * 20
     L += _tile_rows(mr, _i(SQ - 1), ind)
-    for i in range(mr):
-        L += [
-            ind + _local(f"s{i}", SV),
-            ind + _local(f"acc{i}", nb),
-            ind + _local(f"out{i}", DP),
-            ind + _local(f"red{i}", vec),
-            ind + _local(f"sc{i}", 2),
-        ]
-        if bf16:
-            L.append(ind + _local(f"qw{i}", DK))
+    L += _attn_locals(cfg, mr, SV, DP, DK, ind)
     for i in range(mr):
         L += _fill(f"red{i}", vec, ind, -1e30)
     if bf16:  # the tile's Q rows as bfloat16 pairs along the head dim
-        for i in range(mr):
-            if D % (2 * vec) == 0:
-                L += [
-                    f"{ind}for c in range({_i(D // (2 * vec))}):",
-                    f"{ind}    qw{i}[T.Ramp(c * {_i(vec)}, {_i(1)}, {vec})] = "
-                    + _as_pairs(
-                        f"Q[b, r{i}, h, T.Ramp(c * {_i(2 * vec)}, {_i(1)}, {2 * vec})]",
-                        2 * vec,
-                        "bfloat16",
-                    ),
-                ]
-            else:
-                q_at = lambda d, i=i: f"Q[b, r{i}, h, {d}]"  # noqa: E731
-                L += [
-                    f"{ind}for c in range({_i(DK)}):",
-                    f"{ind}    qw{i}[c] = {_bf16_pair_at(q_at, 'c', D)}",
-                ]
-
-    def pair_products(ind2: str, step: str, count: int, acc: str, word: str, operand, n: int):
-        """A loop over `count` pair steps (index `step`) that adds to vector v < n of each
-        row's `acc`{i} the pair products of the broadcast word `word`{i}[step] and the
-        vector `operand(v)` (vdpbf16ps)."""
-        lanes = f"int32x{vec}"
-        out = [f"{ind2}for {step} in range({_i(count)}):"]
-        for v in range(n):
-            w = f'T.reinterpret("{lanes}", {operand(v)})'
-            for i in range(mr):
-                a = f"{acc}{i}[T.Ramp({_i(v * vec)}, {_i(1)}, {vec})]"
-                x = f'T.reinterpret("{lanes}", T.Broadcast({word}{i}[{step}], {vec}))'
-                out.append(
-                    f"{ind2}    {a} = T.call_extern('float32x{vec}', '{BF16_DOT}', {a}, {x}, {w})"
-                )
-        return out
+        L += _attn_q_pairs(cfg, mr, D, ind)
 
     # ---- raw scores s_i[j] = q_i . k_j, keys [base, base + width)
     def score_block(base: str, width: int, ind2: str, ragged: bool) -> list[str]:
-        out = []
-        for i in range(mr):
-            out += _fill(f"acc{i}", width, ind2)
-        if bf16:
-            kv = lambda v: f"KT[b, h, d, T.Ramp({base} + {_i(v * vec)}, {_i(1)}, {vec})]"  # noqa: E731
-            out += pair_products(ind2, "d", DK, "acc", "qw", kv, width // vec)
-        else:
-            out.append(f"{ind2}for d in range({_i(D)}):")
-            for i in range(mr):
-                out += [
-                    f"{ind2}    for j in T.vectorized({_i(width)}):",
-                    f"{ind2}        acc{i}[j] = acc{i}[j] + Q[b, r{i}, h, d] * KT[b, h, d, {base} + j]",
-                ]
-        for i in range(mr):
-            value = (
-                f"T.Select({base} + j < {_i(S)}, acc{i}[j], {_f(-1e30)})"
-                if ragged
-                else f"acc{i}[j]"
-            )
-            out += [
-                f"{ind2}for j in T.vectorized({_i(width)}):",
-                f"{ind2}    s{i}[{base} + j] = {value}",
-            ]
-        return out
+        valid = (lambda i, j: f"{j} < {_i(S)}") if ragged else None  # noqa: E731
+        return _attn_scores(cfg, mr, D, base, width, ind2, base, valid)
 
     if full:
         L.append(f"{ind}for jb in range({_i(full)}):")
@@ -1153,32 +1308,14 @@ def attention_kernel(
     # Each pass walks the rows side by side so that their max/sum chains overlap (one row at
     # a time, the chains' latency cost as much as the exps).
     nv = SV // vec
-    L.append(f"{ind}for jv in range({_i(nv)}):")
-    for i in range(mr):
-        L += [
-            f"{ind}    for l in T.vectorized({_i(vec)}):",
-            f"{ind}        red{i}[l] = T.max(red{i}[l], s{i}[jv * {_i(vec)} + l])",
-        ]
+    L += _attn_row_max(cfg, mr, _i(nv), ind)
     for i in range(mr):
         lanes = [f"red{i}[{l}]" for l in range(vec)]
         L += [
             f"{ind}sc{i}[0] = {_tree(lambda a, b: f'T.max({a}, {b})', lanes)} * {_f(scale)}",
             *_fill(f"red{i}", vec, ind),
         ]
-    L.append(f"{ind}for jv in range({_i(nv)}):")
-    for i in range(mr):
-        L.append(f"{ind}    for l in T.vectorized({_i(vec)}):")
-        L += _exp_lines(
-            f"s{i}[jv * {_i(vec)} + l] * {_f(scale)} - sc{i}[0]",
-            f"ex{i}",
-            ind + "        ",
-            f"e{i}",
-            upper=False,
-        )
-        L += [
-            f"{ind}        s{i}[jv * {_i(vec)} + l] = ex{i}",
-            f"{ind}        red{i}[l] = red{i}[l] + ex{i}",
-        ]
+    L += _attn_exps(cfg, mr, _i(nv), scale, lambda i: f"sc{i}[0]", ind)
     for i in range(mr):
         lanes = [f"red{i}[{l}]" for l in range(vec)]
         L.append(f"{ind}sc{i}[1] = {_f(1.0)} / {_tree(lambda a, b: f'({a} + {b})', lanes)}")
@@ -1186,43 +1323,184 @@ def attention_kernel(
     for i in range(mr):
         L += _fill(f"out{i}", DP, ind, vec=vec)
     if bf16:
-        # P as bfloat16 pairs of keys, in place: word t of row i goes to s_i[t], where
-        # the scores it came from (2t, 2t + 1) or ones already converted lay. A masked key's
-        # p is at most exp(-87) (the exp's clamp) and past S its V pairs are zero.
-        for i in range(mr):
-            L += [
-                f"{ind}for c in range({_i(SV // (2 * vec))}):",
-                f"{ind}    s{i}[T.Ramp(c * {_i(vec)}, {_i(1)}, {vec})] = "
-                + _as_pairs(
-                    f"s{i}[T.Ramp(c * {_i(2 * vec)}, {_i(1)}, {2 * vec})]", 2 * vec, "bfloat16"
-                ),
-            ]
+        # P as bfloat16 pairs of keys, in place (`_attn_p_pairs`). A masked key's p is at
+        # most exp(-87) (the exp's clamp) and past S its V pairs are zero.
+        L += _attn_p_pairs(cfg, mr, _i(SV // (2 * vec)), ind)
         vv = lambda v: f"VP[b, h, t, T.Ramp({_i(v * vec)}, {_i(1)}, {vec})]"  # noqa: E731
-        L += pair_products(ind, "t", SK, "out", "s", vv, DP // vec)
+        L += _attn_pair_products(cfg, mr, ind, "t", _i(SK), "out", "s", vv, DP // vec)
     else:
-        # P.V in whole vectors (an 80-lane vector, head dim 72, made LLVM shuffle through
-        # the stack), unrolled so the accumulators stay in registers.
-        L.append(f"{ind}for j in range({_i(S)}):")
-        L.append(f"{ind}    for v in T.unroll({_i(DP // vec)}):")
+        L += _attn_pv(cfg, mr, DP, _i(S), "j", ind)
+    L += _attn_store(cfg, mr, D, ind)
+    return _parse("\n".join(L))
+
+
+# Keys per chunk of the sequence kernel: the tile's scores of one chunk stay in a stack buffer
+# (mr x 512 floats, 12 KiB), in L1 beside the K^T block the tile reads.
+_ATTN_CHUNK = 512
+
+
+def attn_seq_padding(cfg: KernelConfig, S, segments: bool = False):
+    """The packed K^T's width for `attention_seq_kernel` over S keys (a symbolic length):
+    whole N blocks, one more where the tiles' key ranges start anywhere (`segments`)."""
+    SP, _ = attn_padding(cfg, S, 1)
+    return SP + cfg.nb if segments else SP
+
+
+def attn_segments_kernel():
+    """The key range [lo, hi) of each query of `attention_var_len` (cu_seqlens as HF and
+    flash-attention define them): query i is in segment c = #{k >= 1: seqstart_q[k] <= i}
+    and attends to the keys of segment c, [seqstart_k[c], seqstart_k[c + 1]) (from 0 for
+    the first, to the last key for the one past the last start). Rows in parallel, c by
+    binary search; the range clamped to [0, S] whatever the starts hold."""
+    src = f"""
+@T.prim_func(private=True, check_well_formed=False)
+def attn_segments(sq: T.handle, sk: T.handle, S: T.int64, seg: T.handle):
+{_ATTRS}
+    K1 = T.int64()
+    SQ = T.int64()
+    SSQ = T.match_buffer(sq, (K1,), "int32")
+    SSK = T.match_buffer(sk, (K1,), "int32")
+    SEG = T.match_buffer(seg, (SQ, {_i(2)}), "int32")
+    for r in T.parallel(SQ):
+        lo = T.alloc_buffer(({_i(1)},), "int64", scope="local")
+        up = T.alloc_buffer(({_i(1)},), "int64", scope="local")
+        lo[0] = {_i(1)}
+        up[0] = K1
+        while lo[0] < up[0]:
+            mid: T.let[T.int64] = (lo[0] + up[0]) // {_i(2)}
+            if T.Cast("int64", SSQ[mid]) > r:
+                up[0] = mid
+            else:
+                lo[0] = mid + {_i(1)}
+        c: T.let[T.int64] = lo[0] - {_i(1)}
+        first: T.let[T.int64] = T.if_then_else(c == {_i(0)}, {_i(0)}, T.Cast("int64", SSK[c]))
+        end: T.let[T.int64] = T.if_then_else(c + {_i(1)} < K1, T.Cast("int64", SSK[T.min(c + {_i(1)}, K1 - {_i(1)})]), S)
+        klo: T.let[T.int64] = T.min(T.max(first, {_i(0)}), S)
+        SEG[r, 0] = T.Cast("int32", klo)
+        SEG[r, 1] = T.Cast("int32", T.min(T.max(end, klo), S))
+"""
+    return _parse(src)
+
+
+def attention_seq_kernel(cfg: KernelConfig, H: int, D: int, scale: float, segments: bool = False):
+    """`attention_kernel` for a sequence length known only at run time: S keys (the argument
+    after the inputs), as many queries as Q has. The tile's keys go by in chunks of
+    `_ATTN_CHUNK` with an online softmax: each chunk's scores in the stack buffer, then its
+    row max; where that raises the running max, the tile's sums and output so far are scaled
+    down by exp(old - new) before the chunk's exps and P.V add to them. Up to one chunk
+    (512 keys) it computes what `attention_kernel` does, plus one mask per score (whether
+    the key is past S).
+
+    `segments` (`attention_var_len`): a fourth input, [SQ, 2] int32, holds each query's key
+    range (`attn_segments_kernel`); a tile runs the keys from the least start of its rows to
+    the greatest end, and masks each row's keys outside its own range. So each tile costs
+    the segments it touches, never the whole sequence; K^T then has an N block more
+    (`attn_seq_padding`), for a range that starts within a block.
+
+    With `cfg.bf16` the products take bfloat16 pairs as in `attention_kernel` (a segment
+    tile's keys start at an even key, so that P's pairs are V's)."""
+    nb, vec, mr = cfg.nb, cfg.vec, cfg.mr
+    bf16 = cfg.bf16
+    DK, DP = (-(-D // 2) if bf16 else D), -(-D // vec) * vec
+    if DP // vec > 4:  # keep accumulators within the register file
+        mr = 4
+    C, G = _ATTN_CHUNK, _ATTN_TILES
+    seg = "seg: T.handle, " if segments else ""
+    L = [
+        "@T.prim_func(private=True, check_well_formed=False)",
+        f"def attention_seq(q: T.handle, kt: T.handle, vp: T.handle, {seg}S: T.int64, o: T.handle):",
+        _ATTRS,
+        "    B = T.int64()",
+        "    SQ = T.int64()",
+        "    SP = T.int64()",
+        "    SK = T.int64()",
+        f'    Q = T.match_buffer(q, (B, SQ, {_i(H)}, {_i(D)}), "float32")',
+        f'    KT = T.match_buffer(kt, (B, {_i(H)}, {_i(DK)}, SP), "float32")',
+        f'    VP = T.match_buffer(vp, (B, {_i(H)}, SK, {_i(DP)}), "float32")',
+        f'    O = T.match_buffer(o, (B, SQ, {_i(H)}, {_i(D)}), "float32")',
+    ]
+    if segments:
+        L.append(f'    SEG = T.match_buffer(seg, (SQ, {_i(2)}), "int32")')
+    MT = f"(SQ + {_i(mr - 1)}) // {_i(mr)}"
+    CA = f"({MT} + {_i(G - 1)}) // {_i(G)}"  # tasks per (batch, head)
+    L += _attn_tasks(cfg, mr, H, "ca", f"({_i(H)} * ca)", MT, ca=CA)
+    ind = " " * 20
+    L += _tile_rows(mr, "SQ - T.int64(1)", ind)
+    if segments:
         for i in range(mr):
             L += [
-                f"{ind}        for l in T.vectorized({_i(vec)}):",
-                f"{ind}            out{i}[v * {_i(vec)} + l] = out{i}[v * {_i(vec)} + l]"
-                f" + s{i}[j] * VP[b, h, j, v * {_i(vec)} + l]",
+                f'{ind}lo{i}: T.let[T.int64] = T.Cast("int64", SEG[r{i}, 0])',
+                f'{ind}hi{i}: T.let[T.int64] = T.Cast("int64", SEG[r{i}, 1])',
             ]
-    # The output rows in whole vectors and an unrolled tail, as the tile was zeroed (`_fill`).
-    full_v, tail = divmod(D, vec)
+        first = _tree(lambda a, b: f"T.min({a}, {b})", [f"lo{i}" for i in range(mr)])
+        if bf16:
+            first = f"{first} // {_i(2)} * {_i(2)}"
+        last = _tree(lambda a, b: f"T.max({a}, {b})", [f"hi{i}" for i in range(mr)])
+        L += [f"{ind}klo: T.let[T.int64] = {first}", f"{ind}khi: T.let[T.int64] = {last}"]
+        valid = lambda i, j: f"lo{i} <= {j} and {j} < hi{i}"  # noqa: E731
+    else:
+        L += [f"{ind}klo: T.let[T.int64] = {_i(0)}", f"{ind}khi: T.let[T.int64] = S"]
+        valid = lambda i, j: f"{j} < S"  # noqa: E731
+    L += _attn_locals(cfg, mr, C + 2, DP, DK, ind)
+    for i in range(mr):
+        L += _fill(f"out{i}", DP, ind, vec=vec)
+        # The running max (scaled) and sum, past the scores in memory, not in registers that
+        # P.V needs for its accumulators (held in vectors there, they spilled these); and
+        # at the buffer's end, so that it keeps its size (compacted to the extent of the
+        # scores, it would be a stack buffer of a symbolic size). The max starts above any
+        # masked score's: a chunk of masked keys alone weighs them at the exp's floor.
+        L += [
+            f"{ind}s{i}[{_i(C)}] = {_f(0.5 * _ATTN_MASKED * scale)}",
+            f"{ind}s{i}[{_i(C + 1)}] = {_f(0.0)}",
+        ]
+    if bf16:
+        L += _attn_q_pairs(cfg, mr, D, ind)
+    L.append(f"{ind}for ch in range((khi - klo + {_i(C - 1)}) // {_i(C)}):")
+    ind = " " * 24
+    L += [
+        f"{ind}c0: T.let[T.int64] = klo + ch * {_i(C)}",
+        f"{ind}kn: T.let[T.int64] = T.min({_i(C)}, khi - c0)",
+        f"{ind}nblk: T.let[T.int64] = (kn + {_i(nb - 1)}) // {_i(nb)}",
+        f"{ind}for jb in range(nblk):",
+    ]
+    L += _attn_scores(cfg, mr, D, f"c0 + jb * {_i(nb)}", nb, ind + "    ", f"jb * {_i(nb)}", valid)
+    # ---- online softmax: the chunk's row max, the running max, the rescale of what is summed
+    for i in range(mr):
+        L += _fill(f"red{i}", vec, ind, _ATTN_MASKED)
+    vectors = f"nblk * {_i(nb // vec)}"
+    L += _attn_row_max(cfg, mr, vectors, ind)
+    for i in range(mr):
+        lanes = [f"red{i}[{l}]" for l in range(vec)]
+        top = f"T.max(s{i}[{_i(C)}], {_tree(lambda a, b: f'T.max({a}, {b})', lanes)} * {_f(scale)})"
+        L += [f"{ind}top{i}: T.let[T.float32] = {top}"]
+        L += _exp_lines(f"s{i}[{_i(C)}] - top{i}", f"al{i}", ind, f"a{i}", upper=False)
+        L += [f"{ind}sc{i}[1] = al{i}", f"{ind}s{i}[{_i(C)}] = top{i}"]
     for i in range(mr):
         L += [
-            f"{ind}for v in T.unroll({_i(full_v)}):",
+            f"{ind}for v in T.unroll({_i(DP // vec)}):",
             f"{ind}    for l in T.vectorized({_i(vec)}):",
-            f"{ind}        O[b, r{i}, h, v * {_i(vec)} + l] = out{i}[v * {_i(vec)} + l] * sc{i}[1]",
+            f"{ind}        out{i}[v * {_i(vec)} + l] = out{i}[v * {_i(vec)} + l] * sc{i}[1]",
+            *_fill(f"red{i}", vec, ind),
         ]
-        if tail:
-            L += [
-                f"{ind}for l in T.unroll({_i(tail)}):",
-                f"{ind}    O[b, r{i}, h, {_i(full_v * vec)} + l] = out{i}[{_i(full_v * vec)} + l] * sc{i}[1]",
-            ]
+    L += _attn_exps(cfg, mr, vectors, scale, lambda i: f"top{i}", ind)
+    for i in range(mr):
+        lanes = [f"red{i}[{l}]" for l in range(vec)]
+        total = _tree(lambda a, b: f"({a} + {b})", lanes)
+        L.append(f"{ind}s{i}[{_i(C + 1)}] = s{i}[{_i(C + 1)}] * sc{i}[1] + {total}")
+    # ---- out += P V over the chunk's keys
+    if bf16:
+        # Pairs of keys from c0 (even): a last odd key's partner is masked (or past S, with
+        # zero V), its weight at most exp(-87).
+        L += _attn_p_pairs(cfg, mr, f"nblk * {_i(nb // (2 * vec))}", ind)
+        vv = lambda v: f"VP[b, h, c0 // {_i(2)} + t, T.Ramp({_i(v * vec)}, {_i(1)}, {vec})]"  # noqa: E731
+        count = f"(kn + {_i(1)}) // {_i(2)}"
+        L += _attn_pair_products(cfg, mr, ind, "t", count, "out", "s", vv, DP // vec)
+    else:
+        L += _attn_pv(cfg, mr, DP, "kn", "c0 + j", ind)
+    ind = " " * 20
+    for i in range(mr):
+        L.append(f"{ind}sc{i}[1] = {_f(1.0)} / s{i}[{_i(C + 1)}]")
+    L += _attn_store(cfg, mr, D, ind)
     return _parse("\n".join(L))
 
 

@@ -40,7 +40,11 @@ How it works
        folded into the weight and bias, and the interleaving of a SwiGLU's gate and up
        weights, which then run as one GEMM.
      * ``nn.attention(q, k, v)`` (no mask, no bias) -> K^T / V repacking kernels and one fused
-       kernel per (batch, head, 6-query tile): Q.K^T tile, softmax, P.V tile.
+       kernel per (batch, head, 6-query tile): Q.K^T tile, softmax, P.V tile.  A symbolic
+       sequence length (a tower that takes each image at its own size) goes to the sequence
+       kernel, which takes it as an argument and runs the keys in chunks (online softmax);
+       ``nn.attention_var_len`` (block-diagonal by cu_seqlens) to its segment form, which
+       computes only the blocks on the diagonal.
      * ``nn.layer_norm``, ``nn.rms_norm`` over the last axis -> a row-parallel kernel.
      * patchify ``conv2d`` (stride == kernel, no padding) -> im2col (reshape/permute) + GEMM.
    Everything else stays a normal Relax op.

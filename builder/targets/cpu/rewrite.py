@@ -14,9 +14,12 @@ from .kernels import (
     KernelConfig,
     Shuffle,
     attention_kernel,
+    attention_seq_kernel,
     attn_pack_k_kernel,
     attn_pack_v_kernel,
     attn_packed,
+    attn_segments_kernel,
+    attn_seq_padding,
     avg_pool_kernel,
     gemm_kernel,
     layer_norm_kernel,
@@ -149,6 +152,7 @@ class _Plan:
         match = {
             "relax.matmul": self._match_linear,
             "relax.nn.attention": self._match_attention,
+            "relax.nn.attention_var_len": self._match_attention_var_len,
             "relax.nn.conv2d": self._match_conv,
             "relax.nn.layer_norm": self._match_norm,
             "relax.nn.rms_norm": self._match_norm,
@@ -369,37 +373,65 @@ class _Plan:
         return None
 
     def _match_attention(self, var, call):
-        if len(call.args) != 3 or not all(_is_f32(a) for a in call.args):
+        """`nn.attention(q, k, v)` (no mask or bias, positive scale) of float32 [B, S, H, D]
+        tensors, the queries fewer than the keys or as many. S may be symbolic (a token count
+        known at run time): the sequence kernel then takes it as an argument."""
+        if len(call.args) != 3:
             return
-        if call.attrs.causal_mask is not None:
+        spec = self._attention_spec(call)
+        if spec is not None:
+            self.rewrites[var] = spec
+
+    def _match_attention_var_len(self, var, call):
+        """`nn.attention_var_len(q, k, v, seqstart_q, seqstart_k, max_seqlen_q, max_seqlen_k)`
+        without a causal mask or window: the block-diagonal attention of [1, n, H, D]
+        queries, keys and values by their cu_seqlens (int32, [K + 1]); n symbolic or not."""
+        spec = self._attention_spec(call)
+        starts = call.args[3:5]
+        if spec is None or not all(self._starts(e) for e in starts):
             return
+        spec.update(kind="attention_seq", starts=starts)
+        self.rewrites[var] = spec
+
+    @staticmethod
+    def _starts(e) -> bool:
+        s = _sinfo(e)
+        return s is not None and s.dtype == "int32" and s.ndim == 1
+
+    @staticmethod
+    def _attention_spec(call) -> dict | None:
+        """The attention kernels' spec of an attention call's q, k and v (its first three
+        arguments, float32 [B, S, H, D] of the same B, H and D, k and v of the same S, no
+        causal mask or window, a positive scale); None where they cannot compute it. Kind
+        "attention" where every size is static, else "attention_seq"."""
+        qkv = call.args[:3]
+        if not all(_is_f32(a) for a in qkv) or call.attrs.causal_mask is not None:
+            return None
         if getattr(call.attrs, "window_size", None) is not None:
-            return
-        shapes = [_sinfo(a).shape.values for a in call.args]
+            return None
+        shapes = [_sinfo(a).shape.values for a in qkv]
         if any(len(s) != 4 for s in shapes):
-            return
-        tail = [_static(s[1:]) for s in shapes]
-        if any(t is None for t in tail) or tail[1] != tail[2] or tail[0][1:] != tail[1][1:]:
-            return  # the queries may be fewer than the keys (a cross-attention's probe)
+            return None
+        heads = [_static(s[2:]) for s in shapes]
+        if any(h is None for h in heads) or heads[1] != heads[2] or heads[0] != heads[1]:
+            return None
         if not all(tvm_ffi.structural_equal(shapes[0][0], s[0]) for s in shapes):
-            return
-        SQ = tail[0][0]
-        S, H, D = tail[1]
+            return None
+        if not tvm_ffi.structural_equal(shapes[1][1], shapes[2][1]):
+            return None
+        H, D = heads[0]
         scale = call.attrs.scale
         scale = float(scale) if scale is not None else 1.0 / math.sqrt(D)
         if not scale > 0:  # the kernel takes the maximum of unscaled scores
-            return
-        self.rewrites[var] = dict(
-            kind="attention",
-            q=call.args[0],
-            k=call.args[1],
-            v=call.args[2],
-            S=S,
-            SQ=SQ,
-            H=H,
-            D=D,
-            scale=scale,
-        )
+            return None
+        q, k, v = qkv
+        spec = dict(kind="attention", q=q, k=k, v=v, H=H, D=D, scale=scale)
+        S, SQ = _static([shapes[1][1]]), _static([shapes[0][1]])
+        if S is None or SQ is None:
+            spec.update(kind="attention_seq", S=shapes[1][1], SQ=shapes[0][1], starts=None)
+        else:
+            spec.update(S=S[0], SQ=SQ[0])
+        return spec
 
     def _match_conv(self, var, call):
         x, w = call.args
@@ -583,6 +615,40 @@ class _KernelRewriter(PyExprMutator):
         tokens, shuffle = spec["shuffle"]
         return self._v(tokens), (M, shuffle)
 
+    def _attention_seq(self, spec):
+        """The sequence kernel's call (`kernels.attention_seq_kernel`): the key count S goes
+        in as an argument, and with `starts` (cu_seqlens of an `attention_var_len`) each
+        query's key range from `attn_segments_kernel`."""
+        cfg, H, D, S = self.cfg, spec["H"], spec["D"], spec["S"]
+        q, k, v = self._v(spec["q"]), self._v(spec["k"]), self._v(spec["v"])
+        B, SQ = _sinfo(q).shape.values[:2]
+        starts = spec["starts"]
+        segments = starts is not None
+        (DK, _), vp_shape = attn_packed(cfg, S, D)
+        SP = attn_seq_padding(cfg, S, segments)
+        n = relax.prim_value(S)
+        pk = self._gv(
+            ("kpack", None, H, D), lambda: attn_pack_k_kernel(cfg, None, H, D), "attn_pack_k"
+        )
+        pv = self._gv(
+            ("vpack", None, H, D), lambda: attn_pack_v_kernel(cfg, None, H, D), "attn_pack_v"
+        )
+        kt = self._emit(relax.call_tir(pk, [k], relax.TensorType([B, H, DK, SP], "float32")))
+        vp = self._emit(relax.call_tir(pv, [v], relax.TensorType([B, H, *vp_shape], "float32")))
+        args = [q, kt, vp]
+        if segments:
+            sk = self._gv(("segments",), attn_segments_kernel, "attn_segments")
+            ranges = relax.TensorType([SQ, 2], "int32")
+            starts = [self._v(e) for e in starts]
+            args.append(self._emit(relax.call_tir(sk, [*starts, n], ranges)))
+        scale = spec["scale"]
+        ak = self._gv(
+            ("attn_seq", H, D, scale, segments),
+            lambda: attention_seq_kernel(cfg, H, D, scale, segments),
+            "attention_seq",
+        )
+        return relax.call_tir(ak, [*args, n], relax.TensorType([B, SQ, H, D], "float32"))
+
     @staticmethod
     def _rows(x):
         """The product of x's leading dims: x as a [rows, last] matrix."""
@@ -652,6 +718,8 @@ class _KernelRewriter(PyExprMutator):
                 "attention",
             )
             return relax.call_tir(ak, [q, kt, vp], relax.TensorType([B, SQ, H, D], "float32"))
+        if kind == "attention_seq":
+            return self._attention_seq(spec)
         if kind == "norm":
             x = self._v(spec["x"])
             M = self._rows(x)
