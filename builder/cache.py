@@ -21,7 +21,8 @@ Layout, under `BUILDER_CACHE_DIR` (default `$XDG_CACHE_HOME/clip-tvm-builder`, e
     artifacts/<key>/        a finished artifact (lib, params, manifest)
     libraries/<key>/        a compiled library and `part.json` (its files' digests)
     params/<key>/           packed parameters and `part.json` (their order, source, digests)
-    kernels/<key>.json      a CPU kernel parsed from its TVMScript text (`kernel_key`)
+    kernels/<key>.json      a CPU kernel parsed from its TVMScript text (`kernel_key`);
+                            `BUILDER_KERNEL_DIR` keeps them elsewhere
     locks/<key>.lock        held while a key is built or reused: a second build waits
     locks/out-<hash>.lock   held while an output folder's link is swapped
     hashes.json             checkpoint file digests by (path, size, mtime, inode)
@@ -57,6 +58,9 @@ from .errors import ArtifactError
 from .locking import locked, try_locked
 
 CACHE_ENV = "BUILDER_CACHE_DIR"
+# Where the kernel store is kept, if not in the cache folder: caches that build towers of the
+# same widths can share their kernels (the test suite's per-test caches do).
+KERNELS_ENV = "BUILDER_KERNEL_DIR"
 # Bump when a key's layout changes.
 KEY_FORMAT = 2
 INDEX = "hashes.json"
@@ -175,6 +179,8 @@ class Cache:
 
     def __init__(self, root: Path | None = None):
         self.root = Path(root) if root is not None else default_dir()
+        kernels = os.environ.get(KERNELS_ENV)
+        self.kernels = Path(kernels).expanduser() if kernels else self.root / "kernels"
 
     def entry(self, key: str, store: str = "artifacts") -> Path:
         return self.root / store / key
@@ -287,14 +293,14 @@ class Cache:
     def kernel_json(self, key: str) -> str | None:
         """A stored kernel's JSON, or None."""
         try:
-            return (self.root / "kernels" / f"{key}.json").read_text()
+            return (self.kernels / f"{key}.json").read_text()
         except (OSError, UnicodeDecodeError):
             return None
 
     def store_kernel_json(self, key: str, text: str) -> None:
         """Store a kernel's JSON, atomically; a cache folder that cannot be written only
         means the next process parses the kernel again."""
-        folder = self.root / "kernels"
+        folder = self.kernels
         tmp = folder / f".{key}.tmp-{os.getpid()}"
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -308,9 +314,8 @@ class Cache:
         """Remove what killed builds left: temporary folders of keys no build holds, and
         kernel files a killed process did not finish writing (a write takes milliseconds: any
         older than a minute is a leftover)."""
-        kernels = self.root / "kernels"
-        if kernels.is_dir():
-            for p in kernels.glob(".*.tmp-*"):
+        if self.kernels.is_dir():
+            for p in self.kernels.glob(".*.tmp-*"):
                 with contextlib.suppress(OSError):
                     if time.time() - p.stat().st_mtime > 60:
                         p.unlink()

@@ -12,6 +12,7 @@ import pytest
 
 from builder import families
 from builder.build import build
+from builder.cache import CACHE_ENV, KERNELS_ENV
 from builder.config import TargetConfig
 from builder.preset import load_preset
 from builder.runtime import available_cores, load
@@ -46,25 +47,35 @@ TINY = {
 
 @pytest.fixture(scope="session", autouse=True)
 def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """One build cache for the whole session (never the user's), subprocesses included:
-    tests that build the same tower reuse its artifact, library and parameters, as a user's
-    builds do. Its keys cover everything a build depends on (builder/cache.py)."""
-    folder = tmp_path_factory.mktemp("cache")
-    before = os.environ.get("BUILDER_CACHE_DIR")
-    os.environ["BUILDER_CACHE_DIR"] = str(folder)
+    """One build cache for the whole session (never the user's), subprocesses and every
+    xdist worker included: tests that build the same tower reuse its artifact, library and
+    parameters, as a user's builds do, and two workers building one key wait on its lock.
+    Its keys cover everything a build depends on (builder/cache.py). Its kernel store serves
+    the per-test caches of `build_cache` too."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the session's folder, above each worker's own
+    folder = base / "shared-cache"
+    folder.mkdir(exist_ok=True)
+    settings = {CACHE_ENV: str(folder), KERNELS_ENV: str(folder / "kernels")}
+    before = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
     yield folder
-    if before is None:
-        del os.environ["BUILDER_CACHE_DIR"]
-    else:
-        os.environ["BUILDER_CACHE_DIR"] = before
+    for name, value in before.items():
+        if value is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture
 def build_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An empty build cache for this test alone: for tests of the cache itself, and for tests
-    that change the pipeline under the cache's feet (a broken compile, a hidden tool)."""
+    that change the pipeline under the cache's feet (a broken compile, a hidden tool). Its
+    kernels are the session's (a kernel is its text's parse, whichever pipeline asks for it);
+    a test of the kernel store itself unsets `BUILDER_KERNEL_DIR`."""
     folder = tmp_path_factory.mktemp("cache")
-    monkeypatch.setenv("BUILDER_CACHE_DIR", str(folder))
+    monkeypatch.setenv(CACHE_ENV, str(folder))
     return folder
 
 

@@ -259,7 +259,8 @@ def test_two_builds_at_once(tmp_path, build_cache):
 def test_kernel_store_serves_a_parse_to_other_processes(build_cache, monkeypatch, tmp_path):
     """A parsed kernel is stored in the cache and loaded instead of parsed by the next
     process (the same function); a damaged entry is parsed again and replaced; a cache that
-    cannot be written only costs the parse."""
+    cannot be written only costs the parse; `BUILDER_KERNEL_DIR` keeps the store elsewhere."""
+    monkeypatch.delenv(cache.KERNELS_ENV)  # the session's store, set by conftest.py
     cfg = kernels.KernelConfig(vec=16, nv=4, mr=6)
     parsed = []
     real = kernels.tvm.script.from_source
@@ -285,3 +286,10 @@ def test_kernel_store_serves_a_parse_to_other_processes(build_cache, monkeypatch
     monkeypatch.setenv("BUILDER_CACHE_DIR", str(blocked / "cache"))
     kernels.tvm.ir.assert_structural_equal(new_process_parse(), first)
     assert len(parsed) == 3
+
+    monkeypatch.setenv(cache.KERNELS_ENV, str(tmp_path / "kernels-elsewhere"))
+    kernels.tvm.ir.assert_structural_equal(new_process_parse(), first)
+    assert len(parsed) == 4
+    assert [p.name for p in (tmp_path / "kernels-elsewhere").iterdir()] == [stored.name]
+    kernels.tvm.ir.assert_structural_equal(new_process_parse(), first)
+    assert len(parsed) == 4
