@@ -254,10 +254,26 @@ def projected_tokens(config: TowerConfig, projector: str | None, tokens: int) ->
     return tokens
 
 
+def native_projectors(native: bool) -> list[str]:
+    """The projector blocks of native-resolution towers (their `native` constant), or the
+    others."""
+    names = registry.names("projector")
+    return [n for n in names if bool(registry.get(n, "projector").attr("native")) == native]
+
+
 def projector_errors(preset: Preset) -> list[tuple[tuple[str | int, ...], str]]:
     """The projector's grid arithmetic: a merge needs the patch grid alone (no CLS) and a
     factor that divides its side."""
     m, projector = preset.model, preset.blocks.projector
+    if projector and m.native != bool(registry.get(projector, "projector").attr("native")):
+        which = "native-resolution" if m.native else "fixed-size"
+        return [
+            (
+                ("blocks", "projector"),
+                f"{projector!r} is not a projector of {which} towers (the "
+                f"{preset.family} family's); the projectors: {native_projectors(m.native)}",
+            )
+        ]
     if not projector or m.output != "features":
         return []
     default = m.feature_select_strategy == "default"

@@ -228,3 +228,13 @@ def test_qwen2_5_vl_refuses_an_inner_feature_layer_a_rotary_width_and_a_small_wi
         "override 'model.window_size=20': model.window_size: 20 pixels is less than one merge "
         "block (2 x 14 pixels)",
     ]
+
+
+@pytest.mark.unit
+def test_a_projector_of_the_other_kind_is_refused(capsys):
+    """A fixed-size tower's projector takes no image context, and a native one needs it."""
+    assert main(["check", "siglip2-so400m-patch16-naflex", "blocks.projector=mlp2x_gelu"]) == 2
+    err = capsys.readouterr().err
+    assert "'mlp2x_gelu' is not a projector of native-resolution towers" in err
+    assert main(["check", "llava-clip", "blocks.projector=mistral3_projector"]) == 2
+    assert "'mistral3_projector' is not a projector of fixed-size towers" in capsys.readouterr().err

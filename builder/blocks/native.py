@@ -230,6 +230,8 @@ class Mistral3MultiModalProjector(nn.Module):
     -> `linear_2`, biases per `model.multimodal_projector_bias`."""
 
     anchor = "patch_merger.merging_layer.weight"
+    # Takes the image's context: a projector of native-resolution towers.
+    native = True
     # What the host adds to `forward`'s inputs: the patches of each 2 x 2 block, in order (the
     # "kept" patches: all but an odd last row or column).
     inputs = (("merge_index", ("kept_patches",), "int32"),)

@@ -25,6 +25,17 @@ class _Lower(PyExprMutator):
         if not (isinstance(call.op, tvm.ir.Op) and call.op.name == OP):
             return call
         q, k, v, starts = call.args[:4]
+        keys = call.args[5] if len(call.args) > 5 else None
+        if (
+            call.attrs.causal_mask
+            or call.attrs.window_size
+            or (keys is not None and not keys.same_as(starts))
+        ):
+            # The native towers' windows are none of these; lowering them would be wrong.
+            raise ValueError(
+                "attention_var_len with a causal mask, a sliding window or key segments of "
+                "their own is not supported"
+            )
         n = q.ty.shape.values[1]
         bb = self.builder_
         index = bb.emit(relax.op.arange(0, n, dtype="int32"))
