@@ -25,7 +25,7 @@ class _Lower(PyExprMutator):
         if not (isinstance(call.op, tvm.ir.Op) and call.op.name == OP):
             return call
         q, k, v, starts = call.args[:4]
-        keys = call.args[5] if len(call.args) > 5 else None
+        keys = call.args[4] if len(call.args) > 4 else None  # seqstart_k
         if (
             call.attrs.causal_mask
             or call.attrs.window_size
