@@ -99,8 +99,6 @@ def import_config(path: str | Path) -> Imported:
     family, vision, prefix = _tower(path, cfg)
     vision = vision_fields(cfg, vision)
     used = {prefix + "model_type", "model_type"}
-    if "rope_theta" in vision and "rope_theta" not in cfg.get("vision_config", cfg):
-        used.add(prefix + "rope_parameters.rope_theta")
     model: dict[str, Any] = {}
     for f in family.hf_field_names():
         if f in vision:

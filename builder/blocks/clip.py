@@ -103,8 +103,6 @@ class CLIPAttention(nn.Module):
         self.k_norm = create(qk_norm[0], "norm", d, qk_norm[1]) if qk_norm else None
 
     def forward(self, hidden_states: Tensor, *context: Any) -> Tensor:
-        # A native tower's layer passes the image's context (SigLIP2's): attention over the
-        # whole image needs nothing from it.
         b, s, d = hidden_states.shape
         h, hd = self.num_heads, self.head_dim
         q, k = self.q_proj(hidden_states), self.k_proj(hidden_states)  # (B, S, D)
@@ -113,9 +111,13 @@ class CLIPAttention(nn.Module):
         q = op.reshape(q, (b, s, h, hd))  # (B, S, H, hd)
         k = op.reshape(k, (b, s, h, hd))
         v = op.reshape(self.v_proj(hidden_states), (b, s, h, hd))
-        # (B, S, H, hd); scale 1/sqrt(hd); softmax and sums in float32 in half precision
-        out = in_float32(op.scaled_dot_product_attention, q, k, v)
-        return self.out_proj(op.reshape(out, (b, s, d)))  # (B, S, D)
+        return self.out_proj(op.reshape(self.attend(q, k, v, *context), (b, s, d)))  # (B, S, D)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, *context: Any) -> Tensor:
+        """(B, S, H, hd) each -> the heads' outputs: attention over every token, scale
+        1/sqrt(hd), softmax and sums in float32 in half precision. A native tower's layer
+        passes the image's context (SigLIP2's), which this needs nothing from."""
+        return in_float32(op.scaled_dot_product_attention, q, k, v)
 
 
 @register("clip_mlp", kind="mlp")

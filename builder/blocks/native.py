@@ -22,7 +22,7 @@ from tvm.relax.frontend.nn import Tensor, op
 from ..config import BlocksConfig, TowerConfig
 from ..families import input_specs
 from ..registry import create, register
-from .clip import make_norm
+from .clip import CLIPAttention, make_norm
 from .common import Linear, in_float32
 
 Context = dict[str, Tensor]
@@ -93,37 +93,17 @@ class Siglip2VisionEmbeddings(nn.Module):
 
 
 @register("rope_attention", kind="attention")
-class RopeAttention(nn.Module):
-    """Multi-head attention with 2-D rotary positions on q and k (the context's `cos` and
-    `sin`, the family's frequency layout computed on the host), over every patch of the
-    image, or within each window where the context has `windows` (cumulative lengths, as
-    flash attention's cu_seqlens). q/k/v/out biases as the family config says."""
+class RopeAttention(CLIPAttention):
+    """`clip_attention`'s projections (biases as the family config says), with 2-D rotary
+    positions on q and k (the context's `cos` and `sin`, the family's frequency layout
+    computed on the host), over every patch of the image, or within each window where the
+    context has `windows` (cumulative lengths, as flash attention's cu_seqlens)."""
 
-    def __init__(self, config: TowerConfig, blocks: BlocksConfig):
-        self.num_heads = config.num_attention_heads
-        self.head_dim = config.head_dim
-        d = config.hidden_size
-        qkv_bias, out_bias = config.attention_biases
-        self.q_proj = Linear(d, d, bias=qkv_bias)
-        self.k_proj = Linear(d, d, bias=qkv_bias)
-        self.v_proj = Linear(d, d, bias=qkv_bias)
-        self.out_proj = Linear(d, d, bias=out_bias)
-
-    def forward(self, hidden_states: Tensor, context: Context) -> Tensor:
-        b, s, d = hidden_states.shape
-        h, hd = self.num_heads, self.head_dim
-
-        def heads(x: Tensor) -> Tensor:
-            return op.reshape(x, (b, s, h, hd))  # (1, n, H, hd)
-
-        q = apply_rope(heads(self.q_proj(hidden_states)), context)
-        k = apply_rope(heads(self.k_proj(hidden_states)), context)
-        v = heads(self.v_proj(hidden_states))
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, context: Context) -> Tensor:
+        q, k = apply_rope(q, context), apply_rope(k, context)
         if "windows" in context:
-            out = in_float32(lambda q, k, v: windowed_attention(q, k, v, context), q, k, v)
-        else:
-            out = in_float32(op.scaled_dot_product_attention, q, k, v)
-        return self.out_proj(op.reshape(out, (b, s, d)))
+            return in_float32(lambda q, k, v: windowed_attention(q, k, v, context), q, k, v)
+        return super().attend(q, k, v)
 
 
 def windowed_attention(q: Tensor, k: Tensor, v: Tensor, context: Context) -> Tensor:
@@ -244,7 +224,7 @@ class Mistral3MultiModalProjector(nn.Module):
         self.norm = create("rms_norm", "norm", d, config.projector_norm_eps)
         self.patch_merger = Mistral3PatchMerger(d * k * k, d)
         self.linear_1 = Linear(d, out, bias=bias)
-        self.act = create(config.projector_act, "activation")
+        self.act = create(config.projector_hidden_act, "activation")
         self.linear_2 = Linear(out, out, bias=bias)
 
     def forward(self, features: Tensor, context: Context) -> Tensor:

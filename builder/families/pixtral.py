@@ -50,10 +50,6 @@ class PixtralVisionConfig(TowerConfig):
         return 1e-5  # HF builds every RMSNorm of the tower with 1e-5
 
     @property
-    def mlp_act(self) -> str:
-        return self.hidden_act
-
-    @property
     def attention_biases(self) -> tuple[bool, bool]:
         return False, False
 
@@ -81,10 +77,6 @@ class PixtralVisionConfig(TowerConfig):
         """The side of the patch blocks the processor's sizes are multiples of: Mistral 3's
         merge with its projector, 1 for the tower alone (PixtralProcessor's default)."""
         return self.spatial_merge_size if projector else 1
-
-    @property
-    def projector_act(self) -> str:
-        return self.projector_hidden_act
 
     @property
     def native_inputs(self) -> list[tuple[str, list[int | str], str]]:

@@ -75,10 +75,6 @@ class Qwen2_5_VLVisionConfig(TowerConfig):
         return 1e-6  # HF builds every RMSNorm of the tower, the merger's too, with 1e-6
 
     @property
-    def mlp_act(self) -> str:
-        return self.hidden_act
-
-    @property
     def merger_act(self) -> str:
         return "gelu"  # HF's merger is nn.GELU(), whatever hidden_act
 
