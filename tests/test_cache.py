@@ -263,8 +263,8 @@ def test_kernel_store_serves_a_parse_to_other_processes(build_cache, monkeypatch
     monkeypatch.delenv(cache.KERNELS_ENV)  # the session's store, set by conftest.py
     cfg = kernels.KernelConfig(vec=16, nv=4, mr=6)
     parsed = []
-    real = kernels.tvm.script.from_source
-    monkeypatch.setattr(kernels.tvm.script, "from_source", lambda s: parsed.append(s) or real(s))
+    real = kernels.tvmscript.parse
+    monkeypatch.setattr(kernels.tvmscript, "parse", lambda s: parsed.append(s) or real(s))
 
     def new_process_parse():
         kernels._parse.cache_clear()

@@ -18,6 +18,7 @@ from tvm import tirx
 from tvm_ffi.serialization import from_json_graph_str
 
 from ... import cache
+from . import tvmscript
 
 KERNEL_ATTR = "builder.cpu_kernel"
 
@@ -426,7 +427,7 @@ def _parse(src: str) -> tirx.PrimFunc:
     lines = src.strip("\n").split("\n")
     k = next(i for i, l in enumerate(lines) if l.startswith(("    for ", "    with ", "    Xf = ")))
     body = ["    " + l if l.strip() else l for l in lines[k:]]
-    func = tvm.script.from_source("\n".join(lines[:k] + ['    with T.sblock("root"):'] + body))
+    func = tvmscript.parse("\n".join(lines[:k] + ['    with T.sblock("root"):'] + body))
     cache.Cache().store_kernel_json(key, tvm.ir.save_json(func))
     return func
 
