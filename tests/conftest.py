@@ -45,6 +45,28 @@ TINY = {
 }
 
 
+# The files that take longest, longest first (measured: docs/testing.md, "Time"). The
+# workers take whole files in collection order (`--dist loadfile --no-loadscope-reorder` in
+# pyproject.toml), so that no long file starts while the other worker is nearly done.
+LONGEST_FIRST = [
+    "test_parity_presets.py",
+    "test_cpu_pipeline.py",
+    "test_families.py",
+    "test_cpu_patterns.py",
+    "test_cpu_seq.py",
+    "test_parity.py",
+    "test_targets.py",
+    "test_e2e.py",
+    "test_openclip.py",
+    "test_encode.py",
+]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files stay whole
+
+
 @pytest.fixture(scope="session", autouse=True)
 def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """One build cache for the whole session (never the user's), subprocesses and every
