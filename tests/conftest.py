@@ -158,9 +158,12 @@ def hf_names(family: str, fields: dict[str, Any]) -> dict[str, Any]:
 def save_hf_tower(folder: Path, preset: Any, seed: int = 0) -> Any:
     """The HF model a preset describes (its family's reference class), at the preset's
     widths, with every parameter random, saved to `folder` with save_pretrained."""
+    from transformers.initialization import no_init_weights
+
     family = families.get(preset.family)
     classes = family.embeds_reference if preset.model.output == "embeds" else None
-    model = randomize(family.reference_model(preset.model, classes), seed)
+    with no_init_weights():  # HF's init of real widths is seconds; randomize sets them all
+        model = randomize(family.reference_model(preset.model, classes), seed)
     model.save_pretrained(folder)
     return model
 
