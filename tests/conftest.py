@@ -45,7 +45,7 @@ TINY = {
 }
 
 
-# The files that take longest, longest first (measured: docs/testing.md, "Time"). The
+# The files that take longest, longest first (their times: docs/testing.md, "Time"). The
 # workers take whole files in collection order (`--dist loadfile --no-loadscope-reorder` in
 # pyproject.toml), so that no long file starts while the other worker is nearly done.
 LONGEST_FIRST = [
@@ -162,7 +162,7 @@ def save_hf_tower(folder: Path, preset: Any, seed: int = 0) -> Any:
 
     family = families.get(preset.family)
     classes = family.embeds_reference if preset.model.output == "embeds" else None
-    with no_init_weights():  # HF's init of real widths is seconds; randomize sets them all
+    with no_init_weights():  # HF's init is slow at real widths; randomize sets every value
         model = randomize(family.reference_model(preset.model, classes), seed)
     model.save_pretrained(folder)
     return model

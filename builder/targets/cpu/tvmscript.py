@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import functools
 import re
+from types import SimpleNamespace
 from typing import Any
 
-import tvm
 from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.parser.core import entry
@@ -34,21 +34,14 @@ from tvm.script.parser.core.diagnostics import Source
 from tvm.script.parser.core.error import ParserError
 from tvm.script.parser.core.parser import Parser
 
-_LITERAL = re.compile(r"T\.int64\((\d+)\)|T\.float32\(([-+0-9.e]+|-?inf|nan)\)")
+_LITERAL = re.compile(r"T\.int64\((\d+)\)|T\.float32\(([-+0-9.e]+)\)")
 _DECORATOR = "@T.prim_func("
 # The parser reads the decorator's keywords (`private`) from the text, and calls it only for
-# its dispatch token: `_tvmscript.prim_func(...)` is the same call without the stack walk.
+# its dispatch token: `_tvmscript.prim_func(...)` gives that token without the stack walk.
 _OWN_DECORATOR = "@_tvmscript.prim_func("
-
-
-class _Decorator:
-    dispatch_token = "tirx"
-
-
-class _Namespace:
-    @staticmethod
-    def prim_func(**_kwargs: Any) -> _Decorator:
-        return _Decorator()
+_DISPATCH = SimpleNamespace(dispatch_token="tirx")
+# `T.let[T.<dtype>]`, the annotation of every `let` in the kernels, as one name each
+_LET_DTYPES = ("float32", "int64")
 
 
 class _Template(Source):
@@ -72,14 +65,9 @@ def _globals() -> dict[str, Any]:
     from tvm.script import tirx as T  # pylint: disable=import-outside-toplevel
 
     names = dict(entry._default_globals())  # pylint: disable=protected-access
-    names["_tvmscript"] = _Namespace
-    # annotations the kernels repeat on every `let`
-    names["_let_f32"] = T.let[T.float32]
-    names["_let_i64"] = T.let[T.int64]
+    names["_tvmscript"] = SimpleNamespace(prim_func=lambda **_: _DISPATCH)
+    names.update({f"_let_{d}": T.let[getattr(T, d)] for d in _LET_DTYPES})
     return names
-
-
-_ALIASES = (("T.let[T.float32]", "_let_f32"), ("T.let[T.int64]", "_let_i64"))
 
 
 def parse(src: str) -> tirx.PrimFunc:
@@ -96,15 +84,12 @@ def parse(src: str) -> tirx.PrimFunc:
         return key
 
     text = _LITERAL.sub(name, src).replace(_DECORATOR, _OWN_DECORATOR, 1)
-    for written, alias in _ALIASES:
-        text = text.replace(written, alias)
+    for d in _LET_DTYPES:
+        text = text.replace(f"T.let[T.{d}]", f"_let_{d}")
     parser = Parser(_template(text), {})
     with IRBuilder() as builder:
         try:
             parser.parse(extra_vars={**_globals(), **values})
         except ParserError as err:
             parser.report_error(err.node, err.args[0])
-    func = builder.get()
-    if not isinstance(func, tvm.tirx.PrimFunc):
-        raise TypeError(f"expected one @T.prim_func, parsed {type(func).__name__}")
-    return func
+    return builder.get()
