@@ -25,8 +25,9 @@ from builder.config import BlocksConfig, CLIPVisionConfig, TargetConfig
 from builder.make_artifact import pack_params
 from builder.runtime import available_cores
 from builder.targets import llvm
-from builder.targets.cpu import kernels
+from builder.targets.cpu import kernels, pipeline
 from builder.targets.cpu.pipeline import compile_kernel
+from builder.targets.cpu.report import FallbackReport
 from builder.targets.cpu.rewrite import rewrite_to_kernels
 from builder.targets.cpu.widen import widen_to_float32
 from builder.weights.random_init import random_weights
@@ -193,6 +194,19 @@ def test_half_rewrite_computes_each_value_once():
     assert calls["layer_norm"] == ops["nn.layer_norm"]
     # Converted on their own: the patch conv's im2col and each attention output.
     assert calls["to_pairs"] == 1 + LAYERS
+
+
+def test_library_holds_only_the_functions_it_calls():
+    """After the Relax passes, every PrimFunc left in the module is called by a Relax
+    function: the reshapes that the dataflow lowering turned into views leave no code in the
+    library."""
+    mod, _ = small_tower()
+    lowered, cfg = pipeline._with_kernels(mod, HOST, "float32")
+    with HOST, tvm.transform.PassContext(opt_level=3, config=pipeline.PASS_CONFIG):
+        out = tvm.transform.Sequential(pipeline._relax_passes(HOST, cfg, FallbackReport()))(lowered)
+    prims = {gv.name_hint for gv, f in out.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+    called = set(re.findall(r"cls\.(\w+)", out.script()))  # PrimFuncs call nothing
+    assert {"gemm", "attention", "layer_norm"} <= prims <= called
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -592,7 +606,9 @@ WORK_QUEUE = """
 import numpy as np, tvm
 from builder.targets import llvm
 from builder.targets.cpu import kernels as K
+from builder.targets.cpu import pipeline
 from builder.targets.cpu.pipeline import compile_kernel
+from builder.targets.cpu.report import FallbackReport
 from builder.config import TargetConfig
 
 target, _ = llvm.tvm_target(TargetConfig())

@@ -53,7 +53,8 @@ How it works
    inline what can be inlined, parallelize the fused outer spatial loops, vectorize a
    contiguous inner loop.  Functions it cannot handle stay as they are (correct, serial).
    `report.py` notes which of them `forward` calls, and the Relax ops each came from.
-4. The stock dataflow-lowering and finalization passes; TIR is built with StorageRewrite
+4. The stock dataflow-lowering passes, then dead code elimination (the PrimFuncs of reshapes
+   that became views), then the stock finalization passes; TIR is built with StorageRewrite
    disabled (it would merge the register accumulators into one >1 KiB buffer, which is then
    heap-allocated and never promoted to registers).
 
@@ -167,8 +168,10 @@ def _write_into(mod: tvm.IRModule, lifted: relax.GlobalVar) -> tvm.IRModule:
 
 
 def _relax_passes(target: tvm.target.Target, cfg: KernelConfig, report: FallbackReport):
-    """cpu_generic's passes up to the finalization, the fallback schedule after fusion, and
-    the report's notes between them (`report.py`)."""
+    """cpu_generic's passes up to the finalization, the fallback schedule after fusion, the
+    report's notes between them (`report.py`), and dead code elimination after them: the
+    dataflow lowering turns most legalized reshapes into views, and the PrimFuncs they
+    called would otherwise still be compiled into the library."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu  # pylint: disable=import-outside-toplevel
 
     legalize = [
@@ -186,7 +189,7 @@ def _relax_passes(target: tvm.target.Target, cfg: KernelConfig, report: Fallback
         + legalize
         + [fallback_schedule_pass(cfg, report.note_fallback)]
         + cpu.dataflow_lower_passes(target)
-        + [report.note_called()]
+        + [relax.transform.DeadCodeElimination(), report.note_called()]
     )
 
 
