@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from . import artifact, devices
+from .tvm_import import import_tvm
 
 THREADS_ENV = "TVM_NUM_THREADS"
 # How long an idle pool thread spins (sched_yield calls) before it sleeps. TVM's default
@@ -53,7 +54,9 @@ class Encoder:
         # Read one version: a build publishing meanwhile swaps the link, not these files.
         here = self.folder.resolve()
         self.threads = set_threads(threads)
-        import tvm  # after set_threads: the pool reads the variable when it starts
+        # After set_threads: the pool reads the variable when it starts. Without torch where
+        # nothing has imported it yet (builder.tvm_import): seconds in a fresh process.
+        tvm = import_tvm()
         from tvm import relax
 
         self.manifest: dict[str, Any] = artifact.check(here, full=verify)

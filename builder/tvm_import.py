@@ -2,8 +2,10 @@
 
 TVM-FFI imports torch at start-up when it is installed (to exchange tensors with it), which
 takes about as long as TVM itself. The builder hands TVM numpy arrays and TVM tensors only,
-so a command that has not imported torch imports TVM with torch hidden; torch stays
-importable afterwards, for whatever else the process does.
+so a command, or a process that loads an artifact (`builder.load`: an encode worker, a
+Ray actor), imports TVM with torch hidden if nothing has imported torch yet; torch stays
+importable afterwards, for whatever else the process does, and exchanges tensors with TVM
+through the DLPack protocol.
 """
 
 from __future__ import annotations

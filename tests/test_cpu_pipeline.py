@@ -603,12 +603,12 @@ def test_pair_gemm_against_numpy(M, K, N, act, pairs):
 # pool threads than cores, threads are preempted mid-task and take tasks in every order; an
 # output prefilled with NaN shows a task that was skipped.
 WORK_QUEUE = """
-import numpy as np, tvm
+import numpy as np
+from builder.tvm_import import import_tvm
+tvm = import_tvm()  # without torch: seconds
 from builder.targets import llvm
 from builder.targets.cpu import kernels as K
-from builder.targets.cpu import pipeline
 from builder.targets.cpu.pipeline import compile_kernel
-from builder.targets.cpu.report import FallbackReport
 from builder.config import TargetConfig
 
 target, _ = llvm.tvm_target(TargetConfig())

@@ -19,7 +19,6 @@ import safetensors.numpy
 
 import builder
 from builder.build import build
-from builder.cache import Cache
 from builder.preset import load_preset
 from builder.targets import toolchain
 from builder.targets.cpu.kernels import _has, kernel_config
@@ -101,11 +100,12 @@ def aarch64_python(scratch):
 @pytest.fixture(scope="module")
 def artifacts(scratch, aarch64_python) -> dict[str, Path]:
     """One build of a tiny tower for this CPU, aarch64 (where its linker is on the PATH)
-    and AVX2, in a build cache of its own."""
+    and AVX2, through the session's build cache (conftest's `shared_cache`: the host one is
+    the tiny tower other tests build)."""
     cross = shutil.which(CROSS_LINKER) is not None
     names = ["llvm", "avx2", *(["aarch64"] if cross else [])]
     preset = load_preset(PRESET, [*tiny_overrides(), f"targets=[llvm,aarch64,{AVX2}]"])
-    built = build(preset, scratch / "artifacts", only=names, cache=Cache(scratch / "cache"))
+    built = build(preset, scratch / "artifacts", only=names)
     return {b.target: b.path for b in built}
 
 

@@ -33,15 +33,10 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="session")
 def encode_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One tiny random-weight artifact for the encode tests. Its build cache is fixed for the
-    session, so another module asking for it gets a cache hit."""
+    """One tiny random-weight artifact for the encode tests, from the session's build cache
+    (conftest's `shared_cache`): another worker or module asking for it gets a cache hit."""
     base = tmp_path_factory.getbasetemp()
-    mp = pytest.MonkeyPatch()
-    mp.setenv("BUILDER_CACHE_DIR", str(base / "encode-cache"))
-    try:
-        (built,) = build(load_preset("clip-vit-b-32", tiny_overrides()), base / "encode-art")
-    finally:
-        mp.undo()
+    (built,) = build(load_preset("clip-vit-b-32", tiny_overrides()), base / "encode-art")
     return built.path
 
 
@@ -441,6 +436,22 @@ def test_import_builder_and_the_workers_do_not_load_tvm(image_tree):
         "d = decode_batch([Item('a', p, 'file', p)], steps, (3, 30, 30))\n"
         "assert d.pixels.shape == (1, 3, 30, 30) and d.errors == [None]\n"
         "assert 'tvm' not in sys.modules, 'decode_batch'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+def test_loading_an_artifact_does_not_import_torch(encode_artifact):
+    """An encode worker or a Ray actor loads the artifact in a fresh process: TVM comes
+    without torch (seconds), and torch still exchanges tensors with it afterwards."""
+    code = (
+        "import sys, numpy as np, builder\n"
+        f"enc = builder.load({str(encode_artifact)!r})\n"
+        "x = np.zeros((1, 3, 30, 30), np.float32)\n"
+        "out = enc(x)\n"
+        "assert 'tvm' in sys.modules and 'torch' not in sys.modules, 'load'\n"
+        "import torch, tvm\n"
+        "t = torch.from_dlpack(tvm.runtime.tensor(out))\n"
+        "assert torch.equal(t, torch.from_numpy(out))\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
 
