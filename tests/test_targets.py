@@ -22,6 +22,7 @@ from builder.preset import load_preset
 from builder.targets import device_code, llvm, toolchain
 
 from .conftest import (
+    REPO,
     assert_close,
     expected_features,
     gemm_panels,
@@ -203,8 +204,9 @@ def test_tvm_loader_hands_the_fatbin_to_the_cuda_module(three):
     script = textwrap.dedent(
         f"""
         import struct, sys
-        sys.modules["torch"] = None  # tvm_ffi imports torch where it can: seconds
-        import tvm, tvm_ffi
+        from builder.tvm_import import import_tvm
+        tvm = import_tvm()  # without torch: seconds
+        import tvm_ffi
         got = []
 
         @tvm_ffi.register_global_func("ffi.Module.load_from_bytes.cuda", override=True)
@@ -219,7 +221,7 @@ def test_tvm_loader_hands_the_fatbin_to_the_cuda_module(three):
         sys.stdout.write(fmt.decode() + " " + str(rest.count(bytes.fromhex("50ed55ba"))))
         """
     )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "cubin 1"
 
