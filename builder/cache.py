@@ -23,13 +23,17 @@ Layout, under `BUILDER_CACHE_DIR` (default `$XDG_CACHE_HOME/clip-tvm-builder`, e
     params/<key>/           packed parameters and `part.json` (their order, source, digests)
     kernels/<key>.json      a CPU kernel parsed from its TVMScript text (`kernel_key`);
                             `BUILDER_KERNEL_DIR` keeps them elsewhere
+    kernels/<key>.o         a compiled PrimFunc's object file (`kernel_object_key`)
     locks/<key>.lock        held while a key is built or reused: a second build waits
     locks/out-<hash>.lock   held while an output folder's link is swapped
     hashes.json             checkpoint file digests by (path, size, mtime, inode)
 
 The kernel store holds the CPU pipeline's kernels as TVM's JSON of the parsed function, keyed
 by a sha256 of their TVMScript text and the TVM versions: loading one is far cheaper than
-parsing it (docs/build-cache.md), and towers that share widths share kernels.
+parsing it (docs/build-cache.md), and towers that share widths share kernels. It also holds
+each compiled PrimFunc as an object file (`targets/cpu/objects.py`), keyed by the function,
+the target, the pass options and the TVM versions: a compile links the stored objects of
+the functions it shares with earlier compiles.
 
 An artifact's files are hard links to the library's and the parameters' files, so the three
 stores hold one copy of the bytes.
@@ -46,7 +50,7 @@ import os
 import platform
 import shutil
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
@@ -122,6 +126,31 @@ def kernel_key(src: str) -> str:
     """The kernel store's key of a kernel's TVMScript text: the text and the TVM versions
     that parse it."""
     return digest({"key_format": KEY_FORMAT, "tvm": tvm_versions(), "src": src})
+
+
+def kernel_object_key(func_json: str, target: Any, setting: Any) -> str:
+    """The kernel store's key of a compiled kernel's object file: the function as TVM's JSON,
+    the target, the pass context's options and the TVM versions that compile it."""
+    return digest(
+        {
+            "key_format": KEY_FORMAT,
+            "tvm": tvm_versions(),
+            "target": target,
+            "setting": setting,
+            "func": func_json,
+        }
+    )
+
+
+@cache
+def _scratch() -> Path:
+    """A folder of this process's own for what an unwritable cache cannot keep."""
+    import atexit
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="clip-tvm-builder-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 @cache
@@ -300,15 +329,43 @@ class Cache:
     def store_kernel_json(self, key: str, text: str) -> None:
         """Store a kernel's JSON, atomically; a cache folder that cannot be written only
         means the next process parses the kernel again."""
+        with contextlib.suppress(OSError):
+            self._store_kernel_file(f"{key}.json", lambda tmp: tmp.write_text(text))
+
+    def kernel_object(self, key: str, write: Callable[[Path], None]) -> Path:
+        """The stored object file of a compiled kernel (`kernel_object_key`), made by
+        `write(path)` first where the store has none, or where what it has is not an ELF
+        object (the targets are Linux's). A cache folder that cannot be written gets the
+        object in a temporary folder, which the process removes at exit."""
+        name = f"{key}.o"
+        try:
+            with open(self.kernels / name, "rb") as f:
+                if f.read(4) == b"\x7fELF":
+                    return self.kernels / name
+        except OSError:
+            pass
+        try:
+            return self._store_kernel_file(name, write)
+        except OSError:
+            path = _scratch() / name
+            write(path)
+            return path
+
+    def _store_kernel_file(self, name: str, write: Callable[[Path], None]) -> Path:
+        """Write a kernel store entry through a temporary file renamed into place: another
+        process reads the whole entry or none."""
         folder = self.kernels
-        tmp = folder / f".{key}.tmp-{os.getpid()}"
+        final = folder / name
+        stem, suffix = name.rsplit(".", 1)  # TVM picks an object file's format by its suffix
+        tmp = folder / f".{stem}.tmp-{os.getpid()}.{suffix}"
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(text)
-            os.replace(tmp, folder / f"{key}.json")
-        except OSError:
+            write(tmp)
+            os.replace(tmp, final)
+        finally:
             with contextlib.suppress(OSError):
                 tmp.unlink()
+        return final
 
     def sweep(self) -> None:
         """Remove what killed builds left: temporary folders of keys no build holds, and

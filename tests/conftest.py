@@ -54,11 +54,15 @@ LONGEST_FIRST = [
     "test_families.py",
     "test_cpu_patterns.py",
     "test_cpu_seq.py",
+    "test_encode.py",
+    "test_encode_ray.py",
     "test_parity.py",
+    "test_cross_run.py",
     "test_targets.py",
+    "test_cache.py",
     "test_e2e.py",
     "test_openclip.py",
-    "test_encode.py",
+    "test_atomic.py",
 ]
 
 

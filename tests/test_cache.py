@@ -293,3 +293,65 @@ def test_kernel_store_serves_a_parse_to_other_processes(build_cache, monkeypatch
     assert [p.name for p in (tmp_path / "kernels-elsewhere").iterdir()] == [stored.name]
     kernels.tvm.ir.assert_structural_equal(new_process_parse(), first)
     assert len(parsed) == 4
+
+
+def test_kernel_objects_serve_later_compiles(build_cache, monkeypatch, tmp_path):
+    """Each PrimFunc a compile builds is stored as an object; a later compile of a tower
+    made of the same kernels (here one layer fewer) builds none of them again, and its
+    library computes what the same tower compiled from nothing computes, bit for bit; a
+    cache that cannot be written still compiles."""
+    import numpy as np
+    import tvm
+    from tvm import relax
+
+    from builder.weights.random_init import random_weights
+
+    from .conftest import HOST, pixels
+
+    monkeypatch.delenv(cache.KERNELS_ENV)  # the session's store, set by conftest.py
+    built = []
+    real = tvm.tirx.build
+
+    def counting(mod, *args, **kwargs):
+        built.extend(gvar.name_hint for gvar in mod.get_global_vars())
+        return real(mod, *args, **kwargs)
+
+    monkeypatch.setattr(tvm.tirx, "build", counting)
+
+    def compile_tower(layers):
+        preset = load_preset(TINY[0], tiny_overrides(num_hidden_layers=layers))
+        mod, params = export(preset.model, preset.blocks)
+        built.clear()
+        return targets.llvm.compile(mod, HOST, "float32"), dict(params)
+
+    def forward(library, shapes):
+        order, packed = make_artifact.pack_params(
+            library, list(shapes), random_weights(shapes, seed=3)
+        )
+        vm = relax.VirtualMachine(library, tvm.cpu())
+        image = tvm.runtime.tensor(pixels(2, 30))
+        return vm["forward"](image, *(tvm.runtime.tensor(packed[n]) for n in order)).numpy()
+
+    compile_tower(3)
+    kernels_built = [n for n in built if not n.startswith("shape_func")]
+    assert {"gemm", "attention", "layer_norm", "pack_weight"} <= set(kernels_built)
+    assert len(list((build_cache / "kernels").glob("*.o"))) == len(set(built))
+
+    reused, shapes = compile_tower(2)
+    # The VM's shape function lists its statements in no fixed order: it may be built again.
+    assert [n for n in built if not n.startswith("shape_func")] == []
+
+    stored = list((build_cache / "kernels").glob("*.o"))
+    for path in stored:
+        path.write_bytes(b"not an object")
+    compile_tower(2)  # built again, and replaced
+    assert {"gemm", "attention", "layer_norm", "pack_weight"} <= set(built)
+    # Every one replaced but, maybe, a shape function whose statements came in a new order.
+    assert sum(p.read_bytes()[:4] == b"\x7fELF" for p in stored) >= len(set(built)) - 1
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    monkeypatch.setenv("BUILDER_CACHE_DIR", str(blocked / "cache"))
+    fresh, _ = compile_tower(2)
+    assert set(kernels_built) <= set(built)
+    np.testing.assert_array_equal(forward(reused, shapes), forward(fresh, shapes))

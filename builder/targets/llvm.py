@@ -17,7 +17,7 @@ from .cpu import compile_cpu
 
 LIBRARY = "lib.so"
 # Part of the build cache key: bump it whenever compile() changes what it produces.
-PIPELINE_VERSION = 12
+PIPELINE_VERSION = 13
 
 
 def tvm_target(entry: TargetConfig) -> tuple[tvm.target.Target, dict[str, Any]]:
@@ -85,7 +85,11 @@ def export(executable: tvm.runtime.Executable, path: Path, entry: TargetConfig) 
     from tvm.support import cc
 
     linker = cross_linker(entry)
-    fcompile = cc.cross_compiler(linker) if linker else None
+    # The triple of the object that carries the VM's code: the linker's own, where TVM
+    # would ask the host's compiler (the kernels are objects already, `cpu/objects.py`).
+    fcompile = (
+        cc.cross_compiler(linker, get_target_triple=lambda: entry.mtriple) if linker else None
+    )
     executable.export_library(str(path), fcompile=fcompile)
 
 

@@ -57,6 +57,9 @@ How it works
    that became views), then the stock finalization passes; TIR is built with StorageRewrite
    disabled (it would merge the register accumulators into one >1 KiB buffer, which is then
    heap-allocated and never promoted to registers).
+5. Each PrimFunc is built alone into an object file that the build cache's kernel store keeps
+   (``objects.py``): a later compile that holds the same function, in any process, links the
+   stored object instead of building it again.
 
 The kernels are generated as TVMScript text: the micro-kernel layout is explicit (6 rows x
 4 vectors accumulators, one per row buffer, so LLVM keeps all 24 in zmm registers), which is
@@ -70,6 +73,7 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ..var_len import lower_attention_var_len
+from . import objects
 from .kernels import KernelConfig, bf16_gemms, half_gemms, kernel_config
 from .report import FallbackReport
 from .rewrite import rewrite_to_kernels
@@ -246,7 +250,7 @@ def compile_cpu(
     mod, cfg = _with_kernels(mod, target, precision)
     report = FallbackReport()
     with tvm.transform.PassContext(opt_level=3, config=PASS_CONFIG):
-        executable = tvm.compile(mod, target, relax_pipeline=get_pipeline(target, cfg, report))
+        executable = objects.build(mod, target, get_pipeline(target, cfg, report))
     executable.fallback_ops = report.entries
     return executable
 

@@ -1,0 +1,65 @@
+"""Build a Relax module's VM executable with each PrimFunc compiled alone into an object file
+that the build cache keeps (the kernel store), so that a later build that holds the same
+function, in this process or another, links the stored object instead of compiling it.
+
+`tvm.compile` lowers every PrimFunc of a module through the TIR pipeline into one LLVM
+module, which `export_library` then emits as one object: a tower that shares all its kernels
+but one with a tower built before (another layer count, feature layer or head, the same
+widths) compiles them all again. Here each function is its own LLVM module, built with
+`tvm.tirx.build` under the same target and pass context as `tvm.compile` would, written as
+an object and brought back as a static library (`tvm.runtime.load_static_library`), which
+the VM executable imports and `export_library` links beside the others. The functions are
+the same, so is the code of each; only their split across objects differs.
+
+An object's key (`cache.kernel_object_key`) covers the function as TVM's JSON (its body, its
+name, its attributes), the target, the pass context's options and the TVM versions: all a
+function's code depends on. docs/build-cache.md has the figures.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+from tvm.relax import vm_build
+
+from ... import cache
+
+
+def build(mod: tvm.IRModule, target: tvm.target.Target, relax_pipeline) -> relax.VMExecutable:
+    """What `tvm.compile(mod, target, relax_pipeline=relax_pipeline)` returns (TVM 0.27's
+    `relax.build`, bytecode mode), its PrimFuncs linked from stored objects. Run it inside
+    the pass context the TIR functions are to be built under."""
+    with target:
+        mod = relax_pipeline(mod)
+    attrs = dict(mod.attrs) if mod.attrs else {}
+    builder = relax.ExecBuilder()
+    mod = vm_build._vmcodegen(builder, mod, "bytecode")  # pylint: disable=protected-access
+    tir_mod = vm_build._filter_tir(mod)  # pylint: disable=protected-access
+    objects = [] if tir_mod is None else _objects(tir_mod, target)
+    return vm_build._vmlink(  # pylint: disable=protected-access
+        builder,
+        target,
+        tir_mod=None,
+        ext_libs=[*attrs.get("external_mods", []), *objects],
+        params=dict(attrs.get("const_name_to_constant", {})),
+    )
+
+
+def _objects(tir_mod: tvm.IRModule, target: tvm.target.Target) -> list[tvm.runtime.Module]:
+    context = tvm.transform.PassContext.current()
+    setting = {
+        "opt_level": context.opt_level,
+        "config": {k: str(v) for k, v in context.config.items()},
+    }
+    store = cache.Cache()
+    found = []
+    for gvar, func in tir_mod.functions.items():
+        key = cache.kernel_object_key(tvm.ir.save_json(func), target.export(), setting)
+
+        def write(path, gvar=gvar, func=func):
+            one = tvm.IRModule({gvar: func}, attrs=tir_mod.attrs)
+            tvm.tirx.build(one, target=target).write_to_file(str(path))
+
+        path = store.kernel_object(key, write)
+        found.append(tvm.runtime.load_static_library(str(path), [gvar.name_hint]))
+    return found
