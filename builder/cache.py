@@ -49,6 +49,7 @@ import json
 import os
 import platform
 import shutil
+import struct
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -140,6 +141,37 @@ def kernel_object_key(func_json: str, target: Any, setting: Any) -> str:
             "func": func_json,
         }
     )
+
+
+_REBUILDING = [False]
+
+
+@contextmanager
+def rebuilding_objects() -> Iterator[None]:
+    """Within the block, every kernel object a compile needs is built anew and replaces the
+    stored one (`build --force`: compile again whatever the cache holds)."""
+    before, _REBUILDING[0] = _REBUILDING[0], True
+    try:
+        yield
+    finally:
+        _REBUILDING[0] = before
+
+
+def _whole_elf(path: Path) -> bool:
+    """Whether `path` is an ELF file as long as its header says: its section headers, which
+    the linker writes last, are all there."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+            size = os.fstat(f.fileno()).st_size
+    except OSError:
+        return False
+    if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] != 2:  # 64-bit objects only
+        return False
+    order = "<" if head[5] == 1 else ">"
+    (sh_offset,) = struct.unpack_from(order + "Q", head, 0x28)
+    entry_size, count = struct.unpack_from(order + "HH", head, 0x3A)
+    return sh_offset + entry_size * count <= size
 
 
 @cache
@@ -334,16 +366,13 @@ class Cache:
 
     def kernel_object(self, key: str, write: Callable[[Path], None]) -> Path:
         """The stored object file of a compiled kernel (`kernel_object_key`), made by
-        `write(path)` first where the store has none, or where what it has is not an ELF
-        object (the targets are Linux's). A cache folder that cannot be written gets the
-        object in a temporary folder, which the process removes at exit."""
+        `write(path)` first where the store has none, where what it has is not a whole ELF
+        object (the targets are Linux's), or within `rebuilding_objects()`. A store that
+        cannot take the file gets it in a temporary folder, which the process removes at
+        exit."""
         name = f"{key}.o"
-        try:
-            with open(self.kernels / name, "rb") as f:
-                if f.read(4) == b"\x7fELF":
-                    return self.kernels / name
-        except OSError:
-            pass
+        if not _REBUILDING[0] and _whole_elf(self.kernels / name):
+            return self.kernels / name
         try:
             return self._store_kernel_file(name, write)
         except OSError:
@@ -352,20 +381,24 @@ class Cache:
             return path
 
     def _store_kernel_file(self, name: str, write: Callable[[Path], None]) -> Path:
-        """Write a kernel store entry through a temporary file renamed into place: another
-        process reads the whole entry or none."""
+        """Write a kernel store entry through a temporary file of this writer's own renamed
+        into place: another process reads the whole entry or none. OSError where the store
+        cannot take it (before `write` runs, where the folder cannot be written)."""
+        import tempfile
+
         folder = self.kernels
-        final = folder / name
+        folder.mkdir(parents=True, exist_ok=True)
         stem, suffix = name.rsplit(".", 1)  # TVM picks an object file's format by its suffix
-        tmp = folder / f".{stem}.tmp-{os.getpid()}.{suffix}"
+        fd, made = tempfile.mkstemp(dir=folder, prefix=f".{stem}.tmp-", suffix=f".{suffix}")
+        os.close(fd)
+        tmp = Path(made)
         try:
-            folder.mkdir(parents=True, exist_ok=True)
             write(tmp)
-            os.replace(tmp, final)
+            os.replace(tmp, folder / name)
         finally:
             with contextlib.suppress(OSError):
                 tmp.unlink()
-        return final
+        return folder / name
 
     def sweep(self) -> None:
         """Remove what killed builds left: temporary folders of keys no build holds, and

@@ -4,6 +4,7 @@ the manifest written. Imports TVM; `builder.build` imports this module only on a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import signal
 import threading
@@ -25,7 +26,14 @@ from tvm import relax  # noqa: E402
 from . import __version__, artifact, targets  # noqa: E402
 from .assemble import ENTRY, export, outputs  # noqa: E402
 from .assemble import inputs as forward_inputs  # noqa: E402
-from .cache import KEY_FORMAT, Cache, digest, pipeline_sources, write_part  # noqa: E402
+from .cache import (  # noqa: E402
+    KEY_FORMAT,
+    Cache,
+    digest,
+    pipeline_sources,
+    rebuilding_objects,
+    write_part,
+)
 from .config import Preset, TargetConfig  # noqa: E402
 from .errors import BuilderError  # noqa: E402
 from .flops import gflop, per_patch  # noqa: E402
@@ -70,7 +78,8 @@ def make_artifact(
     with cache.lock(library_key):
         library = None if force else cache.lookup_part("libraries", library_key)
         if library is None:
-            with cache.store(library_key, "libraries") as tmp:
+            rebuilding = rebuilding_objects() if force else contextlib.nullcontext()
+            with cache.store(library_key, "libraries") as tmp, rebuilding:
                 report = _compile(tmp / kind.LIBRARY, mod, kind, entry, target, options, progress)
                 write_part(tmp, {"library_key": library_key, "target": options, **report})
             library = cache.lookup_part("libraries", library_key)

@@ -295,11 +295,12 @@ def test_kernel_store_serves_a_parse_to_other_processes(build_cache, monkeypatch
     assert len(parsed) == 4
 
 
-def test_kernel_objects_serve_later_compiles(build_cache, monkeypatch, tmp_path):
+def test_kernel_objects_serve_later_compiles(build_cache, monkeypatch):
     """Each PrimFunc a compile builds is stored as an object; a later compile of a tower
     made of the same kernels (here one layer fewer) builds none of them again, and its
-    library computes what the same tower compiled from nothing computes, bit for bit; a
-    cache that cannot be written still compiles."""
+    library computes what the same tower compiled from nothing computes, bit for bit;
+    `build --force` builds them all again; an object cut short is built again and
+    replaced; a store folder that exists but cannot be written still compiles."""
     import numpy as np
     import tvm
     from tvm import relax
@@ -317,6 +318,7 @@ def test_kernel_objects_serve_later_compiles(build_cache, monkeypatch, tmp_path)
         return real(mod, *args, **kwargs)
 
     monkeypatch.setattr(tvm.tirx, "build", counting)
+    kernels = {"gemm", "attention", "layer_norm", "pack_weight"}
 
     def compile_tower(layers):
         preset = load_preset(TINY[0], tiny_overrides(num_hidden_layers=layers))
@@ -333,25 +335,27 @@ def test_kernel_objects_serve_later_compiles(build_cache, monkeypatch, tmp_path)
         return vm["forward"](image, *(tvm.runtime.tensor(packed[n]) for n in order)).numpy()
 
     compile_tower(3)
-    kernels_built = [n for n in built if not n.startswith("shape_func")]
-    assert {"gemm", "attention", "layer_norm", "pack_weight"} <= set(kernels_built)
-    assert len(list((build_cache / "kernels").glob("*.o"))) == len(set(built))
+    assert kernels <= set(built)
+    stored = sorted((build_cache / "kernels").glob("*.o"))
+    assert len(stored) == len(set(built))
 
     reused, shapes = compile_tower(2)
     # The VM's shape function lists its statements in no fixed order: it may be built again.
     assert [n for n in built if not n.startswith("shape_func")] == []
 
-    stored = list((build_cache / "kernels").glob("*.o"))
-    for path in stored:
-        path.write_bytes(b"not an object")
-    compile_tower(2)  # built again, and replaced
-    assert {"gemm", "attention", "layer_norm", "pack_weight"} <= set(built)
-    # Every one replaced but, maybe, a shape function whose statements came in a new order.
-    assert sum(p.read_bytes()[:4] == b"\x7fELF" for p in stored) >= len(set(built)) - 1
+    with cache.rebuilding_objects():  # what `build --force` compiles under
+        compile_tower(2)
+    assert kernels <= set(built)
 
-    blocked = tmp_path / "a-file"
-    blocked.write_text("")
-    monkeypatch.setenv("BUILDER_CACHE_DIR", str(blocked / "cache"))
+    whole = stored[0].read_bytes()
+    stored[0].write_bytes(whole[: len(whole) // 2])  # its ELF header intact
+    rebuilt = []
+    Cache().kernel_object(stored[0].stem, lambda p: rebuilt.append(p) or p.write_bytes(whole))
+    assert len(rebuilt) == 1 and stored[0].read_bytes() == whole
+    assert Cache().kernel_object(stored[0].stem, rebuilt.append) == stored[0]
+    assert len(rebuilt) == 1  # whole again: reused
+
+    monkeypatch.setenv(cache.KERNELS_ENV, "/sys")  # a folder no one can write, root included
     fresh, _ = compile_tower(2)
-    assert set(kernels_built) <= set(built)
+    assert kernels <= set(built)
     np.testing.assert_array_equal(forward(reused, shapes), forward(fresh, shapes))

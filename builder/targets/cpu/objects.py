@@ -24,11 +24,15 @@ from tvm.relax import vm_build
 
 from ... import cache
 
+# Part of every object's key: bump it when the way a function is built here changes.
+RECIPE = 1
+
 
 def build(mod: tvm.IRModule, target: tvm.target.Target, relax_pipeline) -> relax.VMExecutable:
     """What `tvm.compile(mod, target, relax_pipeline=relax_pipeline)` returns (TVM 0.27's
     `relax.build`, bytecode mode), its PrimFuncs linked from stored objects. Run it inside
-    the pass context the TIR functions are to be built under."""
+    the pass context the TIR functions are to be built under. `relax.build`'s system-lib
+    step is left out: no llvm target here asks for a system library."""
     with target:
         mod = relax_pipeline(mod)
     attrs = dict(mod.attrs) if mod.attrs else {}
@@ -48,8 +52,13 @@ def build(mod: tvm.IRModule, target: tvm.target.Target, relax_pipeline) -> relax
 def _objects(tir_mod: tvm.IRModule, target: tvm.target.Target) -> list[tvm.runtime.Module]:
     context = tvm.transform.PassContext.current()
     setting = {
+        "recipe": RECIPE,
+        "llvm": tvm.target.codegen.llvm_version_major(),
         "opt_level": context.opt_level,
         "config": {k: str(v) for k, v in context.config.items()},
+        "disabled": sorted(str(p) for p in context.disabled_pass),
+        "required": sorted(str(p) for p in context.required_pass),
+        "module_attrs": {k: str(v) for k, v in (tir_mod.attrs or {}).items()},
     }
     store = cache.Cache()
     found = []
@@ -61,5 +70,8 @@ def _objects(tir_mod: tvm.IRModule, target: tvm.target.Target) -> list[tvm.runti
             tvm.tirx.build(one, target=target).write_to_file(str(path))
 
         path = store.kernel_object(key, write)
-        found.append(tvm.runtime.load_static_library(str(path), [gvar.name_hint]))
+        symbol = (
+            str(func.attrs["global_symbol"]) if "global_symbol" in func.attrs else gvar.name_hint
+        )
+        found.append(tvm.runtime.load_static_library(str(path), [symbol]))
     return found
