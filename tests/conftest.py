@@ -33,6 +33,16 @@ needs_bf16 = pytest.mark.skipif(
 needs_avx512 = pytest.mark.skipif(
     not _has(HOST, "avx512f"), reason="runs AVX-512 code, or expects its kernel shapes"
 )
+
+
+def rounding(precision: str) -> dict[str, str]:
+    """Target options under which `precision` GEMMs (float16 or bfloat16) round their
+    operands to 16 bits and multiply in float32, for a CPU this machine runs: its own where
+    it lacks native GEMMs of that type, else x86-64-v4 (AVX-512 without BF16 or FP16)."""
+    native = half_gemms(HOST) if precision == "float16" else bf16_gemms(HOST)
+    return {"mcpu": "x86-64-v4"} if native else {}
+
+
 PRESETS = sorted((REPO / "presets").glob("*.yaml"))
 
 TINY = {
@@ -203,16 +213,16 @@ def assert_native_images_match(enc: Any, hf_model: Any, config: Any) -> None:
         assert_close(enc.run_patches(patches, grid), native.reference(hf_model, patches, grid))
 
 
-def gemm_panels(folder: Path) -> set[tuple[int, ...]]:
+def gemm_panels(folder: Path, columns: int = 64) -> set[tuple[int, ...]]:
     """Shapes of the packed GEMM weights an artifact stores: [blocks, K rows (K/2 rows of
-    float16 pairs), 64 columns]."""
+    16-bit pairs), `columns`] (the kernels' panel width: 64 for AVX-512, 16 for AVX2)."""
     import safetensors.numpy
 
     stored = safetensors.numpy.load_file(str(folder / "params.safetensors"))
     return {
         a.shape
         for n, a in stored.items()
-        if n.startswith("packed") and a.ndim == 3 and a.shape[-1] == 64
+        if n.startswith("packed") and a.ndim == 3 and a.shape[-1] == columns
     }
 
 

@@ -27,7 +27,7 @@ from builder.targets.cpu.pipeline import compile_kernel, fallback_report
 from builder.targets.cpu.rewrite import rewrite_to_kernels
 from builder.targets.cpu.widen import widen_to_float32
 
-from .conftest import HOST, assert_close, needs_bf16
+from .conftest import HOST, assert_close, needs_bf16, rounding
 from .test_cpu_pipeline import FLOAT32_KERNELS, HALF_TOLERANCE, kernel_calls
 
 EPS = 1e-6
@@ -298,8 +298,8 @@ LAYER_BUILDS = {
     "float32": ({}, "float32"),
     "avx2": ({"mcpu": "x86-64-v3"}, "float32"),
     "bfloat16-pairs": ({}, "bfloat16"),
-    "bfloat16-rounded": ({"mcpu": "x86-64-v4"}, "bfloat16"),
-    "float16-rounded": ({"mcpu": "x86-64-v4"}, "float16"),
+    "bfloat16-rounded": (rounding("bfloat16"), "bfloat16"),
+    "float16-rounded": (rounding("float16"), "float16"),
 }
 
 

@@ -32,7 +32,16 @@ from builder.targets.cpu.rewrite import rewrite_to_kernels
 from builder.targets.cpu.widen import widen_to_float32
 from builder.weights.random_init import random_weights
 
-from .conftest import HOST, REPO, assert_close, needs_avx512, needs_bf16, needs_half, pixels
+from .conftest import (
+    HOST,
+    REPO,
+    assert_close,
+    needs_avx512,
+    needs_bf16,
+    needs_half,
+    pixels,
+    rounding,
+)
 
 pytestmark = pytest.mark.parity
 
@@ -227,7 +236,7 @@ def test_rounded_operands_once_per_value(dtype):
     [
         ({}, "float32", "float32"),
         ({}, "bfloat16", "float32"),  # the casts to float32 lifted with the packing
-        ({"mcpu": "x86-64-v4"}, "float32", "bfloat16"),  # rounding kernels before the packing
+        (rounding("bfloat16"), "float32", "bfloat16"),  # rounding kernels before the packing
         pytest.param({}, "float32", "bfloat16", marks=needs_bf16),  # bfloat16 pairs
     ],
     ids=["float32", "bfloat16-model", "rounded", "bf16-pairs"],
