@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import json
 import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jsonschema
 import yaml
-from jsonschema.exceptions import ValidationError, best_match
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from . import families, inherit, plugins, registry, resources, vlm
 from .config import (
@@ -35,6 +32,9 @@ from .config import (
 )
 from .errors import InputError
 
+if TYPE_CHECKING:
+    from jsonschema.exceptions import ValidationError
+
 MAX_PRESET_BYTES = 1 << 20
 # Bounds the walk over YAML nodes, so anchors and aliases cannot expand exponentially.
 MAX_YAML_NODES = 20_000
@@ -42,7 +42,7 @@ MAX_YAML_NODES = 20_000
 Path_ = tuple[str | int, ...]
 
 
-class _Loader(yaml.SafeLoader):
+class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml's parser where built
     """SafeLoader that also reads `1e-6` as a float, as YAML 1.2 and JSON do."""
 
 
@@ -174,11 +174,17 @@ def _read_file(path: Path) -> RawPreset:
     if "\x00" in text:
         raise InputError(f"{file}: binary data (a NUL byte); a preset is YAML text")
     try:
-        node = yaml.compose(text, Loader=_Loader)
-        if node is None:
-            raise InputError(f"{file}:1: empty preset; expected a mapping such as 'model: {{...}}'")
-        lines = _line_map(node, file)
-        data = yaml.load(text, Loader=_Loader)
+        loader = _Loader(text)
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                raise InputError(
+                    f"{file}:1: empty preset; expected a mapping such as 'model: {{...}}'"
+                )
+            lines = _line_map(node, file)
+            data = loader.construct_document(node)
+        finally:
+            loader.dispose()
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark else 1
@@ -212,6 +218,9 @@ def parse_override(text: str) -> Override:
                 f"override {text!r}: {key!r} is not a dotted key like model.image_size"
             )
         parts.append(int(part) if part.isdigit() else part)
+    from omegaconf import OmegaConf  # only where there are overrides: 0.05 s to import
+    from omegaconf.errors import OmegaConfBaseException
+
     try:
         parsed = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={value}"]), resolve=False)["v"]
     except OmegaConfBaseException as e:
@@ -307,10 +316,18 @@ def _strict_integer(checker: Any, instance: Any) -> bool:
     return isinstance(instance, int) and not isinstance(instance, bool)
 
 
-_Validator = jsonschema.validators.extend(
-    jsonschema.Draft202012Validator,
-    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine("integer", _strict_integer),
-)
+@functools.cache
+def _validator() -> Any:
+    """JSON Schema 2020-12 with the strict integer; imported on first check, not by commands
+    that only read presets (`build list`)."""
+    import jsonschema
+
+    return jsonschema.validators.extend(
+        jsonschema.Draft202012Validator,
+        type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
+            "integer", _strict_integer
+        ),
+    )
 
 
 def _non_finite(node: Any, path: Path_ = ()) -> list[tuple[Path_, str]]:
@@ -328,7 +345,7 @@ def _schema_errors(data: dict[str, Any]) -> list[tuple[Path_, str]]:
     found = [(path, msg, True) for path, msg in _non_finite(data)]
     family = data.get("family", families.DEFAULT)
     known = isinstance(family, str) and family in families.names()
-    for err in _Validator(schema(family if known else None)).iter_errors(data):
+    for err in _validator()(schema(family if known else None)).iter_errors(data):
         found.extend((path, msg, err.validator == "type") for path, msg in _describe(err))
     # A value of the wrong kind gets one line, not its bounds too ("1e12" is not an integer).
     typed = {path for path, _, is_type in found if is_type}
@@ -349,6 +366,8 @@ def _describe(err: ValidationError) -> list[tuple[Path_, str]]:
         fitting = [e for e in err.context if e.schema_path[0] not in wrong_type]
         if fitting:
             return [found for e in fitting for found in _describe(e)]
+        from jsonschema.exceptions import best_match
+
         return _describe(best_match(err.context))
     if err.validator == "additionalProperties":
         allowed = sorted(err.schema.get("properties", {}))

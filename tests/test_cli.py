@@ -272,9 +272,20 @@ NO_TVM = textwrap.dedent(
                 codes.append(main(argv.split("|")))
             except SystemExit as e:  # argparse's --help and usage errors
                 codes.append(e.code)
-    print(codes, sorted(m for m in ("tvm", "torch") if m in sys.modules))
+    print(codes, sorted(m for m in ("tvm", "torch", "numpy", "jsonschema") if m in sys.modules))
     """
 )
+
+
+def imports_of(*commands: str) -> tuple[str, str]:
+    """Run `commands` (arguments joined by "|") through `main` in one new process: their exit
+    codes and which of TVM, torch, numpy and jsonschema they imported, as printed."""
+    proc = subprocess.run(
+        [sys.executable, "-c", NO_TVM, *commands], cwd=REPO, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    codes, _, imported = proc.stdout.strip().partition("] ")
+    return codes + "]", imported
 
 
 def test_commands_that_compile_nothing_import_no_tvm(tmp_path):
@@ -293,8 +304,17 @@ def test_commands_that_compile_nothing_import_no_tvm(tmp_path):
         "build|--no-such-flag",
         "check|llava-clip|model.hiden_size=8",
     ]
-    proc = subprocess.run(
-        [sys.executable, "-c", NO_TVM, *commands], cwd=REPO, capture_output=True, text=True
+    codes, imported = imports_of(*commands)
+    assert codes == "[0, 0, 0, 0, 0, 2, 2]"
+    assert "tvm" not in imported and "torch" not in imported, imported
+
+
+def test_listing_and_checking_import_neither_numpy_nor_the_schema_library_needlessly():
+    """`build list` reads presets without validating them (no jsonschema, 0.1 s to import
+    here) and no command that compiles nothing imports numpy (another 0.1 s): the families
+    import it where they make arrays (docs/build-cache.md)."""
+    assert imports_of("list") == ("[0]", "[]")
+    assert imports_of("check|presets/llava-clip.yaml|presets/qwen2-5-vl-3b-instruct.yaml") == (
+        "[0]",
+        "['jsonschema']",
     )
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "[0, 0, 0, 0, 0, 2, 2] []", proc.stdout

@@ -14,13 +14,14 @@ With `blocks.projector: mistral3_projector`, the artifact is Mistral 3's
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from ..config import TowerConfig
 from . import Family, NameMap, NativeTower, register
 from .clip import ACTIVATIONS
+
+if TYPE_CHECKING:  # numpy only where arrays are made: `build check` does not import it
+    import numpy as np
 
 
 @dataclass
@@ -90,6 +91,8 @@ class PixtralVisionConfig(TowerConfig):
 
 def inv_freq(head_dim: int, theta: float) -> np.ndarray:
     """HF's rotary inverse frequencies, 1 / theta^(2i / head_dim), float32."""
+    import numpy as np
+
     exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
     return (1.0 / (np.float32(theta) ** exponents)).astype(np.float32)
 
@@ -97,6 +100,8 @@ def inv_freq(head_dim: int, theta: float) -> np.ndarray:
 def axial_rope(rows: int, cols: int, head_dim: int, theta: float) -> tuple[np.ndarray, ...]:
     """Pixtral's cos and sin tables, (rows * cols, head_dim) each, patches row-major: the
     angles [r f0, c f1, r f0, c f1] with f0 the even and f1 the odd inverse frequencies."""
+    import numpy as np
+
     freq = inv_freq(head_dim, theta)
     r, c = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
     angles_r = r.reshape(-1, 1).astype(np.float32) * freq[0::2]
@@ -110,6 +115,8 @@ def unfold_index(rows: int, cols: int, k: int) -> np.ndarray:
     """The patches of each k x k block, blocks row-major (the last row and column dropped
     where the side is not a multiple of k, as torch's unfold does), (row, column) in a block:
     int32 (blocks * k * k,)."""
+    import numpy as np
+
     br, bc = rows // k, cols // k
     grid = np.arange(rows * cols, dtype=np.int32).reshape(rows, cols)[: br * k, : bc * k]
     return grid.reshape(br, k, bc, k).transpose(0, 2, 1, 3).reshape(-1)
@@ -130,6 +137,8 @@ def native_inputs(
 def patchify(image: np.ndarray, patch: int) -> np.ndarray:
     """(C, H, W), sides multiples of `patch` -> (H/p * W/p, C p p), patches row-major, each
     in (C, p, p) order: what the conv sees of it."""
+    import numpy as np
+
     c, h, w = image.shape
     x = image.reshape(c, h // patch, patch, w // patch, patch)
     return np.ascontiguousarray(x.transpose(1, 3, 0, 2, 4).reshape(-1, c * patch * patch))
@@ -143,6 +152,8 @@ def unpatchify(patches: np.ndarray, grid: Any, channels: int, patch: int) -> np.
 
 
 def sample(config: PixtralVisionConfig, rows: int, cols: int, seed: int) -> tuple[Any, Any]:
+    import numpy as np
+
     image = np.random.default_rng(seed).standard_normal(
         (config.num_channels, rows * config.patch_size, cols * config.patch_size)
     )

@@ -21,13 +21,14 @@ is HF's `pooler_output` (Qwen2.5-VL's `get_image_features`) for the image.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from ..config import TowerConfig
 from . import Family, NameMap, NativeTower, register
 from .clip import ACTIVATIONS, FUSED_QKV
+
+if TYPE_CHECKING:  # numpy only where arrays are made: `build check` does not import it
+    import numpy as np
 
 
 @dataclass
@@ -140,6 +141,8 @@ class Qwen2_5_VLVisionConfig(TowerConfig):
 
 def inv_freq(head_dim: int, theta: float) -> np.ndarray:
     """HF's inverse frequencies, 1 / theta^(2i / d) with d = head_dim / 2, float32."""
+    import numpy as np
+
     dim = head_dim // 2
     exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
     return (1.0 / (np.float32(theta) ** exponents)).astype(np.float32)
@@ -148,6 +151,8 @@ def inv_freq(head_dim: int, theta: float) -> np.ndarray:
 def block_positions(rows: int, cols: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Each patch's (row, column), patches in merge-block order (the k x k patches of a block
     together, blocks row-major), as HF's `get_vision_position_ids`."""
+    import numpy as np
+
     r, c = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
 
     def blocked(x: np.ndarray) -> np.ndarray:
@@ -159,6 +164,8 @@ def block_positions(rows: int, cols: int, k: int) -> tuple[np.ndarray, np.ndarra
 def rope_tables(config: Qwen2_5_VLVisionConfig, rows: int, cols: int) -> tuple[np.ndarray, ...]:
     """cos and sin, (rows * cols, head_dim) each, in merge-block order: the angles
     [r f, c f, r f, c f] with f the inverse frequencies."""
+    import numpy as np
+
     freq = inv_freq(config.head_dim, config.rope_theta)
     r, c = block_positions(rows, cols, config.spatial_merge_size)
     half = np.concatenate(
@@ -172,6 +179,8 @@ def window_index(config: Qwen2_5_VLVisionConfig, rows: int, cols: int) -> tuple[
     """HF's `get_window_index` for one image: the merge blocks in window order (windows
     row-major, blocks row-major within a window, the windows at the right and bottom edges
     cut short), and the windows' cumulative lengths in patches, repeats dropped, int32."""
+    import numpy as np
+
     k = config.spatial_merge_size
     side = config.window_size // k // config.patch_size  # blocks per window side
     br, bc = rows // k, cols // k
@@ -191,6 +200,8 @@ def native_inputs(
     """The arrays `forward` takes for one image: HF's `pixel_values` rows (rows * cols,
     C T p p, merge-block order) and its `image_grid_thw` (1, rows, cols) -> the first frame of
     each patch and the rotary tables, both in window order, and the windows."""
+    import numpy as np
+
     t, rows, cols = grid
     if t != 1:
         raise ValueError(f"grid {tuple(grid)}: one image (t = 1) per call")
@@ -211,6 +222,8 @@ def native_inputs(
 
 def finish(config: Qwen2_5_VLVisionConfig, merged: np.ndarray, grid: Any) -> np.ndarray:
     """The merged tokens, one per merge block in window order, put back in block order."""
+    import numpy as np
+
     order, _ = window_index(config, grid[1], grid[2])
     return merged[np.argsort(order)]
 
@@ -223,6 +236,8 @@ def row_width(config: Qwen2_5_VLVisionConfig) -> int:
 def sample(config: Qwen2_5_VLVisionConfig, rows: int, cols: int, seed: int) -> tuple[Any, Any]:
     """Random rows of an image of at least rows x cols patches (each side rounded up to whole
     merge blocks), each frame repeated T times as the processor does."""
+    import numpy as np
+
     k = config.spatial_merge_size
     rows, cols = -(-rows // k) * k, -(-cols // k) * k
     c, frames, p = config.num_channels, config.temporal_patch_size, config.patch_size

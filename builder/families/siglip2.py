@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from ..config import TowerConfig
-from ..weights.resample import axis_weights
 from . import Family, NameMap, NativeTower, register
 from .clip import ACTIVATIONS
+
+if TYPE_CHECKING:  # numpy only where arrays are made: `build check` does not import it
+    import numpy as np
 
 
 @dataclass
@@ -73,6 +73,10 @@ def position_weights(table_side: int, grid: Any) -> np.ndarray:
     """The map from the G x G position table (rows G G, row-major) to the image's (h, w) grid,
     (h w, G G) float32: HF's bilinear antialiased resize, the product of one 1-D map per
     axis."""
+    import numpy as np
+
+    from ..weights.resample import axis_weights
+
     rows, cols = grid
     along_rows = axis_weights(table_side, rows, "bilinear", antialias=True)  # (h, G)
     along_cols = axis_weights(table_side, cols, "bilinear", antialias=True)  # (w, G)
@@ -90,6 +94,8 @@ def native_inputs(
 
 
 def sample(config: Siglip2VisionConfig, rows: int, cols: int, seed: int) -> tuple[Any, Any]:
+    import numpy as np
+
     width = config.num_channels * config.patch_size**2
     patches = np.random.default_rng(seed).standard_normal((rows * cols, width))
     return patches.astype(np.float32), (rows, cols)
