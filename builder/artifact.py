@@ -293,19 +293,12 @@ def fill(src: Path, dst: Path, names: Iterable[str] | None = None) -> None:
             shutil.copy2(f, dst / f.name)
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def publish(src: Path, final: Path, lock: Path) -> None:
     """Make `final` a link to a new version folder holding `src`'s files, atomically.
 
     The files are hard links where possible, so publishing a 1 GB artifact takes
-    milliseconds. `lock` serializes publishers of the same `final`."""
+    milliseconds. `lock` serializes publishers of the same `final`. Atomic against a killed
+    process, not durable against a power cut: nothing is fsync'd (docs/build-cache.md)."""
     final.parent.mkdir(parents=True, exist_ok=True)
     with locked(lock):
         sweep(final)
@@ -321,6 +314,11 @@ def publish(src: Path, final: Path, lock: Path) -> None:
             # A real folder (written before links were used): moved aside once, not atomic.
             old = final.rename(final.parent / f".{final.name}.v-{secrets.token_hex(4)}")
         os.replace(link, final)
-        _fsync_dir(final.parent)
-        if old is not None and old != version and _leftover(final).fullmatch(old.name):
-            shutil.rmtree(old, ignore_errors=True)
+        if old is not None and old != version:
+            _remove_version(final, old)
+
+
+def _remove_version(final: Path, old: Path) -> None:
+    """Remove a version folder `final` no longer links to (one of its own only)."""
+    if _leftover(final).fullmatch(old.name):
+        shutil.rmtree(old, ignore_errors=True)

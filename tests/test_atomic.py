@@ -93,7 +93,7 @@ def leftovers(out: Path, cache_root: Path) -> list[str]:
         # the third fills the published version folder.
         ("fill", "after", 3, 0),  # version folder filled, not yet renamed
         ("current_version", "before", 2, 0),  # new version and link made, not swapped
-        ("_fsync_dir", "before", 1, 1),  # swapped, old version not yet removed
+        ("_remove_version", "before", 1, 1),  # swapped, old version not yet removed
     ],
 )
 def test_sigkill_leaves_old_or_new(state, build_cache, name, when, nth, expected):
