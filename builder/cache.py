@@ -50,6 +50,7 @@ import os
 import platform
 import shutil
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -174,9 +175,18 @@ def _whole_elf(path: Path) -> bool:
     return sh_offset + entry_size * count <= size
 
 
-@cache
+_SCRATCH_LOCK = threading.Lock()
+
+
 def _scratch() -> Path:
-    """A folder of this process's own for what an unwritable cache cannot keep."""
+    """A folder of this process's own for what an unwritable cache cannot keep (one, however
+    many threads of a compile ask at once)."""
+    with _SCRATCH_LOCK:
+        return _scratch_folder()
+
+
+@cache
+def _scratch_folder() -> Path:
     import atexit
     import tempfile
 

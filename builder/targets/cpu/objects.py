@@ -13,16 +13,22 @@ the same, so is the code of each; only their split across objects differs.
 
 An object's key (`cache.kernel_object_key`) covers the function as TVM's JSON (its body, its
 name, its attributes), the target, the pass context's options and the TVM versions: all a
-function's code depends on. docs/build-cache.md has the figures.
+function's code depends on. The functions a build lacks are compiled on a thread per core
+(TVM's build and LLVM's code generation release the GIL; each thread enters the pass
+context, which TVM keeps per thread). docs/build-cache.md has the figures.
 """
 
 from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import tvm
 from tvm import relax
 from tvm.relax import vm_build
 
 from ... import cache
+from ...runtime import available_cores
 
 # Part of every object's key: bump it when the way a function is built here changes.
 RECIPE = 1
@@ -61,15 +67,23 @@ def _objects(tir_mod: tvm.IRModule, target: tvm.target.Target) -> list[tvm.runti
         "module_attrs": {k: str(v) for k, v in (tir_mod.attrs or {}).items()},
     }
     store = cache.Cache()
-    found = []
-    for gvar, func in tir_mod.functions.items():
+    functions = list(tir_mod.functions.items())
+
+    def stored(item: tuple[tvm.ir.GlobalVar, tvm.tirx.PrimFunc]) -> Path:
+        gvar, func = item
         key = cache.kernel_object_key(tvm.ir.save_json(func), target.export(), setting)
 
-        def write(path, gvar=gvar, func=func):
-            one = tvm.IRModule({gvar: func}, attrs=tir_mod.attrs)
-            tvm.tirx.build(one, target=target).write_to_file(str(path))
+        def write(path: Path) -> None:
+            with context:  # this thread's own pass context stack
+                one = tvm.IRModule({gvar: func}, attrs=tir_mod.attrs)
+                tvm.tirx.build(one, target=target).write_to_file(str(path))
 
-        path = store.kernel_object(key, write)
+        return store.kernel_object(key, write)
+
+    with ThreadPoolExecutor(max(1, min(len(functions), available_cores()))) as pool:
+        paths = list(pool.map(stored, functions))  # in the module's order: the same link
+    found = []
+    for (gvar, func), path in zip(functions, paths, strict=True):
         symbol = (
             str(func.attrs["global_symbol"]) if "global_symbol" in func.attrs else gvar.name_hint
         )
