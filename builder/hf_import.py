@@ -26,7 +26,7 @@ from . import families, openclip_import, vlm
 from .config import PreprocessConfig
 from .errors import InputError
 from .families import Family
-from .weights.hf import LLAVA_FIELDS, vision_fields
+from .hf_config import LLAVA_FIELDS, vision_fields
 
 PREPROCESS = PreprocessConfig()
 

@@ -309,12 +309,18 @@ def test_commands_that_compile_nothing_import_no_tvm(tmp_path):
     assert "tvm" not in imported and "torch" not in imported, imported
 
 
-def test_listing_and_checking_import_neither_numpy_nor_the_schema_library_needlessly():
+def test_listing_checking_and_importing_need_no_numpy(tmp_path):
     """`build list` reads presets without validating them (no jsonschema, 0.1 s to import
     here) and no command that compiles nothing imports numpy (another 0.1 s): the families
-    import it where they make arrays (docs/build-cache.md)."""
+    import it where they make arrays, the config importer reads fields without the weights
+    code (docs/build-cache.md)."""
+    from transformers import CLIPVisionConfig
+
+    CLIPVisionConfig().to_json_file(tmp_path / "config.json")
     assert imports_of("list") == ("[0]", "[]")
     assert imports_of("check|presets/llava-clip.yaml|presets/qwen2-5-vl-3b-instruct.yaml") == (
         "[0]",
         "['jsonschema']",
     )
+    config, out = tmp_path / "config.json", tmp_path / "p.yaml"
+    assert imports_of(f"import|{config}|--out|{out}") == ("[0]", "['jsonschema']")

@@ -23,6 +23,7 @@ import numpy as np
 from ..config import TowerConfig
 from ..errors import InputError
 from ..families import Family, NameMap
+from ..hf_config import LLAVA_FIELDS, vision_fields
 from ..safetensors_io import SafetensorsFile
 from .torch_pickle import SUFFIXES, TorchPickleFile
 
@@ -34,10 +35,6 @@ TensorFile = SafetensorsFile | TorchPickleFile
 PROJECTOR_ANCHOR = "linear_1.weight"
 OUR_PROJECTOR = "multi_modal_projector."
 INDEX = "model.safetensors.index.json"
-LLAVA_FIELDS = {
-    "vision_feature_layer": "feature_layer",
-    "vision_feature_select_strategy": "feature_select_strategy",
-}
 # LlavaConfig fields that the `mlp2x_gelu` projector fixes.
 PROJECTOR_FIELDS = {"projector_hidden_act": "gelu", "multimodal_projector_bias": True}
 
@@ -422,21 +419,6 @@ def square(value: Any) -> Any:
     if isinstance(value, list) and len(value) == 2 and value[0] == value[1]:
         return value[0]
     return value
-
-
-def vision_fields(cfg: dict[str, Any], vision: dict[str, Any]) -> dict[str, Any]:
-    """A tower's fields from its config (a two-tower or VLM config's `vision_config`, or the
-    tower's own): with the model's own projection_dim where both hold one (CLIPModel's
-    visual_projection is CLIPConfig's projection_dim wide, and its vision_config keeps the
-    default), and the rotary base where transformers 5 nests it (`rope_parameters`)."""
-    out = dict(vision)
-    if "projection_dim" in cfg and "projection_dim" in vision:
-        out["projection_dim"] = cfg["projection_dim"]
-    # transformers 5 writes a rotary base under rope_parameters; older files beside the rest.
-    rope = vision.get("rope_parameters")
-    if isinstance(rope, dict) and "rope_theta" in rope and "rope_theta" not in vision:
-        out["rope_theta"] = rope["rope_theta"]
-    return out
 
 
 def check_config(
