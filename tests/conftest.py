@@ -35,6 +35,11 @@ needs_avx512 = pytest.mark.skipif(
 )
 
 
+def cpu_target(options: dict[str, str]) -> Any:
+    """The llvm target of an entry with these options: this machine's CPU (`HOST`) for none."""
+    return llvm.tvm_target(TargetConfig(**options))[0] if options else HOST
+
+
 def rounding(precision: str) -> dict[str, str]:
     """Target options under which `precision` GEMMs (float16 or bfloat16) round their
     operands to 16 bits and multiply in float32, for a CPU this machine runs: its own where

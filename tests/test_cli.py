@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -262,7 +263,7 @@ def test_python_m_builder_exits_2_without_traceback():
 
 NO_TVM = textwrap.dedent(
     """
-    import contextlib, io, sys
+    import contextlib, io, json, sys
     from builder.cli import main
 
     codes = []
@@ -272,20 +273,21 @@ NO_TVM = textwrap.dedent(
                 codes.append(main(argv.split("|")))
             except SystemExit as e:  # argparse's --help and usage errors
                 codes.append(e.code)
-    print(codes, sorted(m for m in ("tvm", "torch", "numpy", "jsonschema") if m in sys.modules))
+    watched = ("tvm", "torch", "numpy", "jsonschema")
+    print(json.dumps([codes, [m for m in watched if m in sys.modules]]))
     """
 )
 
 
-def imports_of(*commands: str) -> tuple[str, str]:
+def imports_of(*commands: str) -> tuple[list[int], list[str]]:
     """Run `commands` (arguments joined by "|") through `main` in one new process: their exit
-    codes and which of TVM, torch, numpy and jsonschema they imported, as printed."""
+    codes, and which of TVM, torch, numpy and jsonschema they imported."""
     proc = subprocess.run(
         [sys.executable, "-c", NO_TVM, *commands], cwd=REPO, capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stderr
-    codes, _, imported = proc.stdout.strip().partition("] ")
-    return codes + "]", imported
+    codes, imported = json.loads(proc.stdout)
+    return codes, imported
 
 
 def test_commands_that_compile_nothing_import_no_tvm(tmp_path):
@@ -305,8 +307,8 @@ def test_commands_that_compile_nothing_import_no_tvm(tmp_path):
         "check|llava-clip|model.hiden_size=8",
     ]
     codes, imported = imports_of(*commands)
-    assert codes == "[0, 0, 0, 0, 0, 2, 2]"
-    assert "tvm" not in imported and "torch" not in imported, imported
+    assert codes == [0, 0, 0, 0, 0, 2, 2]
+    assert not {"tvm", "torch"} & set(imported), imported
 
 
 def test_listing_checking_and_importing_need_no_numpy(tmp_path):
@@ -317,10 +319,8 @@ def test_listing_checking_and_importing_need_no_numpy(tmp_path):
     from transformers import CLIPVisionConfig
 
     CLIPVisionConfig().to_json_file(tmp_path / "config.json")
-    assert imports_of("list") == ("[0]", "[]")
-    assert imports_of("check|presets/llava-clip.yaml|presets/qwen2-5-vl-3b-instruct.yaml") == (
-        "[0]",
-        "['jsonschema']",
-    )
+    assert imports_of("list") == ([0], [])
+    checked = "check|presets/llava-clip.yaml|presets/qwen2-5-vl-3b-instruct.yaml"
+    assert imports_of(checked) == ([0], ["jsonschema"])
     config, out = tmp_path / "config.json", tmp_path / "p.yaml"
-    assert imports_of(f"import|{config}|--out|{out}") == ("[0]", "['jsonschema']")
+    assert imports_of(f"import|{config}|--out|{out}") == ([0], ["jsonschema"])

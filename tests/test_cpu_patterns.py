@@ -17,7 +17,6 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
 from builder.blocks.common import Linear, RMSNorm, SiLU, in_float32
-from builder.config import TargetConfig
 from builder.make_artifact import pack_params
 from builder.preset import load_preset
 from builder.registry import create
@@ -27,7 +26,7 @@ from builder.targets.cpu.pipeline import compile_kernel, fallback_report
 from builder.targets.cpu.rewrite import rewrite_to_kernels
 from builder.targets.cpu.widen import widen_to_float32
 
-from .conftest import HOST, assert_close, needs_bf16, rounding
+from .conftest import HOST, assert_close, cpu_target, needs_bf16, rounding
 from .test_cpu_pipeline import FLOAT32_KERNELS, HALF_TOLERANCE, kernel_calls
 
 EPS = 1e-6
@@ -322,7 +321,7 @@ def test_layer_against_torch(build, bias):
     options, precision = LAYER_BUILDS[build]
     heads, dim = 4, 64
     mod, params = exported(Layer(dim, 100, heads, bias), dim)
-    target = llvm.tvm_target(TargetConfig(**options))[0] if options else HOST
+    target = cpu_target(options)
     executable = llvm.compile(mod, target, precision)
     assert executable.fallback_ops == fallback_report(mod, target, precision)
     w = weights(params)
@@ -488,7 +487,7 @@ def test_token_merges_against_torch(block, build):
     within their tolerance; the compiled executable's fallback list is the report's."""
     options, precision = LAYER_BUILDS[build]
     mod, params = projector(block)
-    target = llvm.tvm_target(TargetConfig(**options))[0] if options else HOST
+    target = cpu_target(options)
     executable = llvm.compile(mod, target, precision)
     assert executable.fallback_ops == fallback_report(mod, target, precision)
     w = weights(params)

@@ -36,6 +36,7 @@ from .conftest import (
     HOST,
     REPO,
     assert_close,
+    cpu_target,
     needs_avx512,
     needs_bf16,
     needs_half,
@@ -126,7 +127,7 @@ def test_scheduled_equals_stock_pipeline(case, build):
     options, precision = BUILDS[build]
     config, mod, params, arrays, refs = stock_reference(case)
     order = [name for name, _ in params]
-    target = llvm.tvm_target(TargetConfig(**options))[0] if options else HOST
+    target = cpu_target(options)
     scheduled = llvm.compile(mod, target, precision)
     packed_order, packed = pack_params(scheduled, order, arrays)
     assert packed is not arrays  # the pipeline packs weights at build time
@@ -246,7 +247,7 @@ def test_packing_into_buffers_equals_transform_params(options, dtype, precision)
     (`transform_params_into_shapes`), and every result equals `transform_params`' bit for
     bit; `pack_params` stores those, the parameters read where they lie."""
     mod, params = small_tower(dtype)
-    target = llvm.tvm_target(TargetConfig(**options))[0] if options else HOST
+    target = cpu_target(options)
     executable = llvm.compile(mod, target, precision)
     vm = relax.VirtualMachine(executable, tvm.cpu())
     order = [name for name, _ in params]

@@ -16,7 +16,6 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
 from builder.blocks.common import Linear, RMSNorm
-from builder.config import TargetConfig
 from builder.make_artifact import pack_params
 from builder.targets import llvm
 from builder.targets.cpu import kernels
@@ -24,7 +23,7 @@ from builder.targets.cpu.pipeline import compile_kernel, fallback_report
 from builder.targets.cpu.rewrite import rewrite_to_kernels
 from builder.targets.var_len import lower_attention_var_len
 
-from .conftest import HOST, assert_close, needs_bf16
+from .conftest import HOST, assert_close, cpu_target, needs_bf16
 from .test_cpu_patterns import forward_ops, torch_linear, weights
 from .test_cpu_pipeline import FLOAT32_KERNELS, HALF_TOLERANCE, kernel_calls
 
@@ -214,7 +213,7 @@ def test_symbolic_layer_against_torch(build, var_len):
     layout of `layouts`), against torch in float64."""
     options, precision, tolerance = BUILDS[build]
     mod, params = exported(var_len)
-    target = llvm.tvm_target(TargetConfig(**options))[0] if options else HOST
+    target = cpu_target(options)
     executable = llvm.compile(mod, target, precision)
     assert executable.fallback_ops == fallback_report(mod, target, precision)
     w = weights(params)

@@ -18,15 +18,14 @@ import safetensors.numpy
 import builder
 from builder.build import build
 from builder.cli import main
-from builder.config import TargetConfig
 from builder.preset import load_preset
 from builder.targets import device_code, llvm, toolchain
 from builder.targets.cpu.kernels import kernel_config
 
 from .conftest import (
-    HOST,
     REPO,
     assert_close,
+    cpu_target,
     expected_features,
     gemm_panels,
     needs_bf16,
@@ -362,7 +361,7 @@ def test_16_bit_precision_without_the_arithmetic_rounds_the_operands(
     ViT-B/16 with 2 layers took 2.7 s, not 16 ms.)"""
     options = rounding(precision)
     folder = float16_build(tiny_checkpoint, tmp_path, precision, **options)
-    target = llvm.tvm_target(TargetConfig(**options))[0] if options else HOST
+    target = cpu_target(options)
     panels = gemm_panels(folder, kernel_config(target).nb)
     rows = {k for _, k, _ in panels}
     assert {32, 64} <= rows and 16 not in rows, panels  # K of 32 and 64, not halved in pairs
