@@ -73,7 +73,7 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ..var_len import lower_attention_var_len
-from . import objects
+from . import objects, reshapes
 from .kernels import KernelConfig, bf16_gemms, half_gemms, kernel_config
 from .report import FallbackReport
 from .rewrite import rewrite_to_kernels
@@ -172,22 +172,22 @@ def _write_into(mod: tvm.IRModule, lifted: relax.GlobalVar) -> tvm.IRModule:
 
 
 def _relax_passes(target: tvm.target.Target, cfg: KernelConfig, report: FallbackReport):
-    """cpu_generic's passes up to the finalization, the fallback schedule after fusion, the
-    report's notes between them (`report.py`), and dead code elimination after them: the
-    dataflow lowering turns most legalized reshapes into views, and the PrimFuncs they
-    called would otherwise still be compiled into the library."""
+    """cpu_generic's passes up to the finalization, with reshapes left as ops through
+    legalization (`reshapes.py`), the fallback schedule after fusion, the report's notes
+    between them (`report.py`), and dead code elimination after them: PrimFuncs that
+    nothing calls any more would otherwise still be compiled into the library."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu  # pylint: disable=import-outside-toplevel
 
     legalize = [
         report.note_ops(),
-        relax.transform.LegalizeOps(),
+        reshapes.legalize,
         report.note_legalized(),
         relax.transform.AnnotateTIROpPattern(),
-        relax.transform.FoldConstant(),
+        reshapes.fold_constants,
         relax.transform.FuseOps(),
         report.note_fused(),
         relax.transform.FuseTIR(),
-    ]  # cpu_generic's legalize_passes, with the notes
+    ]  # cpu_generic's legalize_passes, with the notes and the reshapes left as ops
     return (
         cpu.library_dispatch_passes(target)
         + legalize
@@ -255,17 +255,24 @@ def compile_cpu(
     return executable
 
 
-def fallback_report(
+def after_relax_passes(
     mod: tvm.IRModule, target: tvm.target.Target, precision: str = "float32"
-) -> list[dict]:
-    """What `compile_cpu` would report in `fallback_ops`, from the Relax passes alone (no
-    code is generated: a fraction of the compile time)."""
+) -> tuple[tvm.IRModule, FallbackReport]:
+    """The module after `compile_cpu`'s Relax passes, the finalization aside (no code is
+    generated: a fraction of the compile time), and those passes' report."""
     target = _as_target(target)
     mod, cfg = _with_kernels(mod, target, precision)
     report = FallbackReport()
     with target, tvm.transform.PassContext(opt_level=3, config=PASS_CONFIG):
-        tvm.transform.Sequential(_relax_passes(target, cfg, report))(mod)
-    return report.entries
+        mod = tvm.transform.Sequential(_relax_passes(target, cfg, report))(mod)
+    return mod, report
+
+
+def fallback_report(
+    mod: tvm.IRModule, target: tvm.target.Target, precision: str = "float32"
+) -> list[dict]:
+    """What `compile_cpu` would report in `fallback_ops` (`after_relax_passes`)."""
+    return after_relax_passes(mod, target, precision)[1].entries
 
 
 def compile_kernel(func: tvm.tirx.PrimFunc, target: tvm.target.Target):
