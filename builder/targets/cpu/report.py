@@ -16,28 +16,22 @@ import tvm
 import tvm_ffi
 from tvm import relax
 
+from .walk import bindings, op_name, relax_functions
+
 ENTRY = "forward"
 
 
 def _bindings(mod: tvm.IRModule):
     """(function, binding) of every variable binding of every Relax function, in order."""
-    for gv, func in mod.functions_items():
-        if isinstance(func, relax.Function) and isinstance(func.body, relax.SeqExpr):
-            for block in func.body.blocks:
-                for b in block.bindings:
-                    if isinstance(b, relax.VarBinding):
-                        yield gv, func, b
-
-
-def _op_name(value) -> str | None:
-    if isinstance(value, tvm.ir.Call) and isinstance(value.op, tvm.ir.Op):
-        return value.op.name
-    return None
+    for gv, func in relax_functions(mod):
+        for _, b in bindings(func):
+            if isinstance(b, relax.VarBinding):
+                yield gv, func, b
 
 
 def _called_prim_func(value) -> str | None:
     """The PrimFunc a `call_tir` binding calls."""
-    if _op_name(value) in ("relax.call_tir", "relax.call_tir_inplace"):
+    if op_name(value) in ("relax.call_tir", "relax.call_tir_inplace"):
         return value.args[0].name_hint
     return None
 
@@ -87,7 +81,7 @@ class FallbackReport:
 
         def note(mod):
             for _, _, b in _bindings(mod):
-                name = _op_name(b.value)
+                name = op_name(b.value)
                 if name is not None and name.startswith("relax.call_"):
                     self._kernels.add(b.var)
                 elif name is not None:

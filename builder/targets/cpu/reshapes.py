@@ -4,7 +4,7 @@ legalization; and constant folding only where there is a constant to fold.
 The stock passes legalize every `relax.reshape` into a PrimFunc (a TE computation each), and
 `RewriteDataflowReshape` then finds that PrimFunc to be a reshape and makes the call a view
 (`relax.reshape` again), which the VM runs without copying. A ViT binds hundreds of them
-(four per layer) between the kernels' calls, so that round trip was a third of the Relax
+between the kernels' calls (512 in llava-clip), so that round trip was a third of the Relax
 passes' time; and `FoldConstant`, which legalizes each op it meets to see whether its
 arguments are constants, took as long again once reshapes reached it unlegalized
 (docs/build-stages.md). Here:
@@ -23,30 +23,32 @@ PrimFuncs (`tests/test_fallback.py` compares the two on every preset).
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 
 import tvm
+import tvm_ffi
 from tvm import relax
+
+from .walk import bindings, op_name, relax_functions
 
 RESHAPE = "relax.reshape"
 
 
-def _op(value) -> tvm.ir.Op | None:
-    if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op):
-        return value.op
-    return None
-
-
 def _is_reshape(value) -> bool:
-    op = _op(value)
-    return op is not None and op.name == RESHAPE
+    return op_name(value) == RESHAPE
+
+
+@functools.cache
+def _legalizable(name: str) -> bool:
+    return tvm.ir.Op.get(name).get_attr("FLegalize") is not None
 
 
 def _untouched(value) -> bool:
     """A binding that `LegalizeOps` leaves as it is: a call of an op it has no legalization
     for (`call_tir`, allocations...)."""
-    op = _op(value)
-    return op is not None and op.get_attr("FLegalize") is None
+    name = op_name(value)
+    return name is not None and not _legalizable(name)
 
 
 def _leaves(expr):
@@ -80,12 +82,6 @@ def _plain(expr) -> bool:
     return isinstance(shape, relax.ShapeExpr) and all(_product(d) for d in shape.values)
 
 
-def _bindings(func: relax.Function):
-    for block in func.body.blocks:
-        for b in block.bindings:
-            yield block, b
-
-
 def views(func: relax.Function) -> set[relax.Var]:
     """The variables of `func`'s reshapes that the stock lowering makes views: bound in a
     dataflow block to a dataflow variable, with the value they reshape and every use of
@@ -93,7 +89,7 @@ def views(func: relax.Function) -> set[relax.Var]:
     bound: dict[relax.Var, object] = {}
     users: dict[relax.Var, list[relax.Var]] = defaultdict(list)
     found = set()
-    for block, b in _bindings(func):
+    for block, b in bindings(func):
         value = b.value if isinstance(b, relax.VarBinding) else None  # a match_cast: unknown
         bound[b.var] = value
         for var in _used(b.value):
@@ -123,12 +119,6 @@ def views(func: relax.Function) -> set[relax.Var]:
     return found
 
 
-def _relax_functions(mod: tvm.IRModule):
-    for gv, func in mod.functions_items():
-        if isinstance(func, relax.Function) and isinstance(func.body, relax.SeqExpr):
-            yield gv, func
-
-
 @tvm.transform.module_pass(opt_level=0, name="LegalizeOpsKeepingViews")
 def legalize(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     """`LegalizeOps`, but for the reshapes that are `views`, left as they are. A reshape it
@@ -138,9 +128,9 @@ def legalize(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     a tower with another layer count so links the same stored object (docs/build-cache.md)
     where a layer's variable names would have changed its code."""
     kept, first = set(), {}
-    for _, func in _relax_functions(mod):
+    for _, func in relax_functions(mod):
         found = views(func)
-        for _, b in _bindings(func):
+        for _, b in bindings(func):
             if _is_reshape(b.value):
                 first.setdefault(_types(b.value), b.value)
                 if b.var in found:
@@ -156,7 +146,7 @@ def legalize(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
             made = stock(bb, model)
             # The model's PrimFunc with this call's argument (shapes without a division:
             # their variables are bound by the argument's shape, no scalar is passed).
-            if _op(made) is not None and made.op.name == "relax.call_tir" and len(made.args) == 2:
+            if op_name(made) == "relax.call_tir" and len(made.args) == 2:
                 args = [made.args[0], relax.Tuple([call.args[0]])]
                 return relax.Call(made.op, args, made.attrs, made.ty_args)
         return stock(bb, call)
@@ -164,23 +154,24 @@ def legalize(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     return relax.transform.LegalizeOps({RESHAPE: reshape})(mod)
 
 
-def _types(call: relax.Call) -> tuple[str, str, str]:
-    return (str(call.args[0].ty), str(call.args[1]), str(call.ty))
+def _types(call: relax.Call) -> tvm_ffi.StructuralKey:
+    """What a reshape's PrimFunc is made of: its argument's type, the shape, its type."""
+    return tvm_ffi.StructuralKey(tvm.runtime.convert([call.args[0].ty, call.args[1], call.ty]))
 
 
 def _constant_call(value) -> bool:
     """A call that `FoldConstant` may fold: a `call_tir`, or an op it can legalize, none of
     whose arguments is a variable (an allocation has none either, and is never folded)."""
-    op = _op(value)
-    if op is None or _used(value):
+    name = op_name(value)
+    if name is None or _used(value):
         return False
-    return op.name == "relax.call_tir" or op.get_attr("FLegalize") is not None
+    return name == "relax.call_tir" or _legalizable(name)
 
 
 @tvm.transform.module_pass(opt_level=0, name="FoldConstantsWhereAny")
 def fold_constants(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     """`FoldConstant` where some call's arguments are all constants; else the module as it
     is (what `FoldConstant` would return, without legalizing each op to find that out)."""
-    if not any(_constant_call(b.value) for _, f in _relax_functions(mod) for _, b in _bindings(f)):
+    if not any(_constant_call(b.value) for _, f in relax_functions(mod) for _, b in bindings(f)):
         return mod
     return relax.transform.FoldConstant()(mod)

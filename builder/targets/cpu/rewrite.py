@@ -28,6 +28,7 @@ from .kernels import (
     rms_norm_kernel,
     round_kernel,
 )
+from .walk import op_name
 
 
 def _static(shape) -> list[int] | None:
@@ -40,12 +41,6 @@ def _static(shape) -> list[int] | None:
 def _sinfo(e):
     ty = getattr(e, "ty", None)
     return ty if isinstance(ty, relax.TensorType) else None
-
-
-def _op_name(e) -> str | None:
-    if isinstance(e, tvm.ir.Call) and isinstance(e.op, tvm.ir.Op):
-        return e.op.name
-    return None
 
 
 def _is_f32(e) -> bool:
@@ -157,7 +152,7 @@ class _Plan:
             "relax.nn.layer_norm": self._match_norm,
             "relax.nn.rms_norm": self._match_norm,
             "relax.divide": self._match_pool,
-        }.get(_op_name(value))
+        }.get(op_name(value))
         if match is not None and var not in self.claimed:
             match(var, value)
 
@@ -166,10 +161,10 @@ class _Plan:
         projector writes it: sum(reshape(x, (B, t, k, t, k, D)), axis=[2, 4]) / k^2."""
         total, divisor = call.args
         summed = self.defs.get(total)
-        if _op_name(summed) != "relax.sum" or summed.attrs.keepdims:
+        if op_name(summed) != "relax.sum" or summed.attrs.keepdims:
             return
         blocks = self.defs.get(summed.args[0])
-        if _op_name(blocks) != "relax.reshape" or summed.attrs.axis is None:
+        if op_name(blocks) != "relax.reshape" or summed.attrs.axis is None:
             return
         x = blocks.args[0]
         six = _static(_sinfo(summed.args[0]).shape.values[1:])
@@ -185,7 +180,7 @@ class _Plan:
 
     def _match_norm(self, var, call):
         """LayerNorm with weight and bias, or RMSNorm, over the last axis of static width."""
-        centered = _op_name(call) == "relax.nn.layer_norm"
+        centered = op_name(call) == "relax.nn.layer_norm"
         x, *params = call.args
         a = call.attrs
         if not all(_is_f32(e) for e in call.args) or (centered and not (a.center and a.scale)):
@@ -215,7 +210,7 @@ class _Plan:
             return
         w, nk = rhs, False
         pd = self.defs.get(rhs)
-        if _op_name(pd) == "relax.permute_dims" and len(_sinfo(pd.args[0]).shape.values) == 2:
+        if op_name(pd) == "relax.permute_dims" and len(_sinfo(pd.args[0]).shape.values) == 2:
             axes = pd.attrs.axes
             if axes is None or [int(a) for a in axes] == [1, 0]:
                 w, nk = pd.args[0], True
@@ -266,9 +261,9 @@ class _Plan:
     def _activation(self, cur):
         """(act, its result) for the activation that `cur` alone feeds, else None."""
         nxt = self._single_consumer(cur)
-        if nxt and _op_name(nxt[1]) in ("relax.nn.gelu", "relax.nn.gelu_tanh"):
+        if nxt and op_name(nxt[1]) in ("relax.nn.gelu", "relax.nn.gelu_tanh"):
             self.claimed.add(nxt[0])
-            return ("gelu",) if _op_name(nxt[1]) == "relax.nn.gelu" else ("gelu_tanh",), nxt[0]
+            return ("gelu",) if op_name(nxt[1]) == "relax.nn.gelu" else ("gelu_tanh",), nxt[0]
         if self.uses.get(cur, 0) == 2 and len(self.consumers.get(cur, [])) == 2:
             return self._match_silu(cur)
         return None
@@ -281,15 +276,15 @@ class _Plan:
         read x in place; `lanes`: the kernel's vectors must lie within a segment
         (`Shuffle.whole`). Else None."""
         merged = self.defs.get(x)
-        if _op_name(merged) != "relax.reshape" or not _is_f32(x):
+        if op_name(merged) != "relax.reshape" or not _is_f32(x):
             return None
         permuted = self.defs.get(merged.args[0])
-        if _op_name(permuted) != "relax.permute_dims" or permuted.attrs.axes is None:
+        if op_name(permuted) != "relax.permute_dims" or permuted.attrs.axes is None:
             return None
         if [int(a) for a in permuted.attrs.axes] != [0, 1, 3, 2, 4, 5]:
             return None
         blocks = self.defs.get(permuted.args[0])
-        if _op_name(blocks) != "relax.reshape":
+        if op_name(blocks) != "relax.reshape":
             return None
         six = _static(_sinfo(permuted.args[0]).shape.values[1:])
         tokens = blocks.args[0]
@@ -311,7 +306,7 @@ class _Plan:
         if not isinstance(item, relax.TupleGetItem) or int(item.index) != 1:
             return tokens, 0
         split = self.defs.get(item.tuple_value)
-        if _op_name(split) != "relax.split" or int(split.attrs.axis) != 1:
+        if op_name(split) != "relax.split" or int(split.attrs.axis) != 1:
             return tokens, 0
         h, at = split.args[0], split.attrs.indices_or_sections
         at = None if isinstance(at, (int, tvm.tirx.IntImm)) else _static(at)  # not sections
@@ -334,7 +329,7 @@ class _Plan:
         multiply) with one float32 tensor that `fits` (a bias row, a layer scale, a
         same-shape gate or residual), else None; the result is then claimed."""
         nxt = self._single_consumer(cur)
-        if nxt and _op_name(nxt[1]) == op:
+        if nxt and op_name(nxt[1]) == op:
             other = [a for a in nxt[1].args if not a.same_as(cur)]
             if len(other) == 1 and _is_f32(other[0]) and fits(other[0]):
                 self.claimed.add(nxt[0])
@@ -347,16 +342,16 @@ class _Plan:
         c1, c2 = self.consumers[cur]
         for first, out_var in ((c1, c2), (c2, c1)):
             fv, ov = self.defs[first], self.defs[out_var]
-            if _op_name(ov) != "relax.multiply":
+            if op_name(ov) != "relax.multiply":
                 continue
-            if _op_name(fv) == "relax.sigmoid":
+            if op_name(fv) == "relax.sigmoid":
                 sig_var, c = first, 1.0
-            elif _op_name(fv) == "relax.multiply" and any(a.same_as(cur) for a in fv.args):
+            elif op_name(fv) == "relax.multiply" and any(a.same_as(cur) for a in fv.args):
                 consts = [_scalar_const(a) for a in fv.args if not a.same_as(cur)]
                 sig = self._single_consumer(first)
                 if len(consts) != 1 or consts[0] is None or not sig:
                     continue
-                if _op_name(sig[1]) != "relax.sigmoid":
+                if op_name(sig[1]) != "relax.sigmoid":
                     continue
                 sig_var, c = sig[0], consts[0]
             else:

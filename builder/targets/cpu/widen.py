@@ -16,7 +16,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from .rewrite import _op_name
+from .walk import op_name
 
 HALF = ("float16", "bfloat16")
 
@@ -55,7 +55,7 @@ class _Widener(PyExprMutator):
 
     def visit_var_binding_(self, binding):
         value = binding.value
-        if _op_name(value) == "relax.astype" and str(value.attrs.dtype) in HALF + ("float32",):
+        if op_name(value) == "relax.astype" and str(value.attrs.dtype) in HALF + ("float32",):
             x = self.visit_expr(value.args[0])
             if _dtype(x) == "float32":  # the value is float32 already: the cast goes
                 if not isinstance(binding.var, relax.DataflowVar):  # a block output: bound anew
