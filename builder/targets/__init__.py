@@ -30,7 +30,13 @@ from __future__ import annotations
 from types import ModuleType
 
 from ..errors import BuilderError
-from . import cuda, llvm
+from ..tvm_import import import_tvm
+
+# The kinds import TVM: through `import_tvm`, whoever imports them first (torch hidden from
+# TVM-FFI's start-up, seconds less where torch is installed and not imported yet).
+import_tvm()
+
+from . import cuda, llvm  # noqa: E402
 
 KINDS: dict[str, ModuleType] = {"llvm": llvm, "cuda": cuda}
 
