@@ -84,3 +84,36 @@ def test_a_script_error_names_what_is_wrong():
     text = tvmscript._DECORATOR + body
     with pytest.raises(Exception, match="undefined_name"):
         tvmscript.parse(text)
+
+
+RARER = {
+    # taken by the parse's own evaluator: a chained comparison, a unary minus, a starred
+    # argument
+    "chain-minus-starred": "for i in range(T.int64(8)):\n"
+    "    if T.int64(1) <= i < T.int64(7):\n"
+    "        b[i] = T.max(-a[i], *[b[i]])\n",
+    # handed to TVMScript's: a conditional expression, `and`, `or`, `not`
+    "if-and-or-not": "for i in range(T.int64(8)):\n"
+    "    b[i] = a[i] if i < T.int64(4) and i > T.int64(0) else a[i] * T.float32(2)\n"
+    "    if i == T.int64(3) or not i == T.int64(5):\n"
+    "        b[i] = a[i]\n",
+}
+
+
+@pytest.mark.parametrize("kind", list(RARER))
+def test_rarer_expressions_parse_as_from_source(kind):
+    """Expressions no kernel writes today, parsed as `from_source` parses them: those the
+    parse's own evaluator takes and those it hands to TVMScript's."""
+    body = "".join(f"        {line}\n" for line in RARER[kind].splitlines())
+    text = (
+        "@T.prim_func(private=True, check_well_formed=False)\n"
+        'def probe(a: T.Buffer((T.int64(8),), "float32"), '
+        'b: T.Buffer((T.int64(8),), "float32")):\n'
+        '    T.func_attr({"tir.noalias": True, "s_tir": True})\n'
+        '    with T.sblock("root"):\n' + body
+    )
+    reference = tvm.script.from_source(text)
+    func = tvmscript.parse(text)
+    assert tvm_ffi.structural_equal(func, reference), tvm_ffi.get_first_structural_mismatch(
+        func, reference
+    )
