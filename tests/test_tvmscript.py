@@ -97,6 +97,13 @@ RARER = {
     "    b[i] = a[i] if i < T.int64(4) and i > T.int64(0) else a[i] * T.float32(2)\n"
     "    if i == T.int64(3) or not i == T.int64(5):\n"
     "        b[i] = a[i]\n",
+    # sliced operands of a call: buffer regions
+    "regions": "for i in range(T.int64(8)):\n"
+    '    with T.sblock("b"):\n'
+    "        vi = T.axis.spatial(T.int64(8), i)\n"
+    "        T.reads(a[vi : vi + T.int64(1)])\n"
+    "        T.writes(b[vi : vi + T.int64(1)])\n"
+    "        b[vi] = a[vi]\n",
 }
 
 

@@ -32,11 +32,12 @@ from types import SimpleNamespace
 from typing import Any
 
 from tvm import tirx
+from tvm.error import DiagnosticError
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.parser.core import doc, entry
 from tvm.script.parser.core.diagnostics import Source
 from tvm.script.parser.core.error import ParserError
-from tvm.script.parser.core.evaluator import ExprEvaluator, _eval_op, _get_builtin_or_none
+from tvm.script.parser.core.evaluator import _eval_op, _get_builtin_or_none
 from tvm.script.parser.core.parser import Parser, ScriptMacro
 
 _LITERAL = re.compile(r"T\.int64\((\d+)\)|T\.float32\(([-+0-9.e]+)\)")
@@ -107,7 +108,7 @@ class _Parser(Parser):
     def eval_expr(self, node: doc.Expression | doc.expr, extra_vars: dict | None = None) -> Any:
         try:
             value = _Evaluator(self, extra_vars or {})(node)
-        except ParserError:
+        except (ParserError, DiagnosticError):  # reported already
             raise
         except Exception as err:  # as the stock evaluator reports it, at the expression
             self.report_error(node, err)
@@ -126,10 +127,14 @@ def _has_slice(node: doc.AST) -> bool:
     return isinstance(node, doc.Tuple) and any(isinstance(e, doc.Slice) for e in node.elts)
 
 
-def _sliced_operand(nodes: list) -> bool:
-    """An operand `x[a:b]` of a call or operator, whose slice the stock evaluator gives a
-    step of 1 before evaluating it."""
-    return any(isinstance(n, doc.Subscript) and _has_slice(n.slice) for n in nodes)
+# The operands of the nodes whose operands `x[a:b]` the stock evaluator gives a step of 1
+# before evaluating them (`ExprEvaluator._visit_node`).
+_OPERANDS = {
+    doc.Call: lambda n: n.args,
+    doc.BinOp: lambda n: [n.left, n.right],
+    doc.UnaryOp: lambda n: [n.operand],
+    doc.Compare: lambda n: [n.left, *n.comparators],
+}
 
 
 class _Evaluator:
@@ -149,14 +154,17 @@ class _Evaluator:
 
     def __call__(self, node: doc.AST) -> Any:
         rule = _RULES.get(type(node))
-        return self.stock(node) if rule is None else rule(self, node)
+        operands = _OPERANDS.get(type(node))
+        sliced = operands is not None and any(
+            isinstance(n, doc.Subscript) and _has_slice(n.slice) for n in operands(node)
+        )
+        if rule is None or sliced:
+            return self.stock(node)
+        return rule(self, node)
 
     def stock(self, node: doc.AST) -> Any:
-        """The stock evaluation of `node`, with the table `Parser.eval_expr` gives it."""
-        table = self.parser.var_table.get()
-        table.update(self.extra)
-        table[ScriptMacro.parser_object_name] = self.parser
-        return ExprEvaluator.eval(self.parser, table, node)
+        """`node` evaluated by TVMScript's own evaluator (`Parser.eval_expr`)."""
+        return Parser.eval_expr(self.parser, node, self.extra)
 
     def name(self, node: doc.Name) -> Any:
         """The variable's latest value (`VarTable.get`), unless `extra_vars` has it."""
@@ -180,8 +188,6 @@ class _Evaluator:
         return getattr(self(node.value), node.attr)
 
     def call(self, node: doc.Call) -> Any:
-        if _sliced_operand(node.args):
-            return self.stock(node)
         func = self(node.func)
         args: list[Any] = []
         for a in node.args:
@@ -198,18 +204,12 @@ class _Evaluator:
         return func(*args, **kwargs)
 
     def bin_op(self, node: doc.BinOp) -> Any:
-        if _sliced_operand([node.left, node.right]):
-            return self.stock(node)
         return _eval_op(node.op, [self(node.left), self(node.right)])
 
     def unary_op(self, node: doc.UnaryOp) -> Any:
-        if _sliced_operand([node.operand]):
-            return self.stock(node)
         return _eval_op(node.op, [self(node.operand)])
 
     def compare(self, node: doc.Compare) -> Any:
-        if _sliced_operand([node.left, *node.comparators]):
-            return self.stock(node)
         values = [self(node.left), *(self(c) for c in node.comparators)]
         result = None
         for op, lhs, rhs in zip(node.ops, values, values[1:], strict=False):
