@@ -127,7 +127,7 @@ def runner(case: tuple, switch: str | None):
     from tvm import relax
     from tvm.relax.frontend import nn
 
-    from builder.make_artifact import pack_params
+    from builder.packing import pack_params
     from builder.targets.cpu.pipeline import compile_cpu
     from tests.conftest import HOST
     from tests.test_cpu_patterns import weights

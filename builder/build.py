@@ -2,7 +2,8 @@
 
 A target whose artifact is in the build cache is published without importing TVM; the rest
 are made by `builder.make_artifact`, which reuses a stored library or stored parameters where
-their keys match (builder/cache.py).
+their keys match (builder/cache.py), and imports TVM only to compile or to find the library
+of a build it has no plan of.
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ def _target(
     with cache.lock(key, waiting):
         folder, why = (None, "--force") if force else cache.lookup(key, verify)
         if folder is None:
-            from .make_artifact import make_artifact  # imports TVM
+            from .make_artifact import make_artifact  # TVM, unless the plan is stored
 
             progress(f"[{entry.name}] building ({why}; cache key {key[:12]})")
             with cache.store(key) as tmp:

@@ -15,12 +15,18 @@ Three keys, each the sha256 of a canonical JSON (docs/build-cache.md):
 - the **parameters key**: the library key, the weights' digest and the dtype: the stored
   (packed) parameters.
 
+A fourth, the **plan key**, is the artifact key without the weights: it finds the plan of a
+build that compiled before (its library key, the parameters' names, shapes and packing, the
+manifest's library facts), so that a build whose weights alone changed knows its library
+and parameters without exporting the graph, and so without importing TVM's compiler.
+
 Layout, under `BUILDER_CACHE_DIR` (default `$XDG_CACHE_HOME/clip-tvm-builder`, else
 `~/.cache/clip-tvm-builder`):
 
     artifacts/<key>/        a finished artifact (lib, params, manifest)
     libraries/<key>/        a compiled library and `part.json` (its files' digests)
     params/<key>/           packed parameters and `part.json` (their order, source, digests)
+    plans/<key>.json        an artifact's plan, by plan key (`builder.make_artifact`)
     kernels/<key>.json      a CPU kernel parsed from its TVMScript text (`kernel_key`);
                             `BUILDER_KERNEL_DIR` keeps them elsewhere
     kernels/<key>.o         a compiled PrimFunc's object file (`kernel_object_key`)
@@ -311,17 +317,31 @@ class Cache:
     def artifact_key(self, preset: Preset, entry: TargetConfig, weights: dict[str, Any]) -> str:
         """The artifact's key, from what the build is asked for and the machine it runs on;
         no TVM import."""
-        return digest(
-            {
-                "key_format": KEY_FORMAT,
-                "artifact_format": artifact.FORMAT,
-                "preset": preset.to_dict(),
-                "weights": weights,
-                "target": dataclasses.asdict(entry),
-                "host": host_cpu(),
-                "versions": {"builder": __version__, "sources": source_digest(), **tvm_versions()},
-            }
-        )
+        return digest({**_request(preset, entry), "weights": weights})
+
+    def plan_key(self, preset: Preset, entry: TargetConfig) -> str:
+        """The key of an artifact's plan (`builder.make_artifact`): the artifact key without
+        the weights, so without TVM; everything the graph, the library and the parameters'
+        names and layout follow from."""
+        request = _request(preset, entry)
+        request["preset"].pop("weights")
+        return digest({**request, "plan": True})
+
+    def plan(self, key: str) -> dict[str, Any] | None:
+        """A stored plan (`plan_key`), or None where there is none or it is unreadable."""
+        try:
+            plan = json.loads((self.root / "plans" / f"{key}.json").read_text())
+        except (OSError, ValueError):
+            return None
+        fields = ("library_key", "library", "params", "packing", "options", "manifest")
+        return plan if isinstance(plan, dict) and all(f in plan for f in fields) else None
+
+    def store_plan(self, key: str, plan: dict[str, Any]) -> None:
+        """Store a plan, atomically; a cache that cannot take it only means the next build
+        of other weights exports and keys the graph again."""
+        text = json.dumps(plan, indent=1, sort_keys=True) + "\n"
+        with contextlib.suppress(OSError):
+            _store_file(self.root / "plans", f"{key}.json", lambda tmp: tmp.write_text(text))
 
     # --- entries --------------------------------------------------------------------------
 
@@ -372,7 +392,7 @@ class Cache:
         """Store a kernel's JSON, atomically; a cache folder that cannot be written only
         means the next process parses the kernel again."""
         with contextlib.suppress(OSError):
-            self._store_kernel_file(f"{key}.json", lambda tmp: tmp.write_text(text))
+            _store_file(self.kernels, f"{key}.json", lambda tmp: tmp.write_text(text))
 
     def kernel_object(self, key: str, write: Callable[[Path], None]) -> Path:
         """The stored object file of a compiled kernel (`kernel_object_key`), made by
@@ -384,38 +404,20 @@ class Cache:
         if not _REBUILDING[0] and _whole_elf(self.kernels / name):
             return self.kernels / name
         try:
-            return self._store_kernel_file(name, write)
+            return _store_file(self.kernels, name, write)
         except OSError:
             path = _scratch() / name
             write(path)
             return path
 
-    def _store_kernel_file(self, name: str, write: Callable[[Path], None]) -> Path:
-        """Write a kernel store entry through a temporary file of this writer's own renamed
-        into place: another process reads the whole entry or none. OSError where the store
-        cannot take it (before `write` runs, where the folder cannot be written)."""
-        import tempfile
-
-        folder = self.kernels
-        folder.mkdir(parents=True, exist_ok=True)
-        stem, suffix = name.rsplit(".", 1)  # TVM picks an object file's format by its suffix
-        fd, made = tempfile.mkstemp(dir=folder, prefix=f".{stem}.tmp-", suffix=f".{suffix}")
-        os.close(fd)
-        tmp = Path(made)
-        try:
-            write(tmp)
-            os.replace(tmp, folder / name)
-        finally:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-        return folder / name
-
     def sweep(self) -> None:
         """Remove what killed builds left: temporary folders of keys no build holds, and
-        kernel files a killed process did not finish writing (a write takes milliseconds: any
-        older than a minute is a leftover)."""
-        if self.kernels.is_dir():
-            for p in self.kernels.glob(".*.tmp-*"):
+        kernel or plan files a killed process did not finish writing (a write takes
+        milliseconds: any older than a minute is a leftover)."""
+        for files in (self.kernels, self.root / "plans"):
+            if not files.is_dir():
+                continue
+            for p in files.glob(".*.tmp-*"):
                 with contextlib.suppress(OSError):
                     if time.time() - p.stat().st_mtime > 60:
                         p.unlink()
@@ -437,6 +439,39 @@ class Cache:
                 finally:
                     if fd is not None:
                         os.close(fd)
+
+
+def _request(preset: Preset, entry: TargetConfig) -> dict[str, Any]:
+    """What a build of `entry` is asked for and the machine it runs on (the keys' common
+    part)."""
+    return {
+        "key_format": KEY_FORMAT,
+        "artifact_format": artifact.FORMAT,
+        "preset": preset.to_dict(),
+        "target": dataclasses.asdict(entry),
+        "host": host_cpu(),
+        "versions": {"builder": __version__, "sources": source_digest(), **tvm_versions()},
+    }
+
+
+def _store_file(folder: Path, name: str, write: Callable[[Path], None]) -> Path:
+    """Write a file of the cache's through a temporary file of this writer's own renamed
+    into place: another process reads the whole file or none. OSError where the folder
+    cannot take it (before `write` runs, where it cannot be written)."""
+    import tempfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    stem, suffix = name.rsplit(".", 1)  # TVM picks an object file's format by its suffix
+    fd, made = tempfile.mkstemp(dir=folder, prefix=f".{stem}.tmp-", suffix=f".{suffix}")
+    os.close(fd)
+    tmp = Path(made)
+    try:
+        write(tmp)
+        os.replace(tmp, folder / name)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    return folder / name
 
 
 def write_part(

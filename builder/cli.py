@@ -492,8 +492,9 @@ def _import(args: argparse.Namespace) -> int:
     return 0
 
 
-# Commands that load an artifact, so import TVM. `build` imports it only on a cache miss
-# (builder.make_artifact, through the same function).
+# Commands that load an artifact, so import TVM. `build` imports it only to compile, or to
+# find the library of a build it has no plan of (builder.make_artifact), through the same
+# function.
 LOADS_ARTIFACTS = ("run", "bench", "verify", "encode")
 
 COMMAND_FUNCTIONS = {

@@ -4,6 +4,7 @@ and hits decided without TVM."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -11,7 +12,7 @@ import textwrap
 import pytest
 
 import builder
-from builder import artifact, cache, make_artifact, targets
+from builder import artifact, cache, library, make_artifact, packing, targets
 from builder.assemble import export
 from builder.cache import Cache
 from builder.cli import main
@@ -32,7 +33,7 @@ def library_key_of(preset) -> str:
     entry = preset.targets[0]
     target, options = targets.pipeline(entry.kind).tvm_target(entry)
     mod, _ = export(preset.model, preset.blocks, preset.dtype)
-    return make_artifact.make_library_key(make_artifact.graph_digest(mod), entry, target, options)
+    return library.make_library_key(library.graph_digest(mod), entry, target, options)
 
 
 @pytest.mark.unit
@@ -99,9 +100,9 @@ def test_library_key_covers_what_the_code_depends_on_and_not_the_weights(monkeyp
         keys[change] = library_key_of(load_preset(TINY[0], [*TINY[1:], change]))
     for module, attr, value in (
         (targets.llvm, "PIPELINE_VERSION", "other"),
-        (make_artifact, "pipeline_sources", lambda: "edited"),
-        (make_artifact.tvm, "__version__", "other"),
-        (make_artifact.tvm_ffi, "__version__", "other"),
+        (library, "pipeline_sources", lambda: "edited"),
+        (library.tvm, "__version__", "other"),
+        (library.tvm_ffi, "__version__", "other"),
         (kernels, "l2_bytes", lambda target: 3 << 20),  # sizes the GEMMs' weight blocks
     ):
         with monkeypatch.context() as m:
@@ -194,9 +195,25 @@ def test_hit_force_change_and_damage(tmp_path, monkeypatch, capsys, build_cache)
     assert "compiled library reused" in capsys.readouterr().err
     assert artifact.read_manifest(art)["weights"]["seed"] == 3
     assert (art / "lib.so").read_bytes() == library
+    # Its parameters, packed by the runtime library alone (the plan stored), are those a
+    # whole build of that seed packs.
+    packed = (art / "params.safetensors").read_bytes()
+    assert main([*TINY, "weights.seed=3", *out, "--force"]) == 0
+    assert len(compiled) == 3
+    assert (art / "params.safetensors").read_bytes() == packed
+    # A plan that cannot be read, or one whose library is gone, is made again.
+    (plan,) = (build_cache / "plans").iterdir()
+    plan.write_text("{")
+    assert main([*TINY, "weights.seed=4", *out]) == 0
+    assert len(compiled) == 3
+    assert "compiled library reused" in capsys.readouterr().err
+    shutil.rmtree(build_cache / "libraries")
+    assert main([*TINY, "weights.seed=5", *out]) == 0
+    assert len(compiled) == 4
+    assert artifact.read_manifest(art)["weights"]["seed"] == 5
     # A graph change compiles.
     assert main([*TINY, "model.layer_norm_eps=1e-3", *out]) == 0
-    assert len(compiled) == 3
+    assert len(compiled) == 5
 
     # A damaged cached copy (a shorter file) is noticed and not served: the parameters
     # (the damaged file is a link to them) are made again; the intact library is reused.
@@ -204,13 +221,13 @@ def test_hit_force_change_and_damage(tmp_path, monkeypatch, capsys, build_cache)
     os.truncate(cached, cached.stat().st_size - 1)
     capsys.readouterr()
     assert main([*TINY, *out]) == 0
-    assert len(compiled) == 3
+    assert len(compiled) == 5
     err = capsys.readouterr().err
     assert "cached copy damaged" in err and "compiled library reused" in err
     assert builder.load(art, verify=True).manifest["cache_key"] == first
 
 
-HIT_WITHOUT_TVM = textwrap.dedent(
+WITHOUT_TVM = textwrap.dedent(
     """
     import sys
     from builder.cli import main
@@ -223,18 +240,23 @@ HIT_WITHOUT_TVM = textwrap.dedent(
 
 
 @pytest.mark.e2e
-def test_hit_is_decided_without_tvm(tmp_path, build_cache):
-    args = [*TINY, "--out", str(tmp_path)]
-    assert main(args) == 0
-    proc = subprocess.run(
-        [sys.executable, "-c", HIT_WITHOUT_TVM, *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "cache hit" in proc.stderr
-    assert "imported: []" in proc.stdout, proc.stdout
+def test_hit_and_new_weights_are_built_without_tvm(tmp_path, build_cache):
+    """A hit imports neither TVM nor torch; nor does a build whose weights alone changed,
+    which packs them with TVM's runtime library (builder.packing)."""
+    out = ["--out", str(tmp_path)]
+    assert main([*TINY, *out]) == 0
+    for extra, said in (([], "cache hit"), (["weights.seed=8"], "compiled library reused")):
+        proc = subprocess.run(
+            [sys.executable, "-c", WITHOUT_TVM, *TINY, *extra, *out],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert said in proc.stderr
+        assert "imported: []" in proc.stdout, proc.stdout
+    assert "packed weights" in proc.stderr
+    assert builder.load(tmp_path / "clip-vit-b-32" / "llvm").manifest["weights"]["seed"] == 8
 
 
 @pytest.mark.e2e
@@ -327,9 +349,7 @@ def test_kernel_objects_serve_later_compiles(build_cache, monkeypatch):
         return targets.llvm.compile(mod, HOST, "float32"), dict(params)
 
     def forward(library, shapes):
-        order, packed = make_artifact.pack_params(
-            library, list(shapes), random_weights(shapes, seed=3)
-        )
+        order, packed = packing.pack_params(library, list(shapes), random_weights(shapes, seed=3))
         vm = relax.VirtualMachine(library, tvm.cpu())
         image = tvm.runtime.tensor(pixels(2, 30))
         return vm["forward"](image, *(tvm.runtime.tensor(packed[n]) for n in order)).numpy()

@@ -17,7 +17,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
 from builder.blocks.common import Linear, RMSNorm, SiLU, in_float32
-from builder.make_artifact import pack_params
+from builder.packing import pack_params
 from builder.preset import load_preset
 from builder.registry import create
 from builder.targets import llvm

@@ -22,7 +22,7 @@ from tvm import relax
 from builder import artifact
 from builder.assemble import export
 from builder.config import BlocksConfig, CLIPVisionConfig, TargetConfig
-from builder.make_artifact import pack_params
+from builder.packing import pack_params
 from builder.runtime import available_cores
 from builder.targets import llvm
 from builder.targets.cpu import kernels, pipeline

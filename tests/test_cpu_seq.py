@@ -16,7 +16,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
 from builder.blocks.common import Linear, RMSNorm
-from builder.make_artifact import pack_params
+from builder.packing import pack_params
 from builder.targets import llvm
 from builder.targets.cpu import kernels
 from builder.targets.cpu.pipeline import compile_kernel, fallback_report

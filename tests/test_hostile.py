@@ -9,7 +9,7 @@ import struct
 import pytest
 from safetensors.torch import load_file, save_file
 
-from builder import make_artifact
+from builder import library
 from builder.cli import main
 from builder.weights import random_init
 
@@ -40,7 +40,7 @@ def no_work(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("the build did expensive work before rejecting its input")
 
-    monkeypatch.setattr(make_artifact, "export", forbidden)
+    monkeypatch.setattr(library, "export", forbidden)
     monkeypatch.setattr(random_init, "random_param", forbidden)
 
 

@@ -119,7 +119,7 @@ def _write_into(mod: tvm.IRModule, lifted: relax.GlobalVar) -> tvm.IRModule:
     allocates, and three functions around it:
 
     * `transform_params_into(*params, *outs) -> tuple`: the builder's, into its own memory
-      (`builder.make_artifact.pack_params`);
+      (`builder.packing.pack_params`);
     * `transform_params_into_shapes() -> tuple` of those buffers' shapes;
     * `transform_params(*params) -> tuple`, which allocates the buffers itself (the runtime
       calls it to pack a cross-compiled artifact's weights when it loads them).
