@@ -199,9 +199,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     args = parser.parse_args(argv)
     if args.command in LOADS_ARTIFACTS:
-        from .tvm_import import import_tvm
+        from .tvm_import import import_runtime
 
-        import_tvm()  # before anything imports it with torch (builder.tvm_import)
+        import_runtime()  # before anything imports torch (builder.tvm_import)
     try:
         return COMMAND_FUNCTIONS[args.command](args)
     except InputError as e:
@@ -492,10 +492,10 @@ def _import(args: argparse.Namespace) -> int:
     return 0
 
 
-# Commands that load an artifact, so import TVM. `build` imports it only to compile, or to
-# find the library of a build it has no plan of (builder.make_artifact), through the same
-# function.
-LOADS_ARTIFACTS = ("run", "bench", "verify", "encode")
+# Commands that load an artifact, so TVM's runtime library (builder.vm). `build` imports TVM
+# only to compile, or to find the library of a build it has no plan of
+# (builder.make_artifact).
+LOADS_ARTIFACTS = ("run", "bench", "encode")
 
 COMMAND_FUNCTIONS = {
     "build": _build,

@@ -28,10 +28,9 @@ def _sm(compute_version: str) -> int:
 
 
 def open_device(folder: Path, manifest: dict[str, Any]) -> Any:
-    """`tvm.cpu()` or `tvm.cuda(0)`, as the manifest says; ValueError when this machine
-    cannot run the artifact."""
-    import tvm
-
+    """The CPU (`vm.cpu()`, TVM's runtime library alone) or `tvm.cuda(0)` (TVM imported,
+    which loads its CUDA runtime), as the manifest says; ValueError when this machine cannot
+    run the artifact."""
     kind = manifest["target"]["kind"]
     # Manifests written before `runs_on` existed are llvm artifacts for the build machine.
     runs_on = manifest.get("runs_on", {"device": "cpu", "machine": host_machine(), "needs": []})
@@ -44,9 +43,13 @@ def open_device(folder: Path, manifest: dict[str, Any]) -> Any:
         )
     device = runs_on["device"]
     if device == "cpu":
-        return tvm.cpu()
+        from .vm import cpu
+
+        return cpu()
     if device == "cuda":
-        dev = tvm.cuda(0)
+        from .tvm_import import import_tvm
+
+        dev = import_tvm().cuda(0)
         if not dev.exist:
             raise ValueError(
                 f"{folder}: a cuda artifact, but this machine has no CUDA device "

@@ -1,6 +1,6 @@
 """Load an artifact folder and run it: float32 NCHW numpy in, features out.
 
-Needs only tvm and numpy (and safetensors to read the parameters): no torch.
+Needs TVM's runtime library and numpy, not TVM's compiler (`builder.vm`), nor torch.
 """
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from . import artifact, devices
-from .tvm_import import import_tvm
+from . import artifact, devices, vm
 
 THREADS_ENV = "TVM_NUM_THREADS"
 # How long an idle pool thread spins (sched_yield calls) before it sleeps. TVM's default
@@ -54,27 +53,23 @@ class Encoder:
         # Read one version: a build publishing meanwhile swaps the link, not these files.
         here = self.folder.resolve()
         self.threads = set_threads(threads)
-        # After set_threads: the pool reads the variable when it starts. Without torch where
-        # nothing has imported it yet (builder.tvm_import): seconds in a fresh process.
-        tvm = import_tvm()
-        from tvm import relax
-
+        # After set_threads: the pool reads the variable when it starts. TVM's runtime
+        # library alone, torch hidden (builder.vm); TVM itself for a cuda artifact.
         self.manifest: dict[str, Any] = artifact.check(here, full=verify)
         self.device = devices.open_device(self.folder, self.manifest)
-        lib = tvm.runtime.load_module(str(here / self.manifest["library"]))
-        self.vm = relax.VirtualMachine(lib, self.device)
+        self.vm = vm.load_vm(here / self.manifest["library"], self.device)
         self._fn = self.vm[self.manifest["entry"]]
-        on_cpu = self.device.dlpack_device_type() == tvm.cpu().dlpack_device_type()
+        on_cpu = vm.on_cpu(self.device)
 
         def empty(shape: tuple[int, ...], dtype: str) -> Any:
             # On the CPU, the file is read straight into the tensors the VM takes. numpy
             # cannot view a bfloat16 tensor: those (and a GPU's) come as numpy arrays.
             if on_cpu and dtype != "bfloat16":
-                return tvm.runtime.empty(shape, dtype, self.device)
+                return vm.empty(shape, dtype, self.device)
             return None
 
         self._params = [
-            p if isinstance(p, tvm.runtime.Tensor) else tvm.runtime.tensor(p, self.device)
+            p if not isinstance(p, np.ndarray) else vm.tensor(p, self.device)
             for p in artifact.load_params(here, self.manifest["params"]["order"], empty)
         ]
         if self.manifest["params"].get("packing") == "load":
@@ -99,8 +94,6 @@ class Encoder:
         """A native tower's features for one image: its patches, (n, P) float32 in the order
         the family's processor gives them, and its patch grid (HF's image_grid_thw or
         spatial shape; the family's `NativeTower` says which). Returns (tokens, width)."""
-        import tvm
-
         from . import families
 
         if not self.native:
@@ -114,8 +107,8 @@ class Encoder:
         if not isinstance(patches, np.ndarray) or patches.ndim != 2 or patches.shape[1] != width:
             raise ValueError(f"patches must be a float32 array of shape (n, {width})")
         arrays = family.native.inputs(config, np.ascontiguousarray(patches, np.float32), grid)
-        args = [tvm.runtime.tensor(arrays[spec["name"]], self.device) for spec in self._inputs]
-        out = self._fn(*args, *self._params).numpy()
+        args = [vm.tensor(arrays[spec["name"]], self.device) for spec in self._inputs]
+        out = vm.array(self._fn(*args, *self._params))
         return family.native.finish(config, out, grid) if family.native.finish else out
 
     @property
@@ -153,13 +146,11 @@ class Encoder:
     def _run(self, pixel_values: np.ndarray) -> list[np.ndarray]:
         """Every output of `forward`: the features, and LLaVA-NeXT's newline vector where
         the artifact has one (`manifest["outputs"]`)."""
-        import tvm
-
-        x = tvm.runtime.tensor(self.check_input(pixel_values), self.device)
+        x = vm.tensor(self.check_input(pixel_values), self.device)
         out = self._fn(x, *self._params)
         if len(self.manifest["outputs"]) == 1:
-            return [out.numpy()]
-        return [o.numpy() for o in out]
+            return [vm.array(out)]
+        return [vm.array(o) for o in out]
 
     @property
     def variable_length(self) -> bool:

@@ -14,6 +14,7 @@ parameter packing), in a fraction of `import tvm`'s time (docs/build-stages.md).
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
 import sys
@@ -69,3 +70,14 @@ def import_runtime() -> ModuleType:
     import tvm_ffi
 
     return tvm_ffi
+
+
+def tvm_version() -> str:
+    """`tvm.__version__`, from TVM's distribution where it has one, so without importing
+    TVM."""
+    if "tvm" not in sys.modules:
+        try:
+            return importlib.metadata.version("apache-tvm")
+        except importlib.metadata.PackageNotFoundError:  # a TVM built from source
+            pass
+    return import_tvm().__version__

@@ -1,0 +1,102 @@
+"""A compiled library's Relax VM and its tensors, through TVM's runtime library alone
+(`tvm_import.import_runtime`): what the build's packing and a loaded artifact need, without
+TVM's Python package or its compiler. An artifact for another device (cuda) imports TVM
+first (`devices.open_device`), which loads that device's runtime; these functions serve it
+all the same.
+
+numpy takes tensors through DLPack, which has no bfloat16 for numpy: those cross as uint16,
+viewed as bfloat16 on TVM's side (`runtime.TVMTensorCreateView`, which keeps its source
+alive) and as ml_dtypes' bfloat16 on numpy's."""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import artifact
+from .tvm_import import import_runtime
+
+# The Relax VM's allocator kinds (tvm.runtime.vm.VirtualMachine): the pooled one, as TVM's.
+POOLED_ALLOCATOR = 2
+_CPU = 1  # DLPack's device type of the host
+
+
+def cpu() -> Any:
+    return import_runtime().device("cpu", 0)
+
+
+def on_cpu(device: Any) -> bool:
+    return device.dlpack_device_type() == _CPU
+
+
+def load_vm(library: Path | Any, device: Any = None) -> Any:
+    """The Relax VM of a library: a path to an exported library (loaded by TVM's runtime
+    library), or a runtime module or executable in hand; on `device` (the CPU by default),
+    with the CPU beside it for shape functions, as `tvm.runtime.vm.VirtualMachine` sets
+    up."""
+    ffi = import_runtime()
+    if isinstance(library, str | Path):
+        library = ffi.load_module(str(library))
+    elif hasattr(library, "jit"):  # a tvm.runtime.Executable, not exported yet
+        library = library.jit()
+    vm = library["vm_load_executable"]()
+    devices = [device or cpu()]
+    if not on_cpu(devices[0]):
+        devices.append(cpu())
+    init = []
+    for d in devices:
+        init += [d.dlpack_device_type(), d.index, POOLED_ALLOCATOR]
+    vm["vm_initialization"](*init)
+    return vm
+
+
+def empty(shape: tuple[int, ...], dtype: str, device: Any = None) -> Any:
+    """An uninitialized tensor, allocated by TVM's runtime on `device` (the CPU)."""
+    ffi = import_runtime()
+    alloc = ffi.get_global_func("runtime.TVMTensorAllocWithScope")
+    return alloc(ffi.Shape([int(d) for d in shape]), ffi.dtype(dtype), device or cpu(), None)
+
+
+def tensor(a: np.ndarray, device: Any = None) -> Any:
+    """A tensor of `a` on `device` (the CPU). On the CPU, a view of `a` (DLPack) where its
+    memory is C-contiguous, writable and aligned as TVM aligns its own, else of an aligned
+    copy; on another device, a copy there."""
+    ffi = import_runtime()
+    device = device or cpu()
+    if not on_cpu(device):
+        a = np.ascontiguousarray(a)
+        out = empty(a.shape, a.dtype.name, device)
+        copy = ffi.get_global_func("runtime.TVMTensorCopyFromBytes")
+        copy(out, a.ctypes.data_as(ctypes.c_void_p), a.nbytes)
+        return out
+    aligned = a.ctypes.data % artifact.ALIGN == 0
+    if not (a.flags.c_contiguous and a.flags.writeable and aligned):
+        (copy,) = artifact.empty_arrays([(a.shape, a.dtype)])
+        np.copyto(copy, a)
+        a = copy
+    if a.dtype != artifact.numpy_dtype("bfloat16"):
+        return ffi.from_dlpack(a)
+    return _view(ffi.from_dlpack(a.view(np.uint16)), "bfloat16")
+
+
+def array(t: Any) -> np.ndarray:
+    """A numpy array of a tensor: a view (no copy) of a CPU tensor, which it keeps alive; a
+    copy of another device's."""
+    bf16 = str(t.dtype) == "bfloat16"
+    if not on_cpu(t.device):
+        dtype = artifact.numpy_dtype(str(t.dtype))
+        out = np.empty(tuple(t.shape), dtype)
+        copy = import_runtime().get_global_func("runtime.TVMTensorCopyToBytes")
+        copy(t, out.ctypes.data_as(ctypes.c_void_p), out.nbytes)
+        return out
+    if not bf16:
+        return np.from_dlpack(t)
+    return np.from_dlpack(_view(t, "uint16")).view(artifact.numpy_dtype("bfloat16"))
+
+
+def _view(t: Any, dtype: str) -> Any:
+    """`t`'s memory as another dtype of the same width."""
+    return import_runtime().get_global_func("runtime.TVMTensorCreateView")(t, t.shape, dtype, 0)
