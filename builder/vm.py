@@ -67,11 +67,7 @@ def tensor(a: np.ndarray, device: Any = None) -> Any:
     ffi = import_runtime()
     device = device or cpu()
     if not on_cpu(device):
-        a = np.ascontiguousarray(a)
-        out = empty(a.shape, a.dtype.name, device)
-        copy = ffi.get_global_func("runtime.TVMTensorCopyFromBytes")
-        copy(out, a.ctypes.data_as(ctypes.c_void_p), a.nbytes)
-        return out
+        return copied(a, device)
     aligned = a.ctypes.data % artifact.ALIGN == 0
     if not (a.flags.c_contiguous and a.flags.writeable and aligned):
         (copy,) = artifact.empty_arrays([(a.shape, a.dtype)])
@@ -85,16 +81,28 @@ def tensor(a: np.ndarray, device: Any = None) -> Any:
 def array(t: Any) -> np.ndarray:
     """A numpy array of a tensor: a view (no copy) of a CPU tensor, which it keeps alive; a
     copy of another device's."""
-    bf16 = str(t.dtype) == "bfloat16"
     if not on_cpu(t.device):
-        dtype = artifact.numpy_dtype(str(t.dtype))
-        out = np.empty(tuple(t.shape), dtype)
-        copy = import_runtime().get_global_func("runtime.TVMTensorCopyToBytes")
-        copy(t, out.ctypes.data_as(ctypes.c_void_p), out.nbytes)
-        return out
-    if not bf16:
+        return copied_back(t)
+    if str(t.dtype) != "bfloat16":
         return np.from_dlpack(t)
     return np.from_dlpack(_view(t, "uint16")).view(artifact.numpy_dtype("bfloat16"))
+
+
+def copied(a: np.ndarray, device: Any) -> Any:
+    """A tensor on `device` holding a copy of `a` (what `Tensor.copyfrom` calls)."""
+    a = np.ascontiguousarray(a)
+    out = empty(a.shape, a.dtype.name, device)
+    copy = import_runtime().get_global_func("runtime.TVMTensorCopyFromBytes")
+    copy(out, a.ctypes.data_as(ctypes.c_void_p), a.nbytes)
+    return out
+
+
+def copied_back(t: Any) -> np.ndarray:
+    """A numpy copy of a tensor on any device (what `Tensor.numpy` calls)."""
+    out = np.empty(tuple(t.shape), artifact.numpy_dtype(str(t.dtype)))
+    copy = import_runtime().get_global_func("runtime.TVMTensorCopyToBytes")
+    copy(t, out.ctypes.data_as(ctypes.c_void_p), out.nbytes)
+    return out
 
 
 def _view(t: Any, dtype: str) -> Any:

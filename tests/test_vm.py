@@ -1,5 +1,6 @@
 """Tensors through TVM's runtime library alone (builder/vm.py): numpy
-arrays in and out, bfloat16 included (numpy's DLPack has none), viewed where they lie."""
+arrays in and out, bfloat16 included (numpy's DLPack has none), viewed where they lie on the
+CPU and copied for another device."""
 
 from __future__ import annotations
 
@@ -29,3 +30,10 @@ def test_arrays_round_trip_through_tensors(dtype):
         copied.view(np.uint8), np.ascontiguousarray(strided).view(np.uint8)
     )
     assert copied.ctypes.data % artifact.ALIGN == 0
+
+    # The copies a GPU's tensors take (here on the CPU, through the same runtime functions).
+    on_device = vm.copied(strided, vm.cpu())
+    assert str(on_device.dtype) == dtype
+    np.testing.assert_array_equal(
+        vm.copied_back(on_device).view(np.uint8), np.ascontiguousarray(strided).view(np.uint8)
+    )
