@@ -60,6 +60,9 @@ TINY = {
 }
 
 
+# A kernel store for the session to use instead of its own (`shared_cache`).
+TEST_KERNELS_ENV = "BUILDER_TEST_KERNEL_DIR"
+
 # The files that take longest, longest first (their times: docs/testing.md, "Time"). The
 # workers take whole files in collection order (`--dist loadfile --no-loadscope-reorder` in
 # pyproject.toml), so that no long file starts while the other worker is nearly done.
@@ -96,13 +99,15 @@ def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     xdist worker included: tests that build the same tower reuse its artifact, library and
     parameters, as a user's builds do, and two workers building one key wait on its lock.
     Its keys cover everything a build depends on (builder/cache.py). Its kernel store serves
-    the per-test caches of `build_cache` too."""
+    the per-test caches of `build_cache` too: the session's own, or `TEST_KERNELS_ENV`'s
+    where set (CI keeps one between runs, as a user's cache keeps its kernels)."""
     base = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         base = base.parent  # the session's folder, above each worker's own
     folder = base / "shared-cache"
     folder.mkdir(exist_ok=True)
-    settings = {CACHE_ENV: str(folder), KERNELS_ENV: str(folder / "kernels")}
+    kernels = os.environ.get(TEST_KERNELS_ENV) or str(folder / "kernels")
+    settings = {CACHE_ENV: str(folder), KERNELS_ENV: kernels}
     before = {name: os.environ.get(name) for name in settings}
     os.environ.update(settings)
     yield folder
