@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-import tvm
-from tvm.relax.frontend import nn
+from .tvm_import import import_tvm
 
-from . import blocks as _blocks  # noqa: F401  (registers the built-in blocks)
-from . import families
-from .config import BlocksConfig, TowerConfig
-from .registry import create, prefix_tokens
-from .vlm import projected_tokens
+tvm = import_tvm()  # torch hidden from TVM-FFI's start-up, whoever imports this first
+
+from tvm.relax.frontend import nn  # noqa: E402
+
+from . import blocks as _blocks  # noqa: E402, F401  (registers the built-in blocks)
+from . import families  # noqa: E402
+from .config import BlocksConfig, TowerConfig  # noqa: E402
+from .registry import create, prefix_tokens  # noqa: E402
+from .vlm import projected_tokens  # noqa: E402
 
 INPUT_NAME = "pixel_values"
 ENTRY = "forward"

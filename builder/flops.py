@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import math
 
-import tvm
-import tvm.sym
-from tvm import relax
+from .tvm_import import import_tvm
+
+import_tvm()  # torch hidden from TVM-FFI's start-up, whoever imports this first
+
+import tvm  # noqa: E402
+import tvm.sym  # noqa: E402
+from tvm import relax  # noqa: E402
 
 
 def _dims(expr: relax.Expr, sizes: dict[str, int]) -> list[int]:
