@@ -241,14 +241,14 @@ def verify_files(
 def check(folder: Path, full: bool = False) -> dict[str, Any]:
     """The manifest of `folder`, once the folder matches it (`verify`) and the running TVM
     is the one that built it; else `ArtifactError` naming the file."""
-    from .tvm_import import tvm_version
+    from .tvm_import import versions
 
     manifest = read_manifest(folder)
-    built_with = manifest.get("versions", {}).get("tvm")
-    if built_with != tvm_version():
+    built_with, this = manifest.get("versions", {}).get("tvm"), versions()["tvm"]
+    if built_with != this:
         raise ArtifactError(
-            f"{folder / MANIFEST}: built with TVM {built_with}, this is TVM "
-            f"{tvm_version()}; rebuild the artifact"
+            f"{folder / MANIFEST}: built with TVM {built_with}, this is TVM {this}; "
+            "rebuild the artifact"
         )
     verify(folder, manifest, full)
     return manifest

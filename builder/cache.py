@@ -50,7 +50,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import importlib.metadata
 import json
 import os
 import platform
@@ -107,7 +106,9 @@ def files_digest(files: Iterable[Path]) -> str:
 
 @cache
 def _package_files(*parts: str) -> frozenset[Path]:
-    return frozenset(PACKAGE.joinpath(*parts).rglob("*.py"))
+    """The Python files at `parts` in the package: one file, or a folder's, recursively."""
+    path = PACKAGE.joinpath(*parts)
+    return frozenset([path] if path.is_file() else path.rglob("*.py"))
 
 
 def source_digest() -> str:
@@ -130,10 +131,22 @@ def weights_code() -> str:
     return files_digest(_package_files("weights") | _package_files("families"))
 
 
+@cache
+def _parser_digest() -> str:
+    return files_digest(_package_files("targets", "cpu", "tvmscript.py"))
+
+
 def kernel_key(src: str) -> str:
-    """The kernel store's key of a kernel's TVMScript text: the text and the TVM versions
-    that parse it."""
-    return digest({"key_format": KEY_FORMAT, "tvm": tvm_versions(), "src": src})
+    """The kernel store's key of a kernel's TVMScript text: the text, and the TVM versions
+    and the parser's source (`builder/targets/cpu/tvmscript.py`) that parse it."""
+    return digest(
+        {
+            "key_format": KEY_FORMAT,
+            "tvm": tvm_versions(),
+            "parser": _parser_digest(),
+            "src": src,
+        }
+    )
 
 
 def kernel_object_key(func_json: str, target: Any, setting: Any) -> str:
@@ -203,14 +216,12 @@ def _scratch_folder() -> Path:
 
 @cache
 def tvm_versions() -> dict[str, str]:
-    """The installed TVM and TVM-FFI, read from their distributions (no import)."""
-    found = {}
-    for dist in ("apache-tvm", "apache-tvm-ffi"):
-        try:
-            found[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            found[dist] = "not installed"
-    return found
+    """The installed TVM and TVM-FFI (`tvm_import.versions`: read from their distributions,
+    without an import, where they have them), by distribution name."""
+    from .tvm_import import versions
+
+    found = versions()
+    return {"apache-tvm": found["tvm"], "apache-tvm-ffi": found["tvm_ffi"]}
 
 
 @cache

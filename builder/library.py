@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .tvm_import import import_tvm
+from .tvm_import import import_tvm, versions
 
 tvm = import_tvm()
 
@@ -35,11 +35,10 @@ from .cache import (  # noqa: E402
 from .config import Preset, TargetConfig  # noqa: E402
 from .errors import BuilderError  # noqa: E402
 from .flops import gflop, per_patch  # noqa: E402
+from .make_artifact import Params, Progress  # noqa: E402
 
 # What a compile pipeline reports about its library, kept with it in the cache.
 PIPELINE_REPORT = ("fallback_ops",)
-Progress = Callable[[str], None]
-Params = list[tuple[str, tuple[int, ...]]]
 # Called once the library key is known, before any compile: the build starts the weights.
 Early = Callable[[str, str, Params], None]
 
@@ -88,7 +87,7 @@ def plan(
         "options": options,
         "manifest": {
             "runs_on": kind.runs_on(entry, options, path),
-            "versions": {"tvm": tvm.__version__, "tvm_ffi": tvm_ffi.__version__},
+            "versions": versions(),  # what `artifact.check` compares with
             "library": kind.LIBRARY,
             "entry": ENTRY,
             "inputs": forward_inputs(preset.model, preset.blocks),

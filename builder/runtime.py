@@ -108,7 +108,7 @@ class Encoder:
             raise ValueError(f"patches must be a float32 array of shape (n, {width})")
         arrays = family.native.inputs(config, np.ascontiguousarray(patches, np.float32), grid)
         args = [vm.tensor(arrays[spec["name"]], self.device) for spec in self._inputs]
-        out = vm.array(self._fn(*args, *self._params))
+        out = vm.array(self._fn(*args, *self._params), copy=True)
         return family.native.finish(config, out, grid) if family.native.finish else out
 
     @property
@@ -148,9 +148,11 @@ class Encoder:
         the artifact has one (`manifest["outputs"]`)."""
         x = vm.tensor(self.check_input(pixel_values), self.device)
         out = self._fn(x, *self._params)
+        # Copies: the caller keeps them (a view would hold the VM's pooled memory, and an
+        # output may be a parameter itself, LLaVA-NeXT's newline).
         if len(self.manifest["outputs"]) == 1:
-            return [vm.array(out)]
-        return [vm.array(o) for o in out]
+            return [vm.array(out, copy=True)]
+        return [vm.array(o, copy=True) for o in out]
 
     @property
     def variable_length(self) -> bool:

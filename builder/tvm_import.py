@@ -2,14 +2,15 @@
 
 TVM-FFI imports torch at start-up when it is installed (to exchange tensors with it), which
 takes about as long as TVM itself. The builder hands TVM numpy arrays and TVM tensors only,
-so a command, or a process that loads an artifact (`builder.load`: an encode worker, a
-Ray actor), imports TVM with torch hidden if nothing has imported torch yet; torch stays
-importable afterwards, for whatever else the process does, and exchanges tensors with TVM
-through the DLPack protocol.
+so a command that compiles imports TVM with torch hidden if nothing has imported torch yet;
+torch stays importable afterwards, for whatever else the process does, and exchanges
+tensors with TVM through the DLPack protocol.
 
-`import_runtime` loads TVM's runtime library alone, through TVM-FFI, without TVM's Python
-package or its compiler library: what running a compiled library needs (the build's
-parameter packing), in a fraction of `import tvm`'s time (docs/build-stages.md).
+`import_runtime` loads TVM's runtime library alone, through TVM-FFI (torch hidden the same
+way), without TVM's Python package or its compiler library: what running a compiled library
+needs (`builder.vm`: the build's parameter packing, and a process that loads an artifact,
+`builder.load`: an encode worker, a Ray actor), in a fraction of `import tvm`'s time
+(docs/artifacts.md).
 """
 
 from __future__ import annotations
@@ -60,24 +61,41 @@ def import_runtime() -> ModuleType:
             import tvm_ffi
             from tvm_ffi.libinfo import load_lib_ctypes
 
-        # Where TVM looks for it (tvm/libinfo.py): TVM_LIBRARY_PATH, then the package's lib/.
-        spec = importlib.util.find_spec("tvm")
-        paths = [Path(p) / "lib" for p in (spec.submodule_search_locations or [])] if spec else []
-        if os.environ.get("TVM_LIBRARY_PATH"):
-            paths.insert(0, Path(os.environ["TVM_LIBRARY_PATH"]))
-        load_lib_ctypes("tvm", "tvm_runtime", "RTLD_GLOBAL", extra_lib_paths=paths)
+        load_lib_ctypes("tvm", "tvm_runtime", "RTLD_GLOBAL", extra_lib_paths=_library_paths())
         _RUNTIME_LOADED.append(True)
     import tvm_ffi
 
     return tvm_ffi
 
 
-def tvm_version() -> str:
-    """`tvm.__version__`, from TVM's distribution where it has one, so without importing
-    TVM."""
-    if "tvm" not in sys.modules:
+def _library_paths() -> list[Path]:
+    """Where TVM itself looks for its libraries (`tvm/libinfo.py`'s `package_lib_paths`:
+    TVM_LIBRARY_PATH, the wheel's lib/, a source tree's build folders), that file loaded
+    alone, without the package it belongs to."""
+    spec = importlib.util.find_spec("tvm")
+    folders = [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
+    for folder in folders:
+        found = importlib.util.spec_from_file_location("_tvm_libinfo", folder / "libinfo.py")
+        if found is None or found.loader is None or not (folder / "libinfo.py").is_file():
+            continue
+        libinfo = importlib.util.module_from_spec(found)
+        found.loader.exec_module(libinfo)
+        return list(libinfo.package_lib_paths())
+    paths = [folder / "lib" for folder in folders]
+    if os.environ.get("TVM_LIBRARY_PATH"):
+        paths.insert(0, Path(os.environ["TVM_LIBRARY_PATH"]))
+    return paths
+
+
+def versions() -> dict[str, str]:
+    """The installed TVM's and TVM-FFI's versions, as their distributions say, so without
+    importing them; where one has no distribution (built from source), its `__version__`,
+    imported. Artifacts record these, and the build cache's keys cover them."""
+    found = {}
+    for dist, module in (("apache-tvm", "tvm"), ("apache-tvm-ffi", "tvm_ffi")):
         try:
-            return importlib.metadata.version("apache-tvm")
-        except importlib.metadata.PackageNotFoundError:  # a TVM built from source
-            pass
-    return import_tvm().__version__
+            found[module] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            imported = import_tvm() if module == "tvm" else import_runtime()
+            found[module] = imported.__version__
+    return found

@@ -78,14 +78,18 @@ def tensor(a: np.ndarray, device: Any = None) -> Any:
     return _view(ffi.from_dlpack(a.view(np.uint16)), "bfloat16")
 
 
-def array(t: Any) -> np.ndarray:
-    """A numpy array of a tensor: a view (no copy) of a CPU tensor, which it keeps alive; a
-    copy of another device's."""
+def array(t: Any, copy: bool = False) -> np.ndarray:
+    """A numpy array of a tensor: a view of a CPU tensor, which it keeps alive (the memory
+    stays the VM's: its pooled allocator takes it back when the view goes, for the VM's
+    next call, not for the system), or with `copy` (what a caller keeps) a copy of it in
+    numpy's own memory; a copy of another device's."""
     if not on_cpu(t.device):
         return copied_back(t)
     if str(t.dtype) != "bfloat16":
-        return np.from_dlpack(t)
-    return np.from_dlpack(_view(t, "uint16")).view(artifact.numpy_dtype("bfloat16"))
+        view = np.from_dlpack(t)
+    else:
+        view = np.from_dlpack(_view(t, "uint16")).view(artifact.numpy_dtype("bfloat16"))
+    return view.copy() if copy else view
 
 
 def copied(a: np.ndarray, device: Any) -> Any:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 import builder
@@ -17,7 +18,9 @@ from builder.assemble import export
 from builder.cache import Cache
 from builder.cli import main
 from builder.preset import load_preset
+from builder.safetensors_io import SafetensorsFile
 from builder.targets.cpu import kernels
+from builder.weights import load_weights
 
 from .conftest import REPO, tiny_overrides
 
@@ -195,25 +198,23 @@ def test_hit_force_change_and_damage(tmp_path, monkeypatch, capsys, build_cache)
     assert "compiled library reused" in capsys.readouterr().err
     assert artifact.read_manifest(art)["weights"]["seed"] == 3
     assert (art / "lib.so").read_bytes() == library
-    # Its parameters, packed by the runtime library alone (the plan stored), are those a
-    # whole build of that seed packs.
-    packed = (art / "params.safetensors").read_bytes()
-    assert main([*TINY, "weights.seed=3", *out, "--force"]) == 0
-    assert len(compiled) == 3
-    assert (art / "params.safetensors").read_bytes() == packed
     # A plan that cannot be read, or one whose library is gone, is made again.
     (plan,) = (build_cache / "plans").iterdir()
     plan.write_text("{")
     assert main([*TINY, "weights.seed=4", *out]) == 0
-    assert len(compiled) == 3
+    assert len(compiled) == 2
     assert "compiled library reused" in capsys.readouterr().err
+    assert (
+        Cache(build_cache).plan(plan.stem)["library_key"]
+        == artifact.read_manifest(art)["library_key"]
+    )  # written again
     shutil.rmtree(build_cache / "libraries")
     assert main([*TINY, "weights.seed=5", *out]) == 0
-    assert len(compiled) == 4
+    assert len(compiled) == 3
     assert artifact.read_manifest(art)["weights"]["seed"] == 5
     # A graph change compiles.
     assert main([*TINY, "model.layer_norm_eps=1e-3", *out]) == 0
-    assert len(compiled) == 5
+    assert len(compiled) == 4
 
     # A damaged cached copy (a shorter file) is noticed and not served: the parameters
     # (the damaged file is a link to them) are made again; the intact library is reused.
@@ -221,7 +222,7 @@ def test_hit_force_change_and_damage(tmp_path, monkeypatch, capsys, build_cache)
     os.truncate(cached, cached.stat().st_size - 1)
     capsys.readouterr()
     assert main([*TINY, *out]) == 0
-    assert len(compiled) == 5
+    assert len(compiled) == 4
     err = capsys.readouterr().err
     assert "cached copy damaged" in err and "compiled library reused" in err
     assert builder.load(art, verify=True).manifest["cache_key"] == first
@@ -242,7 +243,8 @@ WITHOUT_TVM = textwrap.dedent(
 @pytest.mark.e2e
 def test_hit_and_new_weights_are_built_without_tvm(tmp_path, build_cache):
     """A hit imports neither TVM nor torch; nor does a build whose weights alone changed,
-    which packs them with TVM's runtime library (builder.packing)."""
+    which packs them with TVM's runtime library (builder.packing) into the parameters that
+    packing that seed's weights here gives."""
     out = ["--out", str(tmp_path)]
     assert main([*TINY, *out]) == 0
     for extra, said in (([], "cache hit"), (["weights.seed=8"], "compiled library reused")):
@@ -256,7 +258,17 @@ def test_hit_and_new_weights_are_built_without_tvm(tmp_path, build_cache):
         assert said in proc.stderr
         assert "imported: []" in proc.stdout, proc.stdout
     assert "packed weights" in proc.stderr
-    assert builder.load(tmp_path / "clip-vit-b-32" / "llvm").manifest["weights"]["seed"] == 8
+    art = tmp_path / "clip-vit-b-32" / "llvm"
+    manifest = builder.load(art).manifest
+    assert manifest["weights"]["seed"] == 8
+    preset = load_preset(TINY[0], [*TINY[1:], "weights.seed=8"])
+    _, params = export(preset.model, preset.blocks)
+    arrays, _ = load_weights(preset, dict(params))
+    order, packed = packing.pack_params(art / "lib.so", [n for n, _ in params], arrays)
+    assert manifest["params"]["order"] == order
+    stored = SafetensorsFile(art / "params.safetensors")
+    for name in order:
+        np.testing.assert_array_equal(stored.read(name), packed[name])
 
 
 @pytest.mark.e2e

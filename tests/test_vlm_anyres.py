@@ -140,6 +140,16 @@ def test_anyres_features_equal_hf_get_image_features(next_model, tmp_path):
     for mine, theirs in zip(ours, ref, strict=True):
         assert_close(mine, theirs.numpy())
     assert [r["grid"] for r in record] == [_grid(w, h) for w, h in SHAPES]
+    # What a call returns is the caller's: the newline vector, a parameter the graph returns
+    # as it is, comes as a copy, and changing it changes nothing the artifact computes.
+    cut = anyres_crops(rgb_image(paths[0], steps, "a"), steps, SIZE, "a")
+    features, newline = enc._run(cut.pixels)
+    kept = newline.copy()
+    newline[...] = 0
+    features[...] = 0
+    again = enc._run(cut.pixels)
+    np.testing.assert_array_equal(again[1], kept)
+    assert float(np.abs(again[0]).max()) > 0
 
 
 @pytest.mark.e2e

@@ -30,9 +30,6 @@ from tvm.relax import vm_build
 from ... import cache
 from ...runtime import available_cores
 
-# Part of every object's key: bump it when the way a function is built here changes.
-RECIPE = 1
-
 
 def build(mod: tvm.IRModule, target: tvm.target.Target, relax_pipeline) -> relax.VMExecutable:
     """What `tvm.compile(mod, target, relax_pipeline=relax_pipeline)` returns (TVM 0.27's
@@ -58,7 +55,8 @@ def build(mod: tvm.IRModule, target: tvm.target.Target, relax_pipeline) -> relax
 def _objects(tir_mod: tvm.IRModule, target: tvm.target.Target) -> list[tvm.runtime.Module]:
     context = tvm.transform.PassContext.current()
     setting = {
-        "recipe": RECIPE,
+        # The way a function is built here: this file.
+        "recipe": cache.files_digest([Path(__file__)]),
         "llvm": tvm.target.codegen.llvm_version_major(),
         "opt_level": context.opt_level,
         "config": {k: str(v) for k, v in context.config.items()},
