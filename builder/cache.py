@@ -74,6 +74,8 @@ CACHE_ENV = "BUILDER_CACHE_DIR"
 KERNELS_ENV = "BUILDER_KERNEL_DIR"
 # Bump when a key's layout changes.
 KEY_FORMAT = 2
+# Bump when a plan's fields change (`builder/library.py`): older plans are then not found.
+PLAN_FORMAT = 2
 INDEX = "hashes.json"
 PART = "part.json"
 STORES = ("artifacts", "libraries", "params")
@@ -336,7 +338,7 @@ class Cache:
         names and layout follow from."""
         request = _request(preset, entry)
         request["preset"].pop("weights")
-        return digest({**request, "plan": True})
+        return digest({**request, "plan": PLAN_FORMAT})
 
     def plan(self, key: str) -> dict[str, Any] | None:
         """A stored plan (`plan_key`), or None where there is none or it is unreadable."""
@@ -344,7 +346,7 @@ class Cache:
             plan = json.loads((self.root / "plans" / f"{key}.json").read_text())
         except (OSError, ValueError):
             return None
-        fields = ("library_key", "library", "params", "packing", "options", "manifest")
+        fields = ("library_key", "params", "packing", "manifest")
         return plan if isinstance(plan, dict) and all(f in plan for f in fields) else None
 
     def store_plan(self, key: str, plan: dict[str, Any]) -> None:

@@ -19,19 +19,11 @@ from .tvm_import import import_tvm, versions
 tvm = import_tvm()
 
 import numpy as np  # noqa: E402
-import tvm_ffi  # noqa: E402
 
 from . import targets  # noqa: E402
 from .assemble import ENTRY, export, outputs  # noqa: E402
 from .assemble import inputs as forward_inputs  # noqa: E402
-from .cache import (  # noqa: E402
-    KEY_FORMAT,
-    Cache,
-    digest,
-    pipeline_sources,
-    rebuilding_objects,
-    write_part,  # noqa: E402
-)
+from .cache import KEY_FORMAT, Cache, digest, pipeline_sources, rebuilding_objects, write_part  # noqa: E402  # noqa: E402
 from .config import Preset, TargetConfig  # noqa: E402
 from .errors import BuilderError  # noqa: E402
 from .flops import gflop, per_patch  # noqa: E402
@@ -51,11 +43,11 @@ def plan(
     progress: Progress,
     early: Early,
     force: bool = False,
-) -> dict[str, Any]:
-    """The plan of `entry`'s artifact (see `builder.make_artifact`), its library compiled
-    into the cache's libraries unless stored there already (or `force`). `inputs` holds
-    what the targets of one build share: the exported graph. `early(library_key, packing,
-    params)` runs before the compile."""
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The plan of `entry`'s artifact (see `builder.make_artifact`) and its library's
+    `part.json`, the library compiled into the cache's libraries unless stored there already
+    (or `force`). `inputs` holds what the targets of one build share: the exported graph.
+    `early(library_key, packing, params)` runs before the compile."""
     kind = targets.pipeline(entry.kind)
     lacking = kind.missing(entry)
     if lacking:
@@ -78,14 +70,18 @@ def plan(
         else:
             progress(f"[{entry.name}] compiled library reused {library_key[:12]}")
     path = cache.entry(library_key, "libraries") / kind.LIBRARY
-    return {
+    made = {
         "library_key": library_key,
-        "library": kind.LIBRARY,
         "params": [[name, list(shape)] for name, shape in params],
         "packing": packing,
         # The manifest's fields that follow from the library.
-        "options": options,
         "manifest": {
+            "target": {
+                "name": entry.name,
+                "kind": entry.kind,
+                "precision": entry.precision,
+                "options": options,
+            },
             "runs_on": kind.runs_on(entry, options, path),
             "versions": versions(),  # what `artifact.check` compares with
             "library": kind.LIBRARY,
@@ -99,6 +95,7 @@ def plan(
             **{k: library[k] for k in PIPELINE_REPORT if k in library},
         },
     }
+    return made, library
 
 
 def _work(mod: tvm.IRModule, preset: Preset) -> dict[str, Any]:
@@ -126,7 +123,7 @@ def make_library_key(
                 "version": kind.PIPELINE_VERSION,
                 "sources": pipeline_sources(),
             },
-            "versions": {"tvm": tvm.__version__, "tvm_ffi": tvm_ffi.__version__},
+            "versions": versions(),
         }
     )
 

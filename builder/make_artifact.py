@@ -43,8 +43,8 @@ def make_artifact(
     build share (the exported graph, the weights), made on first need. `force` compiles and
     packs again whatever the cache holds."""
     plan_key = cache.plan_key(preset, entry)
-    plan = None if force else _stored_plan(cache, plan_key, entry, progress)
-    if plan is None:
+    found = None if force else _stored_plan(cache, plan_key, entry, progress)
+    if found is None:
         from . import library  # imports TVM
 
         def early(library_key: str, packing: str, params: Params) -> None:
@@ -54,8 +54,10 @@ def make_artifact(
             if force or not cache.entry(params_key, "params").is_dir():
                 _start_weights(preset, params, inputs, progress)
 
-        plan = library.plan(preset, entry, inputs, cache, progress, early, force)
-        cache.store_plan(plan_key, plan)
+        found = library.plan(preset, entry, inputs, cache, progress, early, force)
+        cache.store_plan(plan_key, found[0])
+    plan, library_part = found
+    facts = plan["manifest"]
     library_key, packing = plan["library_key"], plan["packing"]
     params: Params = [(name, tuple(shape)) for name, shape in plan["params"]]
     lib_folder = cache.entry(library_key, "libraries")
@@ -64,7 +66,7 @@ def make_artifact(
         stored = None if force else cache.lookup_part("params", params_key)
         if stored is None:
             with cache.store(params_key, "params") as tmp:
-                library = lib_folder / plan["library"]
+                library = lib_folder / facts["library"]
                 order, source, written = _params(
                     tmp, preset, entry, params, packing, library, inputs, progress
                 )
@@ -73,29 +75,19 @@ def make_artifact(
             stored = cache.lookup_part("params", params_key)
         else:
             progress(f"[{entry.name}] parameters reused {params_key[:12]}")
-    with cache.lock(library_key):
-        library_part = cache.lookup_part("libraries", library_key)
-    if library_part is None or stored is None:
+    if stored is None:
         raise BuilderError("the build cache lost an entry while it was being made")
-    artifact.fill(lib_folder, folder, [plan["library"]])
+    artifact.fill(lib_folder, folder, [facts["library"]])
     artifact.fill(cache.entry(params_key, "params"), folder, [artifact.PARAMS])
-    facts = plan["manifest"]
     manifest = {
         "format": artifact.FORMAT,
         "preset": preset.name,
         "resolved_preset": preset.to_dict(),
-        "target": {
-            "name": entry.name,
-            "kind": entry.kind,
-            "precision": entry.precision,
-            "options": plan["options"],
-        },
-        "runs_on": facts["runs_on"],
+        **facts,
         "versions": {"builder": __version__, **facts["versions"]},
         "cache_key": key,
         "library_key": library_key,
         "params_key": params_key,
-        **{k: v for k, v in facts.items() if k not in ("runs_on", "versions")},
         "params": {
             "file": artifact.PARAMS,
             "order": stored["order"],
@@ -115,16 +107,18 @@ def make_artifact(
 
 def _stored_plan(
     cache: Cache, plan_key: str, entry: TargetConfig, progress: Progress
-) -> dict[str, Any] | None:
-    """The cache's plan of `plan_key`, where the library it names is stored intact."""
+) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The cache's plan of `plan_key` and its library's `part.json`, where the library is
+    stored intact."""
     plan = cache.plan(plan_key)
     if plan is None:
         return None
     with cache.lock(plan["library_key"]):
-        if cache.lookup_part("libraries", plan["library_key"]) is None:
-            return None
+        part = cache.lookup_part("libraries", plan["library_key"])
+    if part is None:
+        return None
     progress(f"[{entry.name}] compiled library reused {plan['library_key'][:12]}")
-    return plan
+    return plan, part
 
 
 def make_params_key(

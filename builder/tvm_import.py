@@ -15,6 +15,7 @@ needs (`builder.vm`: the build's parameter packing, and a process that loads an 
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import importlib.util
 import os
@@ -87,6 +88,7 @@ def _library_paths() -> list[Path]:
     return paths
 
 
+@functools.cache
 def versions() -> dict[str, str]:
     """The installed TVM's and TVM-FFI's versions, as their distributions say, so without
     importing them; where one has no distribution (built from source), its `__version__`,

@@ -62,17 +62,14 @@ def empty(shape: tuple[int, ...], dtype: str, device: Any = None) -> Any:
 
 def tensor(a: np.ndarray, device: Any = None) -> Any:
     """A tensor of `a` on `device` (the CPU). On the CPU, a view of `a` (DLPack) where its
-    memory is C-contiguous, writable and aligned as TVM aligns its own, else of an aligned
-    copy; on another device, a copy there."""
+    memory is C-contiguous, writable and aligned as TVM aligns its own, else a copy in a
+    tensor of TVM's allocator (a model's input, every call); on another device, a copy
+    there."""
     ffi = import_runtime()
     device = device or cpu()
-    if not on_cpu(device):
-        return copied(a, device)
     aligned = a.ctypes.data % artifact.ALIGN == 0
-    if not (a.flags.c_contiguous and a.flags.writeable and aligned):
-        (copy,) = artifact.empty_arrays([(a.shape, a.dtype)])
-        np.copyto(copy, a)
-        a = copy
+    if not (on_cpu(device) and a.flags.c_contiguous and a.flags.writeable and aligned):
+        return copied(a, device)
     if a.dtype != artifact.numpy_dtype("bfloat16"):
         return ffi.from_dlpack(a)
     return _view(ffi.from_dlpack(a.view(np.uint16)), "bfloat16")
@@ -93,8 +90,9 @@ def array(t: Any, copy: bool = False) -> np.ndarray:
 
 
 def copied(a: np.ndarray, device: Any) -> Any:
-    """A tensor on `device` holding a copy of `a` (what `Tensor.copyfrom` calls)."""
-    a = np.ascontiguousarray(a)
+    """A tensor on `device` holding a copy of `a` (what `tvm.runtime.tensor` does)."""
+    if not a.flags.c_contiguous:
+        a = a.copy(order="C")  # np.ascontiguousarray would make a 0-d array 1-d
     out = empty(a.shape, a.dtype.name, device)
     copy = import_runtime().get_global_func("runtime.TVMTensorCopyFromBytes")
     copy(out, a.ctypes.data_as(ctypes.c_void_p), a.nbytes)

@@ -101,16 +101,18 @@ def test_library_key_covers_what_the_code_depends_on_and_not_the_weights(monkeyp
         "targets=[{name: llvm, precision: bfloat16}]",
     ):
         keys[change] = library_key_of(load_preset(TINY[0], [*TINY[1:], change]))
-    for module, attr, value in (
-        (targets.llvm, "PIPELINE_VERSION", "other"),
-        (library, "pipeline_sources", lambda: "edited"),
-        (library.tvm, "__version__", "other"),
-        (library.tvm_ffi, "__version__", "other"),
-        (kernels, "l2_bytes", lambda target: 3 << 20),  # sizes the GEMMs' weight blocks
+    for i, (module, attr, value) in enumerate(
+        [
+            (targets.llvm, "PIPELINE_VERSION", "other"),
+            (library, "pipeline_sources", lambda: "edited"),
+            (library, "versions", lambda: {"tvm": "other", "tvm_ffi": "0"}),
+            (library, "versions", lambda: {"tvm": "0", "tvm_ffi": "other"}),
+            (kernels, "l2_bytes", lambda target: 3 << 20),  # sizes the GEMMs' weight blocks
+        ]
     ):
         with monkeypatch.context() as m:
             m.setattr(module, attr, value)
-            keys[f"{module.__name__}.{attr}"] = library_key_of(base)
+            keys[f"{module.__name__}.{attr} ({i})"] = library_key_of(base)
     assert len(set(keys.values())) == len(keys), keys
 
 

@@ -23,13 +23,20 @@ def test_arrays_round_trip_through_tensors(dtype):
     assert back.dtype == values.dtype
     np.testing.assert_array_equal(back.view(np.uint8), values.view(np.uint8))
     assert back.ctypes.data == aligned.ctypes.data  # a view both ways, no copy
-    # An array TVM cannot take as it is (strided, here) goes in as an aligned copy.
+    kept = vm.array(tensor, copy=True)  # what a caller keeps: numpy's own memory
+    np.testing.assert_array_equal(kept.view(np.uint8), values.view(np.uint8))
+    assert not np.shares_memory(kept, aligned)
+    # An array TVM cannot take as it is (strided, or not aligned) goes in as a copy.
     strided = values.T
-    copied = vm.array(vm.tensor(strided))
-    np.testing.assert_array_equal(
-        copied.view(np.uint8), np.ascontiguousarray(strided).view(np.uint8)
-    )
-    assert copied.ctypes.data % artifact.ALIGN == 0
+    (raw,) = artifact.empty_arrays([((values.nbytes + values.itemsize,), np.dtype(np.uint8))])
+    shifted = raw[values.itemsize :].view(values.dtype).reshape(strided.shape)
+    shifted[...] = strided  # contiguous, off TVM's alignment
+    scalar = shifted.reshape(-1)[:1].reshape(())  # 0-d, off TVM's alignment
+    for given in (strided, shifted, scalar):  # the last as a model's scalar input
+        copied = vm.array(vm.tensor(given))
+        assert copied.shape == given.shape
+        assert copied.tobytes() == given.tobytes()  # C order, bit for bit
+        assert not np.shares_memory(copied, given)
 
     # The copies a GPU's tensors take (here on the CPU, through the same runtime functions).
     on_device = vm.copied(strided, vm.cpu())
