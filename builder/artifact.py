@@ -85,8 +85,8 @@ def empty_arrays(specs: list[tuple[tuple[int, ...], np.dtype]]) -> list[np.ndarr
 def save_params(
     folder: Path, order: list[str], arrays: dict[str, np.ndarray]
 ) -> dict[str, dict[str, Any]]:
-    """Write the parameters as `forward` takes them (cast and packed at build time), streamed
-    from the arrays to the file (`safetensors_io.write`). Returns the file's record (size,
+    """Write the parameters as `forward` takes them (cast and packed at build time), copied
+    from the arrays into the file (`safetensors_io.write`). Returns the file's record (size,
     sha256 computed while writing, time) as `file_records`' `known` takes it, so that no one
     reads the file back to hash it."""
     path = folder / PARAMS

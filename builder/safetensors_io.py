@@ -1,15 +1,17 @@
 """A small safetensors reader that returns float32 numpy arrays, bfloat16 included (which
 `safetensors.numpy` cannot read), or reads a tensor as stored straight into a buffer of the
-caller's, and names the file and tensor when a file is damaged; and a writer that streams
-each tensor from its array to the file."""
+caller's, and names the file and tensor when a file is damaged; and a writer that copies
+each tensor from its array into the file, on every core."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import mmap
+import os
 import struct
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,10 @@ _RANK = {"F64": 0, "F32": 1, "BF16": 2, "F16": 3}
 MAX_HEADER = 100 << 20
 # Bytes written (and hashed) at a time.
 WRITE_CHUNK = 16 << 20
+# Bytes of the file mapped at a time while it is written.
+MAP_WINDOW = 64 << 20
+# What `posix_fallocate` raises where the file system cannot reserve space up front.
+_NO_FALLOCATE = (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS)
 
 
 def _ints(value: object, count: int | None = None) -> bool:
@@ -149,41 +155,88 @@ class SafetensorsFile:
 
 
 def write(path: Path, tensors: dict[str, np.ndarray]) -> str:
-    """Write `tensors` (float64, float32, float16 or bfloat16) to `path` as a safetensors file:
-    the header, then each tensor's bytes from its own array, with no copy of the file in
-    memory. Returns the file's sha256, computed on a second thread while the bytes are
-    written (both release the GIL), so no one has to read the file back to hash it."""
-    arrays = {}
-    for name, a in tensors.items():
-        if a.dtype.name not in _CODES:
-            raise ValueError(f"{name}: dtype {a.dtype.name} is not one of {sorted(_CODES)}")
-        if a.dtype.byteorder == ">":  # safetensors is little-endian
-            a = a.astype(a.dtype.newbyteorder("<"))
-        arrays[name] = a if a.flags.c_contiguous else a.copy(order="C")  # keeps a 0-d shape
+    """Write `tensors` (float64, float32, float16 or bfloat16) to `path` as a safetensors file,
+    with no copy of the file in memory, and return its sha256, computed from the arrays on a
+    thread of its own while they are written, so no one has to read the file back to hash it.
+
+    The file is made at its full size first (`posix_fallocate`: a full disk fails here, with
+    an error, not later on a page of a memory map) and its pages filled through a memory map
+    by a thread per core: the kernel's work of giving a new file its pages then runs on
+    every core, where `write` calls on one file run one at a time (docs/build-stages.md).
+    Where the file system cannot reserve the space up front, the arrays are streamed with
+    `write` calls instead."""
+    arrays = {name: _little_endian_c(name, a) for name, a in tensors.items()}
     order = sorted(arrays, key=lambda n: (_RANK[_CODES[arrays[n].dtype.name]], n))
     header, end = {}, 0
     for name in order:
-        a = arrays[name]
+        size = arrays[name].nbytes
         header[name] = {
-            "dtype": _CODES[a.dtype.name],
-            "shape": list(a.shape),
-            "data_offsets": [end, end + a.nbytes],
+            "dtype": _CODES[arrays[name].dtype.name],
+            "shape": list(arrays[name].shape),
+            "data_offsets": [end, end + size],
         }
-        end += a.nbytes
+        end += size
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
+    head = struct.pack("<Q", len(text)) + text
+    # Each piece with its offset in the file, in the file's order.
+    pieces = [(0, memoryview(head))]
+    offset = len(head)
+    for name in order:
+        raw = memoryview(arrays[name].reshape(-1).view(np.uint8))
+        for start in range(0, len(raw), WRITE_CHUNK):
+            pieces.append((offset + start, raw[start : start + WRITE_CHUNK]))
+        offset += len(raw)
+    from .runtime import available_cores
+
     digest = hashlib.sha256()
-    with path.open("wb") as f, ThreadPoolExecutor(1) as hasher:
-        for block in _blocks(struct.pack("<Q", len(text)) + text, [arrays[n] for n in order]):
-            hashed = hasher.submit(digest.update, block)
-            f.write(block)
-            hashed.result()
+    with path.open("w+b") as f, ThreadPoolExecutor(1 + available_cores()) as pool:
+        hashed = pool.submit(lambda: [digest.update(piece) for _, piece in pieces])
+        try:
+            os.posix_fallocate(f.fileno(), 0, offset)
+        except OSError as e:
+            if e.errno not in _NO_FALLOCATE:
+                raise  # a full disk, say: nothing is mapped yet
+            for _, piece in pieces:
+                f.write(piece)
+        else:
+            _fill(f, pieces, pool)
+        hashed.result()
     return digest.hexdigest()
 
 
-def _blocks(head: bytes, arrays: list[np.ndarray]):
-    yield memoryview(head)
-    for a in arrays:
-        raw = memoryview(a.reshape(-1).view(np.uint8))
-        for start in range(0, len(raw), WRITE_CHUNK):
-            yield raw[start : start + WRITE_CHUNK]
+def _fill(f, pieces: list[tuple[int, memoryview]], pool: ThreadPoolExecutor) -> None:
+    """Copy each piece to its offset of the open file `f`, through shared memory maps of the
+    file, on the pool's threads (numpy's copy lets go of the GIL; a memoryview's would not).
+    One window of about MAP_WINDOW bytes is mapped at a time, so the file's pages count in
+    the process's resident memory only while they are copied to."""
+    while pieces:
+        count = 1
+        while count < len(pieces) and pieces[count][0] - pieces[0][0] < MAP_WINDOW:
+            count += 1
+        window, pieces = pieces[:count], pieces[count:]
+        begin = window[0][0] - window[0][0] % mmap.ALLOCATIONGRANULARITY
+        end = window[-1][0] + len(window[-1][1])
+        with mmap.mmap(f.fileno(), end - begin, offset=begin) as m:
+            file = np.frombuffer(m, np.uint8)
+            copies = [
+                pool.submit(
+                    np.copyto,
+                    file[at - begin : at - begin + len(piece)],
+                    np.frombuffer(piece, np.uint8),
+                )
+                for at, piece in window
+            ]
+            del file
+            wait(copies)  # each copy, and its view of the map, ends before the map closes
+        for copy in copies:
+            copy.result()
+
+
+def _little_endian_c(name: str, a: np.ndarray) -> np.ndarray:
+    """`a` as safetensors stores it: little-endian, C-contiguous."""
+    if a.dtype.name not in _CODES:
+        raise ValueError(f"{name}: dtype {a.dtype.name} is not one of {sorted(_CODES)}")
+    if a.dtype.byteorder == ">":
+        a = a.astype(a.dtype.newbyteorder("<"))
+    return a if a.flags.c_contiguous else a.copy(order="C")  # keeps a 0-d shape

@@ -374,11 +374,17 @@ def test_random_init_keeps_parameters_when_the_layer_count_changes():
         np.testing.assert_array_equal(a, three[name])
 
 
-def test_writer_matches_safetensors_byte_for_byte(tmp_path):
-    """`safetensors_io.write` streams each tensor to the file: the same bytes as
+@pytest.mark.parametrize("way", ["mapped", "windows", "streamed"])
+def test_writer_matches_safetensors_byte_for_byte(tmp_path, monkeypatch, way):
+    """`safetensors_io.write` copies each tensor into the file: the same bytes as
     `safetensors.numpy.save_file` (header, order, padding), bfloat16 and a non-contiguous
-    array included, read back equal by safetensors, and the sha256 it returns is the file's."""
+    array included, read back equal by safetensors, and the sha256 it returns is the file's;
+    through one memory map, through many (windows and pieces that start at odd offsets), or
+    with `write` calls where the file system cannot reserve the file's space
+    (`posix_fallocate` unsupported)."""
+    import errno
     import hashlib
+    import os
 
     import ml_dtypes
     import safetensors.numpy
@@ -394,8 +400,18 @@ def test_writer_matches_safetensors_byte_for_byte(tmp_path):
         "scalar": np.array(0.5, np.float32),
         "empty": np.zeros((0, 4), np.float32),
         "strided": rng.standard_normal((4, 6)).astype(np.float32)[:, ::2],
+        "wide": rng.standard_normal(2500).astype(np.float32),  # maps past the first page
     }
     ours, theirs = tmp_path / "ours.safetensors", tmp_path / "theirs.safetensors"
+    if way == "windows":
+        monkeypatch.setattr(safetensors_io, "WRITE_CHUNK", 12)
+        monkeypatch.setattr(safetensors_io, "MAP_WINDOW", 20)
+    if way == "streamed":
+
+        def unsupported(fd, offset, size):
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+        monkeypatch.setattr(os, "posix_fallocate", unsupported)
     digest = safetensors_io.write(ours, tensors)
     contiguous = {name: a.copy(order="C") for name, a in tensors.items()}
     safetensors.numpy.save_file(contiguous, str(theirs))
@@ -411,6 +427,27 @@ def test_writer_matches_safetensors_byte_for_byte(tmp_path):
         )
     with pytest.raises(ValueError, match="int32 is not one of"):
         safetensors_io.write(tmp_path / "int.safetensors", {"i": np.zeros(2, np.int32)})
+
+
+def test_writer_fails_on_a_full_disk_before_mapping_the_file(tmp_path, monkeypatch):
+    """No space for the file is an OSError from reserving it, before any page is mapped (a
+    full disk under a memory map would kill the process with SIGBUS instead)."""
+    import errno
+    import mmap
+    import os
+
+    from builder import safetensors_io
+
+    def full(fd, offset, size):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def mapped(*args, **kwargs):
+        raise AssertionError("the file was mapped")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    monkeypatch.setattr(mmap, "mmap", mapped)
+    with pytest.raises(OSError, match="No space left"):
+        safetensors_io.write(tmp_path / "p.safetensors", {"w": np.ones(1000, np.float32)})
 
 
 def test_saved_params_digest_is_the_file_digest(tmp_path, monkeypatch):
