@@ -13,6 +13,7 @@ import os
 import struct
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -205,7 +206,7 @@ def write(path: Path, tensors: dict[str, np.ndarray]) -> str:
     return digest.hexdigest()
 
 
-def _fill(f, pieces: list[tuple[int, memoryview]], pool: ThreadPoolExecutor) -> None:
+def _fill(f: BinaryIO, pieces: list[tuple[int, memoryview]], pool: ThreadPoolExecutor) -> None:
     """Copy each piece to its offset of the open file `f`, through shared memory maps of the
     file, on the pool's threads (numpy's copy lets go of the GIL; a memoryview's would not).
     One window of about MAP_WINDOW bytes is mapped at a time, so the file's pages count in
