@@ -11,6 +11,7 @@ import json
 import mmap
 import os
 import struct
+import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import BinaryIO
@@ -29,7 +30,7 @@ _RANK = {"F64": 0, "F32": 1, "BF16": 2, "F16": 3}
 MAX_HEADER = 100 << 20
 # Bytes written (and hashed) at a time.
 WRITE_CHUNK = 16 << 20
-# Bytes of the file mapped at a time while it is written.
+# Bytes of the file mapped at a time while it is written (at least a piece per thread).
 MAP_WINDOW = 64 << 20
 # What `posix_fallocate` raises where the file system cannot reserve space up front.
 _NO_FALLOCATE = (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS)
@@ -165,7 +166,8 @@ def write(path: Path, tensors: dict[str, np.ndarray]) -> str:
     by a thread per core: the kernel's work of giving a new file its pages then runs on
     every core, where `write` calls on one file run one at a time (docs/build-stages.md).
     Where the file system cannot reserve the space up front, the arrays are streamed with
-    `write` calls instead."""
+    `write` calls instead. (On a copy-on-write file system, ZFS or btrfs, a reservation does
+    not promise the later writes their blocks.)"""
     arrays = {name: _little_endian_c(name, a) for name, a in tensors.items()}
     order = sorted(arrays, key=lambda n: (_RANK[_CODES[arrays[n].dtype.name]], n))
     header, end = {}, 0
@@ -190,48 +192,73 @@ def write(path: Path, tensors: dict[str, np.ndarray]) -> str:
         offset += len(raw)
     from .runtime import available_cores
 
-    digest = hashlib.sha256()
-    with path.open("w+b") as f, ThreadPoolExecutor(1 + available_cores()) as pool:
-        hashed = pool.submit(lambda: [digest.update(piece) for _, piece in pieces])
+    threads = available_cores()
+    digest, failed = hashlib.sha256(), threading.Event()
+
+    def hash_all() -> None:
+        for _, piece in pieces:
+            if failed.is_set():  # the write failed: its error is not kept waiting
+                return
+            digest.update(piece)
+
+    with path.open("w+b") as f, ThreadPoolExecutor(1 + threads) as pool:
+        hashed = pool.submit(hash_all)
         try:
             os.posix_fallocate(f.fileno(), 0, offset)
         except OSError as e:
             if e.errno not in _NO_FALLOCATE:
+                failed.set()
                 raise  # a full disk, say: nothing is mapped yet
-            for _, piece in pieces:
-                f.write(piece)
+            streamed = True
         else:
-            _fill(f, pieces, pool)
+            streamed = False
+        try:
+            if streamed:
+                for _, piece in pieces:
+                    f.write(piece)
+            else:
+                _fill(f, pieces, pool, max(MAP_WINDOW, threads * WRITE_CHUNK))
+        except BaseException:
+            failed.set()
+            raise
         hashed.result()
     return digest.hexdigest()
 
 
-def _fill(f: BinaryIO, pieces: list[tuple[int, memoryview]], pool: ThreadPoolExecutor) -> None:
+def _fill(
+    f: BinaryIO, pieces: list[tuple[int, memoryview]], pool: ThreadPoolExecutor, size: int
+) -> None:
     """Copy each piece to its offset of the open file `f`, through shared memory maps of the
     file, on the pool's threads (numpy's copy lets go of the GIL; a memoryview's would not).
-    One window of about MAP_WINDOW bytes is mapped at a time, so the file's pages count in
-    the process's resident memory only while they are copied to."""
+    One window of about `size` bytes is mapped at a time, so the file's pages count in the
+    process's resident memory only while they are copied to."""
     while pieces:
         count = 1
-        while count < len(pieces) and pieces[count][0] - pieces[0][0] < MAP_WINDOW:
+        while count < len(pieces) and pieces[count][0] - pieces[0][0] < size:
             count += 1
         window, pieces = pieces[:count], pieces[count:]
         begin = window[0][0] - window[0][0] % mmap.ALLOCATIONGRANULARITY
         end = window[-1][0] + len(window[-1][1])
         with mmap.mmap(f.fileno(), end - begin, offset=begin) as m:
-            file = np.frombuffer(m, np.uint8)
-            copies = [
-                pool.submit(
-                    np.copyto,
-                    file[at - begin : at - begin + len(piece)],
-                    np.frombuffer(piece, np.uint8),
-                )
-                for at, piece in window
-            ]
-            del file
-            wait(copies)  # each copy, and its view of the map, ends before the map closes
+            copies = [pool.submit(_copy_into, m, at - begin, piece) for at, piece in window]
+            try:
+                wait(copies)
+            finally:  # on an interrupt too, no copy is left running when the map closes
+                for copy in copies:
+                    copy.cancel()
+                wait(copies)
         for copy in copies:
             copy.result()
+
+
+def _copy_into(m: mmap.mmap, at: int, piece: memoryview) -> None:
+    """`piece` into `m` at `at`, through a view of the map made and dropped here: a view
+    held past the copy (by the pool's work item, say) would keep the map from closing."""
+    view = np.frombuffer(m, np.uint8, len(piece), at)
+    try:
+        np.copyto(view, np.frombuffer(piece, np.uint8))
+    finally:
+        del view
 
 
 def _little_endian_c(name: str, a: np.ndarray) -> np.ndarray:

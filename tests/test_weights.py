@@ -450,6 +450,49 @@ def test_writer_fails_on_a_full_disk_before_mapping_the_file(tmp_path, monkeypat
         safetensors_io.write(tmp_path / "p.safetensors", {"w": np.ones(1000, np.float32)})
 
 
+def test_writer_closes_each_map_while_the_pool_holds_finished_jobs(tmp_path, monkeypatch):
+    """A pool thread keeps its finished job, arguments and all, for a moment after the job's
+    future is done: no view of a map may be among those arguments, or closing the map fails
+    (BufferError). Here every job is held 10 ms after it is done."""
+    import concurrent.futures.thread
+    import time
+
+    from builder import safetensors_io
+
+    run = concurrent.futures.thread._WorkItem.run
+
+    def held(self):
+        run(self)
+        time.sleep(0.01)
+
+    monkeypatch.setattr(concurrent.futures.thread._WorkItem, "run", held)
+    monkeypatch.setattr(safetensors_io, "WRITE_CHUNK", 64)
+    monkeypatch.setattr(safetensors_io, "MAP_WINDOW", 64)
+    tensors = {f"t{i}": np.full(100, i, np.float32) for i in range(8)}
+    safetensors_io.write(tmp_path / "p.safetensors", tensors)
+    back = SafetensorsFile(tmp_path / "p.safetensors")
+    for name, a in tensors.items():
+        np.testing.assert_array_equal(back.read(name), a)
+
+
+def test_writer_raises_what_a_copy_raised(tmp_path, monkeypatch):
+    """A copy that fails fails the write with its own error, once every other copy into the
+    same map has ended."""
+    from builder import safetensors_io
+
+    copy = safetensors_io._copy_into
+
+    def failing(m, at, piece):
+        if at >= 64:
+            raise OSError("the disk went away")
+        copy(m, at, piece)
+
+    monkeypatch.setattr(safetensors_io, "_copy_into", failing)
+    monkeypatch.setattr(safetensors_io, "WRITE_CHUNK", 64)
+    with pytest.raises(OSError, match="the disk went away"):
+        safetensors_io.write(tmp_path / "p.safetensors", {"w": np.ones(1000, np.float32)})
+
+
 def test_saved_params_digest_is_the_file_digest(tmp_path, monkeypatch):
     """`save_params` returns the sha256 it computed while writing, which `write_manifest`
     takes as known; a file changed after it was written is hashed anew."""
