@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 from . import targets  # noqa: E402
 from .assemble import ENTRY, export, outputs  # noqa: E402
 from .assemble import inputs as forward_inputs  # noqa: E402
-from .cache import KEY_FORMAT, Cache, digest, pipeline_sources, rebuilding_objects, write_part  # noqa: E402  # noqa: E402
+from .cache import KEY_FORMAT, Cache, digest, pipeline_sources, rebuilding_objects, write_part  # noqa: E402
 from .config import Preset, TargetConfig  # noqa: E402
 from .errors import BuilderError  # noqa: E402
 from .flops import gflop, per_patch  # noqa: E402

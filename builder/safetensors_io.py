@@ -204,25 +204,28 @@ def write(path: Path, tensors: dict[str, np.ndarray]) -> str:
     with path.open("w+b") as f, ThreadPoolExecutor(1 + threads) as pool:
         hashed = pool.submit(hash_all)
         try:
-            os.posix_fallocate(f.fileno(), 0, offset)
-        except OSError as e:
-            if e.errno not in _NO_FALLOCATE:
-                failed.set()
-                raise  # a full disk, say: nothing is mapped yet
-            streamed = True
-        else:
-            streamed = False
-        try:
-            if streamed:
+            if _reserve(f, offset):
+                _fill(f, pieces, pool, max(MAP_WINDOW, threads * WRITE_CHUNK))
+            else:
                 for _, piece in pieces:
                     f.write(piece)
-            else:
-                _fill(f, pieces, pool, max(MAP_WINDOW, threads * WRITE_CHUNK))
         except BaseException:
             failed.set()
             raise
         hashed.result()
     return digest.hexdigest()
+
+
+def _reserve(f: BinaryIO, size: int) -> bool:
+    """Give the open file `f` its `size` bytes on disk; False where the file system cannot
+    reserve space up front. A full disk raises here, before anything is mapped."""
+    try:
+        os.posix_fallocate(f.fileno(), 0, size)
+    except OSError as e:
+        if e.errno in _NO_FALLOCATE:
+            return False
+        raise
+    return True
 
 
 def _fill(
