@@ -1,7 +1,7 @@
 """A small safetensors reader that returns float32 numpy arrays, bfloat16 included (which
 `safetensors.numpy` cannot read), or reads a tensor as stored straight into a buffer of the
 caller's, and names the file and tensor when a file is damaged; and a writer that copies
-each tensor from its array into the file, on every core."""
+each tensor from its array into the file, past the page cache where the file is large."""
 
 from __future__ import annotations
 
@@ -12,9 +12,8 @@ import mmap
 import os
 import struct
 import threading
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 
@@ -28,10 +27,17 @@ _CODES = {name: code for code, name in _FLOAT_DTYPES.items()}
 # those of `safetensors.numpy.save_file`.
 _RANK = {"F64": 0, "F32": 1, "BF16": 2, "F16": 3}
 MAX_HEADER = 100 << 20
-# Bytes written (and hashed) at a time.
+# Bytes hashed, and written with `write` calls, at a time.
 WRITE_CHUNK = 16 << 20
-# Bytes of the file mapped at a time while it is written (at least a piece per thread).
-MAP_WINDOW = 64 << 20
+# Files of this many bytes or more are written past the page cache (`_write_direct`).
+DIRECT_MIN = 64 << 20
+# Bytes gathered and written at a time with direct I/O: a multiple of DIRECT_ALIGN.
+DIRECT_CHUNK = 32 << 20
+# What direct I/O asks of a write's buffer address, file offset and length: a multiple of
+# the device's logical block size (at most the page size).
+DIRECT_ALIGN = 4096
+# Direct writes in flight at a time (the disk's queue; the gathering goes on beside them).
+DIRECT_QUEUE = 2
 # What `posix_fallocate` raises where the file system cannot reserve space up front.
 _NO_FALLOCATE = (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS)
 
@@ -161,13 +167,11 @@ def write(path: Path, tensors: dict[str, np.ndarray]) -> str:
     with no copy of the file in memory, and return its sha256, computed from the arrays on a
     thread of its own while they are written, so no one has to read the file back to hash it.
 
-    The file is made at its full size first (`posix_fallocate`: a full disk fails here, with
-    an error, not later on a page of a memory map) and its pages filled through a memory map
-    by a thread per core: the kernel's work of giving a new file its pages then runs on
-    every core, where `write` calls on one file run one at a time (docs/build-stages.md).
-    Where the file system cannot reserve the space up front, the arrays are streamed with
-    `write` calls instead. (On a copy-on-write file system, ZFS or btrfs, a reservation does
-    not promise the later writes their blocks.)"""
+    A file of DIRECT_MIN bytes or more is written past the page cache (`_write_direct`):
+    filling the page cache with a new file's pages is most of a buffered write's time on a
+    guest whose memory is slow to hand out (docs/build-stages.md), and the file of a build
+    is often not read on the machine that wrote it (another target's parameters, a build
+    cache's entry). Smaller files, and file systems without direct I/O, get `write` calls."""
     arrays = {name: _little_endian_c(name, a) for name, a in tensors.items()}
     order = sorted(arrays, key=lambda n: (_RANK[_CODES[arrays[n].dtype.name]], n))
     header, end = {}, 0
@@ -182,33 +186,27 @@ def write(path: Path, tensors: dict[str, np.ndarray]) -> str:
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     head = struct.pack("<Q", len(text)) + text
-    # Each piece with its offset in the file, in the file's order.
-    pieces = [(0, memoryview(head))]
-    offset = len(head)
+    # The file's bytes in order, WRITE_CHUNK at a time.
+    pieces = [memoryview(head)]
     for name in order:
         raw = memoryview(arrays[name].reshape(-1).view(np.uint8))
-        for start in range(0, len(raw), WRITE_CHUNK):
-            pieces.append((offset + start, raw[start : start + WRITE_CHUNK]))
-        offset += len(raw)
-    from .runtime import available_cores
-
-    threads = available_cores()
+        pieces.extend(raw[start : start + WRITE_CHUNK] for start in range(0, len(raw), WRITE_CHUNK))
+    size = sum(len(piece) for piece in pieces)
     digest, failed = hashlib.sha256(), threading.Event()
 
     def hash_all() -> None:
-        for _, piece in pieces:
+        for piece in pieces:
             if failed.is_set():  # the write failed: its error is not kept waiting
                 return
             digest.update(piece)
 
-    with path.open("w+b") as f, ThreadPoolExecutor(1 + threads) as pool:
-        hashed = pool.submit(hash_all)
+    with ThreadPoolExecutor(1) as hasher:
+        hashed = hasher.submit(hash_all)
         try:
-            if _reserve(f, offset):
-                _fill(f, pieces, pool, max(MAP_WINDOW, threads * WRITE_CHUNK))
-            else:
-                for _, piece in pieces:
-                    f.write(piece)
+            if size < DIRECT_MIN or not _write_direct(path, pieces, size):
+                with path.open("wb") as f:
+                    for piece in pieces:
+                        f.write(piece)
         except BaseException:
             failed.set()
             raise
@@ -216,52 +214,96 @@ def write(path: Path, tensors: dict[str, np.ndarray]) -> str:
     return digest.hexdigest()
 
 
-def _reserve(f: BinaryIO, size: int) -> bool:
-    """Give the open file `f` its `size` bytes on disk; False where the file system cannot
-    reserve space up front. A full disk raises here, before anything is mapped."""
+def _write_direct(path: Path, pieces: list[memoryview], size: int) -> bool:
+    """Write the file of `pieces` (`size` bytes in all) with direct I/O (`O_DIRECT`): the
+    bytes are gathered DIRECT_CHUNK at a time into page-aligned buffers of the writer's own
+    and written from there, DIRECT_QUEUE writes in flight, the last one padded to
+    DIRECT_ALIGN and the file cut to its size after. False, the file left for the caller
+    to write again, where the file system has no direct I/O. The file is given its full
+    size first (`posix_fallocate`), so a full disk fails before anything is written."""
+    if not hasattr(os, "O_DIRECT"):
+        return False
     try:
-        os.posix_fallocate(f.fileno(), 0, size)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o666)
     except OSError as e:
-        if e.errno in _NO_FALLOCATE:
+        if e.errno == errno.EINVAL:
             return False
         raise
+    try:
+        _reserve(fd, size)
+        # Never closed here: a pool thread may hold a finished job's arguments a moment
+        # longer, and a buffer is freed with its last reference.
+        stages = [mmap.mmap(-1, DIRECT_CHUNK) for _ in range(DIRECT_QUEUE + 1)]
+        source = _Cursor(pieces)
+        writes: list[Future | None] = [None] * len(stages)
+        with ThreadPoolExecutor(DIRECT_QUEUE) as pool:
+            try:
+                for i, at in enumerate(range(0, size, DIRECT_CHUNK)):
+                    k = i % len(stages)
+                    if writes[k] is not None:
+                        writes[k].result()
+                    length = source.fill(np.frombuffer(stages[k], np.uint8))
+                    writes[k] = pool.submit(_pwrite, fd, stages[k], length, at)
+                for w in writes:
+                    if w is not None:
+                        w.result()
+            except BaseException:
+                for w in writes:  # those queued do not start; the pool waits for the rest
+                    if w is not None:
+                        w.cancel()
+                raise
+        os.ftruncate(fd, size)
+    except OSError as e:
+        if e.errno == errno.EINVAL:  # direct writes refused after all
+            return False
+        raise
+    finally:
+        os.close(fd)
     return True
 
 
-def _fill(
-    f: BinaryIO, pieces: list[tuple[int, memoryview]], pool: ThreadPoolExecutor, size: int
-) -> None:
-    """Copy each piece to its offset of the open file `f`, through shared memory maps of the
-    file, on the pool's threads (numpy's copy lets go of the GIL; a memoryview's would not).
-    One window of about `size` bytes is mapped at a time, so the file's pages count in the
-    process's resident memory only while they are copied to."""
-    while pieces:
-        count = 1
-        while count < len(pieces) and pieces[count][0] - pieces[0][0] < size:
-            count += 1
-        window, pieces = pieces[:count], pieces[count:]
-        begin = window[0][0] - window[0][0] % mmap.ALLOCATIONGRANULARITY
-        end = window[-1][0] + len(window[-1][1])
-        with mmap.mmap(f.fileno(), end - begin, offset=begin) as m:
-            copies = [pool.submit(_copy_into, m, at - begin, piece) for at, piece in window]
-            try:
-                wait(copies)
-            finally:  # on an interrupt too, no copy is left running when the map closes
-                for copy in copies:
-                    copy.cancel()
-                wait(copies)
-        for copy in copies:
-            copy.result()
+class _Cursor:
+    """The bytes of `pieces`, in order, copied out a buffer at a time."""
+
+    def __init__(self, pieces: list[memoryview]):
+        self._pieces = (np.frombuffer(piece, np.uint8) for piece in pieces)
+        self._current, self._used = np.empty(0, np.uint8), 0
+
+    def fill(self, out: np.ndarray) -> int:
+        """Copy the next bytes into `out`, zeros after the last one up to a multiple of
+        DIRECT_ALIGN; how many bytes of `out` to write."""
+        filled = 0
+        while filled < len(out):
+            if self._used == len(self._current):
+                following = next(self._pieces, None)
+                if following is None:
+                    break
+                self._current, self._used = following, 0
+                continue
+            n = min(len(out) - filled, len(self._current) - self._used)
+            out[filled : filled + n] = self._current[self._used : self._used + n]
+            filled, self._used = filled + n, self._used + n
+        length = -(-filled // DIRECT_ALIGN) * DIRECT_ALIGN
+        out[filled:length] = 0
+        return length
 
 
-def _copy_into(m: mmap.mmap, at: int, piece: memoryview) -> None:
-    """`piece` into `m` at `at`, through a view of the map made and dropped here: a view
-    held past the copy (by the pool's work item, say) would keep the map from closing."""
-    view = np.frombuffer(m, np.uint8, len(piece), at)
+def _pwrite(fd: int, stage: mmap.mmap, length: int, at: int) -> None:
+    """The first `length` bytes of `stage` at `at` of the file `fd`."""
+    with memoryview(stage) as view:
+        done = 0
+        while done < length:
+            done += os.pwrite(fd, view[done:length], at + done)
+
+
+def _reserve(fd: int, size: int) -> None:
+    """Give the open file `fd` its `size` bytes on disk, where the file system can reserve
+    space up front: a full disk raises here, before anything is written."""
     try:
-        np.copyto(view, np.frombuffer(piece, np.uint8))
-    finally:
-        del view
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno not in _NO_FALLOCATE:
+            raise
 
 
 def _little_endian_c(name: str, a: np.ndarray) -> np.ndarray:

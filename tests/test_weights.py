@@ -374,14 +374,14 @@ def test_random_init_keeps_parameters_when_the_layer_count_changes():
         np.testing.assert_array_equal(a, three[name])
 
 
-@pytest.mark.parametrize("way", ["mapped", "windows", "streamed"])
+@pytest.mark.parametrize("way", ["direct", "buffered", "no direct I/O", "direct refused"])
 def test_writer_matches_safetensors_byte_for_byte(tmp_path, monkeypatch, way):
     """`safetensors_io.write` copies each tensor into the file: the same bytes as
     `safetensors.numpy.save_file` (header, order, padding), bfloat16 and a non-contiguous
     array included, read back equal by safetensors, and the sha256 it returns is the file's;
-    through one memory map, through many (windows and pieces that start at odd offsets), or
-    with `write` calls where the file system cannot reserve the file's space
-    (`posix_fallocate` unsupported)."""
+    written past the page cache in chunks of one block (tensors that span chunks, a last
+    chunk cut short), with `write` calls (a small file), and with `write` calls again where
+    the file system has no direct I/O, at the open or at the first write."""
     import errno
     import hashlib
     import os
@@ -400,23 +400,39 @@ def test_writer_matches_safetensors_byte_for_byte(tmp_path, monkeypatch, way):
         "scalar": np.array(0.5, np.float32),
         "empty": np.zeros((0, 4), np.float32),
         "strided": rng.standard_normal((4, 6)).astype(np.float32)[:, ::2],
-        "wide": rng.standard_normal(2500).astype(np.float32),  # maps past the first page
+        "wide": rng.standard_normal(2500).astype(np.float32),  # spans three chunks
     }
     ours, theirs = tmp_path / "ours.safetensors", tmp_path / "theirs.safetensors"
-    if way == "windows":
-        monkeypatch.setattr(safetensors_io, "WRITE_CHUNK", 12)
-        monkeypatch.setattr(safetensors_io, "MAP_WINDOW", 20)
-    if way == "streamed":
+    direct_writes = []
+    pwrite = os.pwrite
 
-        def unsupported(fd, offset, size):
-            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+    def counted(fd, data, at):
+        direct_writes.append(at)
+        if way == "direct refused":
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return pwrite(fd, data, at)
 
-        monkeypatch.setattr(os, "posix_fallocate", unsupported)
+    monkeypatch.setattr(os, "pwrite", counted)
+    if way != "buffered":
+        monkeypatch.setattr(safetensors_io, "DIRECT_MIN", 0)
+        monkeypatch.setattr(safetensors_io, "DIRECT_CHUNK", safetensors_io.DIRECT_ALIGN)
+    if way == "no direct I/O":
+        open_file = os.open
+
+        def no_direct(path, flags, *args):
+            if flags & os.O_DIRECT:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return open_file(path, flags, *args)
+
+        monkeypatch.setattr(os, "open", no_direct)
     digest = safetensors_io.write(ours, tensors)
     contiguous = {name: a.copy(order="C") for name, a in tensors.items()}
     safetensors.numpy.save_file(contiguous, str(theirs))
     assert ours.read_bytes() == theirs.read_bytes()
     assert digest == hashlib.sha256(ours.read_bytes()).hexdigest()
+    if way == "direct":  # a write per chunk, the last one padded to a whole block
+        assert sorted(direct_writes) == list(range(0, ours.stat().st_size, 4096))
+    assert bool(direct_writes) == (way in ("direct", "direct refused"))
     assert SafetensorsFile(ours).shape("scalar") == ()
     back = safetensors.numpy.load_file(str(ours))
     assert back.keys() == tensors.keys()
@@ -429,11 +445,9 @@ def test_writer_matches_safetensors_byte_for_byte(tmp_path, monkeypatch, way):
         safetensors_io.write(tmp_path / "int.safetensors", {"i": np.zeros(2, np.int32)})
 
 
-def test_writer_fails_on_a_full_disk_before_mapping_the_file(tmp_path, monkeypatch):
-    """No space for the file is an OSError from reserving it, before any page is mapped (a
-    full disk under a memory map would kill the process with SIGBUS instead)."""
+def test_writer_fails_on_a_full_disk_before_writing(tmp_path, monkeypatch):
+    """No space for the file is an OSError from reserving it, before anything is written."""
     import errno
-    import mmap
     import os
 
     from builder import safetensors_io
@@ -441,56 +455,33 @@ def test_writer_fails_on_a_full_disk_before_mapping_the_file(tmp_path, monkeypat
     def full(fd, offset, size):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    def mapped(*args, **kwargs):
-        raise AssertionError("the file was mapped")
+    def written(*args):
+        raise AssertionError("a write was made")
 
+    monkeypatch.setattr(safetensors_io, "DIRECT_MIN", 0)
     monkeypatch.setattr(os, "posix_fallocate", full)
-    monkeypatch.setattr(mmap, "mmap", mapped)
+    monkeypatch.setattr(os, "pwrite", written)
     with pytest.raises(OSError, match="No space left"):
         safetensors_io.write(tmp_path / "p.safetensors", {"w": np.ones(1000, np.float32)})
 
 
-def test_writer_closes_each_map_while_the_pool_holds_finished_jobs(tmp_path, monkeypatch):
-    """A pool thread keeps its finished job, arguments and all, for a moment after the job's
-    future is done: no view of a map may be among those arguments, or closing the map fails
-    (BufferError). Here every job is held 10 ms after it is done."""
-    import concurrent.futures.thread
-    import time
-
+def test_writer_raises_what_a_write_raised(tmp_path, monkeypatch):
+    """A direct write that fails fails the whole write with its own error, once the writes
+    in flight have ended."""
     from builder import safetensors_io
 
-    run = concurrent.futures.thread._WorkItem.run
+    pwrite = safetensors_io._pwrite
 
-    def held(self):
-        run(self)
-        time.sleep(0.01)
-
-    monkeypatch.setattr(concurrent.futures.thread._WorkItem, "run", held)
-    monkeypatch.setattr(safetensors_io, "WRITE_CHUNK", 64)
-    monkeypatch.setattr(safetensors_io, "MAP_WINDOW", 64)
-    tensors = {f"t{i}": np.full(100, i, np.float32) for i in range(8)}
-    safetensors_io.write(tmp_path / "p.safetensors", tensors)
-    back = SafetensorsFile(tmp_path / "p.safetensors")
-    for name, a in tensors.items():
-        np.testing.assert_array_equal(back.read(name), a)
-
-
-def test_writer_raises_what_a_copy_raised(tmp_path, monkeypatch):
-    """A copy that fails fails the write with its own error, once every other copy into the
-    same map has ended."""
-    from builder import safetensors_io
-
-    copy = safetensors_io._copy_into
-
-    def failing(m, at, piece):
-        if at >= 64:
+    def failing(fd, stage, length, at):
+        if at >= safetensors_io.DIRECT_ALIGN:
             raise OSError("the disk went away")
-        copy(m, at, piece)
+        pwrite(fd, stage, length, at)
 
-    monkeypatch.setattr(safetensors_io, "_copy_into", failing)
-    monkeypatch.setattr(safetensors_io, "WRITE_CHUNK", 64)
+    monkeypatch.setattr(safetensors_io, "_pwrite", failing)
+    monkeypatch.setattr(safetensors_io, "DIRECT_MIN", 0)
+    monkeypatch.setattr(safetensors_io, "DIRECT_CHUNK", safetensors_io.DIRECT_ALIGN)
     with pytest.raises(OSError, match="the disk went away"):
-        safetensors_io.write(tmp_path / "p.safetensors", {"w": np.ones(1000, np.float32)})
+        safetensors_io.write(tmp_path / "p.safetensors", {"w": np.ones(5000, np.float32)})
 
 
 def test_saved_params_digest_is_the_file_digest(tmp_path, monkeypatch):
