@@ -16,6 +16,10 @@ build sees). A stage lasts from one of the build's progress messages to the next
 | writing | `packed weights` | `wrote` (lib.so, params.safetensors, manifest, publish) |
 | total | `building` | `wrote` |
 
+(Where the library has its packing as steps, `packed weights into the file` ends the
+packing and the writing of the parameters together: the packing stage holds both, and
+writing what is left, the manifest and the publish.)
+
 and within writing, `library`, `params` and `manifest` time the library export,
 `artifact.save_params` and `artifact.write_manifest` (hashing) alone; within packing, `VM`
 the making of the VM that runs `transform_params` (LLVM's JIT compiles the module, which
@@ -54,7 +58,7 @@ MARKS = {
     "weights": "weights: ",
     "compile_start": "compiling for ",
     "compile": "compiled [",
-    "packing": "packed weights [",
+    "packing": "packed weights",
     "writing": "wrote ",
 }
 

@@ -83,9 +83,10 @@ def empty_arrays(specs: list[tuple[tuple[int, ...], np.dtype]]) -> list[np.ndarr
 
 
 def save_params(
-    folder: Path, order: list[str], arrays: dict[str, np.ndarray]
+    folder: Path, order: list[str], arrays: dict[str, Any]
 ) -> dict[str, dict[str, Any]]:
-    """Write the parameters as `forward` takes them (cast and packed at build time), copied
+    """Write the parameters as `forward` takes them (cast and packed at build time: arrays, or
+    tensors packed as they are written, `packing.Packed`), copied
     from the arrays into the file (`safetensors_io.write`). Returns the file's record (size,
     sha256 computed while writing, time) as `file_records`' `known` takes it, so that no one
     reads the file back to hash it."""

@@ -31,6 +31,9 @@ from .make_artifact import Params, Progress  # noqa: E402
 
 # What a compile pipeline reports about its library, kept with it in the cache.
 PIPELINE_REPORT = ("fallback_ops",)
+# What else the library's part.json keeps of the compile, for the plan: the packing as
+# steps (`targets/cpu/packing_steps.py`), where the pipeline has them.
+PIPELINE_FACTS = (*PIPELINE_REPORT, "pack_steps")
 # Called once the library key is known, before any compile: the build starts the weights.
 Early = Callable[[str, str, Params], None]
 
@@ -74,6 +77,7 @@ def plan(
         "library_key": library_key,
         "params": [[name, list(shape)] for name, shape in params],
         "packing": packing,
+        "pack_steps": library.get("pack_steps"),
         # The manifest's fields that follow from the library.
         "manifest": {
             "target": {
@@ -181,7 +185,7 @@ def _compile(
     except Exception as e:
         raise BuilderError(f"export failed: {type(e).__name__}: {e}") from e
     progress(f"[{entry.name}] compiled [{time.perf_counter() - t0:.1f} s]")
-    return {k: getattr(executable, k) for k in PIPELINE_REPORT if hasattr(executable, k)}
+    return {k: getattr(executable, k) for k in PIPELINE_FACTS if hasattr(executable, k)}
 
 
 @contextmanager

@@ -68,7 +68,7 @@ def make_artifact(
             with cache.store(params_key, "params") as tmp:
                 library = lib_folder / facts["library"]
                 order, source, written = _params(
-                    tmp, preset, entry, params, packing, library, inputs, progress
+                    tmp, preset, entry, params, plan, library, inputs, progress
                 )
                 record = {"order": order, "source": source, "packing": packing}
                 write_part(tmp, record, known=written)
@@ -176,7 +176,7 @@ def _params(
     preset: Preset,
     entry: TargetConfig,
     params: Params,
-    packing: str,
+    plan: dict[str, Any],
     library: Path,
     inputs: dict[str, Any],
     progress: Progress,
@@ -188,11 +188,16 @@ def _params(
     # In the build's dtype before packing: `transform_params` takes what `forward` takes.
     arrays = artifact.cast_params(arrays, preset.dtype)
     order, stored = [name for name, _ in params], arrays
-    if packing == "build":
+    what = "wrote parameters"
+    if plan["packing"] == "build":
         from .packing import pack_params  # TVM's runtime library, not its compiler
 
-        order, stored = pack_params(library, order, arrays)
-        progress(f"[{entry.name}] packed weights [{time.perf_counter() - t0:.1f} s]")
+        steps = plan.get("pack_steps")
+        order, stored = pack_params(library, order, arrays, steps)
+        if steps is None:
+            progress(f"[{entry.name}] packed weights [{time.perf_counter() - t0:.1f} s]")
+        else:
+            what = "packed weights into the file"  # each packed as the writer reaches it
     written = artifact.save_params(folder, order, stored)
-    progress(f"[{entry.name}] wrote parameters [{time.perf_counter() - t0:.1f} s]")
+    progress(f"[{entry.name}] {what} [{time.perf_counter() - t0:.1f} s]")
     return order, source, written

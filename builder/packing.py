@@ -1,6 +1,11 @@
 """The build-time packing of parameters: a compiled library's `transform_params` run on the
-build's weights, through TVM's runtime alone (`builder.vm`): a build that reuses a stored
-library packs new weights without importing TVM's compiler."""
+build's weights, through TVM's runtime library alone (`builder.vm`): a build that reuses a
+stored library packs new weights without importing TVM's compiler.
+
+Where the library's plan has the packing as steps (`targets/cpu/packing_steps.py`), each
+packed tensor is computed when the writer reaches it, into a buffer the writer reuses
+(`safetensors_io.Computed`): the packed weights are never all in memory, and the file is
+written while they are computed. Otherwise `transform_params_into` packs them all at once."""
 
 from __future__ import annotations
 
@@ -18,19 +23,31 @@ PACK_INTO = "transform_params_into"
 
 
 def pack_params(
-    library: Path | Any, order: list[str], arrays: dict[str, np.ndarray]
-) -> tuple[list[str], dict[str, np.ndarray]]:
+    library: Path | Any,
+    order: list[str],
+    arrays: dict[str, np.ndarray],
+    steps: list[dict[str, Any]] | None = None,
+) -> tuple[list[str], dict[str, Any]]:
     """Run the `transform_params` of a library (`vm.load_vm` takes it): the weight layouts
     its pipeline chose, such as GEMM panels, made once at build time, so the artifact stores
     the packed weights and `forward` takes them as they are. Libraries without it get the
     parameters unchanged.
 
-    Where the pipeline offers `transform_params_into` (the same kernels, writing into the
-    caller's buffers), the packed weights land in arrays of the builder's own
-    (`artifact.empty_arrays`) rather than memory the VM allocates, and the kernels read
-    the parameters where they are, without a copy; TVM's pool runs them on every core
-    (`runtime.set_threads`, before the pool starts)."""
+    With `steps` (the library's plan has them), the packed
+    tensors are `Packed` ones, computed as they are written. Otherwise, where the pipeline
+    offers `transform_params_into` (the same kernels, writing into the caller's buffers),
+    the packed weights land in arrays of the builder's own (`artifact.empty_arrays`) rather
+    than memory the VM allocates, and the kernels read the parameters where they are,
+    without a copy. TVM's pool runs the kernels on every core (`runtime.set_threads`,
+    before the pool starts)."""
     set_threads(None)
+    names_of = [f"packed.{i}" for i in range(len(steps or []))]
+    if steps is not None:
+        kernels = Kernels(library)
+        params = [arrays[name] for name in order]
+        return names_of, {
+            n: _packed(s, params, kernels) for n, s in zip(names_of, steps, strict=True)
+        }
     machine = vm.load_vm(library)
     if not machine.implements_function(PACK_FUNCTION):
         return order, arrays
@@ -43,3 +60,61 @@ def pack_params(
         packed = machine[PACK_FUNCTION](*inputs)
     names = [f"packed.{i}" for i in range(len(packed))]
     return names, {name: vm.array(t) for name, t in zip(names, packed, strict=True)}
+
+
+class Kernels:
+    """The functions of a compiled library by name, looked up once each, and the temporary
+    buffers their steps use, kept for the next step that needs the same."""
+
+    def __init__(self, library: Path | Any):
+        self._module = vm.load_library(library)
+        self._functions: dict[str, Any] = {}
+        self._temps: dict[tuple[Any, ...], np.ndarray] = {}
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._functions:
+            self._functions[name] = self._module.get_function(name, query_imports=True)
+        return self._functions[name]
+
+    def temps(self, specs: list[list[Any]]) -> list[np.ndarray]:
+        made = []
+        for i, (shape, dtype) in enumerate(specs):
+            key = (tuple(shape), dtype, i)
+            if key not in self._temps:
+                self._temps[key] = artifact.empty_arrays([(key[0], artifact.numpy_dtype(dtype))])[0]
+            made.append(self._temps[key])
+        return made
+
+
+def _packed(step: dict[str, Any], params: list[np.ndarray], kernels: Kernels) -> Any:
+    """A step's tensor: a parameter (or a view of it) as it is, or a `Packed` one."""
+    if "calls" not in step:
+        source = params[step["param"]]
+        return source.reshape(step["shape"]) if "shape" in step else source
+    return Packed(step, params, kernels)
+
+
+class Packed:
+    """One packed tensor, computed when the writer asks for it (`safetensors_io.Computed`):
+    its step's kernels run on the parameters, into the writer's buffer."""
+
+    def __init__(self, step: dict[str, Any], params: list[np.ndarray], kernels: Kernels):
+        self.shape = tuple(step["shape"])
+        self.dtype = artifact.numpy_dtype(step["dtype"])
+        self._step, self._params, self._kernels = step, params, kernels
+
+    def fill(self, out: np.ndarray) -> None:
+        temps = self._kernels.temps(self._step["temps"])
+
+        def argument(ref: dict[str, Any]) -> Any:
+            if "param" in ref:
+                a = self._params[ref["param"]]
+            else:
+                a = out if "result" in ref else temps[ref["temp"]]
+            a = a.reshape(ref["shape"]) if "shape" in ref else a
+            if "param" not in ref and a.ctypes.data % artifact.ALIGN:
+                raise ValueError("a kernel's output buffer is not aligned")  # would be copied
+            return vm.tensor(a)
+
+        for call in self._step["calls"]:
+            self._kernels[call["kernel"]](*(argument(r) for r in call["args"]))

@@ -12,8 +12,11 @@ import mmap
 import os
 import struct
 import threading
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from queue import SimpleQueue
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -162,130 +165,233 @@ class SafetensorsFile:
             raise InputError(f"{self.path}: tensor {name!r} is cut short: the file is truncated")
 
 
-def write(path: Path, tensors: dict[str, np.ndarray]) -> str:
-    """Write `tensors` (float64, float32, float16 or bfloat16) to `path` as a safetensors file,
-    with no copy of the file in memory, and return its sha256, computed from the arrays on a
-    thread of its own while they are written, so no one has to read the file back to hash it.
+class Computed(Protocol):
+    """A tensor computed when the writer reaches it, into a buffer of the writer's (one of
+    a few that it reuses), so that a file of such tensors is never whole in memory."""
 
-    A file of DIRECT_MIN bytes or more is written past the page cache (`_write_direct`):
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    def fill(self, out: np.ndarray) -> None:
+        """Write the values into `out`: C-contiguous, aligned to a page, of `shape` and
+        `dtype`."""
+
+
+def write(path: Path, tensors: Mapping[str, np.ndarray | Computed]) -> str:
+    """Write `tensors` (float64, float32, float16 or bfloat16; arrays, or `Computed`
+    tensors) to `path` as a safetensors file and return its sha256, computed from the bytes
+    on a thread of its own while they are written, so no one has to read the file back to
+    hash it. No copy of the file is made in memory: arrays are written from where they are,
+    and each computed tensor into one of two buffers that it shares with the others.
+
+    A file of DIRECT_MIN bytes or more is written past the page cache (`_DirectSink`):
     filling the page cache with a new file's pages is most of a buffered write's time on a
     guest whose memory is slow to hand out (docs/build-stages.md), and the file of a build
     is often not read on the machine that wrote it (another target's parameters, a build
     cache's entry). Smaller files, and file systems without direct I/O, get `write` calls."""
-    arrays = {name: _little_endian_c(name, a) for name, a in tensors.items()}
-    order = sorted(arrays, key=lambda n: (_RANK[_CODES[arrays[n].dtype.name]], n))
+    for name, t in tensors.items():
+        if t.dtype.name not in _CODES:
+            raise ValueError(f"{name}: dtype {t.dtype.name} is not one of {sorted(_CODES)}")
+    values = {
+        name: _little_endian_c(t) if isinstance(t, np.ndarray) else t for name, t in tensors.items()
+    }
+    order = sorted(values, key=lambda n: (_RANK[_CODES[values[n].dtype.name]], n))
     header, end = {}, 0
     for name in order:
-        size = arrays[name].nbytes
+        size = _nbytes(values[name])
         header[name] = {
-            "dtype": _CODES[arrays[name].dtype.name],
-            "shape": list(arrays[name].shape),
+            "dtype": _CODES[values[name].dtype.name],
+            "shape": list(values[name].shape),
             "data_offsets": [end, end + size],
         }
         end += size
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     head = struct.pack("<Q", len(text)) + text
-    # The file's bytes in order, WRITE_CHUNK at a time.
-    pieces = [memoryview(head)]
-    for name in order:
-        raw = memoryview(arrays[name].reshape(-1).view(np.uint8))
-        pieces.extend(raw[start : start + WRITE_CHUNK] for start in range(0, len(raw), WRITE_CHUNK))
-    size = sum(len(piece) for piece in pieces)
-    digest, failed = hashlib.sha256(), threading.Event()
+    tensors_in_order = [values[name] for name in order]
+    size = len(head) + end
+    if size >= DIRECT_MIN:
+        try:
+            return _write(_DirectSink(path, size), head, tensors_in_order)
+        except _NoDirectIO:
+            pass
+    return _write(_FileSink(path), head, tensors_in_order)
+
+
+def _nbytes(t: np.ndarray | Computed) -> int:
+    return int(np.prod(t.shape, dtype=np.int64)) * t.dtype.itemsize
+
+
+def _write(sink: _DirectSink | _FileSink, head: bytes, tensors: list[Any]) -> str:
+    """The header and then each tensor's bytes into `sink`, and to a hashing thread; the
+    file's sha256."""
+    digest, queue = hashlib.sha256(), SimpleQueue()
+    failed = threading.Event()
 
     def hash_all() -> None:
-        for piece in pieces:
-            if failed.is_set():  # the write failed: its error is not kept waiting
-                return
-            digest.update(piece)
+        # Pieces to hash, and events to set once the pieces before them are hashed.
+        while (item := queue.get()) is not None:
+            if isinstance(item, threading.Event):
+                item.set()
+            elif not failed.is_set():  # the write failed: its error is not kept waiting
+                digest.update(item)
 
-    with ThreadPoolExecutor(1) as hasher:
-        hashed = hasher.submit(hash_all)
-        try:
-            if size < DIRECT_MIN or not _write_direct(path, pieces, size):
-                with path.open("wb") as f:
-                    for piece in pieces:
-                        f.write(piece)
-        except BaseException:
-            failed.set()
-            raise
-        hashed.result()
+    hasher = threading.Thread(target=hash_all, name="sha256", daemon=True)
+    hasher.start()
+    slots = _Slots(max((_nbytes(t) for t in tensors if not isinstance(t, np.ndarray)), default=0))
+    try:
+        with sink:
+            sink.put(memoryview(head))
+            queue.put(memoryview(head))
+            for t in tensors:
+                hashed = None
+                if not isinstance(t, np.ndarray):
+                    buffer, hashed = slots.take()
+                    t.fill(
+                        np.frombuffer(buffer, t.dtype, _nbytes(t) // t.dtype.itemsize).reshape(
+                            t.shape
+                        )
+                    )
+                    raw = memoryview(buffer)[: _nbytes(t)]
+                else:
+                    raw = memoryview(t.reshape(-1).view(np.uint8))
+                for start in range(0, len(raw), WRITE_CHUNK):
+                    piece = raw[start : start + WRITE_CHUNK]
+                    sink.put(piece)
+                    queue.put(piece)
+                if hashed is not None:
+                    queue.put(hashed)  # the buffer is free once the hashing has passed here
+    except BaseException:
+        failed.set()
+        raise
+    finally:
+        queue.put(None)
+        hasher.join()
     return digest.hexdigest()
 
 
-def _write_direct(path: Path, pieces: list[memoryview], size: int) -> bool:
-    """Write the file of `pieces` (`size` bytes in all) with direct I/O (`O_DIRECT`): the
-    bytes are gathered DIRECT_CHUNK at a time into page-aligned buffers of the writer's own
-    and written from there, DIRECT_QUEUE writes in flight, the last one padded to
-    DIRECT_ALIGN and the file cut to its size after. False, the file left for the caller
-    to write again, where the file system has no direct I/O. The file is given its full
-    size first (`posix_fallocate`), so a full disk fails before anything is written."""
-    if not hasattr(os, "O_DIRECT"):
-        return False
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o666)
-    except OSError as e:
-        if e.errno == errno.EINVAL:
-            return False
-        raise
-    try:
-        _reserve(fd, size)
+class _Slots:
+    """Two buffers, page-aligned, that computed tensors take in turn: one is given again once
+    the hashing thread has passed the tensor it held last (the sinks copy or write what
+    they are given before they return)."""
+
+    def __init__(self, size: int, count: int = 2):
+        self._buffers = [mmap.mmap(-1, max(size, 1)) for _ in range(count)]
+        self._freed: list[threading.Event | None] = [None] * count
+        self._next = 0
+
+    def take(self) -> tuple[mmap.mmap, threading.Event]:
+        k = self._next
+        self._next = (k + 1) % len(self._buffers)
+        if self._freed[k] is not None:
+            self._freed[k].wait()
+        self._freed[k] = threading.Event()
+        return self._buffers[k], self._freed[k]
+
+
+class _NoDirectIO(Exception):
+    """The file system refused direct I/O: the file is written again with `write` calls."""
+
+
+class _FileSink:
+    """The file, written with `write` calls."""
+
+    def __init__(self, path: Path):
+        self._path = path
+
+    def __enter__(self) -> _FileSink:
+        self._file = self._path.open("wb")
+        return self
+
+    def put(self, data: memoryview) -> None:
+        self._file.write(data)
+
+    def __exit__(self, *exc: object) -> None:
+        self._file.close()
+
+
+class _DirectSink:
+    """The file, written with direct I/O (`O_DIRECT`): the bytes gathered DIRECT_CHUNK at a
+    time into page-aligned buffers of the sink's own and written from there, DIRECT_QUEUE
+    writes in flight, the last one padded to DIRECT_ALIGN and the file cut to its size
+    after. The file is given its full size first (`posix_fallocate`), so a full disk fails
+    before anything is written. `_NoDirectIO` where the file system refuses direct I/O."""
+
+    def __init__(self, path: Path, size: int):
+        self._path, self._size = path, size
+
+    def __enter__(self) -> _DirectSink:
+        if not hasattr(os, "O_DIRECT"):
+            raise _NoDirectIO
+        try:
+            self._fd = os.open(
+                self._path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o666
+            )
+        except OSError as e:
+            if e.errno == errno.EINVAL:
+                raise _NoDirectIO from e
+            raise
+        try:
+            _reserve(self._fd, self._size)
+        except BaseException:
+            os.close(self._fd)
+            raise
         # Never closed here: a pool thread may hold a finished job's arguments a moment
         # longer, and a buffer is freed with its last reference.
-        stages = [mmap.mmap(-1, DIRECT_CHUNK) for _ in range(DIRECT_QUEUE + 1)]
-        source = _Cursor(pieces)
-        writes: list[Future | None] = [None] * len(stages)
-        with ThreadPoolExecutor(DIRECT_QUEUE) as pool:
-            try:
-                for i, at in enumerate(range(0, size, DIRECT_CHUNK)):
-                    k = i % len(stages)
-                    if writes[k] is not None:
-                        writes[k].result()
-                    length = source.fill(np.frombuffer(stages[k], np.uint8))
-                    writes[k] = pool.submit(_pwrite, fd, stages[k], length, at)
-                for w in writes:
-                    if w is not None:
-                        w.result()
-            except BaseException:
-                for w in writes:  # those queued do not start; the pool waits for the rest
-                    if w is not None:
-                        w.cancel()
-                raise
-        os.ftruncate(fd, size)
-    except OSError as e:
-        if e.errno == errno.EINVAL:  # direct writes refused after all
-            return False
-        raise
-    finally:
-        os.close(fd)
-    return True
+        self._stages = [mmap.mmap(-1, DIRECT_CHUNK) for _ in range(DIRECT_QUEUE + 1)]
+        self._writes: list[Future | None] = [None] * len(self._stages)
+        self._pool = ThreadPoolExecutor(DIRECT_QUEUE)
+        self._k, self._filled, self._at = 0, 0, 0
+        self._stage = np.frombuffer(self._stages[0], np.uint8)
+        return self
 
+    def put(self, data: memoryview) -> None:
+        source = np.frombuffer(data, np.uint8)
+        while len(source):
+            n = min(len(source), DIRECT_CHUNK - self._filled)
+            self._stage[self._filled : self._filled + n] = source[:n]
+            self._filled += n
+            source = source[n:]
+            if self._filled == DIRECT_CHUNK:
+                self._flush()
 
-class _Cursor:
-    """The bytes of `pieces`, in order, copied out a buffer at a time."""
+    def _flush(self) -> None:
+        """Write the current buffer, and make the next one current once its last write is
+        done."""
+        length = -(-self._filled // DIRECT_ALIGN) * DIRECT_ALIGN
+        self._stage[self._filled : length] = 0
+        write = self._pool.submit(_pwrite, self._fd, self._stages[self._k], length, self._at)
+        self._writes[self._k] = write
+        self._at += self._filled
+        self._k = (self._k + 1) % len(self._stages)
+        self._stage = np.frombuffer(self._stages[self._k], np.uint8)
+        self._filled = 0
+        self._wait(self._writes[self._k])
 
-    def __init__(self, pieces: list[memoryview]):
-        self._pieces = (np.frombuffer(piece, np.uint8) for piece in pieces)
-        self._current, self._used = np.empty(0, np.uint8), 0
+    @staticmethod
+    def _wait(write: Future | None) -> None:
+        try:
+            if write is not None:
+                write.result()
+        except OSError as e:
+            if e.errno == errno.EINVAL:  # direct writes refused after all
+                raise _NoDirectIO from e
+            raise
 
-    def fill(self, out: np.ndarray) -> int:
-        """Copy the next bytes into `out`, zeros after the last one up to a multiple of
-        DIRECT_ALIGN; how many bytes of `out` to write."""
-        filled = 0
-        while filled < len(out):
-            if self._used == len(self._current):
-                following = next(self._pieces, None)
-                if following is None:
-                    break
-                self._current, self._used = following, 0
-                continue
-            n = min(len(out) - filled, len(self._current) - self._used)
-            out[filled : filled + n] = self._current[self._used : self._used + n]
-            filled, self._used = filled + n, self._used + n
-        length = -(-filled // DIRECT_ALIGN) * DIRECT_ALIGN
-        out[filled:length] = 0
-        return length
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
+        try:
+            if kind is None:
+                if self._filled:
+                    self._flush()
+                for write in self._writes:
+                    self._wait(write)
+                os.ftruncate(self._fd, self._size)
+        finally:
+            for write in self._writes:  # those queued do not start; the pool waits for the rest
+                if write is not None:
+                    write.cancel()
+            self._pool.shutdown(wait=True)
+            os.close(self._fd)
 
 
 def _pwrite(fd: int, stage: mmap.mmap, length: int, at: int) -> None:
@@ -306,10 +412,8 @@ def _reserve(fd: int, size: int) -> None:
             raise
 
 
-def _little_endian_c(name: str, a: np.ndarray) -> np.ndarray:
+def _little_endian_c(a: np.ndarray) -> np.ndarray:
     """`a` as safetensors stores it: little-endian, C-contiguous."""
-    if a.dtype.name not in _CODES:
-        raise ValueError(f"{name}: dtype {a.dtype.name} is not one of {sorted(_CODES)}")
     if a.dtype.byteorder == ">":
         a = a.astype(a.dtype.newbyteorder("<"))
     return a if a.flags.c_contiguous else a.copy(order="C")  # keeps a 0-d shape

@@ -37,12 +37,7 @@ def load_vm(library: Path | Any, device: Any = None) -> Any:
     library), or a runtime module or executable in hand; on `device` (the CPU by default),
     with the CPU beside it for shape functions, as `tvm.runtime.vm.VirtualMachine` sets
     up."""
-    ffi = import_runtime()
-    if isinstance(library, str | Path):
-        library = ffi.load_module(str(library))
-    elif hasattr(library, "jit"):  # a tvm.runtime.Executable, not exported yet
-        library = library.jit()
-    vm = library["vm_load_executable"]()
+    vm = load_library(library)["vm_load_executable"]()
     devices = [device or cpu()]
     if not on_cpu(devices[0]):
         devices.append(cpu())
@@ -51,6 +46,16 @@ def load_vm(library: Path | Any, device: Any = None) -> Any:
         init += [d.dlpack_device_type(), d.index, POOLED_ALLOCATOR]
     vm["vm_initialization"](*init)
     return vm
+
+
+def load_library(library: Path | Any) -> Any:
+    """The runtime module of a library: a path to an exported library (loaded by TVM's
+    runtime library), or a runtime module or executable in hand."""
+    if isinstance(library, str | Path):
+        return import_runtime().load_module(str(library))
+    if hasattr(library, "jit"):  # a tvm.runtime.Executable, not exported yet
+        return library.jit()
+    return library
 
 
 def empty(shape: tuple[int, ...], dtype: str, device: Any = None) -> Any:

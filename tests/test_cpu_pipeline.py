@@ -22,7 +22,7 @@ from tvm import relax
 from builder import artifact
 from builder.assemble import export
 from builder.config import BlocksConfig, CLIPVisionConfig, TargetConfig
-from builder.packing import pack_params
+from builder.packing import Packed, pack_params
 from builder.runtime import available_cores
 from builder.targets import llvm
 from builder.targets.cpu import kernels, pipeline
@@ -242,10 +242,11 @@ def test_rounded_operands_once_per_value(dtype):
     ],
     ids=["float32", "bfloat16-model", "rounded", "bf16-pairs"],
 )
-def test_packing_into_buffers_equals_transform_params(options, dtype, precision):
+def test_packing_into_buffers_equals_transform_params(options, dtype, precision, tmp_path):
     """`transform_params_into` writes each kernel-made result into the buffer it is given
     (`transform_params_into_shapes`), and every result equals `transform_params`' bit for
-    bit; `pack_params` stores those, the parameters read where they lie."""
+    bit; `pack_params` stores those, the parameters read where they lie. Packed step by
+    step (`packing_steps`), as a build packs while it writes, the results are the same."""
     mod, params = small_tower(dtype)
     target = cpu_target(options)
     executable = llvm.compile(mod, target, precision)
@@ -271,6 +272,27 @@ def test_packing_into_buffers_equals_transform_params(options, dtype, precision)
     assert names == [f"packed.{i}" for i in range(len(reference))]
     for name, ref in zip(names, reference, strict=True):
         np.testing.assert_array_equal(packed[name].view(np.uint8), ref.view(np.uint8))
+    # One step per result, each kernel-made one computed alone into a buffer of the caller's,
+    # and the file written from the steps is the file of the whole call, byte for byte.
+    steps = executable.pack_steps
+    assert len(steps) == len(reference)
+    assert sum("calls" in step for step in steps) >= gemms  # a bfloat16 model: its casts too
+    names, streamed = pack_params(executable, order, arrays, steps)
+    assert names == [f"packed.{i}" for i in range(len(reference))]
+    for name, ref in zip(names, reference, strict=True):
+        value = streamed[name]
+        if isinstance(value, Packed):
+            out = artifact.empty_arrays([(value.shape, value.dtype)])[0]
+            out.fill(np.nan)
+            value.fill(out)
+            value = out
+        assert (value.dtype, value.shape) == (ref.dtype, ref.shape)
+        np.testing.assert_array_equal(value.view(np.uint8), ref.view(np.uint8))
+    whole, steady = tmp_path / "whole", tmp_path / "streamed"
+    whole.mkdir(), steady.mkdir()
+    artifact.save_params(whole, names, packed)
+    artifact.save_params(steady, names, streamed)
+    assert (whole / artifact.PARAMS).read_bytes() == (steady / artifact.PARAMS).read_bytes()
 
 
 def test_patch_conv_with_a_remainder_is_a_gemm():

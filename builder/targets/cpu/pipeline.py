@@ -73,7 +73,7 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ..var_len import lower_attention_var_len
-from . import objects, reshapes
+from . import objects, packing_steps, reshapes
 from .kernels import KernelConfig, bf16_gemms, half_gemms, kernel_config
 from .report import FallbackReport
 from .rewrite import rewrite_to_kernels
@@ -171,7 +171,9 @@ def _write_into(mod: tvm.IRModule, lifted: relax.GlobalVar) -> tvm.IRModule:
     return bb.finalize()
 
 
-def _relax_passes(target: tvm.target.Target, cfg: KernelConfig, report: FallbackReport):
+def _relax_passes(
+    target: tvm.target.Target, cfg: KernelConfig, report: FallbackReport, steps: dict | None = None
+):
     """cpu_generic's passes up to the finalization, with reshapes left as ops through
     legalization (`reshapes.py`), the fallback schedule after fusion, the report's notes
     between them (`report.py`), and dead code elimination after them: PrimFuncs that
@@ -194,16 +196,19 @@ def _relax_passes(target: tvm.target.Target, cfg: KernelConfig, report: Fallback
         + [fallback_schedule_pass(cfg, report.note_fallback)]
         + cpu.dataflow_lower_passes(target)
         + [relax.transform.DeadCodeElimination(), report.note_called()]
+        + ([] if steps is None else [packing_steps.note(steps)])
     )
 
 
-def get_pipeline(target: tvm.target.Target, cfg: KernelConfig, report: FallbackReport):
+def get_pipeline(
+    target: tvm.target.Target, cfg: KernelConfig, report: FallbackReport, steps: dict | None = None
+):
     from tvm.relax.backend.cpu_generic import pipeline as cpu  # pylint: disable=import-outside-toplevel
 
     @tvm.transform.module_pass(opt_level=0, name="FastCPUPipeline")
     def _pipeline(mod, _ctx):
         with target:
-            passes = _relax_passes(target, cfg, report) + cpu.finalize_passes(target)
+            passes = _relax_passes(target, cfg, report, steps) + cpu.finalize_passes(target)
             return tvm.transform.Sequential(passes)(mod)
 
     return _pipeline
@@ -248,10 +253,11 @@ def compile_cpu(
     float32, on others the float32 GEMMs take operands rounded to the type."""
     target = _as_target(target)
     mod, cfg = _with_kernels(mod, target, precision)
-    report = FallbackReport()
+    report, steps = FallbackReport(), {}
     with tvm.transform.PassContext(opt_level=3, config=PASS_CONFIG):
-        executable = objects.build(mod, target, get_pipeline(target, cfg, report))
+        executable = objects.build(mod, target, get_pipeline(target, cfg, report, steps))
     executable.fallback_ops = report.entries
+    executable.pack_steps = steps.get("steps")
     return executable
 
 
