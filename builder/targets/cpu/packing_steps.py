@@ -80,7 +80,8 @@ def read_steps(mod: tvm.IRModule) -> list[dict[str, Any]] | None:
                 if not isinstance(kernel, tvm.tirx.PrimFunc) or not args or None in args:
                     return None
                 written = args[-1]  # destination-passing: the last argument is the output
-                if "param" in written:
+                unmade = [a for a in args[:-1] if "param" not in a and _buffer(a) not in writer]
+                if "param" in written or unmade:  # a second output: not a step's form
                     return None
                 symbol = kernel.attrs.get("global_symbol") if kernel.attrs else None
                 writer.setdefault(_buffer(written), []).append(len(calls))
