@@ -183,16 +183,28 @@ def _params(
 ) -> tuple[list[str], dict[str, Any], dict[str, Any]]:
     """Write the parameters `forward` takes into `folder`; their order, their source and
     the file's record (`artifact.save_params`)."""
-    arrays, source = _weights(preset, params, inputs, progress)
+    steps = plan.get("pack_steps") if plan["packing"] == "build" else None
     t0 = time.perf_counter()
-    # In the build's dtype before packing: `transform_params` takes what `forward` takes.
-    arrays = artifact.cast_params(arrays, preset.dtype)
+    if (
+        steps is not None
+        and preset.weights.is_random
+        and preset.dtype == "float32"
+        and ("weights" not in inputs)
+    ):
+        # Not begun beside a compile: the random init is made parameter by parameter as the
+        # packing reaches it (`random_init.RandomParams`), never all in memory.
+        arrays, source = load_weights(preset, dict(params), on_demand=True)
+        progress(f"weights: random init (seed {source['seed']}), made as they are packed")
+    else:
+        arrays, source = _weights(preset, params, inputs, progress)
+        t0 = time.perf_counter()
+        # In the build's dtype before packing: `transform_params` takes what `forward` takes.
+        arrays = artifact.cast_params(arrays, preset.dtype)
     order, stored = [name for name, _ in params], arrays
     what = "wrote parameters"
     if plan["packing"] == "build":
         from .packing import pack_params  # TVM's runtime library, not its compiler
 
-        steps = plan.get("pack_steps")
         order, stored = pack_params(library, order, arrays, steps)
         if steps is None:
             progress(f"[{entry.name}] packed weights [{time.perf_counter() - t0:.1f} s]")

@@ -41,13 +41,11 @@ def pack_params(
     without a copy. TVM's pool runs the kernels on every core (`runtime.set_threads`,
     before the pool starts)."""
     set_threads(None)
-    names_of = [f"packed.{i}" for i in range(len(steps or []))]
     if steps is not None:
         kernels = Kernels(library)
-        params = [arrays[name] for name in order]
-        return names_of, {
-            n: _packed(s, params, kernels) for n, s in zip(names_of, steps, strict=True)
-        }
+        params = Params(order, arrays, kernels)
+        packed = {f"packed.{i}": _packed(step, params, kernels) for i, step in enumerate(steps)}
+        return list(packed), packed
     machine = vm.load_vm(library)
     if not machine.implements_function(PACK_FUNCTION):
         return order, arrays
@@ -76,39 +74,86 @@ class Kernels:
             self._functions[name] = self._module.get_function(name, query_imports=True)
         return self._functions[name]
 
-    def temps(self, specs: list[list[Any]]) -> list[np.ndarray]:
-        made = []
-        for i, (shape, dtype) in enumerate(specs):
-            key = (tuple(shape), dtype, i)
-            if key not in self._temps:
-                self._temps[key] = artifact.empty_arrays([(key[0], artifact.numpy_dtype(dtype))])[0]
-            made.append(self._temps[key])
-        return made
+    def buffer(self, place: tuple[str, int], shape: tuple[int, ...], dtype: str) -> np.ndarray:
+        """A buffer for a step's temporary or parameter at `place`: the same one for every
+        step that needs that shape and dtype there."""
+        key = (*place, shape, dtype)
+        if key not in self._temps:
+            self._temps[key] = artifact.empty_arrays([(shape, artifact.numpy_dtype(dtype))])[0]
+        return self._temps[key]
 
 
-def _packed(step: dict[str, Any], params: list[np.ndarray], kernels: Kernels) -> Any:
+def _packed(step: dict[str, Any], params: Params, kernels: Kernels) -> Any:
     """A step's tensor: a parameter (or a view of it) as it is, or a `Packed` one."""
-    if "calls" not in step:
-        source = params[step["param"]]
-        return source.reshape(step["shape"]) if "shape" in step else source
-    return Packed(step, params, kernels)
+    if "calls" in step:
+        return Packed(step, params, kernels)
+    if params.made_on_demand:
+        return Made(step, params)
+    source = params.array(step["param"])
+    return source.reshape(step["shape"]) if "shape" in step else source
+
+
+class Params:
+    """The parameters that steps read, by index: the arrays given, or, where the weights are
+    made on demand (`random_init.RandomParams`), each made into a buffer when a step reads
+    it (one per shape and place among the step's arguments, reused by later steps)."""
+
+    def __init__(self, order: list[str], arrays: Any, kernels: Kernels):
+        self._order, self._arrays, self._kernels = order, arrays, kernels
+        self.made_on_demand = not isinstance(arrays, dict)
+
+    def shape(self, i: int) -> tuple[int, ...]:
+        source = self._arrays.shapes if self.made_on_demand else self._arrays
+        return tuple(
+            source[self._order[i]].shape if not self.made_on_demand else source[self._order[i]]
+        )
+
+    def array(self, i: int, place: int = 0) -> np.ndarray:
+        if not self.made_on_demand:
+            return self._arrays[self._order[i]]
+        out = self._kernels.buffer(("param", place), self.shape(i), "float32")
+        self._arrays.fill(self._order[i], out)
+        return out
+
+    def fill(self, i: int, out: np.ndarray) -> None:
+        self._arrays.fill(self._order[i], out)
+
+
+class Made:
+    """A parameter stored as it is, made when the writer asks for it, straight into the
+    writer's buffer (`safetensors_io.Computed`)."""
+
+    def __init__(self, step: dict[str, Any], params: Params):
+        self._param, self._params = step["param"], params
+        self.shape = tuple(step.get("shape", params.shape(self._param)))
+        self.dtype = np.dtype(np.float32)
+
+    def fill(self, out: np.ndarray) -> None:
+        self._params.fill(self._param, out.reshape(self._params.shape(self._param)))
 
 
 class Packed:
     """One packed tensor, computed when the writer asks for it (`safetensors_io.Computed`):
     its step's kernels run on the parameters, into the writer's buffer."""
 
-    def __init__(self, step: dict[str, Any], params: list[np.ndarray], kernels: Kernels):
+    def __init__(self, step: dict[str, Any], params: Params, kernels: Kernels):
         self.shape = tuple(step["shape"])
         self.dtype = artifact.numpy_dtype(step["dtype"])
         self._step, self._params, self._kernels = step, params, kernels
 
     def fill(self, out: np.ndarray) -> None:
-        temps = self._kernels.temps(self._step["temps"])
+        temps = [
+            self._kernels.buffer(("temp", k), tuple(shape), dtype)
+            for k, (shape, dtype) in enumerate(self._step["temps"])
+        ]
+        read: dict[int, np.ndarray] = {}  # each parameter made once per step
 
         def argument(ref: dict[str, Any]) -> Any:
             if "param" in ref:
-                a = self._params[ref["param"]]
+                i = ref["param"]
+                if i not in read:
+                    read[i] = self._params.array(i, len(read))
+                a = read[i]
             else:
                 a = out if "result" in ref else temps[ref["temp"]]
             a = a.reshape(ref["shape"]) if "shape" in ref else a

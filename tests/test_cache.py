@@ -245,8 +245,9 @@ WITHOUT_TVM = textwrap.dedent(
 @pytest.mark.e2e
 def test_hit_and_new_weights_are_built_without_tvm(tmp_path, build_cache):
     """A hit imports neither TVM nor torch; nor does a build whose weights alone changed,
-    which packs them with TVM's runtime library (builder.packing) into the parameters that
-    packing that seed's weights here gives."""
+    which packs them with TVM's runtime library (builder.packing), each parameter made as
+    the packing reaches it, into the parameters that making all of that seed's weights and
+    packing them at once here gives."""
     out = ["--out", str(tmp_path)]
     assert main([*TINY, *out]) == 0
     for extra, said in (([], "cache hit"), (["weights.seed=8"], "compiled library reused")):
@@ -260,6 +261,7 @@ def test_hit_and_new_weights_are_built_without_tvm(tmp_path, build_cache):
         assert said in proc.stderr
         assert "imported: []" in proc.stdout, proc.stdout
     assert "packed weights" in proc.stderr
+    assert "made as they are packed" in proc.stderr
     art = tmp_path / "clip-vit-b-32" / "llvm"
     manifest = builder.load(art).manifest
     assert manifest["weights"]["seed"] == 8

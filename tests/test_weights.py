@@ -374,6 +374,26 @@ def test_random_init_keeps_parameters_when_the_layer_count_changes():
         np.testing.assert_array_equal(a, three[name])
 
 
+@pytest.mark.parametrize("parts", [2, 3])
+@pytest.mark.parametrize("size", [(1 << 18) + 1, 1_000_003, (3 << 16) * 2])
+def test_a_parameter_made_in_parts_is_the_same(size, parts, monkeypatch):
+    """A parameter's stream cut between threads (`RandomParams`, a parameter at a time) gives
+    the values of one stream: odd sizes, parts that end mid-chunk."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from builder.weights.random_init import RandomParams, random_param
+
+    name, shape = "vision_model.encoder.layers.0.mlp.fc1.weight", (size, 1)
+    whole = random_param(name, shape, seed=4)
+    assert len(np.unique(whole)) > size // 2  # random values, not a fill
+    with ThreadPoolExecutor(parts - 1) as pool:
+        cut = random_param(name, shape, 4, np.full(shape, np.nan, np.float32), pool, parts)
+    np.testing.assert_array_equal(cut, whole)
+    made = np.full(shape, np.nan, np.float32)
+    RandomParams({name: shape}, seed=4).fill(name, made)
+    np.testing.assert_array_equal(made, whole)
+
+
 @pytest.mark.parametrize("way", ["direct", "buffered", "no direct I/O", "direct refused"])
 def test_writer_matches_safetensors_byte_for_byte(tmp_path, monkeypatch, way):
     """`safetensors_io.write` copies each tensor into the file: the same bytes as

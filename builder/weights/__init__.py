@@ -8,14 +8,15 @@ import numpy as np
 
 from ..config import Preset
 from .hf import check_config, read_tower
-from .random_init import random_weights
+from .random_init import RandomParams, random_weights
 
 
 def load_weights(
-    preset: Preset, shapes: dict[str, tuple[int, ...]]
-) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    preset: Preset, shapes: dict[str, tuple[int, ...]], on_demand: bool = False
+) -> tuple[dict[str, np.ndarray] | RandomParams, dict[str, Any]]:
     """Arrays for every parameter in `shapes` (float32), and a record of their source for
-    the manifest."""
+    the manifest. With `on_demand`, a random init is a `RandomParams`, made parameter by
+    parameter when asked for (a checkpoint is read all the same)."""
     source = preset.weights
     if source.is_random:
         info = {
@@ -23,6 +24,8 @@ def load_weights(
             "seed": source.seed,
             "note": "random weights, not a trained model",
         }
+        if on_demand:
+            return RandomParams(shapes, source.seed), info
         return random_weights(shapes, source.seed), info
     from .. import families
     from ..assemble import parameter_shapes  # imports TVM
