@@ -333,16 +333,16 @@ class _DirectSink:
             raise
         try:
             _reserve(self._fd, self._size)
+            # Never closed here: a pool thread may hold a finished job's arguments a moment
+            # longer, and a buffer is freed with its last reference.
+            self._stages = [mmap.mmap(-1, DIRECT_CHUNK) for _ in range(DIRECT_QUEUE + 1)]
+            self._writes: list[Future | None] = [None] * len(self._stages)
+            self._k, self._filled, self._at = 0, 0, 0
+            self._stage = np.frombuffer(self._stages[0], np.uint8)
+            self._pool = ThreadPoolExecutor(DIRECT_QUEUE)
         except BaseException:
             os.close(self._fd)
             raise
-        # Never closed here: a pool thread may hold a finished job's arguments a moment
-        # longer, and a buffer is freed with its last reference.
-        self._stages = [mmap.mmap(-1, DIRECT_CHUNK) for _ in range(DIRECT_QUEUE + 1)]
-        self._writes: list[Future | None] = [None] * len(self._stages)
-        self._pool = ThreadPoolExecutor(DIRECT_QUEUE)
-        self._k, self._filled, self._at = 0, 0, 0
-        self._stage = np.frombuffer(self._stages[0], np.uint8)
         return self
 
     def put(self, data: memoryview) -> None:
@@ -390,6 +390,8 @@ class _DirectSink:
             for write in self._writes:  # those queued do not start; the pool waits for the rest
                 if write is not None:
                     write.cancel()
+            # Closed only once no write can run on it: interrupted in the wait, the file is
+            # left open rather than its number given to another file under a running write.
             self._pool.shutdown(wait=True)
             os.close(self._fd)
 

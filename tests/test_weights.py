@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -463,6 +464,52 @@ def test_writer_matches_safetensors_byte_for_byte(tmp_path, monkeypatch, way):
         )
     with pytest.raises(ValueError, match="int32 is not one of"):
         safetensors_io.write(tmp_path / "int.safetensors", {"i": np.zeros(2, np.int32)})
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_writer_computes_tensors_into_two_buffers(tmp_path, monkeypatch, direct):
+    """Computed tensors (`safetensors_io.Computed`) are filled when the writer reaches them,
+    into two buffers they share: the file and its sha256 are those of the arrays, even where
+    the hashing lags far behind (a buffer is given again only once it has been hashed)."""
+    import hashlib
+
+    import safetensors.numpy
+
+    from builder import safetensors_io
+
+    class Computed:
+        def __init__(self, value: int):
+            self.value, self.shape, self.dtype = value, (5000,), np.dtype(np.float32)
+
+        def fill(self, out: np.ndarray) -> None:
+            assert out.ctypes.data % 4096 == 0  # page-aligned, as kernels need
+            out[...] = self.value
+
+    sha256 = hashlib.sha256
+
+    class Slow:  # hashing 10 ms behind each piece
+        def __init__(self):
+            self.digest = sha256()
+
+        def update(self, data):
+            time.sleep(0.01)
+            self.digest.update(data)
+
+        def hexdigest(self):
+            return self.digest.hexdigest()
+
+    monkeypatch.setattr(safetensors_io.hashlib, "sha256", Slow)
+    if direct:
+        monkeypatch.setattr(safetensors_io, "DIRECT_MIN", 0)
+        monkeypatch.setattr(safetensors_io, "DIRECT_CHUNK", safetensors_io.DIRECT_ALIGN)
+    tensors = {f"t{i}": Computed(i) for i in range(6)}
+    tensors["plain"] = np.arange(7, dtype=np.float32)
+    ours, theirs = tmp_path / "ours.safetensors", tmp_path / "theirs.safetensors"
+    digest = safetensors_io.write(ours, tensors)
+    arrays = {f"t{i}": np.full(5000, i, np.float32) for i in range(6)}
+    safetensors.numpy.save_file({**arrays, "plain": tensors["plain"]}, str(theirs))
+    assert ours.read_bytes() == theirs.read_bytes()
+    assert digest == sha256(ours.read_bytes()).hexdigest()
 
 
 def test_writer_fails_on_a_full_disk_before_writing(tmp_path, monkeypatch):

@@ -20,11 +20,13 @@ from __future__ import annotations
 from typing import Any
 
 import tvm
+import tvm_ffi
 from tvm import relax
 
 LIFTED = "forward_transform_params"
 _RESHAPE = tvm.ir.Op.get("relax.reshape")
 _ALLOC = tvm.ir.Op.get("relax.builtin.alloc_tensor")
+_BUFFER_DATA = tvm.ir.Op.get("tirx.buffer_data")
 
 
 def _ints(values: Any) -> list[int] | None:
@@ -79,12 +81,14 @@ def read_steps(mod: tvm.IRModule) -> list[dict[str, Any]] | None:
                 args = [known.get(a) for a in v.args]
                 if not isinstance(kernel, tvm.tirx.PrimFunc) or not args or None in args:
                     return None
-                written = args[-1]  # destination-passing: the last argument is the output
-                unmade = [a for a in args[:-1] if "param" not in a and _buffer(a) not in writer]
-                if "param" in written or unmade:  # a second output: not a step's form
-                    return None
+                written = _written(kernel)
+                if len(written) != 1 or "param" in args[written[0]]:
+                    return None  # no output, several, or a parameter written over
+                read = [a for i, a in enumerate(args) if i != written[0] and "param" not in a]
+                if any(_buffer(a) not in writer for a in read):
+                    return None  # a buffer read before anything wrote it
                 symbol = kernel.attrs.get("global_symbol") if kernel.attrs else None
-                writer.setdefault(_buffer(written), []).append(len(calls))
+                writer.setdefault(_buffer(args[written[0]]), []).append(len(calls))
                 calls.append({"kernel": str(symbol or v.op.name_hint), "args": args})
             else:
                 return None
@@ -101,8 +105,26 @@ def read_steps(mod: tvm.IRModule) -> list[dict[str, Any]] | None:
         if "param" in ref:
             steps.append(ref)
             continue
-        steps.append(_step(_buffer(ref), calls, writer, temps, shape, str(ty.dtype)))
+        step = _step(_buffer(ref), calls, writer, temps, shape, str(ty.dtype))
+        if step is None:
+            return None
+        steps.append(step)
     return steps
+
+
+def _written(kernel: tvm.tirx.PrimFunc) -> list[int]:
+    """The indices of the parameters whose buffers `kernel` stores to (a buffer's data is
+    its parameter's, `tirx.buffer_data(param)`, or a variable of its own)."""
+    stored: list[object] = []
+
+    def store(node: tvm.tirx.BufferStore) -> None:
+        data = node.buffer.data
+        if isinstance(data, tvm.ir.Call) and data.op.same_as(_BUFFER_DATA):
+            data = data.args[0]
+        stored.append(data)
+
+    tvm_ffi.structural_walk(kernel.body, [(tvm.tirx.BufferStore, store)], order="post")
+    return [i for i, p in enumerate(kernel.params) if any(p.same_as(d) for d in stored)]
 
 
 def _buffer(ref: dict[str, Any]) -> tuple[str, int]:
@@ -117,9 +139,10 @@ def _step(
     temps: list[list[Any]],
     shape: list[int],
     dtype: str,
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """The calls that make buffer `result`, and those that make the buffers they read, in
-    the function's order; the result buffer as "result", the temporaries renumbered."""
+    the function's order; the result buffer as "result", the temporaries renumbered. None
+    where they read another result's buffer."""
     needed: set[int] = set()
     pending = [result]
     while pending:
@@ -127,6 +150,9 @@ def _step(
             if i not in needed:
                 needed.add(i)
                 pending += [_buffer(a) for a in calls[i]["args"] if "param" not in a]
+    reads = [a for i in needed for a in calls[i]["args"] if "param" not in a]
+    if any("out" in a and _buffer(a) != result for a in reads):
+        return None  # made from another result: not a step of its own
     own: dict[int, int] = {}
 
     def local(ref: dict[str, Any]) -> dict[str, Any]:
