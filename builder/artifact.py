@@ -106,7 +106,7 @@ def load_params(
     `np.from_dlpack` views), or where that is None or not given, a numpy array. The values
     so land where they are used, touched once (docs/artifacts.md has the load times of
     both ways)."""
-    buffers = []
+    buffers, targets = [], []
     try:
         stored = SafetensorsFile(folder / PARAMS)
         for name in order:
@@ -118,8 +118,9 @@ def load_params(
                 buffer = view = np.empty(shape, numpy_dtype(dtype))
             else:
                 view = np.from_dlpack(buffer)
-            stored.read_into(name, view)
+            targets.append((name, view))
             buffers.append(buffer)
+        stored.read_all_into(targets)
     except InputError as e:  # a damaged file: an artifact error, as `check` gives
         raise ArtifactError(f"{e}; rebuild the artifact") from None
     return buffers

@@ -145,6 +145,28 @@ class SafetensorsFile:
         tensor's dtype and shape): one read from the file, no array in between, so a buffer
         that is a view of another runtime's tensor gets the values where that runtime reads
         them."""
+        begin = self._span(name, out)
+        with self.path.open("rb", buffering=0) as f:
+            f.seek(begin)
+            got = f.readinto(memoryview(out.reshape(-1).view(np.uint8)))
+        if got != out.nbytes:
+            raise InputError(f"{self.path}: tensor {name!r} is cut short: the file is truncated")
+
+    def read_all_into(self, targets: list[tuple[str, np.ndarray]]) -> None:
+        """`read_into` for each (name, out) of `targets`. A file of DIRECT_MIN bytes or more
+        that is not in the page cache (one the builder wrote past it, `write`) is read past
+        it as well, in file order (`_read_direct`): read through the cache, its pages would
+        be filled first and copied from after, which is most of a load's time on a guest
+        whose memory is slow to hand out (docs/artifacts.md)."""
+        spans = [(self._span(name, out), name, out) for name, out in targets]
+        direct = self.file_size >= DIRECT_MIN and not _cached(self.path, self.file_size)
+        if direct and _read_direct(self.path, sorted(spans, key=lambda s: s[0])):
+            return
+        for _, name, out in spans:
+            self.read_into(name, out)
+
+    def _span(self, name: str, out: np.ndarray) -> int:
+        """Where tensor `name` starts in the file, once `out` is checked to fit it."""
         entry = self.entries[name]
         begin, end = entry["data_offsets"]
         stored = self.dtype(name)
@@ -158,11 +180,85 @@ class SafetensorsFile:
                 f"{self.path}: tensor {name!r}, {stored} {entry['shape']}, takes {out.nbytes} "
                 f"bytes; the file holds {end - begin} for it"
             )
-        with self.path.open("rb", buffering=0) as f:
-            f.seek(self.data_start + begin)
-            got = f.readinto(memoryview(out.reshape(-1).view(np.uint8)))
-        if got != out.nbytes:
-            raise InputError(f"{self.path}: tensor {name!r} is cut short: the file is truncated")
+        return self.data_start + begin
+
+
+def _cached(path: Path, size: int) -> bool:
+    """Whether the file's pages are in the page cache, by a read that may not wait for the
+    disk (`RWF_NOWAIT`) at the middle and the end of the file. True where that cannot be
+    asked."""
+    if not hasattr(os, "RWF_NOWAIT"):
+        return True
+    probe = bytearray(1)
+    with path.open("rb", buffering=0) as f:
+        for at in (size // 2, size - 1):
+            try:
+                os.preadv(f.fileno(), [probe], at, os.RWF_NOWAIT)
+            except BlockingIOError:
+                return False
+            except OSError:  # the flag unsupported here
+                return True
+    return True
+
+
+def _read_direct(path: Path, spans: list[tuple[int, str, np.ndarray]]) -> bool:
+    """Read each (start, name, out) of `spans` (in file order) with direct I/O: the file read
+    DIRECT_CHUNK at a time into page-aligned buffers, DIRECT_QUEUE reads in flight, and each
+    tensor's bytes copied out of them. False where the file system has no direct I/O."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except (OSError, AttributeError) as e:
+        if isinstance(e, AttributeError) or e.errno == errno.EINVAL:
+            return False
+        raise
+    pieces = [(at, np.frombuffer(out.reshape(-1).view(np.uint8), np.uint8)) for at, _, out in spans]
+    first = pieces[0][0] - pieces[0][0] % DIRECT_ALIGN if pieces else 0
+    last = max((at + len(raw) for at, raw in pieces), default=0)
+    stages = [mmap.mmap(-1, DIRECT_CHUNK) for _ in range(DIRECT_QUEUE + 1)]
+    starts = list(range(first, last, DIRECT_CHUNK))
+    reads: dict[int, Future] = {}
+    k = 0  # the first piece not copied in full
+    try:
+        with ThreadPoolExecutor(DIRECT_QUEUE) as pool:
+            try:
+                for i, at in enumerate(starts):
+                    for j in range(i, min(i + DIRECT_QUEUE + 1, len(starts))):
+                        if j not in reads:
+                            reads[j] = pool.submit(_pread, fd, stages[j % len(stages)], starts[j])
+                    got = reads.pop(i).result()
+                    chunk = np.frombuffer(stages[i % len(stages)], np.uint8, got)
+                    while k < len(pieces) and pieces[k][0] < at + got:
+                        begin, raw = pieces[k]
+                        lo, hi = max(begin, at), min(begin + len(raw), at + got)
+                        raw[lo - begin : hi - begin] = chunk[lo - at : hi - at]
+                        if begin + len(raw) > at + got:
+                            break  # the rest of it in the next chunk
+                        k += 1
+                    if got < min(DIRECT_CHUNK, last - at):
+                        raise InputError(f"{path}: the file is cut short: it is truncated")
+            except BaseException:
+                for read in reads.values():
+                    read.cancel()
+                raise
+    except OSError as e:
+        if e.errno == errno.EINVAL:  # direct reads refused after all
+            return False
+        raise
+    finally:
+        os.close(fd)
+    return True
+
+
+def _pread(fd: int, stage: mmap.mmap, at: int) -> int:
+    """Fill `stage` from `at` of the file `fd`, up to the end of the file; bytes read."""
+    with memoryview(stage) as view:
+        done = 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], at + done)
+            if n == 0:
+                break
+            done += n
+    return done
 
 
 class Computed(Protocol):

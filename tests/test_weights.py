@@ -395,6 +395,21 @@ def test_a_parameter_made_in_parts_is_the_same(size, parts, monkeypatch):
     np.testing.assert_array_equal(made, whole)
 
 
+def without_direct_io(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file system without direct I/O: opening a file with O_DIRECT fails with EINVAL."""
+    import errno
+    import os
+
+    open_file = os.open
+
+    def no_direct(name, flags, *args):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return open_file(name, flags, *args)
+
+    monkeypatch.setattr(os, "open", no_direct)
+
+
 @pytest.mark.parametrize("way", ["direct", "buffered", "no direct I/O", "direct refused"])
 def test_writer_matches_safetensors_byte_for_byte(tmp_path, monkeypatch, way):
     """`safetensors_io.write` copies each tensor into the file: the same bytes as
@@ -438,14 +453,7 @@ def test_writer_matches_safetensors_byte_for_byte(tmp_path, monkeypatch, way):
         monkeypatch.setattr(safetensors_io, "DIRECT_MIN", 0)
         monkeypatch.setattr(safetensors_io, "DIRECT_CHUNK", safetensors_io.DIRECT_ALIGN)
     if way == "no direct I/O":
-        open_file = os.open
-
-        def no_direct(path, flags, *args):
-            if flags & os.O_DIRECT:
-                raise OSError(errno.EINVAL, "Invalid argument")
-            return open_file(path, flags, *args)
-
-        monkeypatch.setattr(os, "open", no_direct)
+        without_direct_io(monkeypatch)
     digest = safetensors_io.write(ours, tensors)
     contiguous = {name: a.copy(order="C") for name, a in tensors.items()}
     safetensors.numpy.save_file(contiguous, str(theirs))
@@ -510,6 +518,48 @@ def test_writer_computes_tensors_into_two_buffers(tmp_path, monkeypatch, direct)
     safetensors.numpy.save_file({**arrays, "plain": tensors["plain"]}, str(theirs))
     assert ours.read_bytes() == theirs.read_bytes()
     assert digest == sha256(ours.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("way", ["direct", "cached", "no direct I/O"])
+def test_reading_a_file_past_the_page_cache(tmp_path, monkeypatch, way):
+    """`read_all_into` reads a large file that is not in the page cache with direct I/O, in
+    chunks of one block here (tensors that span chunks, a file that ends mid-chunk), and a
+    cached one, or one where the file system has no direct I/O, through the cache: the same
+    values every way. A file written past the cache is not in it; read, it is."""
+
+    from builder import safetensors_io
+
+    monkeypatch.setattr(safetensors_io, "DIRECT_MIN", 0)
+    monkeypatch.setattr(safetensors_io, "DIRECT_CHUNK", safetensors_io.DIRECT_ALIGN)
+    rng = np.random.default_rng(3)
+    tensors = {
+        "a": rng.standard_normal((3, 700)).astype(np.float32),
+        "b": rng.standard_normal(5).astype(np.float16),
+        "empty": np.zeros((0, 2), np.float32),
+        "c": rng.standard_normal(2100).astype(np.float32),
+    }
+    path = tmp_path / "p.safetensors"
+    safetensors_io.write(path, tensors)
+    size = path.stat().st_size
+    if way == "direct":
+        assert not safetensors_io._cached(path, size)  # written past the cache
+    else:
+        path.read_bytes()
+        assert safetensors_io._cached(path, size)
+    if way == "no direct I/O":
+        monkeypatch.setattr(safetensors_io, "_cached", lambda path, size: False)
+        without_direct_io(monkeypatch)
+    direct = []
+    read = safetensors_io._read_direct
+    monkeypatch.setattr(
+        safetensors_io, "_read_direct", lambda *args: direct.append(read(*args)) or direct[-1]
+    )
+    stored = SafetensorsFile(path)
+    outs = {name: np.full(a.shape, np.nan, a.dtype) for name, a in tensors.items()}
+    stored.read_all_into([(name, outs[name]) for name in ("c", "empty", "a", "b")])
+    for name, a in tensors.items():
+        np.testing.assert_array_equal(outs[name], a)
+    assert direct == {"direct": [True], "cached": [], "no direct I/O": [False]}[way]
 
 
 def test_writer_fails_on_a_full_disk_before_writing(tmp_path, monkeypatch):
