@@ -160,7 +160,7 @@ class SafetensorsFile:
         whose memory is slow to hand out (docs/artifacts.md)."""
         spans = [(self._span(name, out), name, out) for name, out in targets]
         direct = self.file_size >= DIRECT_MIN and not _cached(self.path, self.file_size)
-        if direct and _read_direct(self.path, sorted(spans, key=lambda s: s[0])):
+        if direct and _read_direct(self.path, spans):
             return
         for _, name, out in spans:
             self.read_into(name, out)
@@ -202,22 +202,30 @@ def _cached(path: Path, size: int) -> bool:
 
 
 def _read_direct(path: Path, spans: list[tuple[int, str, np.ndarray]]) -> bool:
-    """Read each (start, name, out) of `spans` (in file order) with direct I/O: the file read
-    DIRECT_CHUNK at a time into page-aligned buffers, DIRECT_QUEUE reads in flight, and each
-    tensor's bytes copied out of them. False where the file system has no direct I/O."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    except (OSError, AttributeError) as e:
-        if isinstance(e, AttributeError) or e.errno == errno.EINVAL:
-            return False
-        raise
-    pieces = [(at, np.frombuffer(out.reshape(-1).view(np.uint8), np.uint8)) for at, _, out in spans]
+    """Read each (start, name, out) of `spans` with direct I/O: the file read DIRECT_CHUNK at
+    a time into page-aligned buffers, DIRECT_QUEUE reads in flight, and each tensor's bytes
+    copied out of them in file order. False where the file system has no direct I/O, or
+    where two spans overlap (a tensor asked for twice: each byte read lands in one place)."""
+    if not hasattr(os, "O_DIRECT"):
+        return False
+    ordered = sorted((s for s in spans if s[2].nbytes), key=lambda s: s[0])  # empty: no bytes
+    pieces = [
+        (at, np.frombuffer(out.reshape(-1).view(np.uint8), np.uint8)) for at, _, out in ordered
+    ]
+    if any(a + len(raw) > b for (a, raw), (b, _) in zip(pieces, pieces[1:], strict=False)):
+        return False
     first = pieces[0][0] - pieces[0][0] % DIRECT_ALIGN if pieces else 0
     last = max((at + len(raw) for at, raw in pieces), default=0)
     stages = [mmap.mmap(-1, DIRECT_CHUNK) for _ in range(DIRECT_QUEUE + 1)]
     starts = list(range(first, last, DIRECT_CHUNK))
     reads: dict[int, Future] = {}
     k = 0  # the first piece not copied in full
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError as e:
+        if e.errno == errno.EINVAL:
+            return False
+        raise
     try:
         with ThreadPoolExecutor(DIRECT_QUEUE) as pool:
             try:

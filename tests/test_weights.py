@@ -523,9 +523,10 @@ def test_writer_computes_tensors_into_two_buffers(tmp_path, monkeypatch, direct)
 @pytest.mark.parametrize("way", ["direct", "cached", "no direct I/O"])
 def test_reading_a_file_past_the_page_cache(tmp_path, monkeypatch, way):
     """`read_all_into` reads a large file that is not in the page cache with direct I/O, in
-    chunks of one block here (tensors that span chunks, a file that ends mid-chunk), and a
-    cached one, or one where the file system has no direct I/O, through the cache: the same
-    values every way. A file written past the cache is not in it; read, it is."""
+    chunks of one block here (tensors that span chunks, an empty one where a spanning one
+    starts, a file that ends mid-chunk), and a cached one, or one where the file system has
+    no direct I/O, through the cache: the same values every way. A file written past the
+    cache is not in it; read, it is."""
 
     from builder import safetensors_io
 
@@ -534,7 +535,7 @@ def test_reading_a_file_past_the_page_cache(tmp_path, monkeypatch, way):
     rng = np.random.default_rng(3)
     tensors = {
         "a": rng.standard_normal((3, 700)).astype(np.float32),
-        "b": rng.standard_normal(5).astype(np.float16),
+        "b": rng.standard_normal(4100).astype(np.float16),  # where "empty" is, over a chunk
         "empty": np.zeros((0, 2), np.float32),
         "c": rng.standard_normal(2100).astype(np.float32),
     }
@@ -556,10 +557,15 @@ def test_reading_a_file_past_the_page_cache(tmp_path, monkeypatch, way):
     )
     stored = SafetensorsFile(path)
     outs = {name: np.full(a.shape, np.nan, a.dtype) for name, a in tensors.items()}
-    stored.read_all_into([(name, outs[name]) for name in ("c", "empty", "a", "b")])
+    stored.read_all_into([(name, outs[name]) for name in ("b", "empty", "c", "a")])
     for name, a in tensors.items():
         np.testing.assert_array_equal(outs[name], a)
     assert direct == {"direct": [True], "cached": [], "no direct I/O": [False]}[way]
+    # A tensor asked for twice: each copy gets all of its values (through the cache).
+    twice = [np.full(tensors["a"].shape, np.nan, np.float32) for _ in range(2)]
+    stored.read_all_into([("a", twice[0]), ("a", twice[1])])
+    for out in twice:
+        np.testing.assert_array_equal(out, tensors["a"])
 
 
 def test_writer_fails_on_a_full_disk_before_writing(tmp_path, monkeypatch):
