@@ -31,8 +31,8 @@ from .make_artifact import Params, Progress  # noqa: E402
 
 # What a compile pipeline reports about its library, kept with it in the cache.
 PIPELINE_REPORT = ("fallback_ops",)
-# What else the library's part.json keeps of the compile, for the plan: the packing as
-# steps (`targets/cpu/packing_steps.py`), where the pipeline has them.
+# What else the library's part.json keeps of the compile: the packing as steps
+# (`targets/cpu/packing_steps.py`), where the pipeline has them.
 PIPELINE_FACTS = (*PIPELINE_REPORT, "pack_steps")
 # Called once the library key is known, before any compile: the build starts the weights.
 Early = Callable[[str, str, Params], None]
@@ -77,7 +77,6 @@ def plan(
         "library_key": library_key,
         "params": [[name, list(shape)] for name, shape in params],
         "packing": packing,
-        "pack_steps": library.get("pack_steps"),
         # The manifest's fields that follow from the library.
         "manifest": {
             "target": {

@@ -67,8 +67,10 @@ def make_artifact(
         if stored is None:
             with cache.store(params_key, "params") as tmp:
                 library = lib_folder / facts["library"]
+                # The library's packing as steps, where its pipeline gives them.
+                steps = library_part.get("pack_steps") if packing == "build" else None
                 order, source, written = _params(
-                    tmp, preset, entry, params, plan, library, inputs, progress
+                    tmp, preset, entry, params, packing, library, steps, inputs, progress
                 )
                 record = {"order": order, "source": source, "packing": packing}
                 write_part(tmp, record, known=written)
@@ -176,33 +178,30 @@ def _params(
     preset: Preset,
     entry: TargetConfig,
     params: Params,
-    plan: dict[str, Any],
+    packing: str,
     library: Path,
+    steps: list[dict[str, Any]] | None,
     inputs: dict[str, Any],
     progress: Progress,
 ) -> tuple[list[str], dict[str, Any], dict[str, Any]]:
-    """Write the parameters `forward` takes into `folder`; their order, their source and
-    the file's record (`artifact.save_params`)."""
-    steps = plan.get("pack_steps") if plan["packing"] == "build" else None
-    t0 = time.perf_counter()
-    if (
-        steps is not None
-        and preset.weights.is_random
-        and preset.dtype == "float32"
-        and ("weights" not in inputs)
-    ):
-        # Not begun beside a compile: the random init is made parameter by parameter as the
-        # packing reaches it (`random_init.RandomParams`), never all in memory.
+    """Write the parameters `forward` takes into `folder`, packed by `library` (`steps`:
+    its packing as steps, or None); their order, their source and the file's record
+    (`artifact.save_params`)."""
+    # A random init not begun beside a compile is made parameter by parameter as the packing
+    # reaches it (`random_init.RandomParams`), never all in memory; it is float32, the dtype
+    # the steps then write it in.
+    on_demand = steps is not None and preset.weights.is_random and preset.dtype == "float32"
+    if on_demand and "weights" not in inputs:
         arrays, source = load_weights(preset, dict(params), on_demand=True)
         progress(f"weights: random init (seed {source['seed']}), made as they are packed")
     else:
         arrays, source = _weights(preset, params, inputs, progress)
-        t0 = time.perf_counter()
         # In the build's dtype before packing: `transform_params` takes what `forward` takes.
         arrays = artifact.cast_params(arrays, preset.dtype)
+    t0 = time.perf_counter()
     order, stored = [name for name, _ in params], arrays
     what = "wrote parameters"
-    if plan["packing"] == "build":
+    if packing == "build":
         from .packing import pack_params  # TVM's runtime library, not its compiler
 
         order, stored = pack_params(library, order, arrays, steps)

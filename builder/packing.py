@@ -2,7 +2,7 @@
 build's weights, through TVM's runtime library alone (`builder.vm`): a build that reuses a
 stored library packs new weights without importing TVM's compiler.
 
-Where the library's plan has the packing as steps (`targets/cpu/packing_steps.py`), each
+Where the library's `part.json` has its packing as steps (`targets/cpu/packing_steps.py`), each
 packed tensor is computed when the writer reaches it, into a buffer the writer reuses
 (`safetensors_io.Computed`): the packed weights are never all in memory, and the file is
 written while they are computed. Otherwise `transform_params_into` packs them all at once."""
@@ -33,7 +33,7 @@ def pack_params(
     the packed weights and `forward` takes them as they are. Libraries without it get the
     parameters unchanged.
 
-    With `steps` (the library's plan has them), the packed
+    With `steps` (the library's `part.json` has them), the packed
     tensors are `Packed` ones, computed as they are written. Otherwise, where the pipeline
     offers `transform_params_into` (the same kernels, writing into the caller's buffers),
     the packed weights land in arrays of the builder's own (`artifact.empty_arrays`) rather
@@ -103,10 +103,8 @@ class Params:
         self.made_on_demand = not isinstance(arrays, dict)
 
     def shape(self, i: int) -> tuple[int, ...]:
-        source = self._arrays.shapes if self.made_on_demand else self._arrays
-        return tuple(
-            source[self._order[i]].shape if not self.made_on_demand else source[self._order[i]]
-        )
+        name = self._order[i]
+        return tuple(self._arrays.shapes[name] if self.made_on_demand else self._arrays[name].shape)
 
     def array(self, i: int, place: int = 0) -> np.ndarray:
         if not self.made_on_demand:
@@ -157,9 +155,8 @@ class Packed:
             else:
                 a = out if "result" in ref else temps[ref["temp"]]
             a = a.reshape(ref["shape"]) if "shape" in ref else a
-            if "param" not in ref and a.ctypes.data % artifact.ALIGN:
-                raise ValueError("a kernel's output buffer is not aligned")  # would be copied
-            return vm.tensor(a)
+            # A buffer a kernel may write is taken as it is, never copied.
+            return vm.tensor(a) if "param" in ref else vm.view(a)
 
         for call in self._step["calls"]:
             self._kernels[call["kernel"]](*(argument(r) for r in call["args"]))

@@ -32,7 +32,8 @@ _RANK = {"F64": 0, "F32": 1, "BF16": 2, "F16": 3}
 MAX_HEADER = 100 << 20
 # Bytes hashed, and written with `write` calls, at a time.
 WRITE_CHUNK = 16 << 20
-# Files of this many bytes or more are written past the page cache (`_write_direct`).
+# Files of this many bytes or more are written, and read where not cached, past the page
+# cache (`_DirectSink`, `_read_direct`).
 DIRECT_MIN = 64 << 20
 # Bytes gathered and written at a time with direct I/O: a multiple of DIRECT_ALIGN.
 DIRECT_CHUNK = 32 << 20
@@ -145,12 +146,7 @@ class SafetensorsFile:
         tensor's dtype and shape): one read from the file, no array in between, so a buffer
         that is a view of another runtime's tensor gets the values where that runtime reads
         them."""
-        begin = self._span(name, out)
-        with self.path.open("rb", buffering=0) as f:
-            f.seek(begin)
-            got = f.readinto(memoryview(out.reshape(-1).view(np.uint8)))
-        if got != out.nbytes:
-            raise InputError(f"{self.path}: tensor {name!r} is cut short: the file is truncated")
+        self.read_all_into([(name, out)])
 
     def read_all_into(self, targets: list[tuple[str, np.ndarray]]) -> None:
         """`read_into` for each (name, out) of `targets`. A file of DIRECT_MIN bytes or more
@@ -162,8 +158,13 @@ class SafetensorsFile:
         direct = self.file_size >= DIRECT_MIN and not _cached(self.path, self.file_size)
         if direct and _read_direct(self.path, spans):
             return
-        for _, name, out in spans:
-            self.read_into(name, out)
+        with self.path.open("rb", buffering=0) as f:
+            for begin, name, out in spans:
+                f.seek(begin)
+                if f.readinto(memoryview(out.reshape(-1).view(np.uint8))) != out.nbytes:
+                    raise InputError(
+                        f"{self.path}: tensor {name!r} is cut short: the file is truncated"
+                    )
 
     def _span(self, name: str, out: np.ndarray) -> int:
         """Where tensor `name` starts in the file, once `out` is checked to fit it."""
@@ -206,26 +207,21 @@ def _read_direct(path: Path, spans: list[tuple[int, str, np.ndarray]]) -> bool:
     a time into page-aligned buffers, DIRECT_QUEUE reads in flight, and each tensor's bytes
     copied out of them in file order. False where the file system has no direct I/O, or
     where two spans overlap (a tensor asked for twice: each byte read lands in one place)."""
-    if not hasattr(os, "O_DIRECT"):
-        return False
     ordered = sorted((s for s in spans if s[2].nbytes), key=lambda s: s[0])  # empty: no bytes
-    pieces = [
-        (at, np.frombuffer(out.reshape(-1).view(np.uint8), np.uint8)) for at, _, out in ordered
-    ]
+    pieces = [(at, out.reshape(-1).view(np.uint8)) for at, _, out in ordered]
+    if not pieces:
+        return True  # nothing to read
     if any(a + len(raw) > b for (a, raw), (b, _) in zip(pieces, pieces[1:], strict=False)):
         return False
-    first = pieces[0][0] - pieces[0][0] % DIRECT_ALIGN if pieces else 0
-    last = max((at + len(raw) for at, raw in pieces), default=0)
-    stages = [mmap.mmap(-1, DIRECT_CHUNK) for _ in range(DIRECT_QUEUE + 1)]
+    first = pieces[0][0] - pieces[0][0] % DIRECT_ALIGN
+    last = pieces[-1][0] + len(pieces[-1][1])
+    stages = _stages()
     starts = list(range(first, last, DIRECT_CHUNK))
     reads: dict[int, Future] = {}
     k = 0  # the first piece not copied in full
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    except OSError as e:
-        if e.errno == errno.EINVAL:
-            return False
-        raise
+    fd = _open_direct(path, os.O_RDONLY)
+    if fd is None:
+        return False
     try:
         with ThreadPoolExecutor(DIRECT_QUEUE) as pool:
             try:
@@ -425,21 +421,13 @@ class _DirectSink:
         self._path, self._size = path, size
 
     def __enter__(self) -> _DirectSink:
-        if not hasattr(os, "O_DIRECT"):
+        fd = _open_direct(self._path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        if fd is None:
             raise _NoDirectIO
-        try:
-            self._fd = os.open(
-                self._path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o666
-            )
-        except OSError as e:
-            if e.errno == errno.EINVAL:
-                raise _NoDirectIO from e
-            raise
+        self._fd = fd
         try:
             _reserve(self._fd, self._size)
-            # Never closed here: a pool thread may hold a finished job's arguments a moment
-            # longer, and a buffer is freed with its last reference.
-            self._stages = [mmap.mmap(-1, DIRECT_CHUNK) for _ in range(DIRECT_QUEUE + 1)]
+            self._stages = _stages()
             self._writes: list[Future | None] = [None] * len(self._stages)
             self._k, self._filled, self._at = 0, 0, 0
             self._stage = np.frombuffer(self._stages[0], np.uint8)
@@ -498,6 +486,27 @@ class _DirectSink:
             # left open rather than its number given to another file under a running write.
             self._pool.shutdown(wait=True)
             os.close(self._fd)
+
+
+def _open_direct(path: Path, flags: int) -> int | None:
+    """`path` opened with direct I/O (`O_DIRECT`) and `flags`; None where the system or the
+    file system has none."""
+    if not hasattr(os, "O_DIRECT"):
+        return None
+    try:
+        return os.open(path, flags | os.O_DIRECT, 0o666)
+    except OSError as e:
+        if e.errno == errno.EINVAL:
+            return None
+        raise
+
+
+def _stages() -> list[mmap.mmap]:
+    """The page-aligned buffers of one direct read or write, a chunk each: one per I/O in
+    flight and one more to fill or empty meanwhile. Never closed by their user: a pool
+    thread may hold a finished job's arguments a moment longer, and a buffer is freed with
+    its last reference."""
+    return [mmap.mmap(-1, DIRECT_CHUNK) for _ in range(DIRECT_QUEUE + 1)]
 
 
 def _pwrite(fd: int, stage: mmap.mmap, length: int, at: int) -> None:

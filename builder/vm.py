@@ -70,11 +70,29 @@ def tensor(a: np.ndarray, device: Any = None) -> Any:
     memory is C-contiguous, writable and aligned as TVM aligns its own, else a copy in a
     tensor of TVM's allocator (a model's input, every call); on another device, a copy
     there."""
-    ffi = import_runtime()
     device = device or cpu()
-    aligned = a.ctypes.data % artifact.ALIGN == 0
-    if not (on_cpu(device) and a.flags.c_contiguous and a.flags.writeable and aligned):
+    if not (on_cpu(device) and viewable(a)):
         return copied(a, device)
+    return _taken(a)
+
+
+def viewable(a: np.ndarray) -> bool:
+    """Whether TVM can take `a`'s memory as it is: C-contiguous, writable and aligned as TVM
+    aligns its own."""
+    return a.flags.c_contiguous and a.flags.writeable and a.ctypes.data % artifact.ALIGN == 0
+
+
+def view(a: np.ndarray) -> Any:
+    """A tensor that is `a`'s memory (DLPack), never a copy: what a kernel writes into. A
+    ValueError where `a` is not `viewable`."""
+    if not viewable(a):
+        raise ValueError(f"TVM cannot take this array as it is: {a.flags}, at {a.ctypes.data}")
+    return _taken(a)
+
+
+def _taken(a: np.ndarray) -> Any:
+    """The tensor of a `viewable` array's memory."""
+    ffi = import_runtime()
     if a.dtype != artifact.numpy_dtype("bfloat16"):
         return ffi.from_dlpack(a)
     return _view(ffi.from_dlpack(a.view(np.uint16)), "bfloat16")

@@ -37,6 +37,10 @@ def test_arrays_round_trip_through_tensors(dtype):
         assert copied.shape == given.shape
         assert copied.tobytes() == given.tobytes()  # C order, bit for bit
         assert not np.shares_memory(copied, given)
+        # What a kernel writes into is never a copy: such an array is refused.
+        with pytest.raises(ValueError, match="cannot take this array"):
+            vm.view(given)
+    assert vm.array(vm.view(aligned)).ctypes.data == aligned.ctypes.data
 
     # The copies a GPU's tensors take (here on the CPU, through the same runtime functions).
     on_device = vm.copied(strided, vm.cpu())

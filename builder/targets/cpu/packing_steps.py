@@ -7,13 +7,16 @@ A step is, for one result of `transform_params` in order:
 
 * `{"param": i}`: parameter `i` as it is;
 * `{"param": i, "shape": [...]}`: parameter `i` reshaped (a view);
-* `{"kernel": name, "args": [...], "shape": [...], "dtype": ...}`: the library's function
-  `name` run on the parameters `args` (each `{"param": i}`, or with a `"shape"`, reshaped)
-  and a buffer of that shape and dtype that it fills.
+* `{"calls": [...], "temps": [...], "shape": [...], "dtype": ...}`: the library's kernels to
+  run, in order, each `{"kernel": name, "args": [...]}` with its arguments as references
+  (`{"param": i}`, `{"temp": k}` for the k-th of `temps`, the `[shape, dtype]` of buffers
+  the step makes for itself, or `{"result": True}`, the buffer of that shape and dtype that
+  the step fills; each maybe with a `"shape"`, reshaped).
 
-The lifted function has no other bindings for the towers here (each packing kernel reads
-parameters and writes one of the caller's buffers, `pipeline._write_into`); where it has
-any, there are no steps and the builder calls `transform_params_into` whole."""
+Where the function does anything a step cannot say (a kernel that writes two buffers, a
+result made from another result, a buffer read before it is written, an op other than a
+kernel call, a reshape or an allocation), there are no steps and the builder calls
+`transform_params_into` whole."""
 
 from __future__ import annotations
 
@@ -22,6 +25,8 @@ from typing import Any
 import tvm
 import tvm_ffi
 from tvm import relax
+
+from .walk import noting_pass
 
 LIFTED = "forward_transform_params"
 _RESHAPE = tvm.ir.Op.get("relax.reshape")
@@ -177,10 +182,4 @@ def _step(
 
 def note(into: dict[str, Any]) -> tvm.transform.Pass:
     """A pass that changes nothing and keeps the module's steps in `into["steps"]`."""
-
-    @tvm.transform.module_pass(opt_level=0, name="NotePackingSteps")
-    def _note(mod: tvm.IRModule, _ctx: Any) -> tvm.IRModule:
-        into["steps"] = read_steps(mod)
-        return mod
-
-    return _note
+    return noting_pass("NotePackingSteps", lambda mod: into.update(steps=read_steps(mod)))

@@ -16,7 +16,7 @@ import tvm
 import tvm_ffi
 from tvm import relax
 
-from .walk import bindings, op_name, relax_functions
+from .walk import bindings, noting_pass, op_name, relax_functions
 
 ENTRY = "forward"
 
@@ -65,17 +65,6 @@ class FallbackReport:
         self.fallback: dict[str, bool] = {}  # PrimFunc -> parallelized by the fallback
         self.entries: list[dict] = []
 
-    @staticmethod
-    def _pass(name: str, note):
-        """A pass that shows the module to `note` and changes nothing."""
-
-        @tvm.transform.module_pass(opt_level=0, name=name)
-        def _note(mod, _ctx):
-            note(mod)
-            return mod
-
-        return _note
-
     def note_ops(self):
         """Before LegalizeOps: the Relax op each binding computes."""
 
@@ -87,7 +76,7 @@ class FallbackReport:
                 elif name is not None:
                     self._ops[b.var] = name.removeprefix("relax.")
 
-        return self._pass("NoteRelaxOps", note)
+        return noting_pass("NoteRelaxOps", note)
 
     def note_legalized(self):
         """After LegalizeOps: the PrimFuncs each op became. An op whose legalization emits
@@ -105,7 +94,7 @@ class FallbackReport:
                         _append(self.origins.setdefault(name, []), [op])
                     pending = []
 
-        return self._pass("NoteLegalizedOps", note)
+        return noting_pass("NoteLegalizedOps", note)
 
     def note_fused(self):
         """After FuseOps, before FuseTIR: each fused function's ops, from its PrimFuncs (the
@@ -117,7 +106,7 @@ class FallbackReport:
                 if prim is not None and func.attrs is not None and "Primitive" in func.attrs:
                     _append(self.origins.setdefault(gv.name_hint, []), self.origins.get(prim, []))
 
-        return self._pass("NoteFusedOps", note)
+        return noting_pass("NoteFusedOps", note)
 
     def note_fallback(self, name: str, parallel: bool) -> None:
         """The fallback schedule's callback, for each PrimFunc it was given."""
@@ -139,4 +128,4 @@ class FallbackReport:
                 if name in self.fallback
             ]
 
-        return self._pass("NoteFallbackCalls", note)
+        return noting_pass("NoteFallbackCalls", note)

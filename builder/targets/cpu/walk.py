@@ -1,9 +1,9 @@
 """What the CPU pipeline's passes read off a Relax module: its functions, their bindings, the
-op a binding calls."""
+op a binding calls; and the pass that shows a module to a function that reads it."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import tvm
 from tvm import relax
@@ -28,3 +28,14 @@ def bindings(func: relax.Function) -> Iterator[tuple[relax.BindingBlock, relax.B
     for block in func.body.blocks:
         for b in block.bindings:
             yield block, b
+
+
+def noting_pass(name: str, note: Callable[[tvm.IRModule], None]) -> tvm.transform.Pass:
+    """A pass that shows the module to `note` and changes nothing."""
+
+    @tvm.transform.module_pass(opt_level=0, name=name)
+    def _note(mod: tvm.IRModule, _ctx: object) -> tvm.IRModule:
+        note(mod)
+        return mod
+
+    return _note
